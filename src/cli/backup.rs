@@ -1,0 +1,137 @@
+//! `blockvault backup SOURCE --disk NAME`
+
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use blockvault::engine::{self, BackupOptions, Compression, ParentSpec};
+use blockvault::source::{self, OpenOptions};
+use blockvault::util::human_bytes;
+use blockvault::vault::Vault;
+
+use super::output::mb_per_s;
+use super::Context;
+
+/// Arguments of `backup`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A raw disk image or a block device.
+    source: String,
+    /// Name of the disk in the vault.
+    #[arg(long)]
+    disk: String,
+    /// Snapshot to compare with: an id, `latest` (default) or `none` for a full read.
+    #[arg(long, default_value = "latest")]
+    parent: String,
+    /// Slot size for the disk's first backup, a power of two from 64K to 4M.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    slot_size: u32,
+    /// zstd level.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    zstd_level: i32,
+    /// Store data uncompressed.
+    #[arg(long)]
+    no_compress: bool,
+    /// Read with pread instead of io_uring (also BLOCKVAULT_READER=pread).
+    #[arg(long)]
+    pread: bool,
+    /// Do not use O_DIRECT on block devices.
+    #[arg(long)]
+    no_direct: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Reads in flight.
+    #[arg(long, default_value_t = 8)]
+    queue_depth: usize,
+}
+
+fn parse_size(s: &str) -> Result<u32, String> {
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64K or 1M"))?;
+    u32::try_from(n * mult).map_err(|_| format!("{s} is too large"))
+}
+
+/// Run a backup, creating the vault first if the location holds none.
+pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
+    let url = ctx.vault_url()?;
+    let (vault, created) = Vault::open_or_init(url, &ctx.keystore()?)?;
+    let src = source::open(
+        &a.source,
+        &OpenOptions {
+            no_direct: a.no_direct,
+        },
+    )?;
+    let opts = BackupOptions {
+        disk: a.disk,
+        parent: match a.parent.as_str() {
+            "latest" => ParentSpec::Latest,
+            "none" => ParentSpec::None,
+            id => ParentSpec::Id(id.to_string()),
+        },
+        slot_size: a.slot_size,
+        compression: Compression {
+            level: (!a.no_compress).then_some(a.zstd_level),
+        },
+        force_pread: a.pread,
+        queue_depth: a.queue_depth.max(1),
+        threads: a.threads,
+    };
+    let bar = ctx.out.progress("backup");
+    let r = engine::backup(&vault, src.as_ref(), &opts, &bar)?;
+    drop(bar);
+    let s = r.stats;
+    let secs = s.duration_ms as f64 / 1000.0;
+    let ks = vault.keystore_file().display().to_string();
+    let doc = json!({
+        "command": "backup",
+        "vault": url,
+        "vault_created": created,
+        "keystore": ks,
+        "disk": r.disk,
+        "new_disk": r.new_disk,
+        "snapshot": r.snapshot.hex(),
+        "short_id": r.snapshot.short(),
+        "parent": r.parent.map(|p| p.hex()),
+        "change_source": r.change_source,
+        "reader": format!("{:?}", r.reader).to_lowercase(),
+        "disk_size": r.disk_size,
+        "slot_size": r.slot_size,
+        "bytes_read": s.bytes_read,
+        "bytes_stored": s.bytes_stored,
+        "slots_new": s.slots_new,
+        "slots_reused": s.slots_reused,
+        "slots_zero": s.slots_zero,
+        "seconds": secs,
+        "mb_per_s": mb_per_s(r.disk_size, secs),
+    });
+    ctx.out.result(doc, || {
+        let mut t = String::new();
+        if created {
+            t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read)\n");
+        }
+        t += &format!(
+            "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, {} MB/s\n",
+            r.snapshot.short(),
+            r.disk,
+            serde_json::to_value(r.change_source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            r.parent.map(|p| format!(", parent {}", p.short())).unwrap_or_default(),
+            human_bytes(r.disk_size),
+            human_bytes(s.bytes_read),
+            human_bytes(s.bytes_stored),
+            s.slots_new,
+            s.slots_reused,
+            s.slots_zero,
+            secs,
+            mb_per_s(r.disk_size, secs),
+        );
+        t
+    });
+    Ok(ExitCode::SUCCESS)
+}

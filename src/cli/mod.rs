@@ -1,0 +1,117 @@
+//! Command-line interface: one file per command, shared output and progress helpers.
+//!
+//! Exit codes: 0 success, 1 failure, 2 bad usage, 3 a data integrity problem was found.
+
+mod backup;
+mod init;
+mod output;
+mod restore;
+mod snapshots;
+mod verify;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use blockvault::crypto::Keystore;
+use blockvault::{Error, ErrorKind};
+
+pub use output::Output;
+
+/// blockvault: encrypted, incremental backups of block devices and VM disk images.
+#[derive(Parser, Debug)]
+#[command(name = "blockvault", version, about, long_about = None)]
+pub struct Cli {
+    /// Vault location: a folder path or file://PATH.
+    #[arg(long, global = true, env = "BLOCKVAULT_VAULT", value_name = "URL")]
+    vault: Option<String>,
+    /// Folder of the platform keystore (default: $XDG_DATA_HOME/blockvault/keystore).
+    #[arg(long, global = true, env = "BLOCKVAULT_KEYSTORE", value_name = "DIR")]
+    keystore: Option<PathBuf>,
+    /// Print one JSON document with the command's figures instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a vault with a platform-managed key.
+    Init(init::Args),
+    /// Back up a disk image or block device (full the first time, then incremental).
+    Backup(backup::Args),
+    /// List snapshots.
+    Snapshots(snapshots::Args),
+    /// Restore a snapshot to a file or block device.
+    Restore(restore::Args),
+    /// Check the vault's structure, or with --read-data every stored byte.
+    Verify(verify::Args),
+}
+
+/// What every command needs.
+pub struct Context {
+    vault_url: Option<String>,
+    keystore: Option<PathBuf>,
+    /// Output mode.
+    pub out: Output,
+}
+
+impl Context {
+    /// The vault URL, required by every command.
+    pub fn vault_url(&self) -> Result<&str, Error> {
+        self.vault_url
+            .as_deref()
+            .ok_or_else(|| Error::usage("no vault given: pass --vault URL or set BLOCKVAULT_VAULT"))
+    }
+
+    /// The keystore to use.
+    pub fn keystore(&self) -> Result<Keystore, Error> {
+        Ok(Keystore::new(match &self.keystore {
+            Some(p) => p.clone(),
+            None => Keystore::default_dir()?,
+        }))
+    }
+
+    /// Open the vault.
+    pub fn open_vault(&self) -> Result<blockvault::vault::Vault, Error> {
+        blockvault::vault::Vault::open(self.vault_url()?, &self.keystore()?)
+    }
+}
+
+/// Parse arguments, run the command, and map the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = Context {
+        vault_url: cli.vault,
+        keystore: cli.keystore,
+        out: Output::new(cli.json),
+    };
+    let result = match cli.command {
+        Command::Init(a) => init::run(&ctx, a),
+        Command::Backup(a) => backup::run(&ctx, a),
+        Command::Snapshots(a) => snapshots::run(&ctx, a),
+        Command::Restore(a) => restore::run(&ctx, a),
+        Command::Verify(a) => verify::run(&ctx, a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            ctx.out.error(&e);
+            exit_code(e.downcast_ref::<Error>().map(|e| e.kind()))
+        }
+    }
+}
+
+/// The exit code for a failure of `kind`.
+fn exit_code(kind: Option<ErrorKind>) -> ExitCode {
+    match kind {
+        Some(ErrorKind::Usage) => ExitCode::from(2),
+        Some(ErrorKind::Integrity) => ExitCode::from(3),
+        _ => ExitCode::from(1),
+    }
+}
+
+/// Exit code 3 when problems were found.
+pub const INTEGRITY: u8 = 3;

@@ -1,0 +1,65 @@
+//! `blockvault restore DISK[@ID|@latest] TARGET`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use blockvault::engine::require_disk;
+use blockvault::restore;
+use blockvault::util::human_bytes;
+
+use super::output::mb_per_s;
+use super::Context;
+
+/// Arguments of `restore`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// DISK, DISK@latest or DISK@SNAPSHOT-ID (a unique prefix is enough).
+    snapshot: String,
+    /// File or block device to write.
+    target: PathBuf,
+    /// Overwrite a non-empty target file.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Restore a snapshot.
+pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
+    let vault = ctx.open_vault()?;
+    let (name, spec) = a
+        .snapshot
+        .split_once('@')
+        .unwrap_or((&a.snapshot, "latest"));
+    let disk = require_disk(&vault, name)?;
+    let m = vault.resolve_snapshot(&disk, spec)?;
+    let bar = ctx.out.progress("restore");
+    let r = restore::restore(&vault, &disk, &m, &a.target, a.force, &bar)?;
+    drop(bar);
+    let doc = json!({
+        "command": "restore",
+        "disk": disk.name,
+        "snapshot": m.id.hex(),
+        "target": a.target.display().to_string(),
+        "bytes_total": r.bytes_total,
+        "bytes_written": r.bytes_written,
+        "bytes_fetched": r.bytes_fetched,
+        "slots_zero": r.slots_zero,
+        "seconds": r.seconds,
+        "mb_per_s": mb_per_s(r.bytes_total, r.seconds),
+        "verified_digest": true,
+    });
+    ctx.out.result(doc, || {
+        format!(
+            "restored {}@{} to {}: {} ({} data), digest verified, {:.2} s, {} MB/s\n",
+            disk.name,
+            m.id.short(),
+            a.target.display(),
+            human_bytes(r.bytes_total),
+            human_bytes(r.bytes_written),
+            r.seconds,
+            mb_per_s(r.bytes_total, r.seconds)
+        )
+    });
+    Ok(ExitCode::SUCCESS)
+}

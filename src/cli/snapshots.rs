@@ -1,0 +1,80 @@
+//! `blockvault snapshots`
+
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use blockvault::util::human_bytes;
+
+use super::output::time;
+use super::Context;
+
+/// Arguments of `snapshots`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Only this disk.
+    #[arg(long)]
+    disk: Option<String>,
+}
+
+/// List snapshots, oldest first per disk.
+pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
+    let vault = ctx.open_vault()?;
+    let mut rows = Vec::new();
+    for disk in vault.disks()? {
+        if a.disk.as_ref().is_some_and(|d| *d != disk.name) {
+            continue;
+        }
+        for m in vault.snapshots(&disk)? {
+            rows.push(m);
+        }
+    }
+    if let Some(d) = &a.disk {
+        if rows.is_empty() && vault.find_disk(d)?.is_none() {
+            return Err(blockvault::Error::new(
+                blockvault::ErrorKind::NotFound,
+                format!("vault has no disk named {d}"),
+            )
+            .into());
+        }
+    }
+    let doc = json!({
+        "command": "snapshots",
+        "snapshots": rows.iter().map(|m| json!({
+            "id": m.id.hex(),
+            "short_id": m.id.short(),
+            "disk": m.disk_name,
+            "time": time(m.created),
+            "source": m.source,
+            "parent": m.parent.map(|p| p.hex()),
+            "disk_size": m.disk_size,
+            "slot_size": m.slot_size,
+            "change_source": m.change_source,
+            "stats": m.stats,
+        })).collect::<Vec<_>>(),
+    });
+    ctx.out.result(doc, || {
+        let mut t = format!(
+            "{:<9} {:<16} {:<21} {:>10} {:>10} {:<9} {}\n",
+            "ID", "DISK", "TIME", "SIZE", "STORED", "PARENT", "CHANGES"
+        );
+        for m in &rows {
+            t += &format!(
+                "{:<9} {:<16} {:<21} {:>10} {:>10} {:<9} {}\n",
+                m.id.short(),
+                m.disk_name,
+                time(m.created),
+                human_bytes(m.disk_size),
+                human_bytes(m.stats.bytes_stored),
+                m.parent.map(|p| p.short()).unwrap_or_else(|| "-".into()),
+                serde_json::to_value(m.change_source)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+            );
+        }
+        t += &format!("{} snapshots\n", rows.len());
+        t
+    });
+    Ok(ExitCode::SUCCESS)
+}

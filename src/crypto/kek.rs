@@ -1,0 +1,180 @@
+//! Key-encryption keys: what wraps a disk's DEKs.
+//!
+//! A [`KekProvider`] wraps and unwraps 256-bit DEKs with an AAD the caller binds to the vault,
+//! disk and generation. The platform-managed KEK (the default) is an AES-256-GCM key kept in
+//! the keystore, outside the vault; customer-managed RSA and PKCS#11 providers plug in here
+//! with their own [`KekKind`] and id.
+
+use super::aead::AeadKey;
+use super::secret::Secret32;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Which kind of key wrapped a DEK. Stored as one byte; values never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum KekKind {
+    /// AES-256-GCM key in the platform keystore.
+    Platform = 1,
+}
+
+impl KekKind {
+    /// Parse the stored byte.
+    pub fn from_u8(b: u8) -> Result<Self> {
+        match b {
+            1 => Ok(KekKind::Platform),
+            other => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("unknown key-encryption-key kind {other}"),
+            )),
+        }
+    }
+}
+
+/// Names one KEK: its kind, a version (rotation) and a 16-byte id (for the platform KEK, a
+/// prefix of the keystore's vault binding; for customer keys, a key fingerprint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KekId {
+    /// The kind of key.
+    pub kind: KekKind,
+    /// Version within the kind; rotation makes a new version.
+    pub version: u32,
+}
+
+impl std::fmt::Display for KekId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            KekKind::Platform => write!(f, "platform-v{}", self.version),
+        }
+    }
+}
+
+/// Wraps and unwraps DEKs. Contract: `unwrap(wrap(k, aad), aad) == k`; any other AAD, or any
+/// change to the wrapped bytes, fails with [`ErrorKind::Key`] or [`ErrorKind::Integrity`];
+/// a revoked or unreachable key fails with [`ErrorKind::Key`] and a message saying so.
+pub trait KekProvider: Send + Sync {
+    /// The key new DEKs are wrapped with.
+    fn current(&self) -> Result<KekId>;
+    /// Wrap `dek` with the current key.
+    fn wrap(&self, dek: &Secret32, aad: &[u8]) -> Result<(KekId, Vec<u8>)>;
+    /// Unwrap with the key named by `id`.
+    fn unwrap(&self, id: KekId, wrapped: &[u8], aad: &[u8]) -> Result<Secret32>;
+}
+
+/// State of one platform KEK version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum KekState {
+    /// Usable for wrapping and unwrapping.
+    Enabled = 1,
+    /// Kept, but refuses every use until enabled again.
+    Revoked = 2,
+}
+
+/// One version of the platform KEK.
+pub struct PlatformKeyVersion {
+    /// Rotation number, from 1.
+    pub version: u32,
+    /// Enabled or revoked.
+    pub state: KekState,
+    /// Seconds since the epoch.
+    pub created: u64,
+    /// The key itself.
+    pub key: Secret32,
+}
+
+/// The platform-managed KEK: all versions from the keystore; the newest enabled one wraps.
+pub struct PlatformKek {
+    versions: Vec<PlatformKeyVersion>,
+}
+
+impl PlatformKek {
+    /// Build from the versions a keystore holds.
+    pub fn new(versions: Vec<PlatformKeyVersion>) -> Self {
+        PlatformKek { versions }
+    }
+
+    /// The versions, for `key show` and rotation.
+    pub fn versions(&self) -> &[PlatformKeyVersion] {
+        &self.versions
+    }
+
+    fn enabled(&self, version: u32) -> Result<&PlatformKeyVersion> {
+        let v = self
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Key,
+                    format!("platform KEK version {version} is not in the keystore"),
+                )
+            })?;
+        if v.state == KekState::Revoked {
+            return Err(Error::new(
+                ErrorKind::Key,
+                format!("platform KEK version {version} is revoked; enable it with `blockvault key enable`"),
+            ));
+        }
+        Ok(v)
+    }
+}
+
+impl KekProvider for PlatformKek {
+    fn current(&self) -> Result<KekId> {
+        let newest = self
+            .versions
+            .iter()
+            .max_by_key(|v| v.version)
+            .ok_or_else(|| Error::new(ErrorKind::Key, "the keystore holds no platform KEK"))?;
+        self.enabled(newest.version)?;
+        Ok(KekId {
+            kind: KekKind::Platform,
+            version: newest.version,
+        })
+    }
+
+    fn wrap(&self, dek: &Secret32, aad: &[u8]) -> Result<(KekId, Vec<u8>)> {
+        let id = self.current()?;
+        let key = AeadKey::new(&self.enabled(id.version)?.key);
+        Ok((id, key.seal_to_vec(aad, dek.expose())?))
+    }
+
+    fn unwrap(&self, id: KekId, wrapped: &[u8], aad: &[u8]) -> Result<Secret32> {
+        let key = AeadKey::new(&self.enabled(id.version)?.key);
+        let mut plain = key.open_vec(aad, wrapped, &|| format!("DEK wrapped by {id}"))?;
+        let dek = Secret32::from_slice(&plain);
+        zeroize::Zeroize::zeroize(&mut plain);
+        dek
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kek(state: KekState) -> PlatformKek {
+        PlatformKek::new(vec![PlatformKeyVersion {
+            version: 1,
+            state,
+            created: 0,
+            key: Secret32::from_bytes([5; 32]),
+        }])
+    }
+
+    #[test]
+    fn wrap_unwrap_round_trip_and_aad_binding() {
+        let k = kek(KekState::Enabled);
+        let dek = Secret32::from_bytes([1; 32]);
+        let (id, w) = k.wrap(&dek, b"disk-a").unwrap();
+        assert_eq!(k.unwrap(id, &w, b"disk-a").unwrap().expose(), dek.expose());
+        assert!(k.unwrap(id, &w, b"disk-b").is_err());
+    }
+
+    #[test]
+    fn revoked_refuses_with_clear_message() {
+        let k = kek(KekState::Revoked);
+        let err = k.current().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Key);
+        assert!(err.to_string().contains("revoked"));
+    }
+}

@@ -1,0 +1,259 @@
+//! The platform keystore: a folder outside the vault with one file per vault, holding that
+//! vault's platform KEK versions and its config-authentication key. A copy of the vault alone
+//! reveals nothing; losing the keystore loses the backups (hence `key export` in a later
+//! issue). Files are mode 0600 in a 0700 folder, written atomically.
+//!
+//! File layout (`<vault-id hex>.keys`, little-endian; byte-exact spec in docs/FORMAT.md):
+//! ```text
+//! "BVKS" | u16 version=1 | u16 0 | vault id [16] | auth key [32] | u16 n
+//! n × ( u32 version | u8 state | 3×0 | u64 created | key [32] )
+//! BLAKE3 of all preceding bytes [32]
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use super::kek::{KekState, PlatformKek, PlatformKeyVersion};
+use super::secret::Secret32;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+
+const MAGIC: &[u8; 4] = b"BVKS";
+const VERSION: u16 = 1;
+const HEADER_LEN: usize = 4 + 2 + 2 + 16 + 32 + 2;
+const ENTRY_LEN: usize = 4 + 1 + 3 + 8 + 32;
+const SUM_LEN: usize = 32;
+
+/// Where key files live.
+pub struct Keystore {
+    dir: PathBuf,
+}
+
+/// What one vault's key file holds.
+pub struct VaultKeys {
+    /// Key that authenticates the vault's config object.
+    pub auth: Secret32,
+    /// The platform KEK versions.
+    pub kek: PlatformKek,
+}
+
+impl Keystore {
+    /// A keystore in `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Keystore { dir: dir.into() }
+    }
+
+    /// The default location: `$BLOCKVAULT_KEYSTORE`, else `$XDG_DATA_HOME/blockvault/keystore`,
+    /// else `$HOME/.local/share/blockvault/keystore`.
+    pub fn default_dir() -> Result<PathBuf> {
+        if let Some(d) = std::env::var_os("BLOCKVAULT_KEYSTORE") {
+            return Ok(PathBuf::from(d));
+        }
+        if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+            return Ok(Path::new(&d).join("blockvault/keystore"));
+        }
+        let home = std::env::var_os("HOME").ok_or_else(|| {
+            Error::usage(
+                "cannot find a keystore location: set --keystore, BLOCKVAULT_KEYSTORE or HOME",
+            )
+        })?;
+        Ok(Path::new(&home).join(".local/share/blockvault/keystore"))
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The key file of a vault.
+    pub fn path_for(&self, vault_id: &[u8; 16]) -> PathBuf {
+        self.dir.join(format!("{}.keys", hex::encode(vault_id)))
+    }
+
+    /// Load a vault's keys. A missing file is [`ErrorKind::Key`] naming the expected path.
+    pub fn load(&self, vault_id: &[u8; 16]) -> Result<VaultKeys> {
+        let path = self.path_for(vault_id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => Zeroizing::new(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::new(
+                    ErrorKind::Key,
+                    format!(
+                        "keystore has no key for vault {}: expected {} (wrong --keystore?)",
+                        hex::encode(vault_id),
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading keystore file {}", path.display()),
+                    e,
+                ))
+            }
+        };
+        decode(&bytes, vault_id).map_err(|e| e.within(format!("keystore file {}", path.display())))
+    }
+
+    /// Write a vault's keys atomically (temp file 0600, fsync, rename, fsync folder).
+    pub fn save(&self, vault_id: &[u8; 16], keys: &VaultKeys) -> Result<PathBuf> {
+        fs::create_dir_all(&self.dir)
+            .ctx(|| format!("creating keystore folder {}", self.dir.display()))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+            .ctx(|| format!("setting mode 0700 on {}", self.dir.display()))?;
+        let path = self.path_for(vault_id);
+        let tmp = self.dir.join(format!(
+            ".{}.tmp-{}",
+            hex::encode(vault_id),
+            std::process::id()
+        ));
+        let bytes = encode(vault_id, keys);
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            fs::File::open(&self.dir)?.sync_all()
+        };
+        write().ctx(|| format!("writing keystore file {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Create the keys of a new vault: a fresh auth key and KEK version 1.
+    pub fn create(&self, vault_id: &[u8; 16]) -> Result<(VaultKeys, PathBuf)> {
+        if self.path_for(vault_id).exists() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "keystore already holds keys for vault {}",
+                    hex::encode(vault_id)
+                ),
+            ));
+        }
+        let keys = VaultKeys {
+            auth: Secret32::random()?,
+            kek: PlatformKek::new(vec![PlatformKeyVersion {
+                version: 1,
+                state: KekState::Enabled,
+                created: crate::util::now_unix(),
+                key: Secret32::random()?,
+            }]),
+        };
+        let path = self.save(vault_id, &keys)?;
+        Ok((keys, path))
+    }
+}
+
+fn encode(vault_id: &[u8; 16], keys: &VaultKeys) -> Zeroizing<Vec<u8>> {
+    let versions = keys.kek.versions();
+    let mut b = Zeroizing::new(Vec::with_capacity(
+        HEADER_LEN + versions.len() * ENTRY_LEN + SUM_LEN,
+    ));
+    b.extend_from_slice(MAGIC);
+    b.extend_from_slice(&VERSION.to_le_bytes());
+    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(vault_id);
+    b.extend_from_slice(keys.auth.expose());
+    b.extend_from_slice(&(versions.len() as u16).to_le_bytes());
+    for v in versions {
+        b.extend_from_slice(&v.version.to_le_bytes());
+        b.push(v.state as u8);
+        b.extend_from_slice(&[0; 3]);
+        b.extend_from_slice(&v.created.to_le_bytes());
+        b.extend_from_slice(v.key.expose());
+    }
+    let sum = blake3::hash(&b);
+    b.extend_from_slice(sum.as_bytes());
+    b
+}
+
+fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
+    let corrupt = |what: &str| Error::new(ErrorKind::Key, format!("damaged: {what}"));
+    if b.len() < HEADER_LEN + SUM_LEN || &b[..4] != MAGIC {
+        return Err(corrupt("not a blockvault keystore file"));
+    }
+    let (body, sum) = b.split_at(b.len() - SUM_LEN);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let version = u16::from_le_bytes([b[4], b[5]]);
+    if version != VERSION {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("keystore format version {version}, this build reads {VERSION}"),
+        ));
+    }
+    if &b[8..24] != vault_id {
+        return Err(corrupt("file belongs to another vault"));
+    }
+    let auth = Secret32::from_slice(&b[24..56])?;
+    let n = u16::from_le_bytes([b[56], b[57]]) as usize;
+    if body.len() != HEADER_LEN + n * ENTRY_LEN {
+        return Err(corrupt("length does not match its entry count"));
+    }
+    let mut versions = Vec::with_capacity(n);
+    for e in body[HEADER_LEN..].chunks_exact(ENTRY_LEN) {
+        let state = match e[4] {
+            1 => KekState::Enabled,
+            2 => KekState::Revoked,
+            s => return Err(corrupt(&format!("unknown KEK state {s}"))),
+        };
+        versions.push(PlatformKeyVersion {
+            version: u32::from_le_bytes(e[0..4].try_into().expect("4 bytes")),
+            state,
+            created: u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")),
+            key: Secret32::from_slice(&e[16..48])?,
+        });
+    }
+    Ok(VaultKeys {
+        auth,
+        kek: PlatformKek::new(versions),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::kek::KekProvider;
+
+    #[test]
+    fn create_load_round_trip_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keystore::new(dir.path().join("ks"));
+        let id = [4u8; 16];
+        let (keys, path) = ks.create(&id).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let loaded = ks.load(&id).unwrap();
+        assert_eq!(loaded.auth.expose(), keys.auth.expose());
+        assert_eq!(loaded.kek.current().unwrap(), keys.kek.current().unwrap());
+    }
+
+    #[test]
+    fn missing_and_damaged_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keystore::new(dir.path());
+        let err = ks.load(&[1; 16]).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Key);
+        assert!(err.to_string().contains("expected"), "{err}");
+        ks.create(&[1; 16]).unwrap();
+        let p = ks.path_for(&[1; 16]);
+        let mut b = fs::read(&p).unwrap();
+        b[30] ^= 1;
+        fs::write(&p, b).unwrap();
+        assert!(ks
+            .load(&[1; 16])
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("checksum"));
+    }
+}

@@ -1,0 +1,367 @@
+//! The backup pipeline.
+//!
+//! ```text
+//!  source ──io_uring/pread──▶ slot buffers (bounded pool) ──▶ rayon workers
+//!     zero check → keyed id → known to parent? → compress → AES-GCM frame
+//!  ──bounded channel──▶ writer (one thread): packs, slot table ──▶ uploader thread ──▶ store
+//!  all packs durable ──▶ manifest written last (the commit point)
+//! ```
+//! Memory is bounded by the buffer pool, the result channel and two packs, never by the disk
+//! size: a 1 TiB disk uses the same buffers as a 1 GiB one (plus its slot table).
+
+pub mod plan;
+pub mod worker;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::crypto::secret::random_bytes;
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{self, BufferPool};
+use crate::source::Source;
+use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
+use crate::vault::{Disk, Vault};
+
+pub use worker::Compression;
+use worker::{Outcome, WorkerContext};
+use writer::Writer;
+
+/// Default slot size.
+pub const DEFAULT_SLOT_SIZE: u32 = 1 << 20;
+/// Seals one DEK generation may make before a new generation starts. Random 96-bit nonces
+/// stay far inside NIST SP 800-38D's 2^32 limit: at 2^30 seals the chance of any nonce
+/// collision is below 2^-35.
+pub const GENERATION_SEAL_LIMIT: u64 = 1 << 30;
+/// Bytes of slot buffers in flight.
+const BUFFER_BUDGET: usize = 32 << 20;
+
+/// Which snapshot an incremental compares with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParentSpec {
+    /// The disk's newest snapshot.
+    Latest,
+    /// None: read and store everything.
+    None,
+    /// A snapshot id or unique prefix.
+    Id(String),
+}
+
+/// How to run a backup.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Disk name in the vault.
+    pub disk: String,
+    /// Parent snapshot.
+    pub parent: ParentSpec,
+    /// Slot size for a disk's first backup (64 KiB to 4 MiB, a power of two).
+    pub slot_size: u32,
+    /// zstd settings.
+    pub compression: Compression,
+    /// Use the pread reader even where io_uring works.
+    pub force_pread: bool,
+    /// Reads in flight.
+    pub queue_depth: usize,
+    /// Worker threads (0: one per core).
+    pub threads: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            disk: String::new(),
+            parent: ParentSpec::Latest,
+            slot_size: DEFAULT_SLOT_SIZE,
+            compression: Compression { level: Some(1) },
+            force_pread: false,
+            queue_depth: 8,
+            threads: 0,
+        }
+    }
+}
+
+/// Receives progress in bytes of the disk covered.
+pub trait Progress: Sync {
+    /// Total bytes to cover.
+    fn start(&self, total: u64);
+    /// `bytes` more covered.
+    fn advance(&self, bytes: u64);
+}
+
+/// No progress display.
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn start(&self, _: u64) {}
+    fn advance(&self, _: u64) {}
+}
+
+/// What a backup did.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    /// The new snapshot.
+    pub snapshot: SnapshotId,
+    /// Disk name.
+    pub disk: String,
+    /// Whether this backup registered the disk.
+    pub new_disk: bool,
+    /// Parent used.
+    pub parent: Option<SnapshotId>,
+    /// How changes were found.
+    pub change_source: ChangeSource,
+    /// Disk size.
+    pub disk_size: u64,
+    /// Slot size.
+    pub slot_size: u32,
+    /// Reader used.
+    pub reader: io::ReaderKind,
+    /// Figures.
+    pub stats: Stats,
+}
+
+fn check_slot_size(s: u32) -> Result<()> {
+    if !(64 << 10..=4 << 20).contains(&s) || !s.is_power_of_two() {
+        return Err(Error::usage(format!(
+            "slot size {s} must be a power of two from 64 KiB to 4 MiB"
+        )));
+    }
+    Ok(())
+}
+
+/// Back up `source` into `vault` as a new snapshot of `opts.disk`.
+pub fn backup(
+    vault: &Vault,
+    source: &dyn Source,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let started = Instant::now();
+    check_slot_size(opts.slot_size)?;
+    let span = tracing::info_span!("backup", disk = %opts.disk, source = %source.name());
+    let _g = span.enter();
+
+    let (mut disk, new_disk) = {
+        let _lock = vault.store().lock("new-disk")?;
+        match vault.find_disk(&opts.disk)? {
+            Some(d) => (d, false),
+            None => (vault.create_disk(&opts.disk)?, true),
+        }
+    };
+    let _lock = vault
+        .store()
+        .lock(&disk.id_hex())
+        .map_err(|e| e.within(format!("disk {}", opts.disk)))?;
+
+    let history = vault.snapshots(&disk)?;
+    let parent: Option<Manifest> = match &opts.parent {
+        ParentSpec::None => None,
+        ParentSpec::Latest => history.last().cloned(),
+        ParentSpec::Id(id) => Some(vault.resolve_snapshot(&disk, id)?),
+    };
+    // The slot size is fixed by the disk's first backup, so every snapshot compares slot by slot.
+    let slot_size = history.first().map_or(opts.slot_size, |m| m.slot_size);
+
+    let mut generation = disk.current_generation();
+    let spent = history
+        .iter()
+        .filter(|m| m.generation == generation)
+        .map(|m| m.seals_in_generation)
+        .max()
+        .unwrap_or(0);
+    let disk_size = source.size();
+    let nslots = manifest::slot_count(disk_size, slot_size);
+    let worst_case = nslots * 2 + 16;
+    let mut seals_before = spent;
+    if spent + worst_case >= GENERATION_SEAL_LIMIT {
+        disk = vault.new_generation(&disk)?;
+        generation = disk.current_generation();
+        seals_before = 0;
+        tracing::info!(
+            generation,
+            "nonce budget of the DEK generation spent: started a new DEK generation"
+        );
+    }
+    let keys = disk.generation(generation)?;
+
+    let parent_extents: HashMap<_, _> = parent
+        .iter()
+        .flat_map(|p| p.extents.iter().map(|x| (x.id, *x)))
+        .collect();
+    let ctx = WorkerContext {
+        binding: disk.binding,
+        identity: &disk.identity,
+        keys: &keys,
+        generation,
+        known: &parent_extents,
+        compression: opts.compression,
+    };
+
+    let requests = plan::slots_to_read(&source.data_ranges()?, disk_size, slot_size);
+    let mut stats = Stats {
+        slots_zero: nslots - requests.len() as u64,
+        ..Stats::default()
+    };
+    progress.start(disk_size);
+    progress.advance(disk_size - requests.iter().map(|r| r.len as u64).sum::<u64>());
+
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("bv-worker-{i}"))
+        .build()
+        .map_err(|e| Error::new(ErrorKind::Io, format!("starting worker threads: {e}")))?;
+    let nbuf = (BUFFER_BUDGET / slot_size as usize).clamp(2 * threads + opts.queue_depth, 128);
+    let buffers = BufferPool::new(nbuf, slot_size as usize, source.alignment().max(4096));
+    let reader = io::choose_reader(opts.force_pread);
+    let mut writer = Writer::new(
+        vault.store().clone(),
+        disk.binding,
+        keys.clone(),
+        generation,
+        nslots as usize,
+        parent.as_ref(),
+        &parent_extents,
+    );
+
+    let (tx, rx) = crossbeam_channel::bounded::<Result<(u64, usize, Outcome)>>(nbuf);
+    let abort = AtomicBool::new(false);
+    let (read_result, write_result) = std::thread::scope(|ts| {
+        let writer_thread = ts.spawn(|| -> Result<(Writer, Stats)> {
+            let mut local = Stats::default();
+            let mut failed: Option<Error> = None;
+            for msg in rx.iter() {
+                if failed.is_some() {
+                    continue; // keep draining so no worker blocks on a full channel
+                }
+                let applied = msg.and_then(|(slot, len, outcome)| {
+                    local.bytes_read += len as u64;
+                    progress.advance(len as u64);
+                    match outcome {
+                        Outcome::Zero => {
+                            local.slots_zero += 1;
+                            writer.zero(slot);
+                            Ok(())
+                        }
+                        Outcome::Known(id) => {
+                            local.slots_reused += 1;
+                            writer.known(slot, &id);
+                            Ok(())
+                        }
+                        Outcome::New { id, frame } => {
+                            local.slots_new += 1;
+                            writer.new_extent(slot, id, len as u32, &frame)
+                        }
+                    }
+                });
+                if let Err(e) = applied {
+                    abort.store(true, Ordering::Relaxed);
+                    failed = Some(e);
+                }
+            }
+            match failed {
+                Some(e) => Err(e),
+                None => Ok((writer, local)),
+            }
+        });
+        let read_result = pool.in_place_scope(|scope| {
+            io::read_all(
+                source,
+                requests.into_iter(),
+                &buffers,
+                reader,
+                opts.queue_depth,
+                |slot, buf| {
+                    if abort.load(Ordering::Relaxed) {
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            "backup stopped after a write error",
+                        ));
+                    }
+                    let tx = tx.clone();
+                    let ctx = &ctx;
+                    scope.spawn(move |_| {
+                        let len = buf.len();
+                        let r = ctx.process(&buf).map(|o| (slot, len, o));
+                        drop(buf);
+                        let _ = tx.send(r);
+                    });
+                    Ok(())
+                },
+            )
+        });
+        drop(tx);
+        let write_result = writer_thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "writer thread panicked")));
+        (read_result, write_result)
+    });
+    // A write error is the cause of a reader stopped by `abort`: report it first.
+    let (writer, local) = match (read_result, write_result) {
+        (_, Err(e)) => return Err(e),
+        (Err(e), _) => return Err(e),
+        (Ok(_), Ok(w)) => w,
+    };
+    let seals_in_job = writer.seals + 1;
+    let bytes_stored = writer.bytes_stored;
+    let tables = writer.finish()?;
+    stats.bytes_read = local.bytes_read;
+    stats.bytes_stored = bytes_stored;
+    stats.slots_new = local.slots_new;
+    stats.slots_reused = local.slots_reused;
+    stats.slots_zero += local.slots_zero;
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+
+    let mut m = Manifest {
+        id: SnapshotId(random_bytes()?),
+        generation,
+        created: crate::util::now_unix(),
+        disk_name: disk.name.clone(),
+        source: source.name().to_string(),
+        parent: parent.as_ref().map(|p| p.id),
+        disk_size,
+        slot_size,
+        change_source: if parent.is_some() {
+            ChangeSource::HashCompare
+        } else {
+            ChangeSource::Full
+        },
+        change_detail: String::new(),
+        seals_in_generation: seals_before + seals_in_job,
+        stats,
+        digest: [0; 32],
+        packs: tables.packs,
+        extents: tables.extents,
+        slots: tables.slots,
+    };
+    m.digest = m.compute_digest(&disk.identity.digest);
+    vault.put_manifest(&disk, &m)?;
+    tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
+    Ok(BackupReport {
+        snapshot: m.id,
+        disk: disk.name,
+        new_disk,
+        parent: m.parent,
+        change_source: m.change_source,
+        disk_size,
+        slot_size,
+        reader,
+        stats,
+    })
+}
+
+/// Shared with restore: find a disk by name or fail with a clear message.
+pub fn require_disk(vault: &Vault, name: &str) -> Result<Disk> {
+    vault.find_disk(name)?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "vault {} has no disk named {name}",
+                vault.store().location()
+            ),
+        )
+    })
+}

@@ -1,0 +1,228 @@
+//! The single writer of a backup: takes worker outcomes in any order, appends new frames to
+//! the current pack, hands full packs to an uploader thread, and builds the new snapshot's
+//! slot, extent and pack tables. Only the writer touches these tables, so they need no lock.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::crypto::{ExtentId, GenerationKeys};
+use crate::error::{Error, ErrorKind, Result};
+use crate::vault::frame::Binding;
+use crate::vault::manifest::{ExtentLoc, Manifest, Slot};
+use crate::vault::pack::{PackId, PackWriter, TARGET_SIZE};
+use crate::vault::store::Store;
+
+/// Tables of the snapshot being written.
+pub struct Tables {
+    /// One entry per slot.
+    pub slots: Vec<Slot>,
+    /// Referenced extents.
+    pub extents: Vec<ExtentLoc>,
+    /// Referenced packs.
+    pub packs: Vec<(PackId, u64)>,
+}
+
+/// Builds [`Tables`] and the packs behind them.
+pub struct Writer<'a> {
+    binding: Binding,
+    disk_id: [u8; 16],
+    keys: Arc<GenerationKeys>,
+    generation: u32,
+    parent: Option<&'a Manifest>,
+    parent_extents: &'a HashMap<ExtentId, ExtentLoc>,
+    tables: Tables,
+    extent_index: HashMap<ExtentId, u32>,
+    pack_index: HashMap<PackId, u32>,
+    current: Option<(PackWriter, u32)>,
+    uploads: Option<SyncSender<(PackId, Vec<u8>)>>,
+    uploader: Option<JoinHandle<Result<()>>>,
+    /// Bytes of new frames.
+    pub bytes_stored: u64,
+    /// Seals made (frames and pack indexes) for the nonce budget.
+    pub seals: u64,
+}
+
+impl<'a> Writer<'a> {
+    /// A writer for a disk of `slot_count` slots, deduplicating against `parent`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        binding: Binding,
+        keys: Arc<GenerationKeys>,
+        generation: u32,
+        slot_count: usize,
+        parent: Option<&'a Manifest>,
+        parent_extents: &'a HashMap<ExtentId, ExtentLoc>,
+    ) -> Self {
+        // One pack may be uploading while the next fills: packs overlap with sealing, and
+        // memory stays at two packs.
+        let (tx, rx) = sync_channel::<(PackId, Vec<u8>)>(1);
+        let uploader = std::thread::Builder::new()
+            .name("bv-upload".into())
+            .spawn(move || -> Result<()> {
+                for (id, bytes) in rx {
+                    store.put(&id.object_key(), &bytes)?;
+                    tracing::debug!(pack = %id, bytes = bytes.len(), "pack stored");
+                }
+                Ok(())
+            })
+            .expect("spawning the pack uploader thread");
+        Writer {
+            binding,
+            disk_id: binding.disk_id,
+            keys,
+            generation,
+            parent,
+            parent_extents,
+            tables: Tables {
+                slots: vec![Slot::Zero; slot_count],
+                extents: Vec::new(),
+                packs: Vec::new(),
+            },
+            extent_index: HashMap::new(),
+            pack_index: HashMap::new(),
+            current: None,
+            uploads: Some(tx),
+            uploader: Some(uploader),
+            bytes_stored: 0,
+            seals: 0,
+        }
+    }
+
+    /// Slot `slot` is all zeros.
+    pub fn zero(&mut self, slot: u64) {
+        self.tables.slots[slot as usize] = Slot::Zero;
+    }
+
+    /// Slot `slot` holds content already stored (by the parent, or earlier in this job).
+    /// Returns false if the id is unknown (the caller must then seal it as new).
+    pub fn known(&mut self, slot: u64, id: &ExtentId) -> bool {
+        match self.extent_for(id) {
+            Some(e) => {
+                self.tables.slots[slot as usize] = Slot::Extent(e);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Index of an extent in the new tables, carrying it over from the parent if needed.
+    pub fn extent_for(&mut self, id: &ExtentId) -> Option<u32> {
+        if let Some(&e) = self.extent_index.get(id) {
+            return Some(e);
+        }
+        let loc = *self.parent_extents.get(id)?;
+        let (pack_id, size) = self
+            .parent
+            .expect("parent extents come from a parent")
+            .packs[loc.pack as usize];
+        let pack = *self.pack_index.entry(pack_id).or_insert_with(|| {
+            self.tables.packs.push((pack_id, size));
+            (self.tables.packs.len() - 1) as u32
+        });
+        Some(self.push_extent(ExtentLoc { pack, ..loc }))
+    }
+
+    fn push_extent(&mut self, loc: ExtentLoc) -> u32 {
+        let e = self.tables.extents.len() as u32;
+        self.tables.extents.push(loc);
+        self.extent_index.insert(loc.id, e);
+        e
+    }
+
+    /// Slot `slot` holds new content sealed in `frame`. A duplicate of content already in
+    /// this job (two workers raced on equal slots) is dropped and referenced instead.
+    pub fn new_extent(
+        &mut self,
+        slot: u64,
+        id: ExtentId,
+        plain_len: u32,
+        frame: &[u8],
+    ) -> Result<()> {
+        let e = self.add_frame(id, plain_len, frame)?;
+        self.tables.slots[slot as usize] = Slot::Extent(e);
+        Ok(())
+    }
+
+    /// Append a frame (unless its content is already referenced) and return its extent index.
+    pub fn add_frame(&mut self, id: ExtentId, plain_len: u32, frame: &[u8]) -> Result<u32> {
+        if let Some(e) = self.extent_for(&id) {
+            return Ok(e);
+        }
+        if self.current.is_none() {
+            // Reserve the pack's table entry now; its id is known only when it is finished.
+            self.tables.packs.push((PackId([0; 32]), 0));
+            let idx = (self.tables.packs.len() - 1) as u32;
+            self.current = Some((PackWriter::new(&self.disk_id, self.generation), idx));
+        }
+        let (pack, idx) = self.current.as_mut().expect("set above");
+        let offset = pack.add(id, frame);
+        let loc = ExtentLoc {
+            id,
+            pack: *idx,
+            offset,
+            len: frame.len() as u32,
+            plain_len,
+        };
+        self.bytes_stored += frame.len() as u64;
+        self.seals += 1;
+        let full = pack.len() >= TARGET_SIZE;
+        let e = self.push_extent(loc);
+        if full {
+            self.flush()?;
+        }
+        Ok(e)
+    }
+
+    /// Seal and hand the current pack to the uploader.
+    fn flush(&mut self) -> Result<()> {
+        let Some((pack, idx)) = self.current.take() else {
+            return Ok(());
+        };
+        let (id, bytes) = pack.finish(&self.binding, &self.keys)?;
+        self.seals += 1;
+        self.tables.packs[idx as usize] = (id, bytes.len() as u64);
+        self.pack_index.insert(id, idx);
+        let tx = self.uploads.as_ref().expect("uploads open until finish");
+        if tx.send((id, bytes)).is_err() {
+            // The uploader stopped: its error is the one to report.
+            return Err(self
+                .join_uploader()
+                .err()
+                .unwrap_or_else(|| Error::new(ErrorKind::Io, "pack uploader stopped")));
+        }
+        Ok(())
+    }
+
+    fn join_uploader(&mut self) -> Result<()> {
+        self.uploads.take();
+        match self.uploader.take() {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "pack uploader panicked"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Write the last pack and wait until every pack is durable; returns the tables.
+    pub fn finish(mut self) -> Result<Tables> {
+        self.flush()?;
+        self.join_uploader()?;
+        Ok(std::mem::replace(
+            &mut self.tables,
+            Tables {
+                slots: Vec::new(),
+                extents: Vec::new(),
+                packs: Vec::new(),
+            },
+        ))
+    }
+}
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        // On an error path, let the uploader finish what it has so no thread outlives the job.
+        let _ = self.join_uploader();
+    }
+}

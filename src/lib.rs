@@ -1,0 +1,38 @@
+//! blockvault: an encrypted, incremental backup engine for block devices and VM disk images.
+//!
+//! # Data model
+//! A *vault* holds *disks*; a disk has *snapshots*. A snapshot divides the disk into fixed
+//! *slots* (1 MiB by default, fixed at the disk's first backup); each slot is zero, one stored
+//! *extent*, or a base plus overlays. Extents are named by a keyed hash of their plaintext,
+//! sealed with AES-256-GCM under the disk's DEK, and grouped into *packs*. The snapshot's
+//! *manifest*, written last, is the commit point.
+//!
+//! # Modules, in pipeline order
+//! - [`source`]: what is backed up (raw images, block devices) and where its data lies;
+//! - [`io`]: io_uring (or pread) reads into a bounded pool of aligned buffers;
+//! - [`engine`]: the backup pipeline (workers, writer, uploader);
+//! - [`crypto`]: keys, derivation, AEAD, keyed ids, the platform keystore;
+//! - [`vault`]: the on-disk format (config, key records, frames, packs, manifests) and stores;
+//! - [`restore`]: restore and verify.
+//!
+//! # Garbage and locks
+//! | object | written by | removed by | lock |
+//! |---|---|---|---|
+//! | packs | backup (before its manifest) | prune (when unreferenced) | disk lock while written |
+//! | manifests | backup (last) | forget | disk lock |
+//! | key records | first backup of a disk, new DEK generation | never | `new-disk` lock |
+//!
+//! See docs/ARCHITECTURE.md, docs/FORMAT.md and docs/CRYPTO.md.
+
+#![warn(missing_docs)]
+
+pub mod crypto;
+pub mod engine;
+pub mod error;
+pub mod io;
+pub mod restore;
+pub mod source;
+pub mod util;
+pub mod vault;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,240 @@
+//! `verify`: check the vault's structure, and with `read_data` every stored byte.
+//!
+//! Structure: the config MAC (at open), every key record unwraps, every manifest decrypts and
+//! matches its digest, every pack a snapshot names exists with the recorded size and holds
+//! the frames' byte ranges. Read-data: additionally each referenced pack's content hash (its
+//! name), its sealed index, and every referenced frame (CRC, GCM tag, length, keyed id).
+//! Problems are collected, not thrown: the report names each damaged object, what is wrong,
+//! and which snapshots depend on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::engine::Progress;
+use crate::error::Result;
+use crate::vault::frame;
+use crate::vault::manifest::Manifest;
+use crate::vault::pack::{self, PackId};
+use crate::vault::{Disk, Vault};
+
+/// One damaged object.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// Object key.
+    pub object: String,
+    /// What is wrong.
+    pub problem: String,
+    /// Snapshots that depend on it, as `disk@id`.
+    pub snapshots: Vec<String>,
+}
+
+/// Result of a verify run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// Whether every stored byte was read.
+    pub read_data: bool,
+    /// Disks checked.
+    pub disks: u64,
+    /// Snapshots checked.
+    pub snapshots: u64,
+    /// Packs checked.
+    pub packs: u64,
+    /// Frames decrypted and checked (read-data only).
+    pub extents_checked: u64,
+    /// Bytes read from the vault (read-data only).
+    pub bytes_read: u64,
+    /// Packs no snapshot references (left by interrupted backups; harmless).
+    pub unreferenced_packs: u64,
+    /// Everything found wrong.
+    pub problems: Vec<Problem>,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// What verify must know about one referenced pack.
+struct PackUse {
+    size: u64,
+    disk: usize,
+    /// (offset, len, id) → extent, for frames snapshots reference.
+    frames: BTreeMap<(u32, u32), crate::crypto::ExtentId>,
+    snapshots: BTreeSet<String>,
+}
+
+/// Verify the vault (or one disk of it).
+pub fn verify(
+    vault: &Vault,
+    only_disk: Option<&str>,
+    read_data: bool,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let started = std::time::Instant::now();
+    let mut report = VerifyReport {
+        read_data,
+        ..Default::default()
+    };
+    let mut disks: Vec<Disk> = Vec::new();
+    for id in vault.disk_ids()? {
+        match vault.load_disk(id) {
+            Ok(d) if only_disk.is_none_or(|n| n == d.name) => disks.push(d),
+            Ok(_) => {}
+            Err(e) => report.problems.push(Problem {
+                object: format!("keys/{}", hex::encode(id)),
+                problem: e.to_string(),
+                snapshots: vec![],
+            }),
+        }
+    }
+    report.disks = disks.len() as u64;
+
+    let mut packs: BTreeMap<PackId, PackUse> = BTreeMap::new();
+    for (di, disk) in disks.iter().enumerate() {
+        for sid in vault.snapshot_ids(disk)? {
+            let key = sid.object_key(&disk.id);
+            let m = match vault.load_manifest(disk, sid) {
+                Ok(m) => m,
+                Err(e) => {
+                    report.problems.push(Problem {
+                        object: key,
+                        problem: e.to_string(),
+                        snapshots: vec![format!("{}@{}", disk.name, sid.short())],
+                    });
+                    continue;
+                }
+            };
+            report.snapshots += 1;
+            let label = format!("{}@{}", disk.name, m.id.short());
+            if m.compute_digest(&disk.identity.digest) != m.digest {
+                report.problems.push(Problem {
+                    object: key,
+                    problem: "slot table does not match the disk digest".into(),
+                    snapshots: vec![label.clone()],
+                });
+            }
+            collect_packs(&m, di, &label, &mut packs);
+        }
+    }
+    report.packs = packs.len() as u64;
+
+    for (id, u) in &packs {
+        let key = id.object_key();
+        let mut fail = |problem: String| {
+            report.problems.push(Problem {
+                object: key.clone(),
+                problem,
+                snapshots: u.snapshots.iter().cloned().collect(),
+            });
+        };
+        match vault.store().size(&key) {
+            Err(e) => fail(e.to_string()),
+            Ok(s) if s != u.size => fail(format!("pack is {s} bytes, snapshots expect {}", u.size)),
+            Ok(_) => {
+                if let Some(((o, l), _)) = u.frames.iter().find(|((o, l), _)| {
+                    *o as u64 + *l as u64 > u.size || (*o as usize) < pack::HEADER_LEN
+                }) {
+                    fail(format!("frame at {o}+{l} lies outside the pack"));
+                }
+            }
+        }
+    }
+
+    if only_disk.is_none() {
+        let referenced: BTreeSet<String> = packs.keys().map(|p| p.object_key()).collect();
+        report.unreferenced_packs = vault
+            .store()
+            .list("packs")?
+            .iter()
+            .filter(|k| !referenced.contains(*k))
+            .count() as u64;
+    }
+
+    if read_data {
+        let damaged: BTreeSet<String> = report.problems.iter().map(|p| p.object.clone()).collect();
+        progress.start(packs.values().map(|u| u.size).sum());
+        let found = Mutex::new(Vec::new());
+        let counts = Mutex::new((0u64, 0u64));
+        packs
+            .par_iter()
+            .filter(|(id, _)| !damaged.contains(&id.object_key()))
+            .for_each(|(id, u)| {
+                let (problems, frames, bytes) = check_pack_data(vault, &disks[u.disk], *id, u);
+                progress.advance(u.size);
+                let mut c = counts.lock().expect("no panics while held");
+                c.0 += frames;
+                c.1 += bytes;
+                found.lock().expect("no panics while held").extend(problems);
+            });
+        let (frames, bytes) = counts.into_inner().expect("no panics while held");
+        report.extents_checked = frames;
+        report.bytes_read = bytes;
+        report
+            .problems
+            .extend(found.into_inner().expect("no panics while held"));
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn collect_packs(m: &Manifest, disk: usize, label: &str, packs: &mut BTreeMap<PackId, PackUse>) {
+    for x in &m.extents {
+        let (pid, size) = m.packs[x.pack as usize];
+        let u = packs.entry(pid).or_insert_with(|| PackUse {
+            size,
+            disk,
+            frames: BTreeMap::new(),
+            snapshots: BTreeSet::new(),
+        });
+        u.frames.insert((x.offset, x.len), x.id);
+        u.snapshots.insert(label.to_string());
+    }
+}
+
+fn check_pack_data(
+    vault: &Vault,
+    disk: &Disk,
+    id: PackId,
+    u: &PackUse,
+) -> (Vec<Problem>, u64, u64) {
+    let key = id.object_key();
+    let snaps: Vec<String> = u.snapshots.iter().cloned().collect();
+    let problem = |p: String| Problem {
+        object: key.clone(),
+        problem: p,
+        snapshots: snaps.clone(),
+    };
+    let bytes = match vault.store().get(&key) {
+        Ok(b) => b,
+        Err(e) => return (vec![problem(e.to_string())], 0, 0),
+    };
+    let n = bytes.len() as u64;
+    let mut problems = Vec::new();
+    if blake3::hash(&bytes).as_bytes() != &id.0 {
+        problems.push(problem(
+            "content does not match the pack's name (hash): the pack is damaged".into(),
+        ));
+    }
+    if let Err(e) = pack::read_index(&bytes, &disk.binding, &|g| disk.generation(g), &key) {
+        problems.push(problem(format!("pack index: {e}")));
+    }
+    let mut checked = 0;
+    for (&(o, l), xid) in &u.frames {
+        let Some(raw) = bytes.get(o as usize..o as usize + l as usize) else {
+            continue;
+        };
+        let what = || format!("extent {xid} at offset {o}");
+        checked += 1;
+        if let Err(e) = frame::open(
+            raw.to_vec(),
+            &disk.binding,
+            &|g| disk.generation(g),
+            &disk.identity,
+            xid,
+            &what,
+        ) {
+            problems.push(problem(e.to_string()));
+        }
+    }
+    (problems, checked, n)
+}

@@ -1,0 +1,192 @@
+//! Extent frames: one stored piece of a disk, sealed with AES-256-GCM, inside a pack.
+//!
+//! ```text
+//! off len
+//!  0   4  frame length (whole frame, header included)
+//!  4   4  CRC-32 (crc32fast, IEEE) of bytes [8, frame length): finds storage rot without keys
+//!  8   1  flags: bit 0 = payload is zstd-compressed; other bits 0
+//!  9   3  zero
+//! 12   4  plaintext length
+//! 16   4  DEK generation that sealed it
+//! 20  32  extent id (keyed BLAKE3 of the plaintext)
+//! 52  12  GCM nonce (random)
+//! 64   …  ciphertext of the payload, then the 16-byte GCM tag
+//! ```
+//! AAD = "blockvault extent v1" ‖ vault id ‖ disk id ‖ bytes [8, 52) of the header: a frame
+//! cannot be moved to another vault or disk, nor its flags, length, generation or id changed.
+
+use crate::crypto::{ExtentId, GenerationKeys, IdentityKeys, Nonce, TAG_LEN};
+use crate::error::{Error, Result};
+
+/// Bytes before the ciphertext.
+pub const HEADER_LEN: usize = 64;
+/// Bytes a frame adds to its payload.
+pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+/// Largest plaintext a frame may hold (the largest slot size).
+pub const MAX_PLAIN: usize = 4 << 20;
+const FLAG_ZSTD: u8 = 1;
+const AAD_PREFIX: &[u8] = b"blockvault extent v1";
+
+/// Vault and disk a frame is bound to.
+#[derive(Clone, Copy)]
+pub struct Binding {
+    /// The vault.
+    pub vault_id: [u8; 16],
+    /// The disk.
+    pub disk_id: [u8; 16],
+}
+
+impl Binding {
+    fn aad(&self, header: &[u8]) -> Vec<u8> {
+        [AAD_PREFIX, &self.vault_id, &self.disk_id, &header[8..52]].concat()
+    }
+}
+
+/// Seal a payload into a frame. `buf` holds [`HEADER_LEN`] bytes of room followed by the
+/// payload (compressed or not); the tag is appended and the header filled in.
+pub fn seal(
+    mut buf: Vec<u8>,
+    binding: &Binding,
+    keys: &GenerationKeys,
+    generation: u32,
+    id: &ExtentId,
+    plain_len: u32,
+    compressed: bool,
+) -> Result<Vec<u8>> {
+    debug_assert!(buf.len() >= HEADER_LEN);
+    let frame_len = buf.len() + TAG_LEN;
+    let h = &mut buf[..HEADER_LEN];
+    h[0..4].copy_from_slice(&(frame_len as u32).to_le_bytes());
+    h[8] = if compressed { FLAG_ZSTD } else { 0 };
+    h[9..12].fill(0);
+    h[12..16].copy_from_slice(&plain_len.to_le_bytes());
+    h[16..20].copy_from_slice(&generation.to_le_bytes());
+    h[20..52].copy_from_slice(&id.0);
+    let aad = binding.aad(&buf[..HEADER_LEN]);
+    let (nonce, tag) = keys.extent.seal(&aad, &mut buf[HEADER_LEN..])?;
+    buf[52..64].copy_from_slice(&nonce);
+    buf.extend_from_slice(&tag);
+    let crc = crc32fast::hash(&buf[8..]);
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(buf)
+}
+
+/// The header fields of a frame, after its CRC and length were checked.
+pub struct Header {
+    /// DEK generation.
+    pub generation: u32,
+    /// Extent id.
+    pub id: ExtentId,
+    /// Plaintext length.
+    pub plain_len: usize,
+    /// zstd payload.
+    pub compressed: bool,
+}
+
+/// Check a frame's length and CRC and parse its header (no key needed: `verify` uses this to
+/// find rot before any decryption).
+pub fn check(frame: &[u8], what: &dyn Fn() -> String) -> Result<Header> {
+    if frame.len() < OVERHEAD {
+        return Err(Error::integrity(format!(
+            "{}: frame of {} bytes is shorter than its header",
+            what(),
+            frame.len()
+        )));
+    }
+    let len = u32::from_le_bytes(frame[0..4].try_into().expect("4 bytes")) as usize;
+    if len != frame.len() {
+        return Err(Error::integrity(format!(
+            "{}: frame length field {len} but {} bytes stored",
+            what(),
+            frame.len()
+        )));
+    }
+    let crc = u32::from_le_bytes(frame[4..8].try_into().expect("4 bytes"));
+    if crc32fast::hash(&frame[8..]) != crc {
+        return Err(Error::integrity(format!(
+            "{}: CRC mismatch (storage damage)",
+            what()
+        )));
+    }
+    let flags = frame[8];
+    if flags & !FLAG_ZSTD != 0 || frame[9..12] != [0; 3] {
+        return Err(Error::integrity(format!(
+            "{}: unknown frame flags {flags:#x}",
+            what()
+        )));
+    }
+    let plain_len = u32::from_le_bytes(frame[12..16].try_into().expect("4 bytes")) as usize;
+    if plain_len > MAX_PLAIN {
+        return Err(Error::integrity(format!(
+            "{}: plaintext length {plain_len} exceeds {MAX_PLAIN}",
+            what()
+        )));
+    }
+    Ok(Header {
+        generation: u32::from_le_bytes(frame[16..20].try_into().expect("4 bytes")),
+        id: ExtentId(frame[20..52].try_into().expect("32 bytes")),
+        plain_len,
+        compressed: flags & FLAG_ZSTD != 0,
+    })
+}
+
+/// Check, authenticate, decrypt and decompress a frame, and check that the plaintext's keyed
+/// hash is the id the caller expects. `frame` is consumed as the decryption buffer.
+pub fn open(
+    mut frame: Vec<u8>,
+    binding: &Binding,
+    generation_keys: &dyn Fn(u32) -> Result<std::sync::Arc<GenerationKeys>>,
+    identity: &IdentityKeys,
+    expect: &ExtentId,
+    what: &dyn Fn() -> String,
+) -> Result<Vec<u8>> {
+    let h = check(&frame, what)?;
+    if &h.id != expect {
+        return Err(Error::integrity(format!(
+            "{}: holds extent {} where {} was expected",
+            what(),
+            h.id,
+            expect
+        )));
+    }
+    let keys = generation_keys(h.generation)?;
+    let aad = binding.aad(&frame[..HEADER_LEN]);
+    let nonce: Nonce = frame[52..64].try_into().expect("12 bytes");
+    let payload = keys
+        .extent
+        .open(&nonce, &aad, &mut frame[HEADER_LEN..], what)?;
+    let plain = if h.compressed {
+        let out = zstd::bulk::decompress(payload, h.plain_len).map_err(|e| {
+            Error::integrity(format!("{}: zstd payload does not decompress: {e}", what()))
+        })?;
+        if out.len() != h.plain_len {
+            return Err(Error::integrity(format!(
+                "{}: decompressed to {} bytes, header says {}",
+                what(),
+                out.len(),
+                h.plain_len
+            )));
+        }
+        out
+    } else {
+        if payload.len() != h.plain_len {
+            return Err(Error::integrity(format!(
+                "{}: payload is {} bytes, header says {}",
+                what(),
+                payload.len(),
+                h.plain_len
+            )));
+        }
+        let n = payload.len();
+        frame.copy_within(HEADER_LEN..HEADER_LEN + n, 0);
+        frame.truncate(n);
+        frame
+    };
+    if &identity.extent_id.id(&plain) != expect {
+        return Err(Error::integrity(format!(
+            "{}: content does not match its extent id",
+            what()
+        )));
+    }
+    Ok(plain)
+}

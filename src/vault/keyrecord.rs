@@ -1,0 +1,194 @@
+//! Key records: `keys/<disk id>/<generation>`, one per DEK generation of a disk, holding that
+//! DEK wrapped by one or more KEKs and the disk's name sealed under the DEK.
+//!
+//! ```text
+//! "BVKR" | u16 version=1 | u16 0 | vault id [16] | disk id [16] | u32 generation | u64 created
+//! | u16 n | n × ( u8 KEK kind | u32 KEK version | u16 len | wrapped [len] = nonce‖ct‖tag )
+//! | u16 len | sealed name [len] = nonce‖ct‖tag
+//! ```
+//! Wrap AAD: "blockvault dek wrap v1" ‖ vault id ‖ disk id ‖ u32 generation ‖ u8 kind ‖
+//! u32 version, so a record cannot be moved to another vault, disk, generation or KEK.
+//! Several wraps leave room for a recovery key and re-wrapping during rotation.
+
+use super::codec::{Dec, Enc};
+use crate::crypto::kek::{KekId, KekKind, KekProvider};
+use crate::crypto::{GenerationKeys, Secret32};
+use crate::error::{Error, ErrorKind, Result};
+
+const MAGIC: &[u8; 4] = b"BVKR";
+const VERSION: u16 = 1;
+const WRAP_AAD: &[u8] = b"blockvault dek wrap v1";
+const NAME_AAD: &[u8] = b"blockvault disk name v1";
+
+/// A stored DEK generation of a disk.
+pub struct KeyRecord {
+    /// Vault the record belongs to.
+    pub vault_id: [u8; 16],
+    /// Disk the DEK belongs to.
+    pub disk_id: [u8; 16],
+    /// DEK generation, from 0.
+    pub generation: u32,
+    /// Seconds since the epoch.
+    pub created: u64,
+    /// The DEK wrapped by each KEK.
+    pub wraps: Vec<(KekId, Vec<u8>)>,
+    /// The disk name, sealed with the generation's metadata key.
+    pub sealed_name: Vec<u8>,
+}
+
+/// Object key of a record.
+pub fn object_key(disk_id: &[u8; 16], generation: u32) -> String {
+    format!("keys/{}/{generation:08x}", hex::encode(disk_id))
+}
+
+fn wrap_aad(vault_id: &[u8; 16], disk_id: &[u8; 16], generation: u32, kek: KekId) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.bytes(WRAP_AAD)
+        .bytes(vault_id)
+        .bytes(disk_id)
+        .u32(generation)
+        .u8(kek.kind as u8)
+        .u32(kek.version);
+    e.finish()
+}
+
+fn name_aad(vault_id: &[u8; 16], disk_id: &[u8; 16]) -> Vec<u8> {
+    [NAME_AAD, vault_id, disk_id].concat()
+}
+
+impl KeyRecord {
+    /// Wrap `dek` with the KEK's current key and seal `name`.
+    pub fn create(
+        vault_id: [u8; 16],
+        disk_id: [u8; 16],
+        generation: u32,
+        dek: &Secret32,
+        name: &str,
+        kek: &dyn KekProvider,
+    ) -> Result<Self> {
+        let id = kek.current()?;
+        let (id2, wrapped) = kek.wrap(dek, &wrap_aad(&vault_id, &disk_id, generation, id))?;
+        debug_assert_eq!(id, id2);
+        let keys = GenerationKeys::derive(dek);
+        let sealed_name = keys
+            .meta
+            .seal_to_vec(&name_aad(&vault_id, &disk_id), name.as_bytes())?;
+        Ok(KeyRecord {
+            vault_id,
+            disk_id,
+            generation,
+            created: crate::util::now_unix(),
+            wraps: vec![(id, wrapped)],
+            sealed_name,
+        })
+    }
+
+    /// Unwrap the DEK with the first wrap `kek` can open. Errors say which key failed and why.
+    pub fn unwrap(&self, kek: &dyn KekProvider) -> Result<Secret32> {
+        let mut last = None;
+        for (id, wrapped) in &self.wraps {
+            match kek.unwrap(
+                *id,
+                wrapped,
+                &wrap_aad(&self.vault_id, &self.disk_id, self.generation, *id),
+            ) {
+                Ok(k) => return Ok(k),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| Error::new(ErrorKind::Key, "no wrapped DEK in record"))
+            .within(format!(
+                "key record {}",
+                object_key(&self.disk_id, self.generation)
+            )))
+    }
+
+    /// Open the sealed disk name.
+    pub fn name(&self, keys: &GenerationKeys) -> Result<String> {
+        let what = || {
+            format!(
+                "disk name in {}",
+                object_key(&self.disk_id, self.generation)
+            )
+        };
+        let b = keys.meta.open_vec(
+            &name_aad(&self.vault_id, &self.disk_id),
+            &self.sealed_name,
+            &what,
+        )?;
+        String::from_utf8(b).map_err(|_| Error::integrity(format!("{}: not UTF-8", what())))
+    }
+
+    /// Serialise.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.bytes(MAGIC)
+            .u16(VERSION)
+            .u16(0)
+            .bytes(&self.vault_id)
+            .bytes(&self.disk_id)
+            .u32(self.generation)
+            .u64(self.created);
+        e.u16(self.wraps.len() as u16);
+        for (id, w) in &self.wraps {
+            e.u8(id.kind as u8)
+                .u32(id.version)
+                .u16(w.len() as u16)
+                .bytes(w);
+        }
+        e.u16(self.sealed_name.len() as u16)
+            .bytes(&self.sealed_name);
+        e.finish()
+    }
+
+    /// Parse, checking that the record names the vault and disk it was found under.
+    pub fn decode(b: &[u8], what: &str, vault_id: &[u8; 16], disk_id: &[u8; 16]) -> Result<Self> {
+        let mut d = Dec::new(b, what);
+        d.magic(MAGIC)?;
+        let v = d.u16()?;
+        if v != VERSION {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{what}: key record version {v}, this build reads {VERSION}"),
+            ));
+        }
+        d.u16()?;
+        let rec_vault: [u8; 16] = d.array()?;
+        let rec_disk: [u8; 16] = d.array()?;
+        if &rec_vault != vault_id {
+            return Err(Error::integrity(format!(
+                "{what}: record belongs to another vault ({})",
+                hex::encode(rec_vault)
+            )));
+        }
+        if &rec_disk != disk_id {
+            return Err(Error::integrity(format!(
+                "{what}: record belongs to another disk ({})",
+                hex::encode(rec_disk)
+            )));
+        }
+        let generation = d.u32()?;
+        let created = d.u64()?;
+        let n = d.u16()? as u64;
+        let n = d.count(n, 7)?;
+        let mut wraps = Vec::with_capacity(n);
+        for _ in 0..n {
+            let kind = KekKind::from_u8(d.u8()?)?;
+            let version = d.u32()?;
+            let len = d.u16()? as usize;
+            wraps.push((KekId { kind, version }, d.take(len)?.to_vec()));
+        }
+        let len = d.u16()? as usize;
+        let sealed_name = d.take(len)?.to_vec();
+        d.end()?;
+        Ok(KeyRecord {
+            vault_id: rec_vault,
+            disk_id: rec_disk,
+            generation,
+            created,
+            wraps,
+            sealed_name,
+        })
+    }
+}

@@ -1,0 +1,361 @@
+//! The vault: immutable, encrypted objects in a [`store::Store`].
+//!
+//! ```text
+//! config                          format version, vault id, encryption settings (MAC'd)
+//! keys/<disk id>/<generation>     a DEK generation of a disk, wrapped by the KEK(s)
+//! packs/<2 hex>/<pack id>         sealed extent frames + sealed index (≈32 MiB each)
+//! snapshots/<disk id>/<snap id>   sealed manifest: geometry, parent, slot table, stats
+//! locks/<disk id>                 local advisory lock while a backup of that disk runs
+//! ```
+//! Commit protocol: packs are written (atomically, durably) before the manifest that names
+//! them; the manifest is written last. A crash leaves at worst unreferenced packs, never a
+//! manifest pointing at missing data, so earlier snapshots are never affected.
+//!
+//! Locking: a backup holds `locks/<disk id>` for its disk; backups of different disks run
+//! at once. Readers (restore, verify, snapshots) take no lock: objects are immutable.
+
+pub mod codec;
+pub mod config;
+pub mod frame;
+pub mod keyrecord;
+pub mod manifest;
+pub mod pack;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::crypto::kek::KekKind;
+use crate::crypto::keystore::{Keystore, VaultKeys};
+use crate::crypto::secret::random_bytes;
+use crate::crypto::{GenerationKeys, IdentityKeys, Secret32};
+use crate::error::{Error, ErrorKind, Result};
+
+use config::Config;
+use frame::Binding;
+use keyrecord::KeyRecord;
+use manifest::{Manifest, SnapshotId};
+use store::Store;
+
+/// An open vault with its keys.
+pub struct Vault {
+    store: Arc<dyn Store>,
+    config: Config,
+    keys: VaultKeys,
+    keystore_file: PathBuf,
+}
+
+/// A disk of the vault with its unwrapped keys.
+pub struct Disk {
+    /// Random id.
+    pub id: [u8; 16],
+    /// Name given at its first backup.
+    pub name: String,
+    /// Vault and disk ids for AAD.
+    pub binding: Binding,
+    /// Content-identity keys (from DEK generation 0).
+    pub identity: Arc<IdentityKeys>,
+    generations: BTreeMap<u32, Arc<GenerationKeys>>,
+}
+
+impl Disk {
+    /// Keys of a DEK generation.
+    pub fn generation(&self, generation: u32) -> Result<Arc<GenerationKeys>> {
+        self.generations.get(&generation).cloned().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Key,
+                format!(
+                    "disk {}: no key record for DEK generation {generation}",
+                    self.name
+                ),
+            )
+        })
+    }
+
+    /// The newest DEK generation.
+    pub fn current_generation(&self) -> u32 {
+        *self
+            .generations
+            .keys()
+            .next_back()
+            .expect("a disk has at least generation 0")
+    }
+
+    /// Hex id.
+    pub fn id_hex(&self) -> String {
+        hex::encode(self.id)
+    }
+}
+
+/// A snapshot's place in a listing.
+#[derive(Debug, Clone)]
+pub struct SnapshotEntry {
+    /// The decoded manifest.
+    pub manifest: Manifest,
+}
+
+impl Vault {
+    /// Create a vault at `url` with a platform KEK in `keystore`. Fails if a vault exists there.
+    pub fn init(url: &str, keystore: &Keystore) -> Result<Vault> {
+        let store: Arc<dyn Store> = store::open(url)?.into();
+        if store.size(config::KEY).is_ok() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("a vault already exists at {url}"),
+            ));
+        }
+        let vault_id = random_bytes::<16>()?;
+        let (keys, keystore_file) = keystore.create(&vault_id)?;
+        let config = Config {
+            vault_id,
+            created: crate::util::now_unix(),
+            kek_kind: KekKind::Platform,
+            infrastructure: 0,
+        };
+        store.put(config::KEY, &config.encode(&keys.auth))?;
+        tracing::info!(vault = %url, keystore = %keystore_file.display(), "vault created");
+        Ok(Vault {
+            store,
+            config,
+            keys,
+            keystore_file,
+        })
+    }
+
+    /// Open the vault at `url`; its keys come from `keystore`.
+    pub fn open(url: &str, keystore: &Keystore) -> Result<Vault> {
+        let store: Arc<dyn Store> = store::open(url)?.into();
+        let raw = store.get(config::KEY).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => Error::new(
+                ErrorKind::NotFound,
+                format!("no vault at {url} (create one with `blockvault init`)"),
+            ),
+            _ => e,
+        })?;
+        let config =
+            Config::decode_unverified(&raw).map_err(|e| e.within(format!("vault {url}")))?;
+        let keys = keystore.load(&config.vault_id)?;
+        Config::verify(&raw, &keys.auth).map_err(|e| e.within(format!("vault {url}")))?;
+        let keystore_file = keystore.path_for(&config.vault_id);
+        Ok(Vault {
+            store,
+            config,
+            keys,
+            keystore_file,
+        })
+    }
+
+    /// Open, or create when `url` holds no vault yet. Returns whether it was created.
+    pub fn open_or_init(url: &str, keystore: &Keystore) -> Result<(Vault, bool)> {
+        match Vault::open(url, keystore) {
+            Ok(v) => Ok((v, false)),
+            Err(e)
+                if e.kind() == ErrorKind::NotFound
+                    && !store::open(url)?.size(config::KEY).is_ok() =>
+            {
+                Ok((Vault::init(url, keystore)?, true))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The object store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The key file this vault's keys came from.
+    pub fn keystore_file(&self) -> &std::path::Path {
+        &self.keystore_file
+    }
+
+    fn binding(&self, disk_id: [u8; 16]) -> Binding {
+        Binding {
+            vault_id: self.config.vault_id,
+            disk_id,
+        }
+    }
+
+    /// Ids of every disk with a key record.
+    pub fn disk_ids(&self) -> Result<Vec<[u8; 16]>> {
+        let mut ids: Vec<[u8; 16]> = Vec::new();
+        for key in self.store.list("keys")? {
+            let Some(hexid) = key.split('/').nth(1) else {
+                continue;
+            };
+            let mut id = [0u8; 16];
+            if hex::decode_to_slice(hexid, &mut id).is_ok() && ids.last() != Some(&id) {
+                ids.push(id);
+            }
+        }
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Load a disk's key records and unwrap every DEK generation.
+    pub fn load_disk(&self, disk_id: [u8; 16]) -> Result<Disk> {
+        let prefix = format!("keys/{}", hex::encode(disk_id));
+        let mut generations = BTreeMap::new();
+        let mut identity = None;
+        let mut name = None;
+        for key in self.store.list(&prefix)? {
+            let rec = KeyRecord::decode(
+                &self.store.get(&key)?,
+                &key,
+                &self.config.vault_id,
+                &disk_id,
+            )?;
+            if key != keyrecord::object_key(&disk_id, rec.generation) {
+                return Err(Error::integrity(format!(
+                    "{key}: holds DEK generation {}",
+                    rec.generation
+                )));
+            }
+            let dek = rec.unwrap(&self.keys.kek)?;
+            let keys = GenerationKeys::derive(&dek);
+            if rec.generation == 0 {
+                identity = Some(Arc::new(IdentityKeys::derive(&dek)));
+                name = Some(rec.name(&keys)?);
+            }
+            generations.insert(rec.generation, Arc::new(keys));
+        }
+        let (Some(identity), Some(name)) = (identity, name) else {
+            return Err(Error::new(
+                ErrorKind::Key,
+                format!(
+                    "disk {}: key record of DEK generation 0 is missing",
+                    hex::encode(disk_id)
+                ),
+            ));
+        };
+        Ok(Disk {
+            id: disk_id,
+            name,
+            binding: self.binding(disk_id),
+            identity,
+            generations,
+        })
+    }
+
+    /// Every disk, keys unwrapped.
+    pub fn disks(&self) -> Result<Vec<Disk>> {
+        self.disk_ids()?
+            .into_iter()
+            .map(|id| self.load_disk(id))
+            .collect()
+    }
+
+    /// The disk called `name`, if any.
+    pub fn find_disk(&self, name: &str) -> Result<Option<Disk>> {
+        Ok(self.disks()?.into_iter().find(|d| d.name == name))
+    }
+
+    /// Register a new disk: fresh DEK, key record generation 0.
+    pub fn create_disk(&self, name: &str) -> Result<Disk> {
+        let disk_id = random_bytes::<16>()?;
+        self.write_generation(disk_id, 0, name)?;
+        self.load_disk(disk_id)
+    }
+
+    /// Start a new DEK generation for `disk` (the nonce budget of the current one is spent).
+    pub fn new_generation(&self, disk: &Disk) -> Result<Disk> {
+        self.write_generation(disk.id, disk.current_generation() + 1, &disk.name)?;
+        self.load_disk(disk.id)
+    }
+
+    fn write_generation(&self, disk_id: [u8; 16], generation: u32, name: &str) -> Result<()> {
+        let dek = Secret32::random()?;
+        let rec = KeyRecord::create(
+            self.config.vault_id,
+            disk_id,
+            generation,
+            &dek,
+            name,
+            &self.keys.kek,
+        )?;
+        self.store
+            .put(&keyrecord::object_key(&disk_id, generation), &rec.encode())
+    }
+
+    /// Snapshot ids of a disk (unordered).
+    pub fn snapshot_ids(&self, disk: &Disk) -> Result<Vec<SnapshotId>> {
+        let prefix = format!("snapshots/{}", disk.id_hex());
+        Ok(self
+            .store
+            .list(&prefix)?
+            .iter()
+            .filter_map(|k| {
+                let mut id = [0u8; 16];
+                hex::decode_to_slice(k.rsplit('/').next()?, &mut id).ok()?;
+                Some(SnapshotId(id))
+            })
+            .collect())
+    }
+
+    /// Read and decrypt one manifest.
+    pub fn load_manifest(&self, disk: &Disk, id: SnapshotId) -> Result<Manifest> {
+        let key = id.object_key(&disk.id);
+        let raw = self.store.get(&key)?;
+        let (found, generation) = Manifest::peek(&raw, &disk.binding, &key)?;
+        if found != id {
+            return Err(Error::integrity(format!(
+                "{key}: holds snapshot {}",
+                found.hex()
+            )));
+        }
+        Manifest::decode(&raw, &disk.binding, &*disk.generation(generation)?, &key)
+    }
+
+    /// Every snapshot of a disk, oldest first.
+    pub fn snapshots(&self, disk: &Disk) -> Result<Vec<Manifest>> {
+        let mut all = self
+            .snapshot_ids(disk)?
+            .into_iter()
+            .map(|id| self.load_manifest(disk, id))
+            .collect::<Result<Vec<_>>>()?;
+        all.sort_by_key(|m| (m.created, m.id));
+        Ok(all)
+    }
+
+    /// A snapshot by `latest` or a unique id prefix.
+    pub fn resolve_snapshot(&self, disk: &Disk, spec: &str) -> Result<Manifest> {
+        if spec == "latest" {
+            return self.snapshots(disk)?.pop().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("disk {} has no snapshots", disk.name),
+                )
+            });
+        }
+        let spec_lc = spec.to_ascii_lowercase();
+        let matches: Vec<SnapshotId> = self
+            .snapshot_ids(disk)?
+            .into_iter()
+            .filter(|id| id.hex().starts_with(&spec_lc))
+            .collect();
+        match matches.as_slice() {
+            [one] => self.load_manifest(disk, *one),
+            [] => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("disk {} has no snapshot {spec}", disk.name),
+            )),
+            _ => Err(Error::usage(format!(
+                "snapshot id {spec} is ambiguous for disk {}: give more digits",
+                disk.name
+            ))),
+        }
+    }
+
+    /// Write a sealed manifest: the commit point of a backup.
+    pub fn put_manifest(&self, disk: &Disk, m: &Manifest) -> Result<()> {
+        let keys = disk.generation(m.generation)?;
+        self.store
+            .put(&m.id.object_key(&disk.id), &m.encode(&disk.binding, &keys)?)
+    }
+}

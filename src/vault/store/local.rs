@@ -1,0 +1,172 @@
+//! A vault in a local folder. Writes go to a hidden temporary file beside the target, are
+//! fsynced, renamed into place, and the folder is fsynced: after a crash an object is either
+//! whole or absent (hidden leftovers are ignored by `list` and removed by prune).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::crypto::secret::random_bytes;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+
+use super::Store;
+
+/// A store rooted at a folder.
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    /// A store at `root` (the folder is created by the first write).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore { root: root.into() }
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        if key.is_empty()
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('.'))
+        {
+            return Err(Error::usage(format!("invalid object key {key:?}")));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn list_into(&self, dir: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
+        let rd = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+        };
+        for entry in rd {
+            let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let key = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            if entry
+                .file_type()
+                .ctx(|| format!("stat {}", entry.path().display()))?
+                .is_dir()
+            {
+                self.list_into(&entry.path(), &key, out)?;
+            } else {
+                out.push(key);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Store for LocalStore {
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        let path = self.path(key)?;
+        let dir = path
+            .parent()
+            .expect("keys have a parent folder under the root");
+        let ctx = || format!("writing {} in vault {}", key, self.root.display());
+        fs::create_dir_all(dir).ctx(ctx)?;
+        let tmp = dir.join(format!(".tmp-{}", hex::encode(random_bytes::<8>()?)));
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            sync_dir(dir)
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::io(ctx(), e)
+        })
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let path = self.path(key)?;
+        fs::read(&path).ctx(|| format!("reading object {key} in vault {}", self.root.display()))
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let path = self.path(key)?;
+        let f = File::open(&path).ctx(|| format!("opening object {key}"))?;
+        let mut buf = vec![0u8; len];
+        match f.read_exact_at(&mut buf, offset) {
+            Ok(()) => Ok(buf),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(Error::integrity(format!(
+                    "object {key} is truncated: {len} bytes at offset {offset} run past its end"
+                )))
+            }
+            Err(e) => Err(Error::io(
+                format!("reading object {key} at offset {offset}"),
+                e,
+            )),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let dir = if prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(prefix)?
+        };
+        self.list_into(&dir, prefix.trim_end_matches('/'), &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        match fs::remove_file(self.path(key)?) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(format!("deleting object {key}"), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn size(&self, key: &str) -> Result<u64> {
+        Ok(fs::metadata(self.path(key)?)
+            .ctx(|| format!("stat object {key}"))?
+            .len())
+    }
+
+    fn lock(&self, name: &str) -> Result<Box<dyn Send>> {
+        let dir = self.root.join("locks");
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(name);
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ctx(|| format!("opening lock {}", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => Ok(Box::new(f)),
+            Err(fs::TryLockError::WouldBlock) => Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{name} is locked by another blockvault process ({})",
+                    path.display()
+                ),
+            )),
+            Err(fs::TryLockError::Error(e)) => {
+                Err(Error::io(format!("locking {}", path.display()), e))
+            }
+        }
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}

@@ -1,0 +1,59 @@
+//! Where vault objects live. One small trait, implemented by each backend; behaviour such as
+//! retries or a second encryption layer is added by wrapping a store, not inside backends.
+//!
+//! Keys are `/`-separated relative names (`packs/ab/ab12…`, `snapshots/<disk>/<id>`).
+
+pub mod local;
+
+use crate::error::{Error, ErrorKind, Result};
+
+pub use local::LocalStore;
+
+/// Object storage as the vault needs it.
+///
+/// Contract every backend keeps (the conformance tests in `tests/store.rs` check it):
+/// - `put` is atomic and durable: when it returns, a reader sees the whole object and a crash
+///   never leaves a partial object under `key`; writing an existing key replaces it atomically.
+/// - `get`/`get_range` of a missing key fail with [`ErrorKind::NotFound`]; a range past the
+///   end fails with [`ErrorKind::Integrity`] (a truncated object).
+/// - `list(prefix)` returns every key under the folder `prefix`, recursively, sorted; names of
+///   unfinished writes are never listed.
+/// - `delete` of a missing key succeeds (idempotent).
+pub trait Store: Send + Sync {
+    /// Write a whole object.
+    fn put(&self, key: &str, data: &[u8]) -> Result<()>;
+    /// Read a whole object.
+    fn get(&self, key: &str) -> Result<Vec<u8>>;
+    /// Read `len` bytes at `offset`.
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Keys under a folder.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Remove an object.
+    fn delete(&self, key: &str) -> Result<()>;
+    /// Size of an object.
+    fn size(&self, key: &str) -> Result<u64>;
+    /// Take an exclusive lock named `name`, held until the guard drops; fails with
+    /// [`ErrorKind::AlreadyExists`] if another process holds it.
+    fn lock(&self, name: &str) -> Result<Box<dyn Send>>;
+    /// Where the store is, for messages.
+    fn location(&self) -> String;
+}
+
+/// Open a store from a vault URL: a path or `file://path`. Object storage URLs are recognised
+/// and refused with a clear message until their backend lands.
+pub fn open(url: &str) -> Result<Box<dyn Store>> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return Ok(Box::new(LocalStore::new(path)));
+    }
+    for scheme in ["s3://", "az://", "gs://", "http://", "https://"] {
+        if url.starts_with(scheme) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "vault URL {url}: object storage ({scheme}) is not supported by this build yet"
+                ),
+            ));
+        }
+    }
+    Ok(Box::new(LocalStore::new(url)))
+}
