@@ -16,11 +16,16 @@
 //! - [`restore`]: restore and verify.
 //!
 //! # Garbage and locks
-//! | object | written by | removed by | lock |
+//! | object | written by | removed by | lock held by the writer |
 //! |---|---|---|---|
-//! | packs | backup (before its manifest) | prune (when unreferenced) | disk lock while written |
-//! | manifests | backup (last) | forget | disk lock |
-//! | key records | first backup of a disk, new DEK generation | never | `new-disk` lock |
+//! | config | init (create-only) | never | none: `put_new` refuses a second |
+//! | packs | backup, before its manifest | prune, once unreferenced (not built yet) | disk lock |
+//! | manifests | backup, last | forget (not built yet) | disk lock |
+//! | key records | first backup of a disk (`new-disk` lock); a new DEK generation (disk lock) | never | create-only |
+//!
+//! Readers take no lock: every object is immutable once written. Until prune exists,
+//! interrupted backups leave unreferenced packs and hidden `.tmp-*` files; `verify` counts
+//! the former and both are harmless.
 //!
 //! See docs/ARCHITECTURE.md, docs/FORMAT.md and docs/CRYPTO.md.
 

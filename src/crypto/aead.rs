@@ -2,7 +2,7 @@
 //! 6.9 GB/s on one core; see docs/ARCHITECTURE.md).
 //!
 //! Nonces are 96 bits from the OS CSPRNG, fresh for every seal. The number of seals per key is
-//! bounded by the caller (DEK generations, see `vault::keys`), keeping the random-nonce
+//! bounded by the caller (DEK generations, see `engine::GENERATION_SEAL_LIMIT`), keeping the random-nonce
 //! collision probability far below NIST SP 800-38D's 2^-32 bound.
 
 use ring::aead::{Aad, LessSafeKey, Nonce as RingNonce, UnboundKey, AES_256_GCM};

@@ -30,8 +30,7 @@ impl KekKind {
     }
 }
 
-/// Names one KEK: its kind, a version (rotation) and a 16-byte id (for the platform KEK, a
-/// prefix of the keystore's vault binding; for customer keys, a key fingerprint).
+/// Names one KEK: its kind and a version (rotation makes a new version).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KekId {
     /// The kind of key.
@@ -54,8 +53,8 @@ impl std::fmt::Display for KekId {
 pub trait KekProvider: Send + Sync {
     /// The key new DEKs are wrapped with.
     fn current(&self) -> Result<KekId>;
-    /// Wrap `dek` with the current key.
-    fn wrap(&self, dek: &Secret32, aad: &[u8]) -> Result<(KekId, Vec<u8>)>;
+    /// Wrap `dek` with the key named by `id` (normally [`KekProvider::current`]).
+    fn wrap(&self, id: KekId, dek: &Secret32, aad: &[u8]) -> Result<Vec<u8>>;
     /// Unwrap with the key named by `id`.
     fn unwrap(&self, id: KekId, wrapped: &[u8], aad: &[u8]) -> Result<Secret32>;
 }
@@ -133,10 +132,9 @@ impl KekProvider for PlatformKek {
         })
     }
 
-    fn wrap(&self, dek: &Secret32, aad: &[u8]) -> Result<(KekId, Vec<u8>)> {
-        let id = self.current()?;
+    fn wrap(&self, id: KekId, dek: &Secret32, aad: &[u8]) -> Result<Vec<u8>> {
         let key = AeadKey::new(&self.enabled(id.version)?.key);
-        Ok((id, key.seal_to_vec(aad, dek.expose())?))
+        key.seal_to_vec(aad, dek.expose())
     }
 
     fn unwrap(&self, id: KekId, wrapped: &[u8], aad: &[u8]) -> Result<Secret32> {
@@ -165,7 +163,8 @@ mod tests {
     fn wrap_unwrap_round_trip_and_aad_binding() {
         let k = kek(KekState::Enabled);
         let dek = Secret32::from_bytes([1; 32]);
-        let (id, w) = k.wrap(&dek, b"disk-a").unwrap();
+        let id = k.current().unwrap();
+        let w = k.wrap(id, &dek, b"disk-a").unwrap();
         assert_eq!(k.unwrap(id, &w, b"disk-a").unwrap().expose(), dek.expose());
         assert!(k.unwrap(id, &w, b"disk-b").is_err());
     }

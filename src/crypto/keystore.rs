@@ -105,17 +105,17 @@ impl Keystore {
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
             .ctx(|| format!("setting mode 0700 on {}", self.dir.display()))?;
         let path = self.path_for(vault_id);
+        // A fresh random name, created exclusively: never an old file with other permissions.
         let tmp = self.dir.join(format!(
             ".{}.tmp-{}",
             hex::encode(vault_id),
-            std::process::id()
+            hex::encode(super::secret::random_bytes::<8>()?)
         ));
         let bytes = encode(vault_id, keys);
         let write = || -> std::io::Result<()> {
             let mut f = fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
             f.write_all(&bytes)?;
@@ -123,7 +123,10 @@ impl Keystore {
             fs::rename(&tmp, &path)?;
             fs::File::open(&self.dir)?.sync_all()
         };
-        write().ctx(|| format!("writing keystore file {}", path.display()))?;
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::io(format!("writing keystore file {}", path.display()), e)
+        })?;
         Ok(path)
     }
 
@@ -191,6 +194,9 @@ fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
             format!("keystore format version {version}, this build reads {VERSION}"),
         ));
     }
+    if b[6..8] != [0, 0] {
+        return Err(corrupt("reserved bytes are not zero"));
+    }
     if &b[8..24] != vault_id {
         return Err(corrupt("file belongs to another vault"));
     }
@@ -206,8 +212,18 @@ fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
             2 => KekState::Revoked,
             s => return Err(corrupt(&format!("unknown KEK state {s}"))),
         };
+        if e[5..8] != [0; 3] {
+            return Err(corrupt("reserved bytes are not zero"));
+        }
+        let version = u32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
+        if versions
+            .iter()
+            .any(|v: &PlatformKeyVersion| v.version == version)
+        {
+            return Err(corrupt(&format!("KEK version {version} appears twice")));
+        }
         versions.push(PlatformKeyVersion {
-            version: u32::from_le_bytes(e[0..4].try_into().expect("4 bytes")),
+            version,
             state,
             created: u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")),
             key: Secret32::from_slice(&e[16..48])?,

@@ -25,7 +25,7 @@ use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
 use crate::vault::{Disk, Vault};
 
 pub use worker::Compression;
-use worker::{Outcome, WorkerContext};
+use worker::{Outcome, Recycler, WorkerContext};
 use writer::Writer;
 
 /// Default slot size.
@@ -120,7 +120,7 @@ pub struct BackupReport {
 }
 
 fn check_slot_size(s: u32) -> Result<()> {
-    if !(64 << 10..=4 << 20).contains(&s) || !s.is_power_of_two() {
+    if !(manifest::MIN_SLOT_SIZE..=manifest::MAX_SLOT_SIZE).contains(&s) || !s.is_power_of_two() {
         return Err(Error::usage(format!(
             "slot size {s} must be a power of two from 64 KiB to 4 MiB"
         )));
@@ -194,6 +194,7 @@ pub fn backup(
         generation,
         known: &parent_extents,
         compression: opts.compression,
+        buffers: Recycler::new(64),
     };
 
     let requests = plan::slots_to_read(&source.data_ranges()?, disk_size, slot_size);
@@ -248,12 +249,13 @@ pub fn backup(
                         }
                         Outcome::Known(id) => {
                             local.slots_reused += 1;
-                            writer.known(slot, &id);
-                            Ok(())
+                            writer.known(slot, &id)
                         }
                         Outcome::New { id, frame } => {
                             local.slots_new += 1;
-                            writer.new_extent(slot, id, len as u32, &frame)
+                            let r = writer.new_extent(slot, id, len as u32, &frame);
+                            ctx.buffers.give(frame);
+                            r
                         }
                     }
                 });

@@ -37,6 +37,8 @@ pub struct WorkerContext<'a> {
     pub known: &'a HashMap<ExtentId, crate::vault::manifest::ExtentLoc>,
     /// Compression settings.
     pub compression: Compression,
+    /// Where frame buffers come from.
+    pub buffers: Recycler,
 }
 
 /// What became of a slot.
@@ -70,35 +72,85 @@ pub fn is_zero(data: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b == 0)
 }
 
-thread_local! {
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+/// Frame buffers handed back by the writer once copied into a pack, so that in steady state
+/// no worker allocates (and page-faults in) a fresh megabyte per slot.
+#[derive(Clone)]
+pub struct Recycler {
+    tx: crossbeam_channel::Sender<Vec<u8>>,
+    rx: crossbeam_channel::Receiver<Vec<u8>>,
 }
 
-/// Compress `data` into `out[frame::HEADER_LEN..]`, returning the payload length if it saves
-/// enough to be worth it.
-fn compress_into(level: i32, data: &[u8], out: &mut [u8]) -> Result<Option<usize>> {
-    COMPRESSOR.with(|cell| {
+impl Recycler {
+    /// Keep up to `n` spare buffers.
+    pub fn new(n: usize) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(n);
+        Recycler { tx, rx }
+    }
+
+    /// An empty buffer with room for at least `cap` bytes.
+    pub fn take(&self, cap: usize) -> Vec<u8> {
+        let mut v = self.rx.try_recv().unwrap_or_default();
+        v.clear();
+        v.reserve(cap);
+        v
+    }
+
+    /// Hand a buffer back (dropped if enough are spare).
+    pub fn give(&self, v: Vec<u8>) {
+        let _ = self.tx.try_send(v);
+    }
+}
+
+/// A worker thread's zstd context and output scratch, reused across slots.
+struct Zstd {
+    level: i32,
+    compressor: zstd::bulk::Compressor<'static>,
+    scratch: Vec<u8>,
+}
+
+thread_local! {
+    static ZSTD: RefCell<Option<Zstd>> = const { RefCell::new(None) };
+}
+
+/// Compress `data` and append the result to `out` if it saves enough to be worth it; returns
+/// whether it did. A trial on the first 64 KiB rejects incompressible data (ciphertext,
+/// media) at a fraction of the cost of compressing the whole slot.
+fn compress_onto(level: i32, data: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+    ZSTD.with(|cell| {
         let mut cell = cell.borrow_mut();
-        if cell.as_ref().map(|(l, _)| *l) != Some(level) {
-            let c = zstd::bulk::Compressor::new(level)
+        if cell.as_ref().map(|z| z.level) != Some(level) {
+            let compressor = zstd::bulk::Compressor::new(level)
                 .map_err(|e| Error::new(ErrorKind::Usage, format!("zstd level {level}: {e}")))?;
-            *cell = Some((level, c));
+            *cell = Some(Zstd {
+                level,
+                compressor,
+                scratch: Vec::new(),
+            });
         }
-        let (_, c) = cell.as_mut().expect("set above");
-        let limit = data.len() - data.len() / MIN_SAVING_DIVISOR;
+        let z = cell.as_mut().expect("set above");
+        z.scratch.clear();
+        z.scratch
+            .reserve(zstd::zstd_safe::compress_bound(data.len()));
+        let zerr = |e: std::io::Error| Error::new(ErrorKind::Io, format!("zstd: {e}"));
         if data.len() > 2 * TRIAL_LEN {
-            let n = c
-                .compress_to_buffer(&data[..TRIAL_LEN], &mut out[frame::HEADER_LEN..])
-                .map_err(|e| Error::new(ErrorKind::Io, format!("zstd: {e}")))?;
+            let n = z
+                .compressor
+                .compress_to_buffer(&data[..TRIAL_LEN], &mut z.scratch)
+                .map_err(zerr)?;
             if n > TRIAL_LEN - TRIAL_LEN / MIN_SAVING_DIVISOR {
-                return Ok(None);
+                return Ok(false);
             }
+            z.scratch.clear();
         }
-        match c.compress_to_buffer(data, &mut out[frame::HEADER_LEN..frame::HEADER_LEN + limit]) {
-            Ok(n) => Ok(Some(n)),
-            // The destination is cut to `limit`: "too small" means it did not save enough.
-            Err(_) => Ok(None),
+        let n = z
+            .compressor
+            .compress_to_buffer(data, &mut z.scratch)
+            .map_err(zerr)?;
+        if n > data.len() - data.len() / MIN_SAVING_DIVISOR {
+            return Ok(false);
         }
+        out.extend_from_slice(&z.scratch[..n]);
+        Ok(true)
     })
 }
 
@@ -116,16 +168,16 @@ impl WorkerContext<'_> {
             .map(|frame| Outcome::New { id, frame })
     }
 
-    /// Compress if worthwhile, then seal `data` into a frame.
+    /// Compress if worthwhile, then seal `data` into a frame (in a recycled buffer).
     pub fn seal_new(&self, id: ExtentId, data: &[u8]) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; frame::HEADER_LEN + data.len()];
+        let mut buf = self.buffers.take(frame::OVERHEAD + data.len());
+        buf.extend_from_slice(&[0u8; frame::HEADER_LEN]);
         let compressed = match self.compression.level {
-            Some(level) => compress_into(level, data, &mut buf)?,
-            None => None,
+            Some(level) => compress_onto(level, data, &mut buf)?,
+            None => false,
         };
-        match compressed {
-            Some(n) => buf.truncate(frame::HEADER_LEN + n),
-            None => buf[frame::HEADER_LEN..].copy_from_slice(data),
+        if !compressed {
+            buf.extend_from_slice(data);
         }
         frame::seal(
             buf,
@@ -134,7 +186,7 @@ impl WorkerContext<'_> {
             self.generation,
             &id,
             data.len() as u32,
-            compressed.is_some(),
+            compressed,
         )
     }
 }
@@ -177,6 +229,7 @@ mod tests {
                 generation: 0,
                 known: &known,
                 compression: Compression { level },
+                buffers: Recycler::new(2),
             };
             for data in [&compressible, &random] {
                 let Outcome::New { id, frame } = ctx.process(data).unwrap() else {

@@ -3,7 +3,7 @@
 //! slot, extent and pack tables. Only the writer touches these tables, so they need no lock.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -37,6 +37,7 @@ pub struct Writer<'a> {
     pack_index: HashMap<PackId, u32>,
     current: Option<(PackWriter, u32)>,
     uploads: Option<SyncSender<(PackId, Vec<u8>)>>,
+    spare_packs: Receiver<Vec<u8>>,
     uploader: Option<JoinHandle<Result<()>>>,
     /// Bytes of new frames.
     pub bytes_stored: u64,
@@ -58,12 +59,15 @@ impl<'a> Writer<'a> {
         // One pack may be uploading while the next fills: packs overlap with sealing, and
         // memory stays at two packs.
         let (tx, rx) = sync_channel::<(PackId, Vec<u8>)>(1);
+        // Stored packs' buffers come back for reuse: no 32 MiB allocation per pack.
+        let (spare_tx, spare_packs) = sync_channel::<Vec<u8>>(2);
         let uploader = std::thread::Builder::new()
             .name("bv-upload".into())
             .spawn(move || -> Result<()> {
                 for (id, bytes) in rx {
                     store.put(&id.object_key(), &bytes)?;
                     tracing::debug!(pack = %id, bytes = bytes.len(), "pack stored");
+                    let _ = spare_tx.try_send(bytes);
                 }
                 Ok(())
             })
@@ -84,6 +88,7 @@ impl<'a> Writer<'a> {
             pack_index: HashMap::new(),
             current: None,
             uploads: Some(tx),
+            spare_packs,
             uploader: Some(uploader),
             bytes_stored: 0,
             seals: 0,
@@ -95,16 +100,16 @@ impl<'a> Writer<'a> {
         self.tables.slots[slot as usize] = Slot::Zero;
     }
 
-    /// Slot `slot` holds content already stored (by the parent, or earlier in this job).
-    /// Returns false if the id is unknown (the caller must then seal it as new).
-    pub fn known(&mut self, slot: u64, id: &ExtentId) -> bool {
-        match self.extent_for(id) {
-            Some(e) => {
-                self.tables.slots[slot as usize] = Slot::Extent(e);
-                true
-            }
-            None => false,
-        }
+    /// Slot `slot` holds content the parent already stores.
+    pub fn known(&mut self, slot: u64, id: &ExtentId) -> Result<()> {
+        let e = self.extent_for(id).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Io,
+                format!("extent {id} reported known but absent from the parent"),
+            )
+        })?;
+        self.tables.slots[slot as usize] = Slot::Extent(e);
+        Ok(())
     }
 
     /// Index of an extent in the new tables, carrying it over from the parent if needed.
@@ -154,7 +159,8 @@ impl<'a> Writer<'a> {
             // Reserve the pack's table entry now; its id is known only when it is finished.
             self.tables.packs.push((PackId([0; 32]), 0));
             let idx = (self.tables.packs.len() - 1) as u32;
-            self.current = Some((PackWriter::new(&self.disk_id, self.generation), idx));
+            let buf = self.spare_packs.try_recv().unwrap_or_default();
+            self.current = Some((PackWriter::new(&self.disk_id, self.generation, buf), idx));
         }
         let (pack, idx) = self.current.as_mut().expect("set above");
         let offset = pack.add(id, frame);

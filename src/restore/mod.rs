@@ -1,9 +1,10 @@
 //! Restore: every slot of a snapshot back to a file or device, bit for bit, in parallel.
 //!
 //! Each extent is checked on the way: frame CRC, GCM tag (bound to vault, disk and id),
-//! decompression length, and the keyed hash of the plaintext against its id. When all slots
-//! are written, the manifest's disk digest is recomputed over the checked ids: a restore
-//! either produces exactly the backed-up disk or fails loudly (and removes a file it created).
+//! decompression length, its length against the manifest, and the keyed hash of the plaintext
+//! against its id. Before anything is written the manifest's disk digest is recomputed over
+//! the slot table and ids. So a restore either produces exactly the backed-up disk or fails
+//! loudly (and removes a target file it created).
 
 pub mod target;
 pub mod verify;
@@ -46,14 +47,23 @@ pub fn fetch_extent(vault: &Vault, disk: &Disk, m: &Manifest, e: u32) -> Result<
         .store()
         .get_range(&key, loc.offset as u64, loc.len as usize)?;
     let what = || format!("extent {} in {key} at offset {}", loc.id, loc.offset);
-    frame::open(
+    let plain = frame::open(
         raw,
         &disk.binding,
         &|g| disk.generation(g),
         &disk.identity,
         &loc.id,
         &what,
-    )
+    )?;
+    if plain.len() != loc.plain_len as usize {
+        return Err(Error::integrity(format!(
+            "{}: holds {} bytes, the manifest says {}",
+            what(),
+            plain.len(),
+            loc.plain_len
+        )));
+    }
+    Ok(plain)
 }
 
 /// The plaintext of slot `i`, or `None` for a zero slot.

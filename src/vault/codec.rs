@@ -128,6 +128,18 @@ impl<'a> Dec<'a> {
         }
         Ok(n as usize)
     }
+    /// Reserved bytes: must be zero, so that a future meaning cannot be misread by this build.
+    pub fn reserved(&mut self, n: usize) -> Result<()> {
+        let at = self.pos;
+        if self.take(n)?.iter().any(|&b| b != 0) {
+            return Err(Error::integrity(format!(
+                "{}: reserved bytes at {at} are not zero",
+                self.what
+            )));
+        }
+        Ok(())
+    }
+
     /// Fails unless every byte was read.
     pub fn end(&self) -> Result<()> {
         if self.remaining() != 0 {

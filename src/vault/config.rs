@@ -68,7 +68,7 @@ impl Config {
                 format!("vault format version {version} is not supported: this build reads version {FORMAT_VERSION} (upgrade blockvault)"),
             ));
         }
-        d.u16()?;
+        d.reserved(2)?;
         let vault_id = d.array()?;
         let created = d.u64()?;
         let kek_kind = KekKind::from_u8(d.u8()?)?;
@@ -76,7 +76,7 @@ impl Config {
         if infrastructure != 0 {
             return Err(Error::new(ErrorKind::Unsupported, format!("vault config: infrastructure encryption layer {infrastructure} is not supported by this build")));
         }
-        d.u16()?;
+        d.reserved(2)?;
         d.array::<32>()?;
         d.end()?;
         Ok(Config {

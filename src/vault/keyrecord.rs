@@ -41,12 +41,19 @@ pub fn object_key(disk_id: &[u8; 16], generation: u32) -> String {
     format!("keys/{}/{generation:08x}", hex::encode(disk_id))
 }
 
-fn wrap_aad(vault_id: &[u8; 16], disk_id: &[u8; 16], generation: u32, kek: KekId) -> Vec<u8> {
+fn wrap_aad(
+    vault_id: &[u8; 16],
+    disk_id: &[u8; 16],
+    generation: u32,
+    created: u64,
+    kek: KekId,
+) -> Vec<u8> {
     let mut e = Enc::default();
     e.bytes(WRAP_AAD)
         .bytes(vault_id)
         .bytes(disk_id)
         .u32(generation)
+        .u64(created)
         .u8(kek.kind as u8)
         .u32(kek.version);
     e.finish()
@@ -67,8 +74,12 @@ impl KeyRecord {
         kek: &dyn KekProvider,
     ) -> Result<Self> {
         let id = kek.current()?;
-        let (id2, wrapped) = kek.wrap(dek, &wrap_aad(&vault_id, &disk_id, generation, id))?;
-        debug_assert_eq!(id, id2);
+        let created = crate::util::now_unix();
+        let wrapped = kek.wrap(
+            id,
+            dek,
+            &wrap_aad(&vault_id, &disk_id, generation, created, id),
+        )?;
         let keys = GenerationKeys::derive(dek);
         let sealed_name = keys
             .meta
@@ -77,7 +88,7 @@ impl KeyRecord {
             vault_id,
             disk_id,
             generation,
-            created: crate::util::now_unix(),
+            created,
             wraps: vec![(id, wrapped)],
             sealed_name,
         })
@@ -90,7 +101,13 @@ impl KeyRecord {
             match kek.unwrap(
                 *id,
                 wrapped,
-                &wrap_aad(&self.vault_id, &self.disk_id, self.generation, *id),
+                &wrap_aad(
+                    &self.vault_id,
+                    &self.disk_id,
+                    self.generation,
+                    self.created,
+                    *id,
+                ),
             ) {
                 Ok(k) => return Ok(k),
                 Err(e) => last = Some(e),
@@ -153,7 +170,7 @@ impl KeyRecord {
                 format!("{what}: key record version {v}, this build reads {VERSION}"),
             ));
         }
-        d.u16()?;
+        d.reserved(2)?;
         let rec_vault: [u8; 16] = d.array()?;
         let rec_disk: [u8; 16] = d.array()?;
         if &rec_vault != vault_id {
@@ -174,10 +191,18 @@ impl KeyRecord {
         let n = d.count(n, 7)?;
         let mut wraps = Vec::with_capacity(n);
         for _ in 0..n {
-            let kind = KekKind::from_u8(d.u8()?)?;
+            let kind = d.u8()?;
             let version = d.u32()?;
             let len = d.u16()? as usize;
-            wraps.push((KekId { kind, version }, d.take(len)?.to_vec()));
+            let wrapped = d.take(len)?.to_vec();
+            // A wrap by a KEK kind this build does not know (added by a newer build, e.g. a
+            // recovery key) is skipped, not fatal: the record stays readable through the others.
+            match KekKind::from_u8(kind) {
+                Ok(kind) => wraps.push((KekId { kind, version }, wrapped)),
+                Err(_) => {
+                    tracing::debug!(record = what, kind, "skipping wrap by an unknown KEK kind")
+                }
+            }
         }
         let len = d.u16()? as usize;
         let sealed_name = d.take(len)?.to_vec();

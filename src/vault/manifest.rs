@@ -23,8 +23,13 @@ const VERSION: u16 = 1;
 pub const OUTER_LEN: usize = 60;
 /// Marks "zeros" where an extent index is expected.
 pub const ZERO: u32 = u32::MAX;
-/// Most overlays a slot may carry before it must be rewritten whole.
-pub const MAX_OVERLAYS: usize = 4096;
+/// Smallest slot size.
+pub const MIN_SLOT_SIZE: u32 = 64 << 10;
+/// Largest slot size (also the largest extent).
+pub const MAX_SLOT_SIZE: u32 = super::frame::MAX_PLAIN as u32;
+/// Largest decompressed manifest body a reader accepts: 1 GiB covers a 16 TiB disk of
+/// 1 MiB slots with every slot a distinct extent.
+const MAX_BODY: u64 = 1 << 30;
 
 /// A snapshot's id: 16 random bytes; people see the first 8 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
@@ -180,11 +185,19 @@ impl Manifest {
         (self.disk_size - start).min(self.slot_size as u64) as u32
     }
 
-    /// The digest of a slot table: keyed BLAKE3 over, per slot, u64 index ‖ u8 tag ‖ pieces as
-    /// (u32 offset, u32 length, 32-byte id or 32 zero bytes for zeros). Backup computes it from
-    /// what it read; restore recomputes it from ids it has checked against decrypted content.
+    /// The disk digest: keyed BLAKE3 over u64 disk size ‖ u32 slot size, then per slot
+    /// u64 index ‖ u8 tag ‖ its pieces (base id, then u16 overlay count and per overlay u32
+    /// offset ‖ u32 length ‖ id; 32 zero bytes stand for zeros).
+    ///
+    /// Together with extent ids (keyed hashes of plaintext, checked on every decrypt) it makes
+    /// the restored disk a function of the ids alone: a restore that checks the digest and
+    /// opens every extent against its id writes exactly the bytes the backup read. The digest
+    /// guards the slot table itself (a table damaged or rebuilt by a bug, not by an attacker:
+    /// the manifest is authenticated too).
     pub fn compute_digest(&self, key: &IdKey) -> [u8; 32] {
         let mut h = key.hasher();
+        h.update(&self.disk_size.to_le_bytes());
+        h.update(&self.slot_size.to_le_bytes());
         let id = |e: u32| -> [u8; 32] {
             if e == ZERO {
                 [0; 32]
@@ -205,6 +218,7 @@ impl Manifest {
                 Slot::Overlaid { base, overlays } => {
                     h.update(&[2]);
                     h.update(&id(*base));
+                    h.update(&(overlays.len() as u16).to_le_bytes());
                     for o in overlays {
                         h.update(&o.offset.to_le_bytes());
                         h.update(&o.len.to_le_bytes());
@@ -301,7 +315,7 @@ impl Manifest {
                 format!("{what}: manifest version {v}, this build reads {VERSION}"),
             ));
         }
-        d.u16()?;
+        d.reserved(2)?;
         let vault: [u8; 16] = d.array()?;
         let disk: [u8; 16] = d.array()?;
         if vault != binding.vault_id || disk != binding.disk_id {
@@ -323,8 +337,7 @@ impl Manifest {
         let compressed = keys
             .manifest
             .open_vec(&b[..OUTER_LEN], &b[OUTER_LEN..], &|| what.to_string())?;
-        let body = zstd::stream::decode_all(&compressed[..])
-            .map_err(|e| Error::integrity(format!("{what}: body does not decompress: {e}")))?;
+        let body = decompress_bounded(&compressed, what)?;
         Self::decode_body(&body, id, generation, what)
     }
 
@@ -339,12 +352,14 @@ impl Manifest {
         let created = d.u64()?;
         let disk_name = d.str()?;
         let source = d.str()?;
-        let has_parent = d.u8()?;
-        let p: [u8; 16] = d.array()?;
-        let parent = (has_parent == 1).then_some(SnapshotId(p));
+        let parent = match (d.u8()?, d.array::<16>()?) {
+            (1, p) => Some(SnapshotId(p)),
+            (0, p) if p == [0; 16] => None,
+            _ => return Err(d.error("parent field is neither none (0 + zeros) nor an id (1)")),
+        };
         let disk_size = d.u64()?;
         let slot_size = d.u32()?;
-        if !(4096..=(frame_max())).contains(&slot_size) || !slot_size.is_power_of_two() {
+        if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&slot_size) || !slot_size.is_power_of_two() {
             return Err(d.error(format_args!("slot size {slot_size} out of range")));
         }
         let cs = d.u8()?;
@@ -384,10 +399,19 @@ impl Manifest {
                     packs.len()
                 )));
             }
-            if x.plain_len > slot_size {
+            if x.plain_len > slot_size || x.plain_len == 0 {
                 return Err(d.error(format_args!(
-                    "extent of {} bytes exceeds the slot size",
+                    "extent of {} bytes is empty or exceeds the slot size",
                     x.plain_len
+                )));
+            }
+            // A frame stores its payload raw or smaller, plus a fixed overhead.
+            if x.len as u64 > x.plain_len as u64 + super::frame::OVERHEAD as u64
+                || (x.len as usize) < super::frame::OVERHEAD
+            {
+                return Err(d.error(format_args!(
+                    "frame of {} bytes cannot hold a {}-byte extent",
+                    x.len, x.plain_len
                 )));
             }
             extents.push(x);
@@ -465,8 +489,23 @@ impl Manifest {
     }
 }
 
-const fn frame_max() -> u32 {
-    super::frame::MAX_PLAIN as u32
+/// zstd-decompress a manifest body, refusing more than [`MAX_BODY`] bytes.
+fn decompress_bounded(compressed: &[u8], what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let bad =
+        |e: std::io::Error| Error::integrity(format!("{what}: body does not decompress: {e}"));
+    let mut body = Vec::new();
+    zstd::stream::read::Decoder::new(compressed)
+        .map_err(bad)?
+        .take(MAX_BODY + 1)
+        .read_to_end(&mut body)
+        .map_err(bad)?;
+    if body.len() as u64 > MAX_BODY {
+        return Err(Error::integrity(format!(
+            "{what}: body exceeds {MAX_BODY} bytes"
+        )));
+    }
+    Ok(body)
 }
 
 #[cfg(test)]

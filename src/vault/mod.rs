@@ -113,7 +113,7 @@ impl Vault {
             kek_kind: KekKind::Platform,
             infrastructure: 0,
         };
-        store.put(config::KEY, &config.encode(&keys.auth))?;
+        store.put_new(config::KEY, &config.encode(&keys.auth))?;
         tracing::info!(vault = %url, keystore = %keystore_file.display(), "vault created");
         Ok(Vault {
             store,
@@ -150,12 +150,8 @@ impl Vault {
     pub fn open_or_init(url: &str, keystore: &Keystore) -> Result<(Vault, bool)> {
         match Vault::open(url, keystore) {
             Ok(v) => Ok((v, false)),
-            Err(e)
-                if e.kind() == ErrorKind::NotFound
-                    && !store::open(url)?.size(config::KEY).is_ok() =>
-            {
-                Ok((Vault::init(url, keystore)?, true))
-            }
+            // `open` reports NotFound only when the location holds no config object.
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok((Vault::init(url, keystore)?, true)),
             Err(e) => Err(e),
         }
     }
@@ -189,8 +185,7 @@ impl Vault {
             let Some(hexid) = key.split('/').nth(1) else {
                 continue;
             };
-            let mut id = [0u8; 16];
-            if hex::decode_to_slice(hexid, &mut id).is_ok() && ids.last() != Some(&id) {
+            if let Some(id) = parse_id::<16>(hexid) {
                 ids.push(id);
             }
         }
@@ -256,8 +251,14 @@ impl Vault {
         Ok(self.disks()?.into_iter().find(|d| d.name == name))
     }
 
-    /// Register a new disk: fresh DEK, key record generation 0.
+    /// Register a new disk: fresh DEK, key record generation 0. Names are 1 to 200 bytes of
+    /// printable text.
     pub fn create_disk(&self, name: &str) -> Result<Disk> {
+        if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+            return Err(Error::usage(format!(
+                "disk name {name:?} must be 1 to 200 bytes of printable text"
+            )));
+        }
         let disk_id = random_bytes::<16>()?;
         self.write_generation(disk_id, 0, name)?;
         self.load_disk(disk_id)
@@ -290,11 +291,7 @@ impl Vault {
             .store
             .list(&prefix)?
             .iter()
-            .filter_map(|k| {
-                let mut id = [0u8; 16];
-                hex::decode_to_slice(k.rsplit('/').next()?, &mut id).ok()?;
-                Some(SnapshotId(id))
-            })
+            .filter_map(|k| parse_id(k.rsplit('/').next()?).map(SnapshotId))
             .collect())
     }
 
@@ -358,4 +355,19 @@ impl Vault {
         self.store
             .put(&m.id.object_key(&disk.id), &m.encode(&disk.binding, &keys)?)
     }
+}
+
+/// An id from an object name: exactly `2 * N` lowercase hex digits (names are written in
+/// lowercase; anything else in a listing is not ours and is ignored).
+fn parse_id<const N: usize>(name: &str) -> Option<[u8; N]> {
+    if name.len() != 2 * N
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    let mut id = [0u8; N];
+    hex::decode_to_slice(name, &mut id).ok()?;
+    Some(id)
 }

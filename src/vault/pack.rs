@@ -10,7 +10,7 @@
 //! ```
 //! A pack's name is the BLAKE3 hash of its bytes (`packs/<2 hex>/<64 hex>`), so `verify
 //! --read-data` can check a whole pack before decrypting anything. The index lets a lost
-//! manifest be rebuilt from packs alone.
+//! pack's frames be listed without any manifest (orphan accounting, salvage).
 
 use super::codec::{Dec, Enc};
 use super::frame::Binding;
@@ -72,9 +72,11 @@ pub struct PackWriter {
 }
 
 impl PackWriter {
-    /// Start a pack for a disk and DEK generation.
-    pub fn new(disk_id: &[u8; 16], generation: u32) -> Self {
-        let mut e = Enc::with_capacity(TARGET_SIZE + (4 << 20));
+    /// Start a pack for a disk and DEK generation in `buf` (a recycled buffer, or empty).
+    pub fn new(disk_id: &[u8; 16], generation: u32, mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        buf.reserve(TARGET_SIZE + (4 << 20));
+        let mut e = Enc(buf);
         e.bytes(MAGIC)
             .u16(VERSION)
             .u16(0)
@@ -151,7 +153,7 @@ pub fn read_index(
             format!("{what}: pack version {v}, this build reads {VERSION}"),
         ));
     }
-    d.u16()?;
+    d.reserved(2)?;
     let disk: [u8; 16] = d.array()?;
     if disk != binding.disk_id {
         return Err(Error::integrity(format!(
@@ -161,6 +163,7 @@ pub fn read_index(
         )));
     }
     let generation = d.u32()?;
+    d.reserved(4)?;
     if pack.len() < HEADER_LEN + FOOTER_LEN {
         return Err(Error::integrity(format!(
             "{what}: {} bytes is too short for a pack",

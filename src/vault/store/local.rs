@@ -1,6 +1,6 @@
 //! A vault in a local folder. Writes go to a hidden temporary file beside the target, are
 //! fsynced, renamed into place, and the folder is fsynced: after a crash an object is either
-//! whole or absent (hidden leftovers are ignored by `list` and removed by prune).
+//! whole or absent (hidden `.tmp-*` leftovers are ignored by `list`).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -69,25 +69,62 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-impl Store for LocalStore {
-    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+/// Create `dir` and any missing parents, fsyncing each new folder's parent, so that a file
+/// made durable inside a new folder cannot vanish with the folder after a power loss.
+fn create_dirs_durable(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dirs_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(dir.parent().unwrap_or(Path::new("/"))),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl LocalStore {
+    /// Write `data` to a temporary file beside `key` and fsync it; `publish` moves it into
+    /// place; then the folder is fsynced. The temporary file is removed on any failure.
+    fn write_then(
+        &self,
+        key: &str,
+        data: &[u8],
+        publish: impl Fn(&Path, &Path) -> std::io::Result<()>,
+    ) -> Result<()> {
         let path = self.path(key)?;
         let dir = path
             .parent()
             .expect("keys have a parent folder under the root");
         let ctx = || format!("writing {} in vault {}", key, self.root.display());
-        fs::create_dir_all(dir).ctx(ctx)?;
+        create_dirs_durable(dir).ctx(ctx)?;
         let tmp = dir.join(format!(".tmp-{}", hex::encode(random_bytes::<8>()?)));
         let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            let mut f = File::create_new(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
-            fs::rename(&tmp, &path)?;
+            publish(&tmp, &path)?;
             sync_dir(dir)
         };
         write().map_err(|e| {
             let _ = fs::remove_file(&tmp);
             Error::io(ctx(), e)
+        })
+    }
+}
+
+impl Store for LocalStore {
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.write_then(key, data, |tmp, path| fs::rename(tmp, path))
+    }
+
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
+        // link(2) fails if the name exists: the no-replace publish rename cannot give portably.
+        self.write_then(key, data, |tmp, path| {
+            fs::hard_link(tmp, path)?;
+            fs::remove_file(tmp)
         })
     }
 

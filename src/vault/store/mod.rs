@@ -22,6 +22,10 @@ pub use local::LocalStore;
 pub trait Store: Send + Sync {
     /// Write a whole object.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
+    /// Write a whole object that must not exist yet: fails with
+    /// [`ErrorKind::AlreadyExists`] (and changes nothing) if it does. For objects that two
+    /// writers could race to create (the config, key records).
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<()>;
     /// Read a whole object.
     fn get(&self, key: &str) -> Result<Vec<u8>>;
     /// Read `len` bytes at `offset`.
