@@ -190,3 +190,89 @@ pub fn open(
     }
     Ok(plain)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Secret32;
+    use std::sync::Arc;
+
+    fn setup() -> (Arc<GenerationKeys>, IdentityKeys, Binding) {
+        let dek = Secret32::from_bytes([6; 32]);
+        (
+            Arc::new(GenerationKeys::derive(&dek)),
+            IdentityKeys::derive(&dek),
+            Binding {
+                vault_id: [1; 16],
+                disk_id: [2; 16],
+            },
+        )
+    }
+
+    fn sealed(data: &[u8]) -> (Vec<u8>, ExtentId) {
+        let (keys, identity, binding) = setup();
+        let id = identity.extent_id.id(data);
+        let mut buf = vec![0u8; HEADER_LEN];
+        buf.extend_from_slice(data);
+        (
+            seal(buf, &binding, &keys, 0, &id, data.len() as u32, false).unwrap(),
+            id,
+        )
+    }
+
+    fn open_as(frame: Vec<u8>, binding: Binding, id: &ExtentId) -> Result<Vec<u8>> {
+        let (keys, identity, _) = setup();
+        open(
+            frame,
+            &binding,
+            &|_| Ok(keys.clone()),
+            &identity,
+            id,
+            &|| "frame".into(),
+        )
+    }
+
+    #[test]
+    fn a_frame_cannot_move_to_another_disk_or_vault() {
+        let (frame, id) = sealed(b"guest data");
+        let (_, _, home) = setup();
+        assert_eq!(open_as(frame.clone(), home, &id).unwrap(), b"guest data");
+        let other_disk = Binding {
+            disk_id: [3; 16],
+            ..home
+        };
+        let other_vault = Binding {
+            vault_id: [9; 16],
+            ..home
+        };
+        for b in [other_disk, other_vault] {
+            assert_eq!(
+                open_as(frame.clone(), b, &id).unwrap_err().kind(),
+                crate::ErrorKind::Integrity
+            );
+        }
+    }
+
+    #[test]
+    fn header_edits_are_caught_even_with_a_fixed_crc() {
+        let (frame, id) = sealed(b"0123456789abcdef");
+        let (_, _, home) = setup();
+        // Claim a different plaintext length and recompute the CRC: GCM must still refuse.
+        let mut f = frame.clone();
+        f[12] ^= 1;
+        let crc = crc32fast::hash(&f[8..]);
+        f[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert!(open_as(f, home, &id)
+            .unwrap_err()
+            .to_string()
+            .contains("authentication"));
+        // Without fixing the CRC, rot is named as such before any key is used.
+        let mut f = frame;
+        let last = f.len() - 1;
+        f[last] ^= 0x80;
+        assert!(open_as(f, home, &id)
+            .unwrap_err()
+            .to_string()
+            .contains("CRC"));
+    }
+}

@@ -217,3 +217,42 @@ impl KeyRecord {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::kek::{KekState, PlatformKek, PlatformKeyVersion};
+
+    fn kek() -> PlatformKek {
+        PlatformKek::new(vec![PlatformKeyVersion {
+            version: 1,
+            state: KekState::Enabled,
+            created: 0,
+            key: Secret32::from_bytes([4; 32]),
+        }])
+    }
+
+    #[test]
+    fn records_cannot_be_swapped_between_disks_generations_or_vaults() {
+        let k = kek();
+        let dek = Secret32::from_bytes([8; 32]);
+        let rec = KeyRecord::create([1; 16], [2; 16], 0, &dek, "vm1", &k).unwrap();
+        assert_eq!(rec.unwrap(&k).unwrap().expose(), dek.expose());
+        let bytes = rec.encode();
+        let back = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16]).unwrap();
+        assert_eq!(back.name(&GenerationKeys::derive(&dek)).unwrap(), "vm1");
+        // Found under another disk or vault: refused by the header check.
+        assert!(KeyRecord::decode(&bytes, "r", &[1; 16], &[3; 16]).is_err());
+        assert!(KeyRecord::decode(&bytes, "r", &[7; 16], &[2; 16]).is_err());
+        // Header rewritten to claim another disk or generation: the wrap's AAD refuses.
+        for edit in [
+            |r: &mut KeyRecord| r.disk_id = [3; 16],
+            |r: &mut KeyRecord| r.generation = 1,
+            |r: &mut KeyRecord| r.created += 1,
+        ] {
+            let mut forged = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16]).unwrap();
+            edit(&mut forged);
+            assert!(forged.unwrap(&k).is_err());
+        }
+    }
+}
