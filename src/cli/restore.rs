@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use blockvault::engine::require_disk;
-use blockvault::restore;
+use blockvault::restore::{self, RestoreOptions};
 use blockvault::util::human_bytes;
 
 use super::output::mb_per_s;
@@ -22,6 +22,9 @@ pub struct Args {
     /// Overwrite a non-empty target file.
     #[arg(long)]
     force: bool,
+    /// Return without waiting for the data to reach stable storage.
+    #[arg(long)]
+    no_sync: bool,
 }
 
 /// Restore a snapshot.
@@ -34,7 +37,17 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let disk = require_disk(&vault, name)?;
     let m = vault.resolve_snapshot(&disk, spec)?;
     let bar = ctx.out.progress("restore");
-    let r = restore::restore(&vault, &disk, &m, &a.target, a.force, &bar)?;
+    let r = restore::restore(
+        &vault,
+        &disk,
+        &m,
+        &a.target,
+        &RestoreOptions {
+            force: a.force,
+            sync: !a.no_sync,
+        },
+        &bar,
+    )?;
     drop(bar);
     let doc = json!({
         "command": "restore",

@@ -15,7 +15,7 @@ pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, Result};
@@ -141,7 +141,8 @@ pub fn backup(
     let _g = span.enter();
 
     let (mut disk, new_disk) = {
-        let _lock = vault.store().lock("new-disk")?;
+        // Registering a disk takes moments: wait for another registration rather than fail.
+        let _lock = vault.store().lock("new-disk", Duration::from_secs(60))?;
         match vault.find_disk(&opts.disk)? {
             Some(d) => (d, false),
             None => (vault.create_disk(&opts.disk)?, true),
@@ -149,7 +150,7 @@ pub fn backup(
     };
     let _lock = vault
         .store()
-        .lock(&disk.id_hex())
+        .lock(&disk.id_hex(), Duration::ZERO)
         .map_err(|e| e.within(format!("disk {}", opts.disk)))?;
 
     let history = vault.snapshots(&disk)?;

@@ -364,7 +364,7 @@ mod tests {
     fn aligned_buf_is_aligned_zeroed_and_clamped() {
         for align in [1, 512, 4096, 3000] {
             let mut b = AlignedBuf::new(10_000, align);
-            assert_eq!(b.as_mut_ptr() as usize % normalize_align(align), 0);
+            assert!((b.as_mut_ptr() as usize).is_multiple_of(normalize_align(align)));
             assert!(b.is_empty());
             b.set_len(10_000);
             assert!(b.iter().all(|&x| x == 0));

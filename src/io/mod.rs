@@ -124,7 +124,7 @@ pub fn read_all(
 /// The pool's buffers must satisfy the source's address alignment (O_DIRECT).
 fn check_pool(source: &dyn Source, pool: &BufferPool) -> Result<()> {
     let align = source.alignment().max(1);
-    if pool.align() % align != 0 {
+    if !pool.align().is_multiple_of(align) {
         return Err(Error::usage(format!(
             "buffers aligned to {} bytes cannot be used to read source {}, which needs {align}-byte alignment",
             pool.align(),
@@ -159,7 +159,7 @@ fn plan(source: &dyn Source, pool: &BufferPool, req: &ReadRequest) -> Result<usi
         return Ok(len);
     }
     let tail = end == Some(size);
-    if offset % align as u64 != 0 || (len % align != 0 && !tail) {
+    if !offset.is_multiple_of(align as u64) || (!len.is_multiple_of(align) && !tail) {
         return Err(Error::usage(format!(
             "read of {len} bytes at offset {offset} from source {name} is not aligned to its {align}-byte sectors"
         )));

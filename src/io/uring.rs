@@ -13,6 +13,7 @@ use super::{ended_early, plan, read_failed, BufferPool, PooledBuf, ReadRequest, 
 use crate::error::{Error, Result};
 use crate::source::Source;
 use io_uring::{opcode, types, IoUring, Probe};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 
@@ -64,7 +65,6 @@ impl UringReader {
         let mut done = Outcome::default();
         // A request already planned that found no free buffer while reads were in flight.
         let mut waiting: Option<(ReadRequest, usize)> = None;
-        let mut cqes = Vec::with_capacity(self.depth);
         loop {
             while done.failure.is_none() && !table.is_full() {
                 let (req, read_len) = match waiting.take() {
@@ -108,14 +108,15 @@ impl UringReader {
                 // Requests exhausted, or failed with nothing left to reap.
                 break;
             }
-            if let Err(e) = table.wait(&mut cqes) {
+            if let Err(e) = table.wait() {
                 done.fail(Error::io(
                     format!("waiting for io_uring reads from source {}", source.name()),
                     e,
                 ));
                 break; // `table`'s Drop reaps what it can and leaks the rest.
             }
-            for (slot, res) in cqes.drain(..) {
+            // Pop before handling: if `deliver` panics, `Drop` must not wait for this one.
+            while let Some((slot, res)) = table.reaped.pop_front() {
                 table.complete(slot, res, &mut done, &mut deliver);
             }
         }
@@ -182,6 +183,9 @@ struct Op {
 }
 
 /// The in-flight table: slot `i` holds the op whose SQE has `user_data == i`.
+///
+/// Completions taken off the ring wait in `reaped` until handled, so that `Drop` knows
+/// which ops the kernel is already done with even if handling was cut short by a panic.
 struct InFlight<'a> {
     ring: &'a mut IoUring,
     source: &'a dyn Source,
@@ -189,6 +193,7 @@ struct InFlight<'a> {
     ops: Vec<Option<Op>>,
     free: Vec<usize>,
     live: usize,
+    reaped: VecDeque<(usize, i32)>,
 }
 
 impl<'a> InFlight<'a> {
@@ -200,6 +205,7 @@ impl<'a> InFlight<'a> {
             ops: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
             live: 0,
+            reaped: VecDeque::with_capacity(depth),
         }
     }
 
@@ -258,8 +264,9 @@ impl<'a> InFlight<'a> {
         Some(op)
     }
 
-    /// Submit queued reads, wait for at least one completion, collect all available ones.
-    fn wait(&mut self, out: &mut Vec<(usize, i32)>) -> io::Result<()> {
+    /// Submit queued reads, wait for at least one completion, move all available ones to
+    /// `reaped`.
+    fn wait(&mut self) -> io::Result<()> {
         match self.ring.submit_and_wait(1) {
             Ok(_) => {}
             // Interrupted, or the kernel is short of memory or has completions to hand back
@@ -271,7 +278,7 @@ impl<'a> InFlight<'a> {
                 ) => {}
             Err(e) => return Err(e),
         }
-        out.extend(self.ring.completion().map(|c| {
+        self.reaped.extend(self.ring.completion().map(|c| {
             let slot = usize::try_from(c.user_data()).unwrap_or(usize::MAX);
             (slot, c.result())
         }));
@@ -319,19 +326,23 @@ impl<'a> InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut cqes = Vec::new();
         let mut idle_rounds = 0;
-        while self.live > 0 {
-            cqes.clear();
-            let res = self.wait(&mut cqes);
-            if cqes.is_empty() {
-                idle_rounds += 1;
+        loop {
+            while let Some((slot, _)) = self.reaped.pop_front() {
+                drop(self.take(slot));
             }
-            if let Err(e) = res.and(if idle_rounds > 1000 {
-                Err(io::Error::other("no completions after 1000 waits"))
-            } else {
-                Ok(())
-            }) {
+            if self.live == 0 {
+                return;
+            }
+            let mut res = self.wait();
+            if res.is_ok() && self.reaped.is_empty() {
+                // Retryable interruptions only; give up rather than spin forever.
+                idle_rounds += 1;
+                if idle_rounds > 1000 {
+                    res = Err(io::Error::other("no completions after 1000 waits"));
+                }
+            }
+            if let Err(e) = res {
                 tracing::error!(error = %e, in_flight = self.live, source = self.source.name(),
                     "cannot reap io_uring reads; leaking their buffers");
                 for op in self.ops.iter_mut().filter_map(Option::take) {
@@ -339,9 +350,6 @@ impl Drop for InFlight<'_> {
                 }
                 self.live = 0;
                 return;
-            }
-            for (slot, _) in cqes.drain(..) {
-                drop(self.take(slot));
             }
         }
     }

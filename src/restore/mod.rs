@@ -119,13 +119,32 @@ pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Resul
     }
 }
 
+/// How to restore.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreOptions {
+    /// Overwrite a non-empty target file.
+    pub force: bool,
+    /// fsync the target before reporting success (default). Off, the data may still be in
+    /// the page cache when the command returns, as with `cp` or restic.
+    pub sync: bool,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            force: false,
+            sync: true,
+        }
+    }
+}
+
 /// Restore snapshot `m` of `disk` to `path`.
 pub fn restore(
     vault: &Vault,
     disk: &Disk,
     m: &Manifest,
     path: &Path,
-    force: bool,
+    opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
@@ -137,9 +156,15 @@ pub fn restore(
             m.id.short()
         )));
     }
-    let target = Target::open(path, m.disk_size, force)?;
+    let target = Target::open(path, m.disk_size, opts.force)?;
     let result = write_all(vault, disk, m, &target, progress);
-    let result = result.and_then(|r| target.sync().map(|_| r));
+    let result = result.and_then(|r| {
+        if opts.sync {
+            target.sync().map(|_| r)
+        } else {
+            Ok(r)
+        }
+    });
     match result {
         Ok(mut r) => {
             r.seconds = started.elapsed().as_secs_f64();
@@ -176,7 +201,7 @@ fn write_all(
                     target.zero(offset, len)?;
                 }
                 Some(buf) => {
-                    target.write_at(&buf, offset)?;
+                    target.write_slot(&buf, offset)?;
                     written.fetch_add(len as u64, Ordering::Relaxed);
                 }
             }

@@ -6,6 +6,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -178,7 +179,7 @@ impl Store for LocalStore {
             .len())
     }
 
-    fn lock(&self, name: &str) -> Result<Box<dyn Send>> {
+    fn lock(&self, name: &str, wait: Duration) -> Result<Box<dyn Send>> {
         let dir = self.root.join("locks");
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let path = dir.join(name);
@@ -188,17 +189,27 @@ impl Store for LocalStore {
             .write(true)
             .open(&path)
             .ctx(|| format!("opening lock {}", path.display()))?;
-        match f.try_lock() {
-            Ok(()) => Ok(Box::new(f)),
-            Err(fs::TryLockError::WouldBlock) => Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "{name} is locked by another blockvault process ({})",
-                    path.display()
-                ),
-            )),
-            Err(fs::TryLockError::Error(e)) => {
-                Err(Error::io(format!("locking {}", path.display()), e))
+        // flock: released by the kernel when the holder exits, even by SIGKILL, so a crashed
+        // backup never leaves a stale lock behind.
+        let deadline = Instant::now() + wait;
+        loop {
+            match f.try_lock() {
+                Ok(()) => return Ok(Box::new(f)),
+                Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "{name} is locked by another blockvault process ({})",
+                            path.display()
+                        ),
+                    ))
+                }
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(Error::io(format!("locking {}", path.display()), e))
+                }
             }
         }
     }

@@ -36,9 +36,10 @@ pub trait Store: Send + Sync {
     fn delete(&self, key: &str) -> Result<()>;
     /// Size of an object.
     fn size(&self, key: &str) -> Result<u64>;
-    /// Take an exclusive lock named `name`, held until the guard drops; fails with
-    /// [`ErrorKind::AlreadyExists`] if another process holds it.
-    fn lock(&self, name: &str) -> Result<Box<dyn Send>>;
+    /// Take an exclusive lock named `name`, held until the guard drops, waiting up to `wait`
+    /// for another holder; then fails with [`ErrorKind::AlreadyExists`]. A holder that dies
+    /// releases its locks.
+    fn lock(&self, name: &str, wait: std::time::Duration) -> Result<Box<dyn Send>>;
     /// Where the store is, for messages.
     fn location(&self) -> String;
 }
