@@ -281,7 +281,7 @@ impl Vault {
             &self.keys.kek,
         )?;
         self.store
-            .put(&keyrecord::object_key(&disk_id, generation), &rec.encode())
+            .put_new(&keyrecord::object_key(&disk_id, generation), &rec.encode())
     }
 
     /// Snapshot ids of a disk (unordered).
