@@ -9,23 +9,23 @@
 //! Memory is bounded by the buffer pool, the result channel and two packs, never by the disk
 //! size: a 1 TiB disk uses the same buffers as a 1 GiB one (plus its slot table).
 
+pub mod pipeline;
 pub mod plan;
 pub mod worker;
 pub mod writer;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{self, BufferPool};
+use crate::io;
 use crate::source::Source;
 use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
 use crate::vault::{Disk, Vault};
 
 pub use worker::Compression;
-use worker::{Outcome, Recycler, WorkerContext};
+use worker::{Recycler, WorkerContext};
 use writer::Writer;
 
 /// Default slot size.
@@ -35,7 +35,7 @@ pub const DEFAULT_SLOT_SIZE: u32 = 1 << 20;
 /// collision is below 2^-35.
 pub const GENERATION_SEAL_LIMIT: u64 = 1 << 30;
 /// Bytes of slot buffers in flight.
-const BUFFER_BUDGET: usize = 32 << 20;
+pub(crate) const BUFFER_BUDGET: usize = 32 << 20;
 
 /// Which snapshot an incremental compares with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +128,72 @@ fn check_slot_size(s: u32) -> Result<()> {
     Ok(())
 }
 
+/// Everything a backup settles before reading: the disk and its lock, the parent, the slot
+/// size and the DEK generation that will seal.
+struct Job {
+    disk: Disk,
+    new_disk: bool,
+    _lock: Box<dyn Send>,
+    parent: Option<Manifest>,
+    slot_size: u32,
+    generation: u32,
+    seals_before: u64,
+}
+
+impl Job {
+    fn prepare(vault: &Vault, opts: &BackupOptions, disk_size: u64) -> Result<Job> {
+        let (mut disk, new_disk) = {
+            // Registering a disk takes moments: wait for another registration rather than fail.
+            let _lock = vault.store().lock("new-disk", Duration::from_secs(60))?;
+            match vault.find_disk(&opts.disk)? {
+                Some(d) => (d, false),
+                None => (vault.create_disk(&opts.disk)?, true),
+            }
+        };
+        let lock = vault
+            .store()
+            .lock(&disk.id_hex(), Duration::ZERO)
+            .map_err(|e| e.within(format!("disk {}", opts.disk)))?;
+        let history = vault.snapshots(&disk)?;
+        let parent = match &opts.parent {
+            ParentSpec::None => None,
+            ParentSpec::Latest => history.last().cloned(),
+            ParentSpec::Id(id) => Some(vault.resolve_snapshot(&disk, id)?),
+        };
+        // The slot size is fixed by the disk's first backup, so snapshots compare slot by slot.
+        let slot_size = history.first().map_or(opts.slot_size, |m| m.slot_size);
+
+        // Nonce budget: count this job's worst case (a frame per slot, a pack index per
+        // frame, the manifest) before sealing anything with the current generation.
+        let mut generation = disk.current_generation();
+        let mut seals_before = history
+            .iter()
+            .filter(|m| m.generation == generation)
+            .map(|m| m.seals_in_generation)
+            .max()
+            .unwrap_or(0);
+        let worst_case = manifest::slot_count(disk_size, slot_size) * 2 + 16;
+        if seals_before + worst_case >= GENERATION_SEAL_LIMIT {
+            disk = vault.new_generation(&disk)?;
+            generation = disk.current_generation();
+            seals_before = 0;
+            tracing::info!(
+                generation,
+                "nonce budget of the DEK generation spent: started a new DEK generation"
+            );
+        }
+        Ok(Job {
+            disk,
+            new_disk,
+            _lock: lock,
+            parent,
+            slot_size,
+            generation,
+            seals_before,
+        })
+    }
+}
+
 /// Back up `source` into `vault` as a new snapshot of `opts.disk`.
 pub fn backup(
     vault: &Vault,
@@ -140,48 +206,18 @@ pub fn backup(
     let span = tracing::info_span!("backup", disk = %opts.disk, source = %source.name());
     let _g = span.enter();
 
-    let (mut disk, new_disk) = {
-        // Registering a disk takes moments: wait for another registration rather than fail.
-        let _lock = vault.store().lock("new-disk", Duration::from_secs(60))?;
-        match vault.find_disk(&opts.disk)? {
-            Some(d) => (d, false),
-            None => (vault.create_disk(&opts.disk)?, true),
-        }
-    };
-    let _lock = vault
-        .store()
-        .lock(&disk.id_hex(), Duration::ZERO)
-        .map_err(|e| e.within(format!("disk {}", opts.disk)))?;
-
-    let history = vault.snapshots(&disk)?;
-    let parent: Option<Manifest> = match &opts.parent {
-        ParentSpec::None => None,
-        ParentSpec::Latest => history.last().cloned(),
-        ParentSpec::Id(id) => Some(vault.resolve_snapshot(&disk, id)?),
-    };
-    // The slot size is fixed by the disk's first backup, so every snapshot compares slot by slot.
-    let slot_size = history.first().map_or(opts.slot_size, |m| m.slot_size);
-
-    let mut generation = disk.current_generation();
-    let spent = history
-        .iter()
-        .filter(|m| m.generation == generation)
-        .map(|m| m.seals_in_generation)
-        .max()
-        .unwrap_or(0);
     let disk_size = source.size();
+    let job = Job::prepare(vault, opts, disk_size)?;
+    let Job {
+        ref disk,
+        new_disk,
+        ref parent,
+        slot_size,
+        generation,
+        seals_before,
+        ..
+    } = job;
     let nslots = manifest::slot_count(disk_size, slot_size);
-    let worst_case = nslots * 2 + 16;
-    let mut seals_before = spent;
-    if spent + worst_case >= GENERATION_SEAL_LIMIT {
-        disk = vault.new_generation(&disk)?;
-        generation = disk.current_generation();
-        seals_before = 0;
-        tracing::info!(
-            generation,
-            "nonce budget of the DEK generation spent: started a new DEK generation"
-        );
-    }
     let keys = disk.generation(generation)?;
 
     let parent_extents: HashMap<_, _> = parent
@@ -206,20 +242,7 @@ pub fn backup(
     progress.start(disk_size);
     progress.advance(disk_size - requests.iter().map(|r| r.len as u64).sum::<u64>());
 
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        opts.threads
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("bv-worker-{i}"))
-        .build()
-        .map_err(|e| Error::new(ErrorKind::Io, format!("starting worker threads: {e}")))?;
-    let nbuf = (BUFFER_BUDGET / slot_size as usize).clamp(2 * threads + opts.queue_depth, 128);
-    let buffers = BufferPool::new(nbuf, slot_size as usize, source.alignment().max(4096));
-    let reader = io::choose_reader(opts.force_pread);
-    let mut writer = Writer::new(
+    let writer = Writer::new(
         vault.store().clone(),
         disk.binding,
         keys.clone(),
@@ -228,87 +251,10 @@ pub fn backup(
         parent.as_ref(),
         &parent_extents,
     );
-
-    let (tx, rx) = crossbeam_channel::bounded::<Result<(u64, usize, Outcome)>>(nbuf);
-    let abort = AtomicBool::new(false);
-    let (read_result, write_result) = std::thread::scope(|ts| {
-        let writer_thread = ts.spawn(|| -> Result<(Writer, Stats)> {
-            let mut local = Stats::default();
-            let mut failed: Option<Error> = None;
-            for msg in rx.iter() {
-                if failed.is_some() {
-                    continue; // keep draining so no worker blocks on a full channel
-                }
-                let applied = msg.and_then(|(slot, len, outcome)| {
-                    local.bytes_read += len as u64;
-                    progress.advance(len as u64);
-                    match outcome {
-                        Outcome::Zero => {
-                            local.slots_zero += 1;
-                            writer.zero(slot);
-                            Ok(())
-                        }
-                        Outcome::Known(id) => {
-                            local.slots_reused += 1;
-                            writer.known(slot, &id)
-                        }
-                        Outcome::New { id, frame } => {
-                            local.slots_new += 1;
-                            let r = writer.new_extent(slot, id, len as u32, &frame);
-                            ctx.buffers.give(frame);
-                            r
-                        }
-                    }
-                });
-                if let Err(e) = applied {
-                    abort.store(true, Ordering::Relaxed);
-                    failed = Some(e);
-                }
-            }
-            match failed {
-                Some(e) => Err(e),
-                None => Ok((writer, local)),
-            }
-        });
-        let read_result = pool.in_place_scope(|scope| {
-            io::read_all(
-                source,
-                requests.into_iter(),
-                &buffers,
-                reader,
-                opts.queue_depth,
-                |slot, buf| {
-                    if abort.load(Ordering::Relaxed) {
-                        return Err(Error::new(
-                            ErrorKind::Io,
-                            "backup stopped after a write error",
-                        ));
-                    }
-                    let tx = tx.clone();
-                    let ctx = &ctx;
-                    scope.spawn(move |_| {
-                        let len = buf.len();
-                        let r = ctx.process(&buf).map(|o| (slot, len, o));
-                        drop(buf);
-                        let _ = tx.send(r);
-                    });
-                    Ok(())
-                },
-            )
-        });
-        drop(tx);
-        let write_result = writer_thread
-            .join()
-            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "writer thread panicked")));
-        (read_result, write_result)
-    });
-    // A write error is the cause of a reader stopped by `abort`: report it first.
-    let (writer, local) = match (read_result, write_result) {
-        (_, Err(e)) => return Err(e),
-        (Err(e), _) => return Err(e),
-        (Ok(_), Ok(w)) => w,
-    };
-    let seals_in_job = writer.seals + 1;
+    let (writer, local, reader) = pipeline::run(source, requests, &ctx, writer, opts, progress)?;
+    // Every frame a worker sealed spent a nonce, even one the writer then dropped as a
+    // duplicate; add the pack indexes and the manifest.
+    let seals_in_job = local.slots_new + writer.seals + 1;
     let bytes_stored = writer.bytes_stored;
     let tables = writer.finish()?;
     stats.bytes_read = local.bytes_read;
@@ -341,11 +287,11 @@ pub fn backup(
         slots: tables.slots,
     };
     m.digest = m.compute_digest(&disk.identity.digest);
-    vault.put_manifest(&disk, &m)?;
+    vault.put_manifest(disk, &m)?;
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {
         snapshot: m.id,
-        disk: disk.name,
+        disk: disk.name.clone(),
         new_disk,
         parent: m.parent,
         change_source: m.change_source,
