@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long, default_value = "latest")]
     parent: String,
     /// Slot size for the disk's first backup, a power of two from 64K to 4M.
-    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    #[arg(long, default_value = "1M", value_parser = parse_slot_size)]
     slot_size: u32,
     /// zstd level.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
@@ -46,16 +46,8 @@ pub struct Args {
     queue_depth: usize,
 }
 
-fn parse_size(s: &str) -> Result<u32, String> {
-    let (num, mult) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 64K or 1M"))?;
-    u32::try_from(n * mult).map_err(|_| format!("{s} is too large"))
+fn parse_slot_size(s: &str) -> Result<u32, String> {
+    u32::try_from(super::parse_size(s)?).map_err(|_| format!("{s} is too large"))
 }
 
 /// Run a backup, creating the vault first if the location holds none.

@@ -25,6 +25,10 @@ pub struct Args {
     /// Return without waiting for the data to reach stable storage.
     #[arg(long)]
     no_sync: bool,
+    /// Only LEN bytes from byte OFF of the disk (e.g. 1048576:4096 or 1M:64K), written to
+    /// the start of TARGET.
+    #[arg(long, value_name = "OFF:LEN", value_parser = parse_range)]
+    range: Option<std::ops::Range<u64>>,
 }
 
 /// Restore a snapshot.
@@ -45,6 +49,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         &RestoreOptions {
             force: a.force,
             sync: !a.no_sync,
+            range: a.range.clone(),
         },
         &bar,
     )?;
@@ -75,4 +80,15 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         )
     });
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_range(s: &str) -> Result<std::ops::Range<u64>, String> {
+    let (off, len) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not OFF:LEN"))?;
+    let (off, len) = (super::parse_size(off)?, super::parse_size(len)?);
+    let end = off
+        .checked_add(len)
+        .ok_or_else(|| format!("{s} overflows"))?;
+    Ok(off..end)
 }

@@ -9,6 +9,7 @@
 pub mod target;
 pub mod verify;
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -120,13 +121,15 @@ pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Resul
 }
 
 /// How to restore.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RestoreOptions {
     /// Overwrite a non-empty target file.
     pub force: bool,
     /// fsync the target before reporting success (default). Off, the data may still be in
     /// the page cache when the command returns, as with `cp` or restic.
     pub sync: bool,
+    /// Only these bytes of the disk, written to the start of the target (`None`: all).
+    pub range: Option<Range<u64>>,
 }
 
 impl Default for RestoreOptions {
@@ -134,6 +137,7 @@ impl Default for RestoreOptions {
         RestoreOptions {
             force: false,
             sync: true,
+            range: None,
         }
     }
 }
@@ -156,8 +160,15 @@ pub fn restore(
             m.id.short()
         )));
     }
-    let target = Target::open(path, m.disk_size, opts.force)?;
-    let result = write_all(vault, disk, m, &target, progress);
+    let range = opts.range.clone().unwrap_or(0..m.disk_size);
+    if range.start > range.end || range.end > m.disk_size {
+        return Err(Error::usage(format!(
+            "range {}..{} lies outside the {}-byte disk",
+            range.start, range.end, m.disk_size
+        )));
+    }
+    let target = Target::open(path, range.end - range.start, opts.force)?;
+    let result = write_all(vault, disk, m, &range, &target, progress);
     let result = result.and_then(|r| {
         if opts.sync {
             target.sync().map(|_| r)
@@ -183,37 +194,45 @@ fn write_all(
     vault: &Vault,
     disk: &Disk,
     m: &Manifest,
+    range: &Range<u64>,
     target: &Target,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
-    progress.start(m.disk_size);
+    progress.start(range.end - range.start);
     let written = AtomicU64::new(0);
     let fetched = AtomicU64::new(0);
     let zero = AtomicU64::new(0);
-    (0..m.slots.len())
-        .into_par_iter()
-        .try_for_each(|i| -> Result<()> {
-            let offset = i as u64 * m.slot_size as u64;
-            let len = m.slot_len(i as u64) as usize;
-            match slot_content(vault, disk, m, i)? {
-                None => {
-                    zero.fetch_add(1, Ordering::Relaxed);
-                    target.zero(offset, len)?;
-                }
-                Some(buf) => {
-                    target.write_slot(&buf, offset)?;
-                    written.fetch_add(len as u64, Ordering::Relaxed);
-                }
+    let ss = m.slot_size as u64;
+    let slots = if range.is_empty() {
+        0..0
+    } else {
+        (range.start / ss) as usize..range.end.div_ceil(ss) as usize
+    };
+    slots.into_par_iter().try_for_each(|i| -> Result<()> {
+        // The part of slot i inside the range, as offsets within the slot.
+        let slot_start = i as u64 * ss;
+        let from = range.start.saturating_sub(slot_start) as usize;
+        let to = ((range.end - slot_start).min(m.slot_len(i as u64) as u64)) as usize;
+        let at = slot_start + from as u64 - range.start;
+        match slot_content(vault, disk, m, i)? {
+            None => {
+                zero.fetch_add(1, Ordering::Relaxed);
+                target.zero(at, to - from)?;
             }
-            let f: u64 = slot_frames(m, i)
-                .map(|e| m.extents[e as usize].len as u64)
-                .sum();
-            fetched.fetch_add(f, Ordering::Relaxed);
-            progress.advance(len as u64);
-            Ok(())
-        })?;
+            Some(buf) => {
+                target.write_slot(&buf[from..to], at)?;
+                written.fetch_add((to - from) as u64, Ordering::Relaxed);
+            }
+        }
+        let f: u64 = slot_frames(m, i)
+            .map(|e| m.extents[e as usize].len as u64)
+            .sum();
+        fetched.fetch_add(f, Ordering::Relaxed);
+        progress.advance((to - from) as u64);
+        Ok(())
+    })?;
     Ok(RestoreReport {
-        bytes_total: m.disk_size,
+        bytes_total: range.end - range.start,
         bytes_written: written.into_inner(),
         bytes_fetched: fetched.into_inner(),
         slots_zero: zero.into_inner(),
