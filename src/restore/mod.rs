@@ -120,6 +120,9 @@ pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Resul
     }
 }
 
+/// Restore threads per core (see `restore`).
+const IO_THREADS_PER_CORE: usize = 4;
+
 /// How to restore.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -168,7 +171,20 @@ pub fn restore(
         )));
     }
     let target = Target::open(path, range.end - range.start, opts.force)?;
-    let result = write_all(vault, disk, m, &range, &target, progress);
+    // Restore waits on I/O (ranged reads of packs, O_DIRECT writes), so it runs more threads
+    // than cores to keep several writes in flight.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * IO_THREADS_PER_CORE;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("bv-restore-{i}"))
+        .build()
+        .map_err(|e| {
+            Error::new(
+                crate::ErrorKind::Io,
+                format!("starting restore threads: {e}"),
+            )
+        })?;
+    let result = pool.install(|| write_all(vault, disk, m, &range, &target, progress));
     let result = result.and_then(|r| {
         if opts.sync {
             target.sync().map(|_| r)
