@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Run blockvault's whole test suite: install what the tests need (when run as root and it is
+# missing), then every test in release mode, clippy with -D warnings, and rustfmt --check.
+#
+#   tools/test.sh                 everything (what CI runs)
+#   tools/test.sh --test crash    only some tests: arguments go to `cargo test`
+#
+# The block-device tests need root and losetup; without them they print "SKIP ..." and pass,
+# except under CI=true, where a missing tool is a failure. See docs/TESTING.md.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+install_deps() {
+    local missing=()
+    # losetup is in Debian's `mount` package (split from util-linux); util-linux for the rest.
+    command -v losetup >/dev/null 2>&1 || missing+=(mount util-linux)
+    # C compiler for the crates that build C (zstd-sys, ring).
+    command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+    command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+    if ((${#missing[@]})); then
+        if is_root; then
+            echo "test.sh: installing ${missing[*]}" >&2
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -q
+            apt-get install -y -q --no-install-recommends "${missing[@]}"
+        else
+            echo "test.sh: warning: missing ${missing[*]}; run as root to install them" >&2
+        fi
+    fi
+    # Loop devices for tests/blockdev.rs.
+    if is_root && [ ! -e /dev/loop-control ]; then
+        modprobe loop 2>/dev/null || echo "test.sh: warning: no loop device support" >&2
+    fi
+    for component in clippy rustfmt; do
+        if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+            rustup component add "$component"
+        fi
+    done
+}
+
+install_deps
+
+status=0
+step() {
+    echo "==> $*" >&2
+    local t0=$SECONDS
+    if "$@"; then
+        echo "==> ok ($((SECONDS - t0)) s): $*" >&2
+    else
+        echo "==> FAILED ($((SECONDS - t0)) s): $*" >&2
+        status=1
+    fi
+}
+
+# Release: the integration tests drive the real binary over tens of MiB, and the crash test
+# measures how long a backup takes; an optimised build keeps the suite fast on 2 cores.
+step cargo test --release --all-targets --no-fail-fast "$@"
+if (($# == 0)); then
+    step cargo clippy --all-targets -- -D warnings
+    step cargo fmt --check
+fi
+exit $status
