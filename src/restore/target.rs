@@ -116,7 +116,7 @@ impl Target {
         let direct = self
             .direct
             .as_ref()
-            .filter(|_| offset % DIRECT_ALIGN as u64 == 0);
+            .filter(|_| offset.is_multiple_of(DIRECT_ALIGN as u64));
         let Some(direct) = direct else {
             return self.write_runs(data, offset, &|run, at| self.write_at(run, at));
         };
