@@ -151,11 +151,12 @@ fn wrong_keystore_folder_is_a_clear_error() {
     let other = f.bv.path("other-keystore");
     std::fs::create_dir(&other).unwrap();
     let expected = other.join(key.file_name().unwrap());
+    let src = f.bv.path("d.img");
     for args in [
         vec!["verify"],
         vec!["snapshots"],
         vec!["restore", "d", "/nonexistent/never-written"],
-        vec!["backup", "/dev/null", "--disk", "d"],
+        vec!["backup", src.to_str().unwrap(), "--disk", "d"],
     ] {
         let c = f.bv.command_with_keystore(&other);
         f.bv.run_cmd(c, &args)

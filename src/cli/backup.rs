@@ -53,13 +53,14 @@ fn parse_slot_size(s: &str) -> Result<u32, String> {
 /// Run a backup, creating the vault first if the location holds none.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let url = ctx.vault_url()?;
-    let (vault, created) = Vault::open_or_init(url, &ctx.keystore()?)?;
+    // The source first: a typo in its path must not leave a new, empty vault behind.
     let src = source::open(
         &a.source,
         &OpenOptions {
             no_direct: a.no_direct,
         },
     )?;
+    let (vault, created) = Vault::open_or_init(url, &ctx.keystore()?)?;
     let opts = BackupOptions {
         disk: a.disk,
         parent: match a.parent.as_str() {

@@ -111,6 +111,14 @@ impl Keystore {
             hex::encode(vault_id),
             hex::encode(super::secret::random_bytes::<8>()?)
         ));
+        let mut seen = std::collections::HashSet::new();
+        if let Some(v) = keys.kek.versions().iter().find(|v| !seen.insert(v.version)) {
+            // `load` would refuse such a file: never write one.
+            return Err(Error::usage(format!(
+                "KEK version {} appears twice",
+                v.version
+            )));
+        }
         let bytes = encode(vault_id, keys);
         let write = || -> std::io::Result<()> {
             let mut f = fs::OpenOptions::new()
@@ -206,6 +214,7 @@ fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
         return Err(corrupt("length does not match its entry count"));
     }
     let mut versions = Vec::with_capacity(n);
+    let mut seen = std::collections::HashSet::with_capacity(n);
     for e in body[HEADER_LEN..].chunks_exact(ENTRY_LEN) {
         let state = match e[4] {
             1 => KekState::Enabled,
@@ -216,10 +225,7 @@ fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
             return Err(corrupt("reserved bytes are not zero"));
         }
         let version = u32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
-        if versions
-            .iter()
-            .any(|v: &PlatformKeyVersion| v.version == version)
-        {
+        if !seen.insert(version) {
             return Err(corrupt(&format!("KEK version {version} appears twice")));
         }
         versions.push(PlatformKeyVersion {

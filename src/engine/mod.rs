@@ -138,6 +138,8 @@ struct Job {
     slot_size: u32,
     generation: u32,
     seals_before: u64,
+    /// Sequence number of the snapshot this job writes.
+    next_sequence: u64,
 }
 
 impl Job {
@@ -155,6 +157,7 @@ impl Job {
             .lock(&disk.id_hex(), Duration::ZERO)
             .map_err(|e| e.within(format!("disk {}", opts.disk)))?;
         let history = vault.snapshots(&disk)?;
+        let next_sequence = history.last().map_or(0, |m| m.sequence + 1);
         let parent = match &opts.parent {
             ParentSpec::None => None,
             ParentSpec::Latest => history.last().cloned(),
@@ -183,6 +186,7 @@ impl Job {
             );
         }
         Ok(Job {
+            next_sequence,
             disk,
             new_disk,
             _lock: lock,
@@ -208,6 +212,12 @@ pub fn backup(
 
     let disk_size = source.size();
     let job = Job::prepare(vault, opts, disk_size)?;
+    if manifest::slot_count(disk_size, job.slot_size) > manifest::MAX_SLOTS {
+        return Err(Error::usage(format!(
+            "a {disk_size}-byte disk has more than {} slots of {} bytes: choose a larger --slot-size for its first backup",
+            manifest::MAX_SLOTS, job.slot_size
+        )));
+    }
     let Job {
         ref disk,
         new_disk,
@@ -268,6 +278,7 @@ pub fn backup(
         id: SnapshotId(random_bytes()?),
         generation,
         created: crate::util::now_unix(),
+        sequence: job.next_sequence,
         disk_name: disk.name.clone(),
         source: source.name().to_string(),
         parent: parent.as_ref().map(|p| p.id),

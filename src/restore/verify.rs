@@ -87,6 +87,11 @@ pub fn verify(
             }),
         }
     }
+    // Verifying one disk that was found: other disks' unreadable key records are not its
+    // problem. Not found: they may be it, so they stay reported.
+    if only_disk.is_some() && !disks.is_empty() {
+        report.problems.clear();
+    }
     report.disks = disks.len() as u64;
 
     let mut packs: BTreeMap<PackId, PackUse> = BTreeMap::new();

@@ -27,6 +27,9 @@ pub const ZERO: u32 = u32::MAX;
 pub const MIN_SLOT_SIZE: u32 = 64 << 10;
 /// Largest slot size (also the largest extent).
 pub const MAX_SLOT_SIZE: u32 = super::frame::MAX_PLAIN as u32;
+/// Most slots a disk may have: the slot table is held in memory (up to 32 bytes a slot), so
+/// this bounds a manifest's memory at 2 GiB: 64 TiB disks at 1 MiB slots, 256 TiB at 4 MiB.
+pub const MAX_SLOTS: u64 = 1 << 26;
 /// Largest decompressed manifest body a reader accepts: 1 GiB covers a 16 TiB disk of
 /// 1 MiB slots with every slot a distinct extent.
 const MAX_BODY: u64 = 1 << 30;
@@ -145,6 +148,9 @@ pub struct Manifest {
     pub generation: u32,
     /// Seconds since the epoch.
     pub created: u64,
+    /// Position among the disk's snapshots: one more than the newest existing one, assigned
+    /// under the disk lock. Orders snapshots made within the same second.
+    pub sequence: u64,
     /// Disk name.
     pub disk_name: String,
     /// Source as given.
@@ -244,7 +250,10 @@ impl Manifest {
 
     fn body(&self) -> Vec<u8> {
         let mut e = Enc::with_capacity(256 + self.extents.len() * 48 + self.slots.len() * 5);
-        e.u64(self.created).str(&self.disk_name).str(&self.source);
+        e.u64(self.created)
+            .u64(self.sequence)
+            .str(&self.disk_name)
+            .str(&self.source);
         match self.parent {
             Some(p) => e.u8(1).bytes(&p.0),
             None => e.u8(0).bytes(&[0; 16]),
@@ -350,6 +359,7 @@ impl Manifest {
     ) -> Result<Manifest> {
         let mut d = Dec::new(body, what);
         let created = d.u64()?;
+        let sequence = d.u64()?;
         let disk_name = d.str()?;
         let source = d.str()?;
         let parent = match (d.u8()?, d.array::<16>()?) {
@@ -417,6 +427,9 @@ impl Manifest {
             extents.push(x);
         }
         let ns = d.u64()?;
+        if ns > MAX_SLOTS {
+            return Err(d.error(format_args!("{ns} slots exceed the supported {MAX_SLOTS}")));
+        }
         if ns != slot_count(disk_size, slot_size) {
             return Err(d.error(format_args!(
                 "{ns} slots for a {disk_size}-byte disk of {slot_size}-byte slots"
@@ -472,6 +485,7 @@ impl Manifest {
             id,
             generation,
             created,
+            sequence,
             disk_name,
             source,
             parent,
@@ -518,6 +532,7 @@ mod tests {
             id: SnapshotId([1; 16]),
             generation: 0,
             created: 10,
+            sequence: 3,
             disk_name: "vm1".into(),
             source: "/dev/x".into(),
             parent: Some(SnapshotId([2; 16])),

@@ -238,17 +238,49 @@ impl Vault {
         })
     }
 
-    /// Every disk, keys unwrapped.
+    /// Every readable disk, keys unwrapped. Disks whose key records cannot be read are
+    /// skipped with a warning (`verify` names them); if none can be read, the error is returned
+    /// (a revoked or missing KEK must not look like an empty vault).
     pub fn disks(&self) -> Result<Vec<Disk>> {
-        self.disk_ids()?
-            .into_iter()
-            .map(|id| self.load_disk(id))
-            .collect()
+        let mut disks = Vec::new();
+        let mut first_error = None;
+        for id in self.disk_ids()? {
+            match self.load_disk(id) {
+                Ok(d) => disks.push(d),
+                Err(e) => {
+                    tracing::warn!(disk = %hex::encode(id), error = %e, "cannot read a disk's key records");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if disks.is_empty() => Err(e),
+            _ => Ok(disks),
+        }
     }
 
-    /// The disk called `name`, if any.
+    /// The disk called `name`, if any. A disk whose key records cannot be read does not hide
+    /// the others; but if `name` is not among the readable ones, the failure is returned rather
+    /// than "no such disk" (the unreadable one may be it, and a backup must not then register
+    /// a second disk of that name).
     pub fn find_disk(&self, name: &str) -> Result<Option<Disk>> {
-        Ok(self.disks()?.into_iter().find(|d| d.name == name))
+        let mut unreadable: Option<Error> = None;
+        for id in self.disk_ids()? {
+            match self.load_disk(id) {
+                Ok(d) if d.name == name => return Ok(Some(d)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(disk = %hex::encode(id), error = %e, "cannot read a disk's key records");
+                    unreadable.get_or_insert(e);
+                }
+            }
+        }
+        match unreadable {
+            None => Ok(None),
+            Some(e) => Err(e.within(format!(
+                "disk {name} is not among the readable disks, and another disk could not be read"
+            ))),
+        }
     }
 
     /// Register a new disk: fresh DEK, key record generation 0. Names are 1 to 200 bytes of
@@ -311,12 +343,19 @@ impl Vault {
 
     /// Every snapshot of a disk, oldest first.
     pub fn snapshots(&self, disk: &Disk) -> Result<Vec<Manifest>> {
-        let mut all = self
-            .snapshot_ids(disk)?
-            .into_iter()
-            .map(|id| self.load_manifest(disk, id))
-            .collect::<Result<Vec<_>>>()?;
-        all.sort_by_key(|m| (m.created, m.id));
+        let mut all = Vec::new();
+        for id in self.snapshot_ids(disk)? {
+            match self.load_manifest(disk, id) {
+                Ok(m) => all.push(m),
+                // A damaged (or vanished) manifest loses only its own snapshot: list the rest,
+                // so the others restore and backups go on. `verify` reports it by name.
+                Err(e) if matches!(e.kind(), ErrorKind::Integrity | ErrorKind::NotFound) => {
+                    tracing::warn!(disk = %disk.name, snapshot = %id.short(), error = %e, "skipping unreadable snapshot");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        all.sort_by_key(|m| (m.sequence, m.created, m.id));
         Ok(all)
     }
 
