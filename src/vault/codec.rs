@@ -4,7 +4,7 @@
 //! reading past the end, or a length that does not fit, is an [`ErrorKind::Integrity`] error
 //! naming the object and the byte offset (these readers are the fuzz targets' entry points).
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// Appends little-endian fields to a buffer.
 #[derive(Default)]
@@ -128,6 +128,23 @@ impl<'a> Dec<'a> {
         }
         Ok(n as usize)
     }
+    /// The prologue every versioned object starts with: magic, u16 version (exactly
+    /// `version`: another one is [`ErrorKind::Unsupported`], naming `kind`), u16 reserved.
+    pub fn prologue(&mut self, magic: &[u8; 4], version: u16, kind: &str) -> Result<()> {
+        self.magic(magic)?;
+        let v = self.u16()?;
+        if v != version {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{}: {kind} version {v}, this build reads {version}",
+                    self.what
+                ),
+            ));
+        }
+        self.reserved(2)
+    }
+
     /// Reserved bytes: must be zero, so that a future meaning cannot be misread by this build.
     pub fn reserved(&mut self, n: usize) -> Result<()> {
         let at = self.pos;

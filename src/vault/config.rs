@@ -105,15 +105,19 @@ impl Config {
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip_and_tamper() {
-        let auth = Secret32::from_bytes([1; 32]);
+    fn sample() -> (Secret32, Config) {
         let c = Config {
             vault_id: [2; 16],
             created: 5,
             kek_kind: KekKind::Platform,
             infrastructure: 0,
         };
+        (Secret32::from_bytes([1; 32]), c)
+    }
+
+    #[test]
+    fn round_trip_and_tamper() {
+        let (auth, c) = sample();
         let mut b = c.encode(&auth);
         assert_eq!(Config::decode_unverified(&b).unwrap(), c);
         Config::verify(&b, &auth).unwrap();
@@ -123,13 +127,7 @@ mod tests {
 
     #[test]
     fn newer_version_is_refused() {
-        let auth = Secret32::from_bytes([1; 32]);
-        let c = Config {
-            vault_id: [2; 16],
-            created: 5,
-            kek_kind: KekKind::Platform,
-            infrastructure: 0,
-        };
+        let (auth, c) = sample();
         let mut b = c.encode(&auth);
         b[4] = 9;
         let e = Config::decode_unverified(&b).unwrap_err();

@@ -162,15 +162,7 @@ impl KeyRecord {
     /// Parse, checking that the record names the vault and disk it was found under.
     pub fn decode(b: &[u8], what: &str, vault_id: &[u8; 16], disk_id: &[u8; 16]) -> Result<Self> {
         let mut d = Dec::new(b, what);
-        d.magic(MAGIC)?;
-        let v = d.u16()?;
-        if v != VERSION {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("{what}: key record version {v}, this build reads {VERSION}"),
-            ));
-        }
-        d.reserved(2)?;
+        d.prologue(MAGIC, VERSION, "key record")?;
         let rec_vault: [u8; 16] = d.array()?;
         let rec_disk: [u8; 16] = d.array()?;
         if &rec_vault != vault_id {

@@ -316,15 +316,7 @@ impl Manifest {
     /// the vault and disk it was found under.
     pub fn peek(b: &[u8], binding: &Binding, what: &str) -> Result<(SnapshotId, u32)> {
         let mut d = Dec::new(b, what);
-        d.magic(MAGIC)?;
-        let v = d.u16()?;
-        if v != VERSION {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("{what}: manifest version {v}, this build reads {VERSION}"),
-            ));
-        }
-        d.reserved(2)?;
+        d.prologue(MAGIC, VERSION, "manifest")?;
         let vault: [u8; 16] = d.array()?;
         let disk: [u8; 16] = d.array()?;
         if vault != binding.vault_id || disk != binding.disk_id {

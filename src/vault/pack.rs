@@ -15,7 +15,7 @@
 use super::codec::{Dec, Enc};
 use super::frame::Binding;
 use crate::crypto::{ExtentId, GenerationKeys};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"BVPK";
 const FOOTER_MAGIC: &[u8; 4] = b"BVPF";
@@ -145,15 +145,7 @@ pub fn read_index(
     what: &str,
 ) -> Result<Vec<IndexEntry>> {
     let mut d = Dec::new(pack, what);
-    d.magic(MAGIC)?;
-    let v = d.u16()?;
-    if v != VERSION {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!("{what}: pack version {v}, this build reads {VERSION}"),
-        ));
-    }
-    d.reserved(2)?;
+    d.prologue(MAGIC, VERSION, "pack")?;
     let disk: [u8; 16] = d.array()?;
     if disk != binding.disk_id {
         return Err(Error::integrity(format!(
