@@ -58,9 +58,9 @@ impl<'a> Writer<'a> {
     ) -> Self {
         // One pack may be uploading while the next fills: packs overlap with sealing, and
         // memory stays at two packs.
-        let (tx, rx) = sync_channel::<(PackId, Vec<u8>)>(1);
+        let (tx, rx) = sync_channel::<(PackId, Vec<u8>)>(0);
         // Stored packs' buffers come back for reuse: no 32 MiB allocation per pack.
-        let (spare_tx, spare_packs) = sync_channel::<Vec<u8>>(2);
+        let (spare_tx, spare_packs) = sync_channel::<Vec<u8>>(1);
         let uploader = std::thread::Builder::new()
             .name("bv-upload".into())
             .spawn(move || -> Result<()> {

@@ -2,14 +2,17 @@
 //! fsynced, renamed into place, and the folder is fsynced: after a crash an object is either
 //! whole or absent (hidden `.tmp-*` leftovers are ignored by `list`).
 
+use std::cell::RefCell;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::io::AlignedBuf;
 
 use super::Store;
 
@@ -86,6 +89,56 @@ fn create_dirs_durable(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Objects at least this large (packs) are written with O_DIRECT.
+const DIRECT_MIN: usize = 1 << 20;
+/// Alignment of O_DIRECT buffers, offsets and lengths (covers 512- and 4096-byte blocks).
+const DIRECT_ALIGN: usize = 4096;
+
+thread_local! {
+    /// The writing thread's aligned staging buffer, kept between packs.
+    static STAGING: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::new(0, DIRECT_ALIGN));
+}
+
+/// Create `path` (which must not exist) holding `data`, durably. Large objects go through
+/// O_DIRECT: the page-cache copy and the flush behind fsync cost more CPU than sealing the
+/// data does on a virtual machine (a 4 GiB full backup spent 1 s of system time there);
+/// the padded tail is cut with `set_len`. Filesystems without O_DIRECT (tmpfs) get the
+/// buffered path.
+fn write_new_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    if data.len() >= DIRECT_MIN {
+        match File::options()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(f) => {
+                let padded = data.len().next_multiple_of(DIRECT_ALIGN);
+                STAGING.with(|cell| -> std::io::Result<()> {
+                    let mut buf = cell.borrow_mut();
+                    if buf.capacity() < padded {
+                        *buf = AlignedBuf::new(padded, DIRECT_ALIGN);
+                    }
+                    buf.set_len(padded);
+                    buf[..data.len()].copy_from_slice(data);
+                    buf[data.len()..].fill(0);
+                    f.write_all_at(&buf, 0)
+                })?;
+                f.set_len(data.len() as u64)?;
+                return f.sync_all();
+            }
+            // The failed open may already have created the file.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let _ = fs::remove_file(path);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut f = File::create_new(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
 impl LocalStore {
     /// Write `data` to a temporary file beside `key` and fsync it; `publish` moves it into
     /// place; then the folder is fsynced. The temporary file is removed on any failure.
@@ -103,9 +156,7 @@ impl LocalStore {
         create_dirs_durable(dir).ctx(ctx)?;
         let tmp = dir.join(format!(".tmp-{}", hex::encode(random_bytes::<8>()?)));
         let write = || -> std::io::Result<()> {
-            let mut f = File::create_new(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
+            write_new_file(&tmp, data)?;
             publish(&tmp, &path)?;
             sync_dir(dir)
         };
