@@ -188,12 +188,17 @@ impl Fixture {
             known,
             compression: Compression { level },
             buffers: Recycler::new(4),
+            parent: None,
         }
     }
 
     /// A sealed frame of `data` and its id, as the backup writes it.
     fn frame(&self, data: &[u8], level: Option<i32>) -> (ExtentId, Vec<u8>) {
-        match self.ctx(&self.empty, level).process(data).expect("process") {
+        match self
+            .ctx(&self.empty, level)
+            .process(0, data)
+            .expect("process")
+        {
             Outcome::New { id, frame } => (id, frame),
             _ => panic!("expected a new extent"),
         }
@@ -274,7 +279,7 @@ fn kernels(c: &mut Criterion) {
 
     // The whole per-slot path as a rayon worker runs it, one slot at a time. New frames go
     // back to the context's recycler, as the writer hands them back once packed.
-    let run = |ctx: &WorkerContext<'_>, data: &[u8]| match ctx.process(data).expect("process") {
+    let run = |ctx: &WorkerContext<'_>, data: &[u8]| match ctx.process(0, data).expect("process") {
         Outcome::New { frame, .. } => ctx.buffers.give(frame),
         other => drop(black_box(other)),
     };

@@ -9,6 +9,7 @@
 //! Memory is bounded by the buffer pool, the result channel and two packs, never by the disk
 //! size: a 1 TiB disk uses the same buffers as a 1 GiB one (plus its slot table).
 
+pub mod overlay;
 pub mod pipeline;
 pub mod plan;
 pub mod worker;
@@ -242,6 +243,11 @@ pub fn backup(
         known: &parent_extents,
         compression: opts.compression,
         buffers: Recycler::new(64),
+        parent: parent.as_ref().map(|manifest| overlay::ParentView {
+            vault,
+            disk,
+            manifest,
+        }),
     };
 
     let requests = plan::slots_to_read(&source.data_ranges()?, disk_size, slot_size);

@@ -65,6 +65,16 @@ pub fn run<'a>(
                             ctx.buffers.give(frame);
                             r
                         }
+                        Outcome::Overlaid(o) => {
+                            tracing::debug!(slot, pieces = o.new.len(), "slot stored as overlays");
+                            // No new piece: the parent's overlaid slot, unchanged.
+                            if o.new.is_empty() {
+                                local.slots_reused += 1;
+                            } else {
+                                local.slots_new += 1;
+                            }
+                            writer.overlaid(slot, o, &|frame| ctx.buffers.give(frame))
+                        }
                     }
                 });
                 if let Err(e) = applied {
@@ -94,7 +104,7 @@ pub fn run<'a>(
                     let tx = tx.clone();
                     scope.spawn(move |_| {
                         let len = buf.len();
-                        let r = ctx.process(&buf).map(|o| (slot, len, o));
+                        let r = ctx.process(slot, &buf).map(|o| (slot, len, o));
                         drop(buf);
                         let _ = tx.send(r);
                     });

@@ -39,6 +39,8 @@ pub struct WorkerContext<'a> {
     pub compression: Compression,
     /// Where frame buffers come from.
     pub buffers: Recycler,
+    /// The parent's content, for storing changed slots as overlays (`None`: whole slots).
+    pub parent: Option<super::overlay::ParentView<'a>>,
 }
 
 /// What became of a slot.
@@ -54,6 +56,8 @@ pub enum Outcome {
         /// The sealed frame.
         frame: Vec<u8>,
     },
+    /// Changed in places: the parent's pieces plus overlays for the changed runs.
+    Overlaid(super::overlay::Overlaid),
 }
 
 /// True if every byte of `data` is zero. Folds 64-byte chunks with OR, which the compiler
@@ -155,14 +159,17 @@ fn compress_onto(level: i32, data: &[u8], out: &mut Vec<u8>) -> Result<bool> {
 }
 
 impl WorkerContext<'_> {
-    /// Process one slot's bytes.
-    pub fn process(&self, data: &[u8]) -> Result<Outcome> {
+    /// Process the bytes of slot `slot`.
+    pub fn process(&self, slot: u64, data: &[u8]) -> Result<Outcome> {
         if is_zero(data) {
             return Ok(Outcome::Zero);
         }
         let id = self.identity.extent_id.id(data);
         if self.known.contains_key(&id) {
             return Ok(Outcome::Known(id));
+        }
+        if let Some(o) = self.try_overlay(slot, data)? {
+            return Ok(Outcome::Overlaid(o));
         }
         self.seal_new(id, data)
             .map(|frame| Outcome::New { id, frame })
@@ -230,9 +237,10 @@ mod tests {
                 known: &known,
                 compression: Compression { level },
                 buffers: Recycler::new(2),
+                parent: None,
             };
             for data in [&compressible, &random] {
-                let Outcome::New { id, frame } = ctx.process(data).unwrap() else {
+                let Outcome::New { id, frame } = ctx.process(0, data).unwrap() else {
                     panic!("new")
                 };
                 if level.is_some() && data == &compressible {

@@ -7,10 +7,11 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::overlay::{Overlaid, Piece};
 use crate::crypto::{ExtentId, GenerationKeys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vault::frame::Binding;
-use crate::vault::manifest::{ExtentLoc, Manifest, Slot};
+use crate::vault::manifest::{ExtentLoc, Manifest, Overlay, Slot, ZERO};
 use crate::vault::pack::{PackId, PackWriter, TARGET_SIZE};
 use crate::vault::store::Store;
 
@@ -109,6 +110,47 @@ impl<'a> Writer<'a> {
             )
         })?;
         self.tables.slots[slot as usize] = Slot::Extent(e);
+        Ok(())
+    }
+
+    /// Slot `slot` is the parent's pieces plus new overlays. `give` takes each new frame's
+    /// buffer back once it is in the pack.
+    pub fn overlaid(&mut self, slot: u64, o: Overlaid, give: &dyn Fn(Vec<u8>)) -> Result<()> {
+        let index = |w: &mut Self, id: Option<ExtentId>| -> Result<u32> {
+            let Some(id) = id else { return Ok(ZERO) };
+            w.extent_for(&id).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!("parent extent {id} missing from the parent's table"),
+                )
+            })
+        };
+        let base = index(self, o.base)?;
+        let mut overlays = Vec::with_capacity(o.parent_overlays.len() + o.new.len());
+        for (offset, len, id) in o.parent_overlays {
+            overlays.push(Overlay {
+                offset,
+                len,
+                extent: index(self, id)?,
+            });
+        }
+        for n in o.new {
+            let extent = match n.piece {
+                Piece::Zero => ZERO,
+                Piece::Known(id) => index(self, Some(id))?,
+                Piece::New { id, frame } => {
+                    let e = self.add_frame(id, n.len, &frame);
+                    give(frame);
+                    e?
+                }
+            };
+            overlays.push(Overlay {
+                offset: n.offset,
+                len: n.len,
+                extent,
+            });
+        }
+        self.tables.slots[slot as usize] = Slot::Overlaid { base, overlays };
         Ok(())
     }
 

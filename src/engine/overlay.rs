@@ -1,0 +1,189 @@
+//! Sub-slot incrementals: when a slot's content changed, compare it with the parent's content
+//! of the same slot, 4 KiB block by block, and store only the changed runs as overlays on the
+//! parent's pieces. A 4 KiB write then costs a 4 KiB frame, not a whole 1 MiB slot.
+//!
+//! ```text
+//!  parent slot:  base ──── (+ its overlays)
+//!  new content:  ▒▒▒▒▒▒▒▒▒▒▒█▒▒▒▒▒▒▒▒▒▒▒▒▒▒▒▒██▒▒▒▒
+//!  new slot:     base, parent overlays, then overlays for █ (applied in order by restore)
+//! ```
+//! A slot is stored whole instead when the overlays would cost more than they save: more than
+//! [`MAX_OVERLAYS`] pieces (so restore never follows a long chain), or more than half the
+//! slot covered by overlays. Rewriting whole is what merges a chain.
+
+use std::ops::Range;
+
+use super::worker::{is_zero, WorkerContext};
+use crate::crypto::ExtentId;
+use crate::error::Result;
+use crate::restore::slot_content;
+use crate::vault::manifest::{Manifest, Slot, ZERO};
+use crate::vault::{Disk, Vault};
+
+/// Granularity of change detection against the parent.
+pub const BLOCK: usize = 4096;
+/// Most overlays a slot carries; more and it is stored whole.
+pub const MAX_OVERLAYS: usize = 64;
+
+/// Where a worker reads the parent's content.
+pub struct ParentView<'a> {
+    /// The vault.
+    pub vault: &'a Vault,
+    /// The disk, with its keys.
+    pub disk: &'a Disk,
+    /// The parent snapshot.
+    pub manifest: &'a Manifest,
+}
+
+/// What one changed run holds.
+pub enum Piece {
+    /// All zeros: nothing stored.
+    Zero,
+    /// Content the parent already stores.
+    Known(ExtentId),
+    /// New content sealed into a frame.
+    New {
+        /// Its id.
+        id: ExtentId,
+        /// The sealed frame.
+        frame: Vec<u8>,
+    },
+}
+
+/// A parent overlay by id: (offset, length, extent or `None` for zeros).
+pub type ParentOverlay = (u32, u32, Option<ExtentId>);
+
+/// A changed run of a slot.
+pub struct NewOverlay {
+    /// Offset within the slot.
+    pub offset: u32,
+    /// Length.
+    pub len: u32,
+    /// Its content.
+    pub piece: Piece,
+}
+
+/// A slot stored as the parent's pieces plus new overlays. Parent pieces are named by extent
+/// id (`None` = zeros) so the writer can map them into the new snapshot's tables.
+pub struct Overlaid {
+    /// The parent's base.
+    pub base: Option<ExtentId>,
+    /// The parent's overlays.
+    pub parent_overlays: Vec<ParentOverlay>,
+    /// The changed runs.
+    pub new: Vec<NewOverlay>,
+}
+
+/// Runs of 4 KiB blocks where `new` differs from `old` (equal lengths), adjacent blocks merged.
+pub fn changed_runs(old: &[u8], new: &[u8]) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for (i, (a, b)) in old.chunks(BLOCK).zip(new.chunks(BLOCK)).enumerate() {
+        if a == b {
+            continue;
+        }
+        let (start, end) = (i * BLOCK, i * BLOCK + b.len());
+        match runs.last_mut() {
+            Some(r) if r.end == start => r.end = end,
+            _ => runs.push(start..end),
+        }
+    }
+    runs
+}
+
+impl ParentView<'_> {
+    /// The parent's structure of slot `i` as ids.
+    fn pieces(&self, i: usize) -> (Option<ExtentId>, Vec<ParentOverlay>) {
+        let m = self.manifest;
+        let id = |e: u32| (e != ZERO).then(|| m.extents[e as usize].id);
+        match &m.slots[i] {
+            Slot::Zero => (None, Vec::new()),
+            Slot::Extent(e) => (id(*e), Vec::new()),
+            Slot::Overlaid { base, overlays } => (
+                id(*base),
+                overlays
+                    .iter()
+                    .map(|o| (o.offset, o.len, id(o.extent)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+impl WorkerContext<'_> {
+    /// Try to store slot `slot` (content `data`, which the parent does not hold whole) as
+    /// overlays on the parent's slot. `None`: store it whole.
+    pub fn try_overlay(&self, slot: u64, data: &[u8]) -> Result<Option<Overlaid>> {
+        let Some(parent) = &self.parent else {
+            return Ok(None);
+        };
+        let i = slot as usize;
+        let m = parent.manifest;
+        if i >= m.slots.len() || m.slot_len(slot) as usize != data.len() {
+            return Ok(None);
+        }
+        let (base, parent_overlays) = parent.pieces(i);
+        let old = match slot_content(parent.vault, parent.disk, m, i) {
+            Ok(Some(old)) => old,
+            Ok(None) => vec![0u8; data.len()],
+            Err(e) => {
+                // A damaged parent must not stop new backups: store this slot whole.
+                tracing::warn!(slot, error = %e, "cannot read the parent's slot; storing it whole");
+                return Ok(None);
+            }
+        };
+        let runs = changed_runs(&old, data);
+        let covered: usize = runs.iter().map(|r| r.len()).sum::<usize>()
+            + parent_overlays.iter().map(|o| o.1 as usize).sum::<usize>();
+        // No changed run means the parent's pieces (a base with overlays, whose whole-slot id no
+        // table holds) are this slot's content as they are: carried over, nothing stored.
+        if parent_overlays.len() + runs.len() > MAX_OVERLAYS || 2 * covered > data.len() {
+            return Ok(None);
+        }
+        let mut new = Vec::with_capacity(runs.len());
+        for r in runs {
+            let bytes = &data[r.clone()];
+            let piece = if is_zero(bytes) {
+                Piece::Zero
+            } else {
+                let id = self.identity.extent_id.id(bytes);
+                if self.known.contains_key(&id) {
+                    Piece::Known(id)
+                } else {
+                    Piece::New {
+                        id,
+                        frame: self.seal_new(id, bytes)?,
+                    }
+                }
+            };
+            new.push(NewOverlay {
+                offset: r.start as u32,
+                len: r.len() as u32,
+                piece,
+            });
+        }
+        Ok(Some(Overlaid {
+            base,
+            parent_overlays,
+            new,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_adjacent_blocks_and_keep_a_short_tail() {
+        let old = vec![0u8; 5 * BLOCK + 100];
+        let mut new = old.clone();
+        new[BLOCK + 1] = 1;
+        new[2 * BLOCK + 7] = 1;
+        new[5 * BLOCK + 99] = 1;
+        assert_eq!(
+            changed_runs(&old, &new),
+            vec![BLOCK..3 * BLOCK, 5 * BLOCK..5 * BLOCK + 100]
+        );
+        assert!(changed_runs(&old, &old).is_empty());
+    }
+}
