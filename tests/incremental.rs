@@ -311,6 +311,11 @@ fn scattered_small_writes_are_stored_as_overlays_across_generations() {
         );
         versions.push(data.clone());
     }
+    // Unchanged again: overlaid slots are recognised by their content id, nothing is stored.
+    let again = bv.backup(&src, "d", &[]);
+    assert_eq!(num(&again, "bytes_stored"), 0, "{again}");
+    assert_eq!(num(&again, "slots_new"), 0, "{again}");
+    versions.push(data.clone());
     // The first incrementals store no whole slot at all.
     let snaps = bv.snapshots();
     assert!(

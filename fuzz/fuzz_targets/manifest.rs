@@ -192,7 +192,11 @@ fn build(u: &mut Unstructured) -> arbitrary::Result<Manifest> {
                         extent,
                     });
                 }
-                Slot::Overlaid { base, overlays }
+                Slot::Overlaid {
+                    content: ExtentId(u.arbitrary()?),
+                    base,
+                    overlays,
+                }
             }
             _ => Slot::Zero,
         });
@@ -272,6 +276,7 @@ fn sample() -> Manifest {
             Slot::Zero,
             Slot::Extent(1),
             Slot::Overlaid {
+                content: ExtentId([0x0c; 32]),
                 base: ZERO,
                 overlays: vec![
                     Overlay {
@@ -287,6 +292,7 @@ fn sample() -> Manifest {
                 ],
             },
             Slot::Overlaid {
+                content: ExtentId([0x0d; 32]),
                 base: 1,
                 overlays: vec![],
             },

@@ -243,11 +243,9 @@ pub fn backup(
         known: &parent_extents,
         compression: opts.compression,
         buffers: Recycler::new(64),
-        parent: parent.as_ref().map(|manifest| overlay::ParentView {
-            vault,
-            disk,
-            manifest,
-        }),
+        parent: parent
+            .as_ref()
+            .map(|manifest| overlay::ParentView::new(vault, disk, manifest)),
     };
 
     let requests = plan::slots_to_read(&source.data_ranges()?, disk_size, slot_size);

@@ -11,6 +11,7 @@
 //! [`MAX_OVERLAYS`] pieces (so restore never follows a long chain), or more than half the
 //! slot covered by overlays. Rewriting whole is what merges a chain.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use super::worker::{is_zero, WorkerContext};
@@ -33,6 +34,30 @@ pub struct ParentView<'a> {
     pub disk: &'a Disk,
     /// The parent snapshot.
     pub manifest: &'a Manifest,
+    /// Content id → index of the parent's overlaid slots, so that an unchanged overlaid slot
+    /// is recognised by its hash alone.
+    pub overlaid: HashMap<ExtentId, usize>,
+}
+
+impl<'a> ParentView<'a> {
+    /// A view of `manifest`'s content.
+    pub fn new(vault: &'a Vault, disk: &'a Disk, manifest: &'a Manifest) -> Self {
+        let overlaid = manifest
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Overlaid { content, .. } => Some((*content, i)),
+                _ => None,
+            })
+            .collect();
+        ParentView {
+            vault,
+            disk,
+            manifest,
+            overlaid,
+        }
+    }
 }
 
 /// What one changed run holds.
@@ -66,6 +91,8 @@ pub struct NewOverlay {
 /// A slot stored as the parent's pieces plus new overlays. Parent pieces are named by extent
 /// id (`None` = zeros) so the writer can map them into the new snapshot's tables.
 pub struct Overlaid {
+    /// Keyed id of the whole slot's new content.
+    pub content: ExtentId,
     /// The parent's base.
     pub base: Option<ExtentId>,
     /// The parent's overlays.
@@ -98,7 +125,7 @@ impl ParentView<'_> {
         match &m.slots[i] {
             Slot::Zero => (None, Vec::new()),
             Slot::Extent(e) => (id(*e), Vec::new()),
-            Slot::Overlaid { base, overlays } => (
+            Slot::Overlaid { base, overlays, .. } => (
                 id(*base),
                 overlays
                     .iter()
@@ -110,9 +137,28 @@ impl ParentView<'_> {
 }
 
 impl WorkerContext<'_> {
-    /// Try to store slot `slot` (content `data`, which the parent does not hold whole) as
-    /// overlays on the parent's slot. `None`: store it whole.
-    pub fn try_overlay(&self, slot: u64, data: &[u8]) -> Result<Option<Overlaid>> {
+    /// A parent slot stored as overlays whose assembled content has id `content`, carried
+    /// over as it is.
+    pub fn same_as_parent_overlaid(&self, content: ExtentId) -> Option<Overlaid> {
+        let parent = self.parent.as_ref()?;
+        let &i = parent.overlaid.get(&content)?;
+        let (base, parent_overlays) = parent.pieces(i);
+        Some(Overlaid {
+            content,
+            base,
+            parent_overlays,
+            new: Vec::new(),
+        })
+    }
+
+    /// Try to store slot `slot` (content `data` with id `content`, which the parent does not
+    /// hold) as overlays on the parent's slot. `None`: store it whole.
+    pub fn try_overlay(
+        &self,
+        slot: u64,
+        content: ExtentId,
+        data: &[u8],
+    ) -> Result<Option<Overlaid>> {
         let Some(parent) = &self.parent else {
             return Ok(None);
         };
@@ -134,8 +180,6 @@ impl WorkerContext<'_> {
         let runs = changed_runs(&old, data);
         let covered: usize = runs.iter().map(|r| r.len()).sum::<usize>()
             + parent_overlays.iter().map(|o| o.1 as usize).sum::<usize>();
-        // No changed run means the parent's pieces (a base with overlays, whose whole-slot id no
-        // table holds) are this slot's content as they are: carried over, nothing stored.
         if parent_overlays.len() + runs.len() > MAX_OVERLAYS || 2 * covered > data.len() {
             return Ok(None);
         }
@@ -162,6 +206,7 @@ impl WorkerContext<'_> {
             });
         }
         Ok(Some(Overlaid {
+            content,
             base,
             parent_overlays,
             new,

@@ -168,7 +168,10 @@ impl WorkerContext<'_> {
         if self.known.contains_key(&id) {
             return Ok(Outcome::Known(id));
         }
-        if let Some(o) = self.try_overlay(slot, data)? {
+        if let Some(o) = self.same_as_parent_overlaid(id) {
+            return Ok(Outcome::Overlaid(o));
+        }
+        if let Some(o) = self.try_overlay(slot, id, data)? {
             return Ok(Outcome::Overlaid(o));
         }
         self.seal_new(id, data)

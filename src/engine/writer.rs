@@ -150,7 +150,11 @@ impl<'a> Writer<'a> {
                 extent,
             });
         }
-        self.tables.slots[slot as usize] = Slot::Overlaid { base, overlays };
+        self.tables.slots[slot as usize] = Slot::Overlaid {
+            content: o.content,
+            base,
+            overlays,
+        };
         Ok(())
     }
 

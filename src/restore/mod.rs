@@ -93,7 +93,11 @@ pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Resul
             }
             Ok(Some(b))
         }
-        Slot::Overlaid { base, overlays } => {
+        Slot::Overlaid {
+            content,
+            base,
+            overlays,
+        } => {
             let mut buf = if *base == ZERO {
                 vec![0u8; len]
             } else {
@@ -114,6 +118,13 @@ pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Resul
                 } else {
                     buf[range].copy_from_slice(&fetch_extent(vault, disk, m, o.extent)?);
                 }
+            }
+            // Every piece was checked against its id; this checks the assembly.
+            if disk.identity.extent_id.id(&buf) != *content {
+                return Err(Error::integrity(format!(
+                    "snapshot {}: slot {i} assembled from its overlays does not match its content id",
+                    m.id.short()
+                )));
             }
             Ok(Some(buf))
         }
@@ -261,7 +272,7 @@ pub fn slot_frames(m: &Manifest, i: usize) -> impl Iterator<Item = u32> + '_ {
     let (base, overlays): (Option<u32>, &[crate::vault::manifest::Overlay]) = match &m.slots[i] {
         Slot::Zero => (None, &[]),
         Slot::Extent(e) => (Some(*e), &[]),
-        Slot::Overlaid { base, overlays } => {
+        Slot::Overlaid { base, overlays, .. } => {
             ((*base != ZERO).then_some(*base), overlays.as_slice())
         }
     };

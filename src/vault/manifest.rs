@@ -115,6 +115,9 @@ pub enum Slot {
     Extent(u32),
     /// A base (extent index or [`ZERO`]) with overlays applied in order.
     Overlaid {
+        /// Keyed id of the whole slot's content once assembled: an unchanged slot is then
+        /// recognised by one hash, and restore checks the assembled slot against it.
+        content: ExtentId,
         /// The base.
         base: u32,
         /// Pieces over it.
@@ -221,8 +224,13 @@ impl Manifest {
                     h.update(&[1]);
                     h.update(&id(*e));
                 }
-                Slot::Overlaid { base, overlays } => {
+                Slot::Overlaid {
+                    content,
+                    base,
+                    overlays,
+                } => {
                     h.update(&[2]);
+                    h.update(&content.0);
                     h.update(&id(*base));
                     h.update(&(overlays.len() as u16).to_le_bytes());
                     for o in overlays {
@@ -292,8 +300,15 @@ impl Manifest {
                 Slot::Extent(x) => {
                     e.u8(1).u32(*x);
                 }
-                Slot::Overlaid { base, overlays } => {
-                    e.u8(2).u32(*base).u16(overlays.len() as u16);
+                Slot::Overlaid {
+                    content,
+                    base,
+                    overlays,
+                } => {
+                    e.u8(2)
+                        .bytes(&content.0)
+                        .u32(*base)
+                        .u16(overlays.len() as u16);
                     for o in overlays {
                         e.u32(o.offset).u32(o.len).u32(o.extent);
                     }
@@ -447,6 +462,7 @@ impl Manifest {
                     Slot::Extent(e)
                 }
                 2 => {
+                    let content = ExtentId(d.array()?);
                     let base = d.u32()?;
                     check(base, &d)?;
                     let n = d.u16()? as u64;
@@ -467,7 +483,11 @@ impl Manifest {
                         }
                         overlays.push(o);
                     }
-                    Slot::Overlaid { base, overlays }
+                    Slot::Overlaid {
+                        content,
+                        base,
+                        overlays,
+                    }
                 }
                 t => return Err(d.error(format_args!("unknown slot tag {t}"))),
             });
@@ -547,6 +567,7 @@ mod tests {
                 Slot::Zero,
                 Slot::Extent(0),
                 Slot::Overlaid {
+                    content: ExtentId([9; 32]),
                     base: ZERO,
                     overlays: vec![Overlay {
                         offset: 4096,
