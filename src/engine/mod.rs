@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  source ──io_uring/pread──▶ slot buffers (bounded pool) ──▶ rayon workers
-//!     zero check → keyed id → known to parent? → compress → AES-GCM frame
+//!     zero check → keyed id → known to the parent? → changed in places? (overlay.rs: diff
+//!     with the parent's slot, seal only changed 4 KiB runs) → else compress → AES-GCM frame
 //!  ──bounded channel──▶ writer (one thread): packs, slot table ──▶ uploader thread ──▶ store
 //!  all packs durable ──▶ manifest written last (the commit point)
 //! ```
