@@ -13,6 +13,16 @@ use blockvault::ErrorKind;
 use common::*;
 use proptest::prelude::*;
 
+/// No temporary (dot-prefixed) file is left in `dir`.
+fn assert_no_hidden_files(dir: &std::path::Path) {
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{}: {leftovers:?}", dir.display());
+}
+
 /// Every backend under test, each in a fresh empty location: the local store on the
 /// temp folder's filesystem (O_DIRECT for large objects) and, where /dev/shm exists, on
 /// tmpfs (which refuses O_DIRECT: the buffered path).
@@ -156,12 +166,7 @@ fn unfinished_writes_are_never_listed() {
         s.put(&format!("packs/bb/{i}"), &random_data(i, 1000))
             .unwrap();
     }
-    let leftovers: Vec<_> = std::fs::read_dir(root.join("packs/bb"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_no_hidden_files(&root.join("packs/bb"));
 }
 
 #[test]
@@ -322,12 +327,7 @@ fn put_new_never_replaces() {
                 }
             }
             assert_eq!(s.get("config").unwrap(), vec![winners[0]; 1 << 20]);
-            let leftovers: Vec<_> = std::fs::read_dir(d.path().join("vault"))
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with('.'))
-                .collect();
-            assert!(leftovers.is_empty(), "{leftovers:?}");
+            assert_no_hidden_files(&d.path().join("vault"));
         }
     }
 }
