@@ -265,7 +265,7 @@ pub fn backup(
         nslots as usize,
         parent.as_ref(),
         &parent_extents,
-    );
+    )?;
     let (writer, local, reader) = pipeline::run(source, requests, &ctx, writer, opts, progress)?;
     // Every frame a worker sealed spent a nonce, even one the writer then dropped as a
     // duplicate; add the pack indexes and the manifest.

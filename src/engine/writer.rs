@@ -28,7 +28,6 @@ pub struct Tables {
 /// Builds [`Tables`] and the packs behind them.
 pub struct Writer<'a> {
     binding: Binding,
-    disk_id: [u8; 16],
     keys: Arc<GenerationKeys>,
     generation: u32,
     parent: Option<&'a Manifest>,
@@ -56,7 +55,7 @@ impl<'a> Writer<'a> {
         slot_count: usize,
         parent: Option<&'a Manifest>,
         parent_extents: &'a HashMap<ExtentId, ExtentLoc>,
-    ) -> Self {
+    ) -> Result<Self> {
         // One pack may be uploading while the next fills: packs overlap with sealing, and
         // memory stays at two packs.
         let (tx, rx) = sync_channel::<(PackId, Vec<u8>)>(0);
@@ -72,10 +71,9 @@ impl<'a> Writer<'a> {
                 }
                 Ok(())
             })
-            .expect("spawning the pack uploader thread");
-        Writer {
+            .map_err(|e| Error::io("starting the pack uploader thread", e))?;
+        Ok(Writer {
             binding,
-            disk_id: binding.disk_id,
             keys,
             generation,
             parent,
@@ -93,7 +91,7 @@ impl<'a> Writer<'a> {
             uploader: Some(uploader),
             bytes_stored: 0,
             seals: 0,
-        }
+        })
     }
 
     /// Slot `slot` is all zeros.
@@ -206,7 +204,10 @@ impl<'a> Writer<'a> {
             self.tables.packs.push((PackId([0; 32]), 0));
             let idx = (self.tables.packs.len() - 1) as u32;
             let buf = self.spare_packs.try_recv().unwrap_or_default();
-            self.current = Some((PackWriter::new(&self.disk_id, self.generation, buf), idx));
+            self.current = Some((
+                PackWriter::new(&self.binding.disk_id, self.generation, buf),
+                idx,
+            ));
         }
         let (pack, idx) = self.current.as_mut().expect("set above");
         let offset = pack.add(id, frame);

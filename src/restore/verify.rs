@@ -8,7 +8,6 @@
 //! and which snapshots depend on it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -158,25 +157,20 @@ pub fn verify(
     if read_data {
         let damaged: BTreeSet<String> = report.problems.iter().map(|p| p.object.clone()).collect();
         progress.start(packs.values().map(|u| u.size).sum());
-        let found = Mutex::new(Vec::new());
-        let counts = Mutex::new((0u64, 0u64));
-        packs
+        let checked: Vec<_> = packs
             .par_iter()
             .filter(|(id, _)| !damaged.contains(&id.object_key()))
-            .for_each(|(id, u)| {
-                let (problems, frames, bytes) = check_pack_data(vault, &disks[u.disk], *id, u);
+            .map(|(id, u)| {
+                let r = check_pack_data(vault, &disks[u.disk], *id, u);
                 progress.advance(u.size);
-                let mut c = counts.lock().expect("no panics while held");
-                c.0 += frames;
-                c.1 += bytes;
-                found.lock().expect("no panics while held").extend(problems);
-            });
-        let (frames, bytes) = counts.into_inner().expect("no panics while held");
-        report.extents_checked = frames;
-        report.bytes_read = bytes;
-        report
-            .problems
-            .extend(found.into_inner().expect("no panics while held"));
+                r
+            })
+            .collect();
+        for (problems, frames, bytes) in checked {
+            report.extents_checked += frames;
+            report.bytes_read += bytes;
+            report.problems.extend(problems);
+        }
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
