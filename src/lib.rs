@@ -9,6 +9,7 @@
 //!
 //! # Modules, in pipeline order
 //! - [`source`]: what is backed up (raw images, block devices) and where its data lies;
+//! - [`changes`]: what changed since the parent (dirty bitmaps, changed-range lists);
 //! - [`io`]: io_uring (or pread) reads into a bounded pool of aligned buffers;
 //! - [`engine`]: the backup pipeline (workers, writer, uploader);
 //! - [`crypto`]: keys, derivation, AEAD, keyed ids, the platform keystore;
@@ -31,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod changes;
 pub mod crypto;
 pub mod engine;
 pub mod error;

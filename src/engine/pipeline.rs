@@ -8,7 +8,7 @@ use super::writer::Writer;
 use super::{BackupOptions, Progress, BUFFER_BUDGET};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{self, BufferPool, ReadRequest, ReaderKind};
-use crate::source::Source;
+use crate::source::{Access, Source};
 use crate::vault::manifest::Stats;
 
 /// Read `requests` from `source`, process each slot on the worker pool and feed the outcomes
@@ -34,7 +34,10 @@ pub fn run<'a>(
         .map_err(|e| Error::new(ErrorKind::Io, format!("starting worker threads: {e}")))?;
     let nbuf = (BUFFER_BUDGET / slot_size).clamp(2 * threads + opts.queue_depth, 128);
     let buffers = BufferPool::new(nbuf, slot_size, source.alignment().max(4096));
-    let reader = io::choose_reader(opts.force_pread);
+    let reader = match source.access() {
+        Access::Translated(_) => ReaderKind::Threads,
+        Access::Fd(_) => io::choose_reader(opts.force_pread),
+    };
 
     let (tx, rx) = crossbeam_channel::bounded::<Result<(u64, usize, Outcome)>>(nbuf);
     let abort = AtomicBool::new(false);

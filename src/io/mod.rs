@@ -18,12 +18,13 @@
 
 pub mod buffer;
 mod pread;
+mod threaded;
 mod uring;
 
 pub use buffer::{AlignedBuf, BufferPool, PooledBuf};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::source::Source;
+use crate::source::{Access, Source};
 use std::sync::OnceLock;
 
 /// Which reader [`read_all`] uses.
@@ -33,6 +34,8 @@ pub enum ReaderKind {
     Uring,
     /// One synchronous `pread` at a time.
     Pread,
+    /// A translated source's own reader (qcow2, NBD), called from `queue_depth` threads.
+    Threads,
 }
 
 /// One read: `len` bytes at `offset`; `tag` is handed back with the data.
@@ -101,23 +104,60 @@ pub fn choose_reader(force_pread: bool) -> ReaderKind {
 /// reader is used instead, with a warning.
 pub fn read_all(
     source: &dyn Source,
-    requests: impl Iterator<Item = ReadRequest>,
+    requests: impl Iterator<Item = ReadRequest> + Send,
     pool: &BufferPool,
     kind: ReaderKind,
     queue_depth: usize,
     deliver: impl FnMut(u64, PooledBuf) -> Result<()>,
 ) -> Result<ReadStats> {
     check_pool(source, pool)?;
+    let fd = match source.access() {
+        Access::Fd(fd) => fd,
+        Access::Translated(reader) => {
+            return threaded::read_all(source, reader, requests, pool, queue_depth, deliver)
+        }
+    };
     match kind {
-        ReaderKind::Pread => pread::read_all(source, requests, pool, deliver),
+        ReaderKind::Pread | ReaderKind::Threads => {
+            pread::read_all(source, fd, requests, pool, deliver)
+        }
         ReaderKind::Uring => match uring::UringReader::new(queue_depth) {
-            Ok(mut reader) => reader.read_all(source, requests, pool, deliver),
+            Ok(mut reader) => reader.read_all(source, fd, requests, pool, deliver),
             Err(e) => {
                 tracing::warn!(error = %e, source = source.name(),
                     "cannot set up io_uring, using pread reader");
-                pread::read_all(source, requests, pool, deliver)
+                pread::read_all(source, fd, requests, pool, deliver)
             }
         },
+    }
+}
+
+/// Read `buf.len()` bytes at `offset` with one call, whatever the source's access: for small
+/// header reads (`inspect`) that need no buffer pool. `offset` and the length must honour
+/// [`Source::alignment`] and `buf` must be aligned to it.
+pub fn read_exact_at(source: &dyn Source, offset: u64, buf: &mut [u8]) -> Result<()> {
+    match source.access() {
+        Access::Translated(reader) => reader.read_at(offset, buf),
+        Access::Fd(fd) => {
+            let req = ReadRequest {
+                tag: 0,
+                offset,
+                len: buf.len(),
+            };
+            let mut done = 0;
+            while done < buf.len() {
+                let at = libc::off_t::try_from(offset + done as u64).map_err(|_| {
+                    read_failed(source, &req, done, nix::errno::Errno::EOVERFLOW as i32)
+                })?;
+                match nix::sys::uio::pread(fd, &mut buf[done..], at) {
+                    Ok(0) => return Err(ended_early(source, &req, done)),
+                    Ok(n) => done += n,
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(read_failed(source, &req, done, e as i32)),
+                }
+            }
+            Ok(())
+        }
     }
 }
 
@@ -372,8 +412,8 @@ mod tests {
         fn data_ranges(&self) -> Result<Vec<std::ops::Range<u64>>> {
             Ok(crate::source::whole_range(self.size))
         }
-        fn fd(&self) -> BorrowedFd<'_> {
-            self.file.as_fd()
+        fn access(&self) -> crate::source::Access<'_> {
+            crate::source::Access::Fd(self.file.as_fd())
         }
     }
 

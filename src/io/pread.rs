@@ -8,10 +8,12 @@ use super::{ended_early, plan, read_failed, BufferPool, PooledBuf, ReadRequest, 
 use crate::error::Result;
 use crate::source::Source;
 use nix::errno::Errno;
+use std::os::fd::BorrowedFd;
 
 /// Read each request in order with `pread`, continuing short reads, then deliver it.
 pub(super) fn read_all(
     source: &dyn Source,
+    fd: BorrowedFd<'_>,
     requests: impl Iterator<Item = ReadRequest>,
     pool: &BufferPool,
     mut deliver: impl FnMut(u64, PooledBuf) -> Result<()>,
@@ -29,7 +31,7 @@ pub(super) fn read_all(
             let Ok(at) = libc::off_t::try_from(req.offset + done as u64) else {
                 return Err(read_failed(source, &req, done, Errno::EOVERFLOW as i32));
             };
-            match nix::sys::uio::pread(source.fd(), &mut buf[done..end], at) {
+            match nix::sys::uio::pread(fd, &mut buf[done..end], at) {
                 Ok(0) => return Err(ended_early(source, &req, done)),
                 Ok(n) => done += n,
                 Err(Errno::EINTR | Errno::EAGAIN) => {}

@@ -15,7 +15,7 @@ use crate::source::Source;
 use io_uring::{opcode, types, IoUring, Probe};
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// Upper bound on reads in flight; more buys nothing and costs ring memory.
 const MAX_DEPTH: usize = 4096;
@@ -57,11 +57,12 @@ impl UringReader {
     pub(super) fn read_all(
         &mut self,
         source: &dyn Source,
+        fd: BorrowedFd<'_>,
         mut requests: impl Iterator<Item = ReadRequest>,
         pool: &BufferPool,
         mut deliver: impl FnMut(u64, PooledBuf) -> Result<()>,
     ) -> Result<ReadStats> {
-        let mut table = InFlight::new(&mut self.ring, source, self.depth);
+        let mut table = InFlight::new(&mut self.ring, source, fd, self.depth);
         let mut done = Outcome::default();
         // A request already planned that found no free buffer while reads were in flight.
         let mut waiting: Option<(ReadRequest, usize)> = None;
@@ -197,11 +198,16 @@ struct InFlight<'a> {
 }
 
 impl<'a> InFlight<'a> {
-    fn new(ring: &'a mut IoUring, source: &'a dyn Source, depth: usize) -> Self {
+    fn new(
+        ring: &'a mut IoUring,
+        source: &'a dyn Source,
+        fd: BorrowedFd<'a>,
+        depth: usize,
+    ) -> Self {
         InFlight {
             ring,
             source,
-            fd: types::Fd(source.fd().as_raw_fd()),
+            fd: types::Fd(fd.as_raw_fd()),
             ops: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
             live: 0,

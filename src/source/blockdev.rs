@@ -8,11 +8,11 @@
 //! with alignment 1. Size and sector size come from the kernel (BLKGETSIZE64, BLKSSZGET) at
 //! open. A block device has no holes the kernel will tell us about: all of it is data.
 
-use super::{not_a_disk, whole_range, OpenOptions, Source, SourceKind};
+use super::{not_a_disk, whole_range, Access, OpenOptions, Source, SourceKind};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use std::fs::File;
 use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 
 /// The two ioctls, kept private (the macros generate `pub` functions).
@@ -154,8 +154,8 @@ impl Source for BlockDevice {
         Ok(whole_range(self.size))
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+    fn access(&self) -> Access<'_> {
+        Access::Fd(self.file.as_fd())
     }
 }
 

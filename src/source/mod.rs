@@ -1,9 +1,10 @@
 //! Sources: the disks being backed up, read by offset.
 //!
 //! Model: a [`Source`] is a fixed-size byte array fixed at open time, readable at any offset
-//! through its descriptor (by the readers in [`crate::io`]), plus a map of where data may be
+//! (by the readers in [`crate::io`], see [`Access`]), plus a map of where data may be
 //! ([`Source::data_ranges`]); everything outside that map reads as zeros and need not be
-//! read at all. Two implementations:
+//! read at all. Sources that track changes also name their dirty bitmaps
+//! ([`Source::bitmaps`], [`Source::dirty_ranges`]). Implementations:
 //! - [`RawFile`]: a regular file (VM disk image), read through the page cache; holes come
 //!   from `SEEK_DATA`/`SEEK_HOLE`, so sparse images cost only their allocated blocks;
 //! - [`BlockDevice`]: a block device, read with O_DIRECT so a full-disk backup does not
@@ -17,6 +18,7 @@ pub mod raw;
 pub use blockdev::BlockDevice;
 pub use raw::RawFile;
 
+use crate::changes::ChangeList;
 use crate::error::{Error, ErrorKind, Result};
 use std::fs::FileType;
 use std::ops::Range;
@@ -24,12 +26,58 @@ use std::os::fd::BorrowedFd;
 use std::os::unix::fs::FileTypeExt;
 
 /// What kind of thing a source is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SourceKind {
     /// A regular file, e.g. a raw VM disk image.
     RawFile,
     /// A block device, e.g. `/dev/nvme0n1p2` or a logical volume.
     BlockDevice,
+    /// A qcow2 image file, read natively.
+    Qcow2,
+    /// An NBD export (`nbd://` or `nbd+unix://`).
+    Nbd,
+}
+
+impl std::fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceKind::RawFile => "raw image",
+            SourceKind::BlockDevice => "block device",
+            SourceKind::Qcow2 => "qcow2 image",
+            SourceKind::Nbd => "NBD export",
+        })
+    }
+}
+
+/// How the readers reach a source's bytes.
+pub enum Access<'a> {
+    /// A descriptor whose offsets are the disk's offsets: read with io_uring or pread.
+    Fd(BorrowedFd<'a>),
+    /// A reader that translates disk offsets itself (qcow2 clusters, NBD requests); the
+    /// readers call it from several threads at once to keep reads in flight.
+    Translated(&'a dyn ReadAt),
+}
+
+/// Positional reads of a translated source.
+pub trait ReadAt: Send + Sync {
+    /// Fill all of `buf` with the disk's bytes at `offset`; the range lies within the
+    /// source's size. Errors name the source and offset; a source that no longer holds the
+    /// range is [`ErrorKind::SourceChanged`].
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// A persistent dirty bitmap a source carries (qcow2 bitmaps, NBD `qemu:dirty-bitmap:`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BitmapInfo {
+    /// The bitmap's name.
+    pub name: String,
+    /// Bytes covered by one bit; `None` where the source does not say (NBD).
+    pub granularity: Option<u64>,
+    /// Whether QEMU records writes in it.
+    pub enabled: bool,
+    /// Left in use by a QEMU that did not close it cleanly: stale, refused for backups.
+    pub in_use: bool,
 }
 
 /// A disk to back up, read by offset. Contract: `size()` is fixed at open; bytes outside
@@ -52,8 +100,21 @@ pub trait Source: Send + Sync {
     /// SEEK_DATA/SEEK_HOLE (if the filesystem does not support it, one range covering the
     /// file). Block devices: one range `[0,size)`.
     fn data_ranges(&self) -> Result<Vec<Range<u64>>>;
-    /// The descriptor readers read from (pread or io_uring).
-    fn fd(&self) -> BorrowedFd<'_>;
+    /// How readers get the bytes.
+    fn access(&self) -> Access<'_>;
+    /// The dirty bitmaps the source carries; none for raw files and block devices.
+    fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
+        Ok(Vec::new())
+    }
+    /// What bitmap `name` marks as written since it was last cleared. Errors: no such
+    /// bitmap, or one left in use (stale) -> [`ErrorKind::Usage`].
+    fn dirty_ranges(&self, name: &str) -> Result<ChangeList> {
+        Err(Error::usage(format!(
+            "source {} has no dirty bitmap {name}: a {} carries no bitmaps (use a qcow2 image or an NBD export)",
+            self.name(),
+            self.kind()
+        )))
+    }
 }
 
 /// Options for opening a source.

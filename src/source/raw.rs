@@ -6,13 +6,13 @@
 //! at open. Holes are found with `lseek(SEEK_DATA/SEEK_HOLE)`, so a sparse 100 GiB image with
 //! 3 GiB allocated costs 3 GiB of reading.
 
-use super::{not_a_disk, whole_range, Source, SourceKind};
+use super::{not_a_disk, whole_range, Access, Source, SourceKind};
 use crate::error::{Error, IoContext, Result};
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
 use std::fs::File;
 use std::ops::Range;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 
 /// A regular file opened read-only, buffered.
 #[derive(Debug)]
@@ -72,8 +72,8 @@ impl Source for RawFile {
         })
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+    fn access(&self) -> Access<'_> {
+        Access::Fd(self.file.as_fd())
     }
 }
 
