@@ -199,7 +199,7 @@ impl Fixture {
             .process(0, data)
             .expect("process")
         {
-            Outcome::New { id, frame } => (id, frame),
+            Outcome::New { id, frame, .. } => (id, frame),
             _ => panic!("expected a new extent"),
         }
     }

@@ -4,9 +4,11 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use blockvault::engine::{self, BackupOptions, Compression, ParentSpec};
-use blockvault::source::{self, OpenOptions};
+use blockvault::changes;
+use blockvault::engine::{self, BackupOptions, ChangeClaim, Compression, ParentSpec};
+use blockvault::source::{self, OpenOptions, Source};
 use blockvault::util::human_bytes;
+use blockvault::vault::manifest::ChangeSource;
 use blockvault::vault::Vault;
 
 use super::output::mb_per_s;
@@ -15,7 +17,8 @@ use super::Context;
 /// Arguments of `backup`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A raw disk image or a block device.
+    /// A raw or qcow2 disk image, a block device, or an NBD export
+    /// (`nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`).
     source: String,
     /// Name of the disk in the vault.
     #[arg(long)]
@@ -44,6 +47,45 @@ pub struct Args {
     /// Reads in flight.
     #[arg(long, default_value_t = 8)]
     queue_depth: usize,
+    /// Read only what this dirty bitmap of the source (qcow2 image or NBD export) marks as
+    /// written; carry every other slot over from the parent.
+    #[arg(long, value_name = "NAME", conflicts_with = "changed")]
+    bitmap: Option<String>,
+    /// Read only the byte ranges this JSON file lists as changed (plain, AWS EBS, Azure page
+    /// ranges or VMware CBT shapes; see README); carry every other slot over from the parent.
+    #[arg(long, value_name = "FILE")]
+    changed: Option<String>,
+    /// With --bitmap or --changed: re-read this many random slots the change source calls
+    /// unchanged and, if any differs from the parent, compare every slot by hash instead.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    verify_unchanged: usize,
+}
+
+/// The change source named on the command line, loaded.
+fn change_claim(a: &Args, src: &dyn Source) -> anyhow::Result<Option<ChangeClaim>> {
+    if a.parent == "none" && (a.bitmap.is_some() || a.changed.is_some()) {
+        anyhow::bail!(blockvault::Error::usage(
+            "--parent none reads the whole disk: it cannot be combined with --bitmap or --changed"
+        ));
+    }
+    if let Some(name) = &a.bitmap {
+        return Ok(Some(ChangeClaim {
+            source: ChangeSource::Bitmap,
+            detail: format!("bitmap {name}"),
+            list: src.dirty_ranges(name)?,
+            covers: None,
+        }));
+    }
+    if let Some(path) = &a.changed {
+        let loaded = changes::file::load(path)?;
+        return Ok(Some(ChangeClaim {
+            source: ChangeSource::ChangedList,
+            detail: format!("change list {path} ({})", loaded.format),
+            list: loaded.list,
+            covers: loaded.covers,
+        }));
+    }
+    Ok(None)
 }
 
 fn parse_slot_size(s: &str) -> Result<u32, String> {
@@ -60,6 +102,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             no_direct: a.no_direct,
         },
     )?;
+    let changes = change_claim(&a, src.as_ref())?;
     let (vault, created) = Vault::open_or_init(url, &ctx.keystore()?)?;
     let opts = BackupOptions {
         disk: a.disk,
@@ -75,6 +118,8 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         force_pread: a.pread,
         queue_depth: a.queue_depth.max(1),
         threads: a.threads,
+        changes,
+        verify_unchanged: a.verify_unchanged,
     };
     let bar = ctx.out.progress("backup");
     let r = engine::backup(&vault, src.as_ref(), &opts, &bar)?;
@@ -93,6 +138,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "short_id": r.snapshot.short(),
         "parent": r.parent.map(|p| p.hex()),
         "change_source": r.change_source,
+        "change_detail": r.change_detail,
         "reader": format!("{:?}", r.reader).to_lowercase(),
         "disk_size": r.disk_size,
         "slot_size": r.slot_size,
@@ -108,6 +154,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         let mut t = String::new();
         if created {
             t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read)\n");
+        }
+        if !r.change_detail.is_empty() {
+            t += &format!("changes from {}\n", r.change_detail);
         }
         t += &format!(
             "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, {} MB/s\n",

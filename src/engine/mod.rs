@@ -13,18 +13,21 @@
 pub mod overlay;
 pub mod pipeline;
 pub mod plan;
+pub mod spotcheck;
 pub mod worker;
 pub mod writer;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::changes::ChangeList;
 use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io;
 use crate::source::Source;
 use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
 use crate::vault::{Disk, Vault};
+use plan::Plan;
 
 pub use worker::Compression;
 use worker::{Recycler, WorkerContext};
@@ -67,6 +70,25 @@ pub struct BackupOptions {
     pub queue_depth: usize,
     /// Worker threads (0: one per core).
     pub threads: usize,
+    /// What changed since the parent, when a dirty bitmap or range list says so; `None`
+    /// compares every slot's keyed hash with the parent's.
+    pub changes: Option<ChangeClaim>,
+    /// Slots the change claim says are unchanged to re-read and compare with the parent
+    /// before trusting it.
+    pub verify_unchanged: usize,
+}
+
+/// A change source's claim, as the manifest will record it.
+#[derive(Debug, Clone)]
+pub struct ChangeClaim {
+    /// [`ChangeSource::Bitmap`] or [`ChangeSource::ChangedList`].
+    pub source: ChangeSource,
+    /// The bitmap name or the list's file and shape.
+    pub detail: String,
+    /// The changed ranges.
+    pub list: ChangeList,
+    /// Bytes from 0 the claim speaks for, if it says; a larger disk is refused.
+    pub covers: Option<u64>,
 }
 
 impl Default for BackupOptions {
@@ -79,6 +101,8 @@ impl Default for BackupOptions {
             force_pread: false,
             queue_depth: 8,
             threads: 0,
+            changes: None,
+            verify_unchanged: 8,
         }
     }
 }
@@ -111,6 +135,8 @@ pub struct BackupReport {
     pub parent: Option<SnapshotId>,
     /// How changes were found.
     pub change_source: ChangeSource,
+    /// Which bitmap or list, and whether it was trusted.
+    pub change_detail: String,
     /// Disk size.
     pub disk_size: u64,
     /// Slot size.
@@ -249,13 +275,31 @@ pub fn backup(
             .map(|manifest| overlay::ParentView::new(vault, disk, manifest)),
     };
 
-    let requests = plan::slots_to_read(&source.data_ranges()?, disk_size, slot_size);
+    let data = source.data_ranges()?;
+    let (plan, change_source, change_detail) = match (&opts.changes, parent) {
+        (Some(claim), Some(p)) => plan_from_claim(vault, disk, p, source, claim, &data, opts)?,
+        (Some(claim), None) => {
+            tracing::info!(change_source = %claim.detail, "no parent snapshot: reading the whole disk");
+            let plan = Plan::whole(&data, disk_size, slot_size);
+            (plan, ChangeSource::Full, String::new())
+        }
+        (None, Some(_)) => (
+            Plan::whole(&data, disk_size, slot_size),
+            ChangeSource::HashCompare,
+            String::new(),
+        ),
+        (None, None) => (
+            Plan::whole(&data, disk_size, slot_size),
+            ChangeSource::Full,
+            String::new(),
+        ),
+    };
     let mut stats = Stats {
-        slots_zero: nslots - requests.len() as u64,
+        slots_zero: nslots - plan.slots_read() - plan.carried.len() as u64,
         ..Stats::default()
     };
     progress.start(disk_size);
-    progress.advance(disk_size - requests.iter().map(|r| r.len as u64).sum::<u64>());
+    progress.advance(disk_size - plan.bytes_to_read());
 
     let writer = Writer::new(
         vault.store().clone(),
@@ -266,7 +310,7 @@ pub fn backup(
         parent.as_ref(),
         &parent_extents,
     )?;
-    let (writer, local, reader) = pipeline::run(source, requests, &ctx, writer, opts, progress)?;
+    let (writer, local, reader) = pipeline::run(source, plan, &ctx, writer, opts, progress)?;
     // Every frame a worker sealed spent a nonce, even one the writer then dropped as a
     // duplicate; add the pack indexes and the manifest.
     let seals_in_job = local.slots_new + writer.seals + 1;
@@ -289,12 +333,8 @@ pub fn backup(
         parent: parent.as_ref().map(|p| p.id),
         disk_size,
         slot_size,
-        change_source: if parent.is_some() {
-            ChangeSource::HashCompare
-        } else {
-            ChangeSource::Full
-        },
-        change_detail: String::new(),
+        change_source,
+        change_detail,
         seals_in_generation: seals_before + seals_in_job,
         stats,
         digest: [0; 32],
@@ -311,11 +351,60 @@ pub fn backup(
         new_disk,
         parent: m.parent,
         change_source: m.change_source,
+        change_detail: m.change_detail.clone(),
         disk_size,
         slot_size,
         reader,
         stats,
     })
+}
+
+/// The plan of an incremental that a change source drives, after checking the claim: it must
+/// cover the disk, and the slots it calls unchanged that `--verify-unchanged` re-reads must
+/// match the parent. A failed check falls back to hash comparison of every slot.
+fn plan_from_claim(
+    vault: &Vault,
+    disk: &Disk,
+    parent: &Manifest,
+    source: &dyn Source,
+    claim: &ChangeClaim,
+    data: &[std::ops::Range<u64>],
+    opts: &BackupOptions,
+) -> Result<(Plan, ChangeSource, String)> {
+    let disk_size = source.size();
+    if let Some(covers) = claim.covers.filter(|&c| c < disk_size) {
+        return Err(Error::usage(format!(
+            "{} speaks for the first {covers} bytes only, but {} holds {disk_size}",
+            claim.detail,
+            source.name()
+        )));
+    }
+    let plan = Plan::changed(&claim.list, parent, data, disk_size);
+    let differs = spotcheck::first_difference(
+        vault,
+        disk,
+        parent,
+        source,
+        &plan.carried,
+        opts.verify_unchanged,
+    )?;
+    let Some(slot) = differs else {
+        return Ok((plan, claim.source, claim.detail.clone()));
+    };
+    tracing::warn!(
+        slot,
+        change_source = %claim.detail,
+        "the change source says slot {slot} is unchanged, but it differs from the parent: \
+         not trusting it, comparing every slot by hash instead"
+    );
+    Ok((
+        Plan::whole(data, disk_size, parent.slot_size),
+        ChangeSource::HashCompare,
+        format!(
+            "{} missed a change in slot {slot}: fell back to hash comparison",
+            claim.detail
+        ),
+    ))
 }
 
 /// Shared with restore: find a disk by name or fail with a clear message.

@@ -14,11 +14,11 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use super::worker::{is_zero, WorkerContext};
+use super::worker::{Outcome, WorkerContext};
 use crate::crypto::ExtentId;
 use crate::error::Result;
 use crate::restore::slot_content;
-use crate::vault::manifest::{Manifest, Slot, ZERO};
+use crate::vault::manifest::{Manifest, Slot, CONTENT_UNHASHED, ZERO};
 use crate::vault::{Disk, Vault};
 
 /// Granularity of change detection against the parent.
@@ -47,7 +47,9 @@ impl<'a> ParentView<'a> {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| match s {
-                Slot::Overlaid { content, .. } => Some((*content, i)),
+                Slot::Overlaid { content, .. } if *content != CONTENT_UNHASHED => {
+                    Some((*content, i))
+                }
                 _ => None,
             })
             .collect();
@@ -136,6 +138,40 @@ impl ParentView<'_> {
     }
 }
 
+impl ParentView<'_> {
+    /// Slot `i` carried over unchanged from the parent (a change list says it did not change).
+    pub fn carried(&self, i: usize) -> Outcome {
+        let m = self.manifest;
+        match &m.slots[i] {
+            Slot::Zero => Outcome::Zero,
+            Slot::Extent(e) => Outcome::Known(m.extents[*e as usize].id),
+            Slot::Overlaid { content, .. } => {
+                let (base, parent_overlays) = self.pieces(i);
+                Outcome::Overlaid(Overlaid {
+                    content: *content,
+                    base,
+                    parent_overlays,
+                    new: Vec::new(),
+                })
+            }
+        }
+    }
+
+    /// Slot `i` as the parent's pieces with `new` laid over them: the changed ranges a change
+    /// list named, read on their own. The assembled content is not hashed (that would need
+    /// the parent's bytes).
+    pub fn overlay_on(&self, i: usize, mut new: Vec<NewOverlay>) -> Overlaid {
+        new.sort_by_key(|n| n.offset);
+        let (base, parent_overlays) = self.pieces(i);
+        Overlaid {
+            content: CONTENT_UNHASHED,
+            base,
+            parent_overlays,
+            new,
+        }
+    }
+}
+
 impl WorkerContext<'_> {
     /// A parent slot stored as overlays whose assembled content has id `content`, carried
     /// over as it is.
@@ -185,24 +221,10 @@ impl WorkerContext<'_> {
         }
         let mut new = Vec::with_capacity(runs.len());
         for r in runs {
-            let bytes = &data[r.clone()];
-            let piece = if is_zero(bytes) {
-                Piece::Zero
-            } else {
-                let id = self.identity.extent_id.id(bytes);
-                if self.known.contains_key(&id) {
-                    Piece::Known(id)
-                } else {
-                    Piece::New {
-                        id,
-                        frame: self.seal_new(id, bytes)?,
-                    }
-                }
-            };
             new.push(NewOverlay {
                 offset: r.start as u32,
                 len: r.len() as u32,
-                piece,
+                piece: self.piece(&data[r])?,
             });
         }
         Ok(Some(Overlaid {

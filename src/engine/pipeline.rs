@@ -1,27 +1,53 @@
 //! Running the pipeline threads of one backup: the reader on this thread, workers on a rayon
 //! pool, the writer on its own thread, joined by bounded channels (see the module above).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::overlay::NewOverlay;
+use super::plan::{Plan, Work};
 use super::worker::{Outcome, WorkerContext};
 use super::writer::Writer;
 use super::{BackupOptions, Progress, BUFFER_BUDGET};
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{self, BufferPool, ReadRequest, ReaderKind};
+use crate::io::{self, BufferPool, ReaderKind};
 use crate::source::{Access, Source};
 use crate::vault::manifest::Stats;
 
-/// Read `requests` from `source`, process each slot on the worker pool and feed the outcomes
-/// to `writer`. Returns the writer (to be finished) and the figures of the slots processed.
+/// Read what `plan` names from `source`, process each read on the worker pool and feed the
+/// outcomes, and the slots the plan carries over, to `writer`. Returns the writer (to be
+/// finished) and the figures of the slots processed.
 pub fn run<'a>(
     source: &dyn Source,
-    requests: Vec<ReadRequest>,
+    plan: Plan,
     ctx: &WorkerContext<'_>,
     mut writer: Writer<'a>,
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<(Writer<'a>, Stats, ReaderKind)> {
-    let slot_size = requests.iter().map(|r| r.len).max().unwrap_or(4096);
+    let mut local = Stats::default();
+    for &slot in &plan.carried {
+        let parent = ctx.parent.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Io,
+                "a slot carried over from a backup without a parent",
+            )
+        })?;
+        apply(
+            &mut writer,
+            ctx,
+            &mut local,
+            slot,
+            parent.carried(slot as usize),
+        )?;
+    }
+    let Plan {
+        work,
+        reads,
+        mut pieces,
+        ..
+    } = plan;
+    let slot_size = reads.iter().map(|r| r.len).max().unwrap_or(4096);
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -43,7 +69,8 @@ pub fn run<'a>(
     let abort = AtomicBool::new(false);
     let (read_result, write_result) = std::thread::scope(|ts| {
         let writer_thread = ts.spawn(|| -> Result<(Writer, Stats)> {
-            let mut local = Stats::default();
+            // Pieces of slots read in parts, until each slot's last piece arrives.
+            let mut partial: HashMap<u64, Vec<NewOverlay>> = HashMap::new();
             let mut failed: Option<Error> = None;
             for msg in rx.iter() {
                 if failed.is_some() {
@@ -52,33 +79,21 @@ pub fn run<'a>(
                 let applied = msg.and_then(|(slot, len, outcome)| {
                     local.bytes_read += len as u64;
                     progress.advance(len as u64);
-                    match outcome {
-                        Outcome::Zero => {
-                            local.slots_zero += 1;
-                            writer.zero(slot);
-                            Ok(())
-                        }
-                        Outcome::Known(id) => {
-                            local.slots_reused += 1;
-                            writer.known(slot, &id)
-                        }
-                        Outcome::New { id, frame } => {
-                            local.slots_new += 1;
-                            let r = writer.new_extent(slot, id, len as u32, &frame);
-                            ctx.buffers.give(frame);
-                            r
-                        }
-                        Outcome::Overlaid(o) => {
-                            tracing::debug!(slot, pieces = o.new.len(), "slot stored as overlays");
-                            // No new piece: the parent's overlaid slot, unchanged.
-                            if o.new.is_empty() {
-                                local.slots_reused += 1;
-                            } else {
-                                local.slots_new += 1;
-                            }
-                            writer.overlaid(slot, o, &|frame| ctx.buffers.give(frame))
-                        }
+                    let Outcome::Piece(piece) = outcome else {
+                        return apply(&mut writer, ctx, &mut local, slot, outcome);
+                    };
+                    let got = partial.entry(slot).or_default();
+                    got.push(piece);
+                    if pieces.get(&slot).is_some_and(|&n| got.len() as u32 >= n) {
+                        pieces.remove(&slot);
+                        let new = partial.remove(&slot).unwrap_or_default();
+                        let parent = ctx.parent.as_ref().ok_or_else(|| {
+                            Error::new(ErrorKind::Io, "a slot read in pieces without a parent")
+                        })?;
+                        let o = Outcome::Overlaid(parent.overlay_on(slot as usize, new));
+                        return apply(&mut writer, ctx, &mut local, slot, o);
                     }
+                    Ok(())
                 });
                 if let Err(e) = applied {
                     abort.store(true, Ordering::Relaxed);
@@ -87,17 +102,22 @@ pub fn run<'a>(
             }
             match failed {
                 Some(e) => Err(e),
+                None if !partial.is_empty() => Err(Error::new(
+                    ErrorKind::Io,
+                    "backup ended with slots missing some of their pieces",
+                )),
                 None => Ok((writer, local)),
             }
         });
+        let work = &work;
         let read_result = pool.in_place_scope(|scope| {
             io::read_all(
                 source,
-                requests.into_iter(),
+                reads.into_iter(),
                 &buffers,
                 reader,
                 opts.queue_depth,
-                |slot, buf| {
+                |tag, buf| {
                     if abort.load(Ordering::Relaxed) {
                         return Err(Error::new(
                             ErrorKind::Io,
@@ -107,7 +127,17 @@ pub fn run<'a>(
                     let tx = tx.clone();
                     scope.spawn(move |_| {
                         let len = buf.len();
-                        let r = ctx.process(slot, &buf).map(|o| (slot, len, o));
+                        let r = match work[tag as usize] {
+                            Work::Slot(slot) => ctx.process(slot, &buf).map(|o| (slot, len, o)),
+                            Work::Piece { slot, offset } => ctx.piece(&buf).map(|piece| {
+                                let o = NewOverlay {
+                                    offset,
+                                    len: len as u32,
+                                    piece,
+                                };
+                                (slot, len, Outcome::Piece(o))
+                            }),
+                        };
                         drop(buf);
                         let _ = tx.send(r);
                     });
@@ -125,5 +155,46 @@ pub fn run<'a>(
     match (read_result, write_result) {
         (_, Err(e)) | (Err(e), _) => Err(e),
         (Ok(_), Ok((w, stats))) => Ok((w, stats, reader)),
+    }
+}
+
+/// Record what became of slot `slot` in the writer's tables and the job's figures.
+fn apply(
+    writer: &mut Writer<'_>,
+    ctx: &WorkerContext<'_>,
+    stats: &mut Stats,
+    slot: u64,
+    outcome: Outcome,
+) -> Result<()> {
+    match outcome {
+        Outcome::Zero => {
+            stats.slots_zero += 1;
+            writer.zero(slot);
+            Ok(())
+        }
+        Outcome::Known(id) => {
+            stats.slots_reused += 1;
+            writer.known(slot, &id)
+        }
+        Outcome::New { id, len, frame } => {
+            stats.slots_new += 1;
+            let r = writer.new_extent(slot, id, len, &frame);
+            ctx.buffers.give(frame);
+            r
+        }
+        Outcome::Overlaid(o) => {
+            tracing::debug!(slot, pieces = o.new.len(), "slot stored as overlays");
+            // No new piece: the parent's overlaid slot, unchanged.
+            if o.new.is_empty() {
+                stats.slots_reused += 1;
+            } else {
+                stats.slots_new += 1;
+            }
+            writer.overlaid(slot, o, &|frame| ctx.buffers.give(frame))
+        }
+        Outcome::Piece(_) => Err(Error::new(
+            ErrorKind::Io,
+            "a slot piece reached the writer on its own",
+        )),
     }
 }

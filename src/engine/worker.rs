@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use super::overlay::Piece;
 use crate::crypto::{ExtentId, GenerationKeys, IdentityKeys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vault::frame::{self, Binding};
@@ -53,11 +54,16 @@ pub enum Outcome {
     New {
         /// Its id.
         id: ExtentId,
+        /// Plaintext length.
+        len: u32,
         /// The sealed frame.
         frame: Vec<u8>,
     },
     /// Changed in places: the parent's pieces plus overlays for the changed runs.
     Overlaid(super::overlay::Overlaid),
+    /// One changed range of a slot read on its own (a change list named it); the writer
+    /// lays the slot's pieces over the parent's once all have arrived.
+    Piece(super::overlay::NewOverlay),
 }
 
 /// True if every byte of `data` is zero. Folds 64-byte chunks with OR, which the compiler
@@ -174,8 +180,25 @@ impl WorkerContext<'_> {
         if let Some(o) = self.try_overlay(slot, id, data)? {
             return Ok(Outcome::Overlaid(o));
         }
+        let len = data.len() as u32;
         self.seal_new(id, data)
-            .map(|frame| Outcome::New { id, frame })
+            .map(|frame| Outcome::New { id, len, frame })
+    }
+
+    /// What one changed range of a slot becomes: zeros, content the parent holds, or a new
+    /// sealed frame.
+    pub fn piece(&self, data: &[u8]) -> Result<Piece> {
+        if is_zero(data) {
+            return Ok(Piece::Zero);
+        }
+        let id = self.identity.extent_id.id(data);
+        if self.known.contains_key(&id) {
+            return Ok(Piece::Known(id));
+        }
+        Ok(Piece::New {
+            id,
+            frame: self.seal_new(id, data)?,
+        })
     }
 
     /// Compress if worthwhile, then seal `data` into a frame (in a recycled buffer).
@@ -243,7 +266,7 @@ mod tests {
                 parent: None,
             };
             for data in [&compressible, &random] {
-                let Outcome::New { id, frame } = ctx.process(0, data).unwrap() else {
+                let Outcome::New { id, frame, .. } = ctx.process(0, data).unwrap() else {
                     panic!("new")
                 };
                 if level.is_some() && data == &compressible {

@@ -23,6 +23,10 @@ const VERSION: u16 = 1;
 pub const OUTER_LEN: usize = 60;
 /// Marks "zeros" where an extent index is expected.
 pub const ZERO: u32 = u32::MAX;
+/// The content id of an overlaid slot built from a change list without reading the whole
+/// slot: its assembled content was never hashed. (A keyed BLAKE3 output of 32 zero bytes
+/// does not occur in practice.)
+pub const CONTENT_UNHASHED: ExtentId = ExtentId([0; 32]);
 /// Smallest slot size.
 pub const MIN_SLOT_SIZE: u32 = 64 << 10;
 /// Largest slot size (also the largest extent).
@@ -117,6 +121,7 @@ pub enum Slot {
     Overlaid {
         /// Keyed id of the whole slot's content once assembled: an unchanged slot is then
         /// recognised by one hash, and restore checks the assembled slot against it.
+        /// [`CONTENT_UNHASHED`] when it was built from a change list.
         content: ExtentId,
         /// The base.
         base: u32,
