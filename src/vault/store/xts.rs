@@ -126,25 +126,43 @@ impl Units {
     }
 }
 
-/// A store whose objects are AES-256-XTS encrypted on the way in and decrypted on the way out.
-/// Listing, deleting, sizes and locks pass through unchanged.
-pub struct XtsStore {
-    inner: Arc<dyn Store>,
+/// The layer's transform of whole objects under the platform key: the kernel the store
+/// applies, public for benchmarks and tools that hold stored bytes.
+pub struct InfraCipher {
     xts: Xts128<Aes256>,
     /// Keys the per-object identity half of each tweak.
     identity: Secret32,
 }
 
-impl XtsStore {
-    /// Wrap `inner` with the platform key `key` (consumed, and zeroized with the ciphers).
-    pub fn new(inner: Arc<dyn Store>, key: InfraKey) -> Self {
+impl InfraCipher {
+    /// The cipher of `key` (consumed; the expanded AES keys are zeroized on drop).
+    pub fn new(key: InfraKey) -> Self {
         let whole: &Array<u8, U64> = key.expose().into();
         let (data, tweak) = whole.split_ref::<U32>();
-        XtsStore {
+        InfraCipher {
             xts: Xts128::new(Aes256::new(data), Aes256::new(tweak)),
             identity: Secret32::from_bytes(blake3::derive_key(IDENTITY_CONTEXT, key.expose())),
-            inner,
         }
+    }
+
+    /// Encrypt the whole object `key` in place. A `Usage` error, naming the key, for objects
+    /// under 16 bytes or over 2^32 units.
+    pub fn encrypt(&self, key: &str, object: &mut [u8]) -> Result<()> {
+        let units = Units::of(object.len() as u64).map_err(|why| {
+            Error::usage(format!(
+                "object {key}: infrastructure encryption (AES-XTS) cannot store it: {why}"
+            ))
+        })?;
+        self.apply(key, units, 0, object, true);
+        Ok(())
+    }
+
+    /// Decrypt the whole stored object `key` in place. An `Integrity` error for a length the
+    /// layer never writes.
+    pub fn decrypt(&self, key: &str, object: &mut [u8]) -> Result<()> {
+        let units = stored_units(key, object.len() as u64)?;
+        self.apply(key, units, 0, object, false);
+        Ok(())
     }
 
     /// The 96-bit identity of `key`: secret-keyed, so the storage holder cannot tell from
@@ -177,28 +195,40 @@ impl XtsStore {
             i = i.wrapping_add(1);
         }
     }
+}
 
-    /// The stored form of `data`, or a `Usage` error if the layer cannot hold it.
-    fn seal(&self, key: &str, data: &[u8]) -> Result<Vec<u8>> {
-        let units = Units::of(data.len() as u64).map_err(|why| {
-            Error::usage(format!(
-                "object {key}: infrastructure encryption (AES-XTS) cannot store it: {why}"
-            ))
-        })?;
-        let mut buf = data.to_vec();
-        self.apply(key, units, 0, &mut buf, true);
-        Ok(buf)
+/// The units of a stored object of `len` bytes, or an `Integrity` error: it was not written
+/// through this layer, or it was cut.
+fn stored_units(key: &str, len: u64) -> Result<Units> {
+    Units::of(len).map_err(|why| {
+        Error::integrity(format!(
+            "object {key}: {why}, so it was not written by the infrastructure encryption \
+             layer (AES-XTS) or is damaged"
+        ))
+    })
+}
+
+/// A store whose objects are AES-256-XTS encrypted on the way in and decrypted on the way out.
+/// Listing, deleting, sizes and locks pass through unchanged.
+pub struct XtsStore {
+    inner: Arc<dyn Store>,
+    cipher: InfraCipher,
+}
+
+impl XtsStore {
+    /// Wrap `inner` with the platform key `key` (consumed, and zeroized with the ciphers).
+    pub fn new(inner: Arc<dyn Store>, key: InfraKey) -> Self {
+        XtsStore {
+            inner,
+            cipher: InfraCipher::new(key),
+        }
     }
 
-    /// The units of a stored object of `len` bytes, or an `Integrity` error: it was not
-    /// written through this layer, or it was cut.
-    fn stored_units(key: &str, len: u64) -> Result<Units> {
-        Units::of(len).map_err(|why| {
-            Error::integrity(format!(
-                "object {key}: {why}, so it was not written by the infrastructure encryption \
-                 layer (AES-XTS) or is damaged"
-            ))
-        })
+    /// The stored form of `data`.
+    fn seal(&self, key: &str, data: &[u8]) -> Result<Vec<u8>> {
+        let mut buf = data.to_vec();
+        self.cipher.encrypt(key, &mut buf)?;
+        Ok(buf)
     }
 }
 
@@ -213,8 +243,7 @@ impl Store for XtsStore {
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let mut buf = self.inner.get(key)?;
-        let units = Self::stored_units(key, buf.len() as u64)?;
-        self.apply(key, units, 0, &mut buf, false);
+        self.cipher.decrypt(key, &mut buf)?;
         Ok(buf)
     }
 
@@ -234,13 +263,19 @@ impl Store for XtsStore {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let units = Self::stored_units(key, size)?;
+        let units = stored_units(key, size)?;
         let (first, last) = (units.containing(offset), units.containing(end - 1));
         let covered = units.span(first).start..units.span(last).end;
-        let mut buf =
-            self.inner
-                .get_range(key, covered.start, (covered.end - covered.start) as usize)?;
-        self.apply(key, units, first, &mut buf, false);
+        let want = (covered.end - covered.start) as usize;
+        let mut buf = self.inner.get_range(key, covered.start, want)?;
+        if buf.len() != want {
+            return Err(Error::integrity(format!(
+                "object {key}: the store returned {} bytes at offset {} instead of {want}",
+                buf.len(),
+                covered.start
+            )));
+        }
+        self.cipher.apply(key, units, first, &mut buf, false);
         let skip = (offset - covered.start) as usize;
         buf.copy_within(skip..skip + len, 0);
         buf.truncate(len);
@@ -455,7 +490,10 @@ mod tests {
         }
         let (_d, s, inner) = stores(InfraKey::from_bytes(b).unwrap());
         let key = "packs/ab/example";
-        assert_eq!(hex::encode(s.identity(key)), "8a4404ff5883ddb4e793b702");
+        assert_eq!(
+            hex::encode(s.cipher.identity(key)),
+            "8a4404ff5883ddb4e793b702"
+        );
         let counting = |len: usize| (0..len).map(|i| i as u8).collect::<Vec<u8>>();
         s.put(key, &counting(40)).unwrap();
         assert_eq!(
