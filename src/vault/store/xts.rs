@@ -45,7 +45,7 @@ const IDENTITY_CONTEXT: &str = "blockvault 2026-11-28 infrastructure xts object 
 
 /// The platform's 512-bit XTS key: AES-256 data key ‖ AES-256 tweak key. Zeroized on drop,
 /// neither `Copy`, `Clone` nor `Debug`. The halves always differ (checked on construction):
-/// XTS with equal halves loses its security proof (IEEE 1619-2018 §5.1 requires distinct keys).
+/// XTS with equal halves loses its security proof (IEEE 1619-2018 requires distinct keys).
 #[derive(Zeroize, ZeroizeOnDrop)]
 pub struct InfraKey([u8; 64]);
 
