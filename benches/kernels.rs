@@ -2,7 +2,8 @@
 //! kernel, throughput in bytes of plaintext.
 //!
 //! Quick run: `cargo bench --bench kernels -- --warm-up-time 1 --measurement-time 2`
-//! One group: `cargo bench --bench kernels -- zstd`
+//! One group: `cargo bench --bench kernels -- zstd`; the infrastructure encryption layer on a
+//! 32 MiB pack: `cargo bench --bench kernels -- aes256xts`
 //!
 //! Data:
 //! - *compressible*: 1 MiB of real files (ELF binaries, shared libraries, text, locale data)
@@ -26,6 +27,7 @@ use blockvault::crypto::{AeadKey, ExtentId, GenerationKeys, IdentityKeys, Secret
 use blockvault::engine::worker::{is_zero, Compression, Outcome, Recycler, WorkerContext};
 use blockvault::vault::frame::{self, Binding};
 use blockvault::vault::manifest::ExtentLoc;
+use blockvault::vault::store::xts::{InfraCipher, InfraKey};
 
 const MIB: usize = 1 << 20;
 /// Bytes taken from one file, so one big library does not make the whole buffer.
@@ -348,5 +350,24 @@ fn kernels(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, kernels);
+/// The infrastructure encryption layer (AES-256-XTS, 4 KiB units) over a whole 32 MiB pack,
+/// as `XtsStore` applies it on put and get: what the second layer costs per byte stored.
+fn infrastructure_xts(c: &mut Criterion) {
+    const PACK: usize = 32 * MIB;
+    let cipher = InfraCipher::new(InfraKey::generate().expect("infrastructure key"));
+    let mut buf = random().repeat(PACK / MIB);
+    let mut g = c.benchmark_group("aes256xts_4k_units");
+    g.throughput(Throughput::Bytes(PACK as u64));
+    g.sample_size(20);
+    let key = "packs/ab/bench";
+    g.bench_function("encrypt/32MiB", |b| {
+        b.iter(|| cipher.encrypt(key, black_box(&mut buf)).expect("encrypt"))
+    });
+    g.bench_function("decrypt/32MiB", |b| {
+        b.iter(|| cipher.decrypt(key, black_box(&mut buf)).expect("decrypt"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, kernels, infrastructure_xts);
 criterion_main!(benches);

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockvault::vault::store::xts::{InfraKey, XtsStore, MIN_OBJECT_LEN};
 use blockvault::vault::store::{self, LocalStore, Store};
 use blockvault::ErrorKind;
 use common::*;
@@ -23,23 +24,32 @@ fn assert_no_hidden_files(dir: &std::path::Path) {
     assert!(leftovers.is_empty(), "{}: {leftovers:?}", dir.display());
 }
 
-/// Every backend under test, each in a fresh empty location: the local store on the
-/// temp folder's filesystem (O_DIRECT for large objects) and, where /dev/shm exists, on
-/// tmpfs (which refuses O_DIRECT: the buffered path).
-fn stores() -> Vec<(tempfile::TempDir, Box<dyn Store>)> {
+/// Every backend under test, each in a fresh empty location, with the smallest object it
+/// holds: the local store on the temp folder's filesystem (O_DIRECT for large objects) and,
+/// where /dev/shm exists, on tmpfs (which refuses O_DIRECT: the buffered path); and the
+/// infrastructure encryption layer (AES-XTS) over a local store, which needs one AES block.
+fn stores() -> Vec<(tempfile::TempDir, Box<dyn Store>, usize)> {
     let dir = tempfile::tempdir().expect("tempdir");
     let local: Box<dyn Store> = Box::new(LocalStore::new(dir.path().join("vault")));
-    let mut all = vec![(dir, local)];
+    let mut all = vec![(dir, local, 0)];
     if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
         let s: Box<dyn Store> = Box::new(LocalStore::new(shm.path().join("vault")));
-        all.push((shm, s));
+        all.push((shm, s, 0));
     }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inner = Arc::new(LocalStore::new(dir.path().join("vault")));
+    let key = InfraKey::generate().expect("infrastructure key");
+    all.push((
+        dir,
+        Box::new(XtsStore::new(inner, key)),
+        MIN_OBJECT_LEN as usize,
+    ));
     all
 }
 
 #[test]
 fn large_objects_of_unaligned_size_round_trip() {
-    for (_d, s) in stores() {
+    for (_d, s, _) in stores() {
         for len in [1 << 20, (1 << 20) + 1, (33 << 20) - 4095] {
             let data = random_data(len as u64, len);
             s.put("packs/cd/large", &data).unwrap();
@@ -59,25 +69,37 @@ fn large_objects_of_unaligned_size_round_trip() {
 
 #[test]
 fn put_then_get_returns_the_same_bytes_and_put_replaces() {
-    for (_d, s) in stores() {
+    for (_d, s, min_len) in stores() {
         let data = random_data(1, 100_000);
         s.put("packs/ab/abcdef", &data).unwrap();
         assert_eq!(s.get("packs/ab/abcdef").unwrap(), data);
         assert_eq!(s.size("packs/ab/abcdef").unwrap(), 100_000);
         // Replacing is atomic and complete, also with a shorter object.
-        s.put("packs/ab/abcdef", b"short").unwrap();
-        assert_eq!(s.get("packs/ab/abcdef").unwrap(), b"short");
-        assert_eq!(s.size("packs/ab/abcdef").unwrap(), 5);
-        // Empty objects exist and are empty.
-        s.put("config", b"").unwrap();
-        assert_eq!(s.get("config").unwrap(), b"");
-        assert_eq!(s.size("config").unwrap(), 0);
+        s.put("packs/ab/abcdef", b"a shorter object").unwrap();
+        assert_eq!(s.get("packs/ab/abcdef").unwrap(), b"a shorter object");
+        assert_eq!(s.size("packs/ab/abcdef").unwrap(), 16);
+        // Small objects (empty ones included) exist and read back whole, down to the
+        // backend's minimum; below it a put is refused, names the key and stores nothing.
+        for len in 0..20 {
+            let small = random_data(len as u64, len);
+            if len >= min_len {
+                s.put("config", &small).unwrap();
+                assert_eq!(s.get("config").unwrap(), small);
+                assert_eq!(s.size("config").unwrap(), len as u64);
+                s.delete("config").unwrap();
+            } else {
+                let e = s.put("config", &small).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Usage, "{len} bytes: {e:?}");
+                assert!(e.to_string().contains("config"), "{e}");
+                assert_eq!(s.get("config").unwrap_err().kind(), ErrorKind::NotFound);
+            }
+        }
     }
 }
 
 #[test]
 fn missing_objects_are_not_found() {
-    for (_d, s) in stores() {
+    for (_d, s, _) in stores() {
         assert_eq!(
             s.get("snapshots/x/y").unwrap_err().kind(),
             ErrorKind::NotFound
@@ -97,7 +119,7 @@ fn missing_objects_are_not_found() {
 
 #[test]
 fn get_range_reads_exact_ranges_and_refuses_past_the_end() {
-    for (_d, s) in stores() {
+    for (_d, s, _) in stores() {
         let data = random_data(2, 10_000);
         s.put("packs/01/obj", &data).unwrap();
         assert_eq!(s.get_range("packs/01/obj", 0, 10).unwrap(), &data[..10]);
@@ -121,7 +143,7 @@ fn get_range_reads_exact_ranges_and_refuses_past_the_end() {
 
 #[test]
 fn list_is_recursive_sorted_and_scoped_to_the_folder() {
-    for (_d, s) in stores() {
+    for (_d, s, _) in stores() {
         let keys = [
             "snapshots/d2/s1",
             "snapshots/d1/s2",
@@ -131,8 +153,10 @@ fn list_is_recursive_sorted_and_scoped_to_the_folder() {
             "packs/aa/1",
             "keys/d1/00000000",
         ];
+        // Contents are the key's name, made long enough for every backend.
+        let contents = |k: &str| format!("contents of {k}").into_bytes();
         for k in keys {
-            s.put(k, k.as_bytes()).unwrap();
+            s.put(k, &contents(k)).unwrap();
         }
         assert_eq!(
             s.list("snapshots").unwrap(),
@@ -147,7 +171,7 @@ fn list_is_recursive_sorted_and_scoped_to_the_folder() {
         assert!(s.list("snapshots/d9").unwrap().is_empty());
         // Every listed key reads back as itself.
         for k in s.list("snapshots").unwrap() {
-            assert_eq!(s.get(&k).unwrap(), k.as_bytes());
+            assert_eq!(s.get(&k).unwrap(), contents(&k));
         }
     }
 }
@@ -171,8 +195,8 @@ fn unfinished_writes_are_never_listed() {
 
 #[test]
 fn delete_is_idempotent() {
-    for (_d, s) in stores() {
-        s.put("packs/cc/x", b"x").unwrap();
+    for (_d, s, _) in stores() {
+        s.put("packs/cc/x", b"an object to delete").unwrap();
         s.delete("packs/cc/x").unwrap();
         assert_eq!(s.get("packs/cc/x").unwrap_err().kind(), ErrorKind::NotFound);
         assert!(s.list("packs").unwrap().is_empty());
@@ -204,7 +228,7 @@ fn keys_that_escape_the_store_are_refused() {
 
 #[test]
 fn readers_never_see_a_partial_object() {
-    for (_d, s) in stores() {
+    for (_d, s, _) in stores() {
         let s: Arc<dyn Store> = s.into();
         let a = vec![b'a'; 2 << 20];
         let b = vec![b'b'; 3 << 20];
@@ -240,7 +264,7 @@ fn readers_never_see_a_partial_object() {
 
 #[test]
 fn locks_are_exclusive_until_dropped() {
-    for (_d, s) in stores() {
+    for (_d, s, _) in stores() {
         let g = s.lock("disk-1", Duration::ZERO).unwrap();
         let e = s
             .lock("disk-1", Duration::ZERO)
@@ -259,7 +283,7 @@ fn locks_are_exclusive_until_dropped() {
 
 #[test]
 fn lock_waits_up_to_the_given_time() {
-    for (_d, s) in stores() {
+    for (_d, s, _) in stores() {
         let s: Arc<dyn Store> = s.into();
         let g = s.lock("new-disk", Duration::ZERO).unwrap();
         // A short wait gives up after about that long.
@@ -293,16 +317,18 @@ fn lock_waits_up_to_the_given_time() {
 
 #[test]
 fn put_new_never_replaces() {
-    for (_d, s) in stores() {
-        s.put_new("keys/d/00000000", b"first").unwrap();
-        let e = s.put_new("keys/d/00000000", b"second").unwrap_err();
+    for (_d, s, _) in stores() {
+        s.put_new("keys/d/00000000", b"the first writer").unwrap();
+        let e = s
+            .put_new("keys/d/00000000", b"the second writer")
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e:?}");
-        assert_eq!(s.get("keys/d/00000000").unwrap(), b"first");
+        assert_eq!(s.get("keys/d/00000000").unwrap(), b"the first writer");
         assert_eq!(s.list("keys").unwrap(), vec!["keys/d/00000000"]);
     }
     // Racing writers: exactly one wins and the object is the winner's, whole.
     for round in 0..10 {
-        for (d, s) in stores() {
+        for (d, s, _) in stores() {
             let s: Arc<dyn Store> = s.into();
             let barrier = Arc::new(std::sync::Barrier::new(4));
             let handles: Vec<_> = (0..4u8)
@@ -382,7 +408,12 @@ proptest! {
         cuts in proptest::collection::vec((any::<u16>(), any::<u16>()), 1..8),
         name in "[a-z0-9]{1,12}(/[a-z0-9_-]{1,12}){0,3}",
     ) {
-        for (_d, s) in stores() {
+        for (_d, s, min_len) in stores() {
+            if data.len() < min_len {
+                prop_assert_eq!(s.put(&name, &data).unwrap_err().kind(), ErrorKind::Usage);
+                prop_assert!(s.list("").unwrap().is_empty());
+                continue;
+            }
             s.put(&name, &data).unwrap();
             prop_assert_eq!(&s.get(&name).unwrap(), &data);
             prop_assert_eq!(s.size(&name).unwrap(), data.len() as u64);

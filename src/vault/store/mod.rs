@@ -4,6 +4,7 @@
 //! Keys are `/`-separated relative names (`packs/ab/ab12…`, `snapshots/<disk>/<id>`).
 
 pub mod local;
+pub mod xts;
 
 use crate::error::{Error, ErrorKind, Result};
 
