@@ -11,7 +11,8 @@
 #   2. full backup into a fresh vault (fresh keystore), then an unchanged incremental
 #      (must store < 1 MiB), then a restore compared byte for byte with the image;
 #   3. scatter: a fresh copy of the image, `mutate.sh scatter`, incremental against the full
-#      snapshot, restore + cmp;
+#      snapshot (hash comparison), restore + cmp; then the same incremental driven by the
+#      change list mutate.sh wrote (`--changed`, 4 KiB granular), restore + cmp;
 #   4. contig: the same with `mutate.sh contig`;
 #   and, if restic is installed, the same steps with restic (repository in the bench dir,
 #   password file, default settings) right after blockvault's.
@@ -154,8 +155,8 @@ same() { # same A B: byte-for-byte comparison, 1 if equal
 VAULT=$RUN/bv/vault
 KEYSTORE=$RUN/bv/keystore
 BVC=("$BV" --vault "$VAULT" --keystore "$KEYSTORE" --json)
-bv_backup() { # bv_backup STEP SOURCE PARENT
-  measure "$1" blockvault "${BVC[@]}" backup "$2" --disk ref --parent "$3" "${BV_EXTRA[@]}"
+bv_backup() { # bv_backup STEP SOURCE PARENT [BACKUP-ARGS...]
+  measure "$1" blockvault "${BVC[@]}" backup "$2" --disk ref --parent "$3" "${@:4}" "${BV_EXTRA[@]}"
   local out=$LOGS/$1.blockvault.out
   record "$1" blockvault bytes_stored "$(json_field "$out" bytes_stored)"
   record "$1" blockvault bytes_read "$(json_field "$out" bytes_read)"
@@ -252,6 +253,17 @@ for mode in scatter contig; do
   fresh_copy "$mode"
   SNAP=$(bv_backup "$mode" "$COPY" "$FULL")
   bv_restore "$mode-restore" "$SNAP" "$COPY"
+  if [ "$mode" = scatter ]; then
+    # mutate.sh's "offset length" lines as a plain JSON change list.
+    "$PY" -c 'import json,sys; print(json.dumps([{"offset": int(o), "length": int(l)} for o, l in (x.split() for x in open(sys.argv[1]))]))' \
+      "$COPY.changes" >"$RUN/changes.json"
+    LSNAP=$(bv_backup scatter-list "$COPY" "$FULL" --changed "$RUN/changes.json")
+    LSTORED=$(awk -F'\t' '$1=="scatter-list" && $2=="blockvault" && $3=="bytes_stored" {print $4}' "$TSV")
+    LCHANGED=$(awk -F'\t' '$1=="scatter" && $2=="changes" && $3=="bytes_changed" {print $4}' "$TSV")
+    check scatter-list.blockvault.stored "$([ "$LSTORED" -le $((2 * LCHANGED)) ] && echo 1 || echo 0)" \
+      "$LSTORED bytes stored for $LCHANGED bytes changed, limit 2x"
+    bv_restore scatter-list-restore "$LSNAP" "$COPY"
+  fi
   if [ "$HAVE_RESTIC" = 1 ]; then
     RSNAP=$(restic_backup "$mode")
     restic_restore "$mode-restore" "$RSNAP" "$COPY"
@@ -291,6 +303,8 @@ steps = [
     ("restore-nosync", "restore full, --no-sync"),
     ("scatter", "incremental after scatter"),
     ("scatter-restore", "restore after scatter"),
+    ("scatter-list", "scatter, with --changed list"),
+    ("scatter-list-restore", "restore after --changed"),
     ("contig", "incremental after contig"),
     ("contig-restore", "restore after contig"),
 ]
@@ -326,7 +340,8 @@ for r in results:  # in step order: what each backup added to the repository on 
         prev[r["tool"]] = r["repo_bytes"]
 by = {(r["step"], r["tool"]): r for r in results}
 ratios = {}
-peer_step = {"restore-nosync": "restore"}  # restic has one restore, without fsync
+# restic has one restore, without fsync, and one incremental per mutation (no change list).
+peer_step = {"restore-nosync": "restore", "scatter-list": "scatter", "scatter-list-restore": "scatter-restore"}
 for step, _ in steps:
     b, p = by.get((step, "blockvault")), by.get((peer_step.get(step, step), "restic"))
     if b and p and b["wall_s"]:

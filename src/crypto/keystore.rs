@@ -5,10 +5,12 @@
 //!
 //! File layout (`<vault-id hex>.keys`, little-endian; byte-exact spec in docs/FORMAT.md):
 //! ```text
-//! "BVKS" | u16 version=1 | u16 0 | vault id [16] | auth key [32] | u16 n
+//! "BVKS" | u16 version=2 | u16 0 | vault id [16] | auth key [32] | u16 n
 //! n × ( u32 version | u8 state | 3×0 | u64 created | key [32] )
+//! u8 infrastructure key present (0/1) | 3×0 | [64] the AES-256-XTS key, or zeros
 //! BLAKE3 of all preceding bytes [32]
 //! ```
+//! Version 1 files (no infrastructure part) are still read.
 
 use std::fs;
 use std::io::Write;
@@ -20,11 +22,13 @@ use zeroize::Zeroizing;
 use super::kek::{KekState, PlatformKek, PlatformKeyVersion};
 use super::secret::Secret32;
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::vault::store::xts::InfraKey;
 
 const MAGIC: &[u8; 4] = b"BVKS";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const HEADER_LEN: usize = 4 + 2 + 2 + 16 + 32 + 2;
 const ENTRY_LEN: usize = 4 + 1 + 3 + 8 + 32;
+const INFRA_LEN: usize = 4 + 64;
 const SUM_LEN: usize = 32;
 
 /// Where key files live.
@@ -38,6 +42,9 @@ pub struct VaultKeys {
     pub auth: Secret32,
     /// The platform KEK versions.
     pub kek: PlatformKek,
+    /// The platform-managed key of the infrastructure encryption layer, for vaults that
+    /// have one.
+    pub infra: Option<InfraKey>,
 }
 
 impl Keystore {
@@ -138,8 +145,9 @@ impl Keystore {
         Ok(path)
     }
 
-    /// Create the keys of a new vault: a fresh auth key and KEK version 1.
-    pub fn create(&self, vault_id: &[u8; 16]) -> Result<(VaultKeys, PathBuf)> {
+    /// Create the keys of a new vault: a fresh auth key and KEK version 1, and an
+    /// infrastructure-layer key if `infrastructure`.
+    pub fn create(&self, vault_id: &[u8; 16], infrastructure: bool) -> Result<(VaultKeys, PathBuf)> {
         if self.path_for(vault_id).exists() {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
@@ -157,6 +165,11 @@ impl Keystore {
                 created: crate::util::now_unix(),
                 key: Secret32::random()?,
             }]),
+            infra: if infrastructure {
+                Some(InfraKey::generate()?)
+            } else {
+                None
+            },
         };
         let path = self.save(vault_id, &keys)?;
         Ok((keys, path))
@@ -181,6 +194,12 @@ fn encode(vault_id: &[u8; 16], keys: &VaultKeys) -> Zeroizing<Vec<u8>> {
         b.extend_from_slice(&v.created.to_le_bytes());
         b.extend_from_slice(v.key.expose());
     }
+    b.push(keys.infra.is_some() as u8);
+    b.extend_from_slice(&[0; 3]);
+    match &keys.infra {
+        Some(k) => b.extend_from_slice(k.expose()),
+        None => b.extend_from_slice(&[0; 64]),
+    }
     let sum = blake3::hash(&b);
     b.extend_from_slice(sum.as_bytes());
     b
@@ -196,7 +215,7 @@ fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
         return Err(corrupt("checksum mismatch"));
     }
     let version = u16::from_le_bytes([b[4], b[5]]);
-    if version != VERSION {
+    if version != 1 && version != VERSION {
         return Err(Error::new(
             ErrorKind::Unsupported,
             format!("keystore format version {version}, this build reads {VERSION}"),
@@ -210,12 +229,22 @@ fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
     }
     let auth = Secret32::from_slice(&b[24..56])?;
     let n = u16::from_le_bytes([b[56], b[57]]) as usize;
-    if body.len() != HEADER_LEN + n * ENTRY_LEN {
+    let infra_len = if version == 1 { 0 } else { INFRA_LEN };
+    if body.len() != HEADER_LEN + n * ENTRY_LEN + infra_len {
         return Err(corrupt("length does not match its entry count"));
     }
+    let entries_end = HEADER_LEN + n * ENTRY_LEN;
+    let infra = match &body[entries_end..] {
+        [] => None,
+        [0, 0, 0, 0, rest @ ..] if rest.iter().all(|&x| x == 0) => None,
+        [1, 0, 0, 0, key @ ..] => Some(InfraKey::from_bytes(
+            key.try_into().map_err(|_| corrupt("infrastructure key length"))?,
+        )?),
+        _ => return Err(corrupt("infrastructure key part is malformed")),
+    };
     let mut versions = Vec::with_capacity(n);
     let mut seen = std::collections::HashSet::with_capacity(n);
-    for e in body[HEADER_LEN..].chunks_exact(ENTRY_LEN) {
+    for e in body[HEADER_LEN..entries_end].chunks_exact(ENTRY_LEN) {
         let state = match e[4] {
             1 => KekState::Enabled,
             2 => KekState::Revoked,
@@ -238,6 +267,7 @@ fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
     Ok(VaultKeys {
         auth,
         kek: PlatformKek::new(versions),
+        infra,
     })
 }
 
@@ -251,12 +281,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ks = Keystore::new(dir.path().join("ks"));
         let id = [4u8; 16];
-        let (keys, path) = ks.create(&id).unwrap();
+        let (keys, path) = ks.create(&id, true).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let loaded = ks.load(&id).unwrap();
         assert_eq!(loaded.auth.expose(), keys.auth.expose());
         assert_eq!(loaded.kek.current().unwrap(), keys.kek.current().unwrap());
+        assert_eq!(
+            loaded.infra.as_ref().map(|k| *k.expose()),
+            keys.infra.as_ref().map(|k| *k.expose())
+        );
     }
 
     #[test]
@@ -266,7 +300,7 @@ mod tests {
         let err = ks.load(&[1; 16]).err().unwrap();
         assert_eq!(err.kind(), ErrorKind::Key);
         assert!(err.to_string().contains("expected"), "{err}");
-        ks.create(&[1; 16]).unwrap();
+        ks.create(&[1; 16], false).unwrap();
         let p = ks.path_for(&[1; 16]);
         let mut b = fs::read(&p).unwrap();
         b[30] ^= 1;

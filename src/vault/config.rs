@@ -21,6 +21,11 @@ const BODY_LEN: usize = 36;
 const LEN: usize = BODY_LEN + 32;
 const _: () = assert!(LEN == 68);
 
+/// No infrastructure encryption layer.
+pub const INFRA_NONE: u8 = 0;
+/// AES-256-XTS over every object but the config (see docs/CRYPTO.md).
+pub const INFRA_AES_XTS: u8 = 1;
+
 /// Settings fixed when the vault is made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -30,7 +35,7 @@ pub struct Config {
     pub created: u64,
     /// What wraps the DEKs.
     pub kek_kind: KekKind,
-    /// Second encryption layer (0 = none); reserved for the infrastructure layer.
+    /// Second encryption layer: [`INFRA_NONE`] or [`INFRA_AES_XTS`].
     pub infrastructure: u8,
 }
 
@@ -73,7 +78,7 @@ impl Config {
         let created = d.u64()?;
         let kek_kind = KekKind::from_u8(d.u8()?)?;
         let infrastructure = d.u8()?;
-        if infrastructure != 0 {
+        if infrastructure > INFRA_AES_XTS {
             return Err(Error::new(ErrorKind::Unsupported, format!("vault config: infrastructure encryption layer {infrastructure} is not supported by this build")));
         }
         d.reserved(2)?;

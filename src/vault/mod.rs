@@ -98,6 +98,11 @@ pub struct SnapshotEntry {
 impl Vault {
     /// Create a vault at `url` with a platform KEK in `keystore`. Fails if a vault exists there.
     pub fn init(url: &str, keystore: &Keystore) -> Result<Vault> {
+        Vault::init_with(url, keystore, &InitOptions::default())
+    }
+
+    /// Create a vault with the encryption settings of `opts`, fixed for its lifetime.
+    pub fn init_with(url: &str, keystore: &Keystore, opts: &InitOptions) -> Result<Vault> {
         let store: Arc<dyn Store> = store::open(url)?.into();
         if store.size(config::KEY).is_ok() {
             return Err(Error::new(
@@ -106,17 +111,21 @@ impl Vault {
             ));
         }
         let vault_id = random_bytes::<16>()?;
-        let (keys, keystore_file) = keystore.create(&vault_id)?;
+        let (keys, keystore_file) = keystore.create(&vault_id, opts.infrastructure)?;
         let config = Config {
             vault_id,
             created: crate::util::now_unix(),
             kek_kind: KekKind::Platform,
-            infrastructure: 0,
+            infrastructure: if opts.infrastructure {
+                config::INFRA_AES_XTS
+            } else {
+                config::INFRA_NONE
+            },
         };
         store.put_new(config::KEY, &config.encode(&keys.auth))?;
         tracing::info!(vault = %url, keystore = %keystore_file.display(), "vault created");
         Ok(Vault {
-            store,
+            store: layered(store, &config, &keys)?,
             config,
             keys,
             keystore_file,
@@ -139,7 +148,7 @@ impl Vault {
         Config::verify(&raw, &keys.auth).map_err(|e| e.within(format!("vault {url}")))?;
         let keystore_file = keystore.path_for(&config.vault_id);
         Ok(Vault {
-            store,
+            store: layered(store, &config, &keys)?,
             config,
             keys,
             keystore_file,
@@ -394,6 +403,30 @@ impl Vault {
         self.store
             .put(&m.id.object_key(&disk.id), &m.encode(&disk.binding, &keys)?)
     }
+}
+
+/// The store every object but the config goes through: with the infrastructure layer, each
+/// object is AES-256-XTS encrypted on its way to the backend. (The config stays outside it:
+/// it names the vault whose keys decrypt the rest, and holds no secret.)
+fn layered(raw: Arc<dyn Store>, config: &Config, keys: &VaultKeys) -> Result<Arc<dyn Store>> {
+    if config.infrastructure == config::INFRA_NONE {
+        return Ok(raw);
+    }
+    let key = keys.infra.as_ref().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Key,
+            "the vault has an infrastructure encryption layer but the keystore holds no key for it",
+        )
+    })?;
+    let key = store::xts::InfraKey::from_bytes(*key.expose())?;
+    Ok(Arc::new(store::xts::XtsStore::new(raw, key)))
+}
+
+/// Encryption settings chosen when a vault is created.
+#[derive(Debug, Clone, Default)]
+pub struct InitOptions {
+    /// Add the infrastructure layer (AES-256-XTS with a platform-managed key).
+    pub infrastructure: bool,
 }
 
 /// An id from an object name: exactly `2 * N` lowercase hex digits (names are written in
