@@ -311,3 +311,111 @@ impl CmkKey {
         Ok(key)
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use aws_lc_rs::rsa::{KeySize, OaepPrivateDecryptingKey, PrivateDecryptingKey};
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    /// One 3072-bit key pair per test binary, as a descriptor and its private key.
+    pub(in crate::crypto::rsa) fn test_key(
+        oaep: OaepHash,
+    ) -> (&'static CmkKey, &'static OaepPrivateDecryptingKey) {
+        static K: OnceLock<(CmkKey, CmkKey, OaepPrivateDecryptingKey)> = OnceLock::new();
+        let (sha1, sha256, private) = K.get_or_init(|| {
+            let private = PrivateDecryptingKey::generate(KeySize::Rsa3072).unwrap();
+            let spki = private.public_key().as_der().unwrap();
+            let key =
+                |h| CmkKey::from_spki(KekKind::CustomerRsa, 1, h, spki.as_ref(), "test").unwrap();
+            (
+                key(OaepHash::Sha1),
+                key(OaepHash::Sha256),
+                OaepPrivateDecryptingKey::new(private).unwrap(),
+            )
+        });
+        match oaep {
+            OaepHash::Sha1 => (sha1, private),
+            OaepHash::Sha256 => (sha256, private),
+        }
+    }
+
+    #[test]
+    fn descriptor_round_trip_and_refusals() {
+        let (key, _) = test_key(OaepHash::Sha1);
+        let b = key.encode();
+        let back = CmkKey::decode(&b, "cmk").unwrap();
+        assert_eq!(back.encode(), b);
+        assert_eq!(back.oaep(), OaepHash::Sha1);
+        assert_eq!(back.bits(), 3072);
+        // Unknown OAEP hash and KEK kind bytes, a platform kind, an over-long SPKI length.
+        for (at, v, says) in [
+            (9usize, 9u8, "unknown RSA-OAEP hash"),
+            (8, 99, "unknown key-encryption-key kind"),
+            (8, 1, "not an RSA kind"),
+        ] {
+            let mut bad = b.clone();
+            bad[at] = v;
+            let err = CmkKey::decode(&bad, "cmk").unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        let mut bad = b.clone();
+        bad[46..48].copy_from_slice(&u16::MAX.to_le_bytes());
+        let err = CmkKey::decode(&bad, "cmk").unwrap_err();
+        assert!(err.to_string().contains("public key length"), "{err}");
+    }
+
+    /// Modulus and exponent of an SPKI, read with the `der` crate as a token would show them.
+    fn components(spki: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        use pkcs8::der::asn1::UintRef;
+        use pkcs8::der::{Decode, Reader, SliceReader};
+        let info = pkcs8::SubjectPublicKeyInfoRef::from_der(spki).unwrap();
+        let pkcs1 = info.subject_public_key.raw_bytes();
+        let mut r = SliceReader::new(pkcs1).unwrap();
+        r.sequence(|r| {
+            let n: UintRef = r.decode()?;
+            let e: UintRef = r.decode()?;
+            Ok::<_, pkcs8::der::Error>((n.as_bytes().to_vec(), e.as_bytes().to_vec()))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn components_with_leading_zeros_give_the_same_key() {
+        let (key, _) = test_key(OaepHash::Sha256);
+        let (n, e) = components(key.public_spki());
+        let padded = [&[0u8, 0][..], &n].concat();
+        let again =
+            CmkKey::from_components(KekKind::Recovery, 2, OaepHash::Sha256, &padded, &e, "x")
+                .unwrap();
+        assert_eq!(again.fingerprint(), key.fingerprint());
+        assert_eq!(again.public_spki(), key.public_spki());
+        assert_eq!(again.id().to_string(), "recovery-v2");
+        // A modulus of 2048 bits is refused, and so is one over 8192 bits, and no modulus.
+        let err =
+            CmkKey::from_components(KekKind::Recovery, 2, OaepHash::Sha256, &n[..256], &e, "x")
+                .unwrap_err();
+        assert!(err.to_string().contains("2048 bits is too small"), "{err}");
+        let big = vec![0xffu8; 1025];
+        assert!(
+            CmkKey::from_components(KekKind::Recovery, 2, OaepHash::Sha256, &big, &e, "x")
+                .unwrap_err()
+                .to_string()
+                .contains("maximum")
+        );
+        assert!(
+            CmkKey::from_components(KekKind::Recovery, 2, OaepHash::Sha256, &[0], &e, "x").is_err()
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = CmkKey::decode(&data, "fuzz");
+            let mut b = b"BVCK\x01\x00\x00\x00".to_vec();
+            b.extend_from_slice(&data);
+            let _ = CmkKey::decode(&b, "fuzz");
+        }
+    }
+}

@@ -110,3 +110,51 @@ pub(super) fn check_unwrap(provider: &dyn KekProvider, id: KekId) -> Result<()> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::rsa::key::{tests::test_key, OaepHash};
+    use proptest::prelude::*;
+
+    #[test]
+    fn seal_open_round_trip_and_binding() {
+        let (key, private) = test_key(OaepHash::Sha256);
+        let decrypt = |ct: &[u8]| {
+            let mut out = Zeroizing::new(vec![0u8; private.min_output_size()]);
+            let n = private
+                .decrypt(key.oaep().algorithm(), ct, &mut out, None)
+                .map_err(|_| Error::integrity("rsa"))?
+                .len();
+            out.truncate(n);
+            Ok(out)
+        };
+        let dek = Secret32::from_bytes([7; 32]);
+        let w = seal(key, &dek, b"aad").unwrap();
+        assert_eq!(w.len(), 2 + 384 + SEALED_LEN);
+        assert_eq!(
+            open(key, &w, b"aad", decrypt).unwrap().expose(),
+            dek.expose()
+        );
+        assert!(open(key, &w, b"other", decrypt).is_err());
+        // W must be exactly 32 bytes: a decryption giving anything else is refused.
+        let err = open(key, &w, b"aad", |_| Ok(Zeroizing::new(vec![1; 31])))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("31 bytes"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn split_never_panics_and_checks_lengths(
+            data in proptest::collection::vec(any::<u8>(), 0..600),
+            modulus in 0usize..600,
+        ) {
+            if let Ok(p) = split(&data, modulus, "w") {
+                prop_assert_eq!(p.rsa.len(), modulus);
+                prop_assert_eq!(p.sealed.len(), SEALED_LEN);
+                prop_assert_eq!(2 + modulus + SEALED_LEN, data.len());
+            }
+        }
+    }
+}
