@@ -23,7 +23,11 @@ fn seeds() -> Vec<Vec<u8>> {
     let e = [0x01, 0x00, 0x01];
     let mut out = Vec::new();
     for (kind, oaep, source) in [
-        (KekKind::CustomerRsa, OaepHash::Sha256, "/etc/blockvault/cmk.pub"),
+        (
+            KekKind::CustomerRsa,
+            OaepHash::Sha256,
+            "/etc/blockvault/cmk.pub",
+        ),
         (
             KekKind::CustomerPkcs11,
             OaepHash::Sha1,
