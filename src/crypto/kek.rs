@@ -15,6 +15,12 @@ use crate::error::{Error, ErrorKind, Result};
 pub enum KekKind {
     /// AES-256-GCM key in the platform keystore.
     Platform = 1,
+    /// Customer-managed RSA key given as PEM files (`init --cmk rsa:PUBLIC.pem`).
+    CustomerRsa = 2,
+    /// Customer-managed RSA key inside a PKCS#11 token (`init --cmk pkcs11:URI`).
+    CustomerPkcs11 = 3,
+    /// Offline RSA recovery key, a second wrap next to the vault's KEK (`--recovery-key`).
+    Recovery = 4,
 }
 
 impl KekKind {
@@ -22,11 +28,25 @@ impl KekKind {
     pub fn from_u8(b: u8) -> Result<Self> {
         match b {
             1 => Ok(KekKind::Platform),
+            2 => Ok(KekKind::CustomerRsa),
+            3 => Ok(KekKind::CustomerPkcs11),
+            4 => Ok(KekKind::Recovery),
             other => Err(Error::new(
                 ErrorKind::Unsupported,
                 format!("unknown key-encryption-key kind {other}"),
             )),
         }
+    }
+}
+
+impl std::fmt::Display for KekKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KekKind::Platform => "platform",
+            KekKind::CustomerRsa => "cmk-rsa",
+            KekKind::CustomerPkcs11 => "cmk-pkcs11",
+            KekKind::Recovery => "recovery",
+        })
     }
 }
 
@@ -41,9 +61,7 @@ pub struct KekId {
 
 impl std::fmt::Display for KekId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.kind {
-            KekKind::Platform => write!(f, "platform-v{}", self.version),
-        }
+        write!(f, "{}-v{}", self.kind, self.version)
     }
 }
 

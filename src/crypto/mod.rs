@@ -21,6 +21,7 @@ pub mod derive;
 pub mod digest;
 pub mod kek;
 pub mod keystore;
+pub mod rsa;
 pub mod secret;
 
 pub use aead::{AeadKey, Nonce, NONCE_LEN, TAG_LEN};

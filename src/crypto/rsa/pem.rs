@@ -1,0 +1,239 @@
+//! RSA keys given as PEM files: the customer-managed key of `init --cmk rsa:PUBLIC.pem` and
+//! the offline recovery key of `init --recovery-key rsa:PUB.pem`.
+//!
+//! Wrapping needs only the public key, which the vault stores in the key's [`CmkKey`]
+//! descriptor. The private key file (PKCS#8 PEM, plain or passphrase-protected) is read only
+//! when a DEK is unwrapped, on the first unwrap, and checked against the descriptor's
+//! fingerprint so that a wrong file is named as such rather than failing as "altered data".
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aws_lc_rs::rsa::{OaepPrivateDecryptingKey, PrivateDecryptingKey};
+use pkcs8::der::asn1::UintRef;
+use pkcs8::der::{Document, Reader, SecretDocument, SliceReader};
+use pkcs8::EncryptedPrivateKeyInfoRef;
+use zeroize::Zeroizing;
+
+use super::key::{CmkKey, OaepHash};
+use super::secret_source::SecretSource;
+use super::wrap;
+use crate::crypto::kek::{KekId, KekKind, KekProvider};
+use crate::crypto::secret::Secret32;
+use crate::error::{Error, ErrorKind, Result};
+
+/// PEM key files are a few KB; refuse to read anything much larger.
+const MAX_PEM_LEN: u64 = 64 * 1024;
+
+fn key_error(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Key, msg)
+}
+
+/// Read a whole (small) key file into memory that is zeroized when dropped.
+fn read_pem_file(path: &Path, what: &str) -> Result<Zeroizing<String>> {
+    let f = std::fs::File::open(path).map_err(|e| {
+        let msg = if e.kind() == std::io::ErrorKind::NotFound {
+            format!("{what} {} missing", path.display())
+        } else {
+            format!("cannot open {what} {}", path.display())
+        };
+        key_error(msg).with_source(e)
+    })?;
+    let mut bytes = Zeroizing::new(Vec::new());
+    f.take(MAX_PEM_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| key_error(format!("cannot read {what} {}", path.display())).with_source(e))?;
+    if bytes.len() as u64 > MAX_PEM_LEN {
+        return Err(key_error(format!(
+            "{what} {} is larger than {MAX_PEM_LEN} bytes; not a PEM key",
+            path.display()
+        )));
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| key_error(format!("{what} {} is not PEM text", path.display())))?;
+    Ok(Zeroizing::new(text.to_owned()))
+}
+
+/// Read an RSA public key PEM file: `PUBLIC KEY` (X.509 SubjectPublicKeyInfo, what
+/// `openssl pkey -pubout` writes) or `RSA PUBLIC KEY` (PKCS#1).
+pub fn read_public_key(kind: KekKind, version: u32, oaep: OaepHash, path: &Path) -> Result<CmkKey> {
+    let source = path.display().to_string();
+    let text = read_pem_file(path, "public key file")?;
+    let (label, doc) = Document::from_pem(&text)
+        .map_err(|e| key_error(format!("{source}: not a PEM file: {e}")))?;
+    match label {
+        "PUBLIC KEY" => CmkKey::from_spki(kind, version, oaep, doc.as_bytes(), source),
+        "RSA PUBLIC KEY" => {
+            let parse = || -> pkcs8::der::Result<(Vec<u8>, Vec<u8>)> {
+                let mut r = SliceReader::new(doc.as_bytes())?;
+                let ne = r.sequence(|r| {
+                    let n: UintRef = r.decode()?;
+                    let e: UintRef = r.decode()?;
+                    Ok::<_, pkcs8::der::Error>((n.as_bytes().to_vec(), e.as_bytes().to_vec()))
+                })?;
+                r.finish()?;
+                Ok(ne)
+            };
+            let (n, e) = parse()
+                .map_err(|e| key_error(format!("{source}: damaged PKCS#1 RSA public key: {e}")))?;
+            CmkKey::from_components(kind, version, oaep, &n, &e, source)
+        }
+        "PRIVATE KEY" | "ENCRYPTED PRIVATE KEY" | "RSA PRIVATE KEY" => Err(Error::usage(format!(
+            "{source} is a private key; give the public key (openssl pkey -pubout)"
+        ))),
+        other => Err(key_error(format!(
+            "{source}: PEM label \"{other}\" is not an RSA public key"
+        ))),
+    }
+}
+
+/// Where the private key is found on the host that unwraps.
+#[derive(Debug, Clone)]
+pub struct PrivateKeyFile {
+    /// A PKCS#8 PEM file (`PRIVATE KEY` or `ENCRYPTED PRIVATE KEY`).
+    pub path: PathBuf,
+    /// The passphrase of an encrypted file.
+    pub passphrase: Option<SecretSource>,
+}
+
+impl PrivateKeyFile {
+    /// Load and decrypt the key; the PKCS#8 DER only ever lives in zeroized buffers.
+    fn load(&self) -> Result<PrivateDecryptingKey> {
+        let path = self.path.display();
+        let text = read_pem_file(&self.path, "private key file")?;
+        let (label, doc) = SecretDocument::from_pem(&text)
+            .map_err(|e| key_error(format!("{path}: not a PEM file: {e}")))?;
+        let plain = match label {
+            "PRIVATE KEY" => doc,
+            "ENCRYPTED PRIVATE KEY" => {
+                let pass = self.passphrase.as_ref().ok_or_else(|| {
+                    key_error(format!(
+                        "private key file {path} is encrypted and no passphrase was given"
+                    ))
+                })?;
+                let pass = pass.read(&format!("passphrase of {path}"))?;
+                let info = EncryptedPrivateKeyInfoRef::try_from(doc.as_bytes())
+                    .map_err(|e| key_error(format!("{path}: damaged encrypted PKCS#8: {e}")))?;
+                info.decrypt(&pass[..]).map_err(|_| {
+                    key_error(format!(
+                        "{path}: cannot decrypt the private key (passphrase incorrect, or an unsupported cipher)"
+                    ))
+                })?
+            }
+            "RSA PRIVATE KEY" => {
+                return Err(key_error(format!(
+                "{path} is a PKCS#1 private key; convert it to PKCS#8 with `openssl pkcs8 -topk8`"
+            )))
+            }
+            other => {
+                return Err(key_error(format!(
+                    "{path}: PEM label \"{other}\" is not a PKCS#8 private key"
+                )))
+            }
+        };
+        PrivateDecryptingKey::from_pkcs8(plain.as_bytes())
+            .map_err(|e| key_error(format!("{path}: not a usable RSA private key: {e}")))
+    }
+}
+
+/// A PEM RSA key as a [`KekProvider`]: kind [`KekKind::CustomerRsa`] or
+/// [`KekKind::Recovery`].
+pub struct PemKek {
+    key: CmkKey,
+    private: Option<PrivateKeyFile>,
+    /// The private key once loaded (aws-lc clears it when freed).
+    loaded: Mutex<Option<OaepPrivateDecryptingKey>>,
+}
+
+impl PemKek {
+    /// A provider for a stored descriptor; `private` is needed only to unwrap.
+    pub fn new(key: CmkKey, private: Option<PrivateKeyFile>) -> Result<Self> {
+        if !matches!(key.id().kind, KekKind::CustomerRsa | KekKind::Recovery) {
+            return Err(Error::usage(format!("{} is not a PEM key kind", key.id())));
+        }
+        Ok(PemKek {
+            key,
+            private,
+            loaded: Mutex::new(None),
+        })
+    }
+
+    /// The descriptor the vault stores.
+    pub fn key(&self) -> &CmkKey {
+        &self.key
+    }
+
+    /// Unwrap a random value through the private key: fails before a backup starts when the
+    /// private key file is missing, wrong or cannot be decrypted.
+    pub fn check_unwrap(&self) -> Result<()> {
+        wrap::check_unwrap(self, self.key.id())
+    }
+
+    /// RSA-OAEP-decrypt `ct` with the private key, loading it on first use.
+    fn decrypt(&self, ct: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let id = self.key.id();
+        let file = self.private.as_ref().ok_or_else(|| {
+            key_error(format!(
+                "{id}: private key file missing (none was given; it is needed to unwrap DEKs)"
+            ))
+        })?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.is_none() {
+            let private = file.load().map_err(|e| e.within(id))?;
+            let public = CmkKey::from_spki(
+                id.kind,
+                id.version,
+                self.key.oaep(),
+                private_spki(&private, &file.path)?.as_ref(),
+                file.path.display().to_string(),
+            )?;
+            self.key.expect_same_key(
+                &public,
+                &format!("private key file {}", file.path.display()),
+            )?;
+            *loaded = Some(
+                OaepPrivateDecryptingKey::new(private)
+                    .map_err(|_| key_error(format!("{id}: RSA key refused for OAEP")))?,
+            );
+        }
+        let private = loaded.as_ref().expect("loaded above");
+        let mut out = Zeroizing::new(vec![0u8; private.min_output_size()]);
+        let n = private
+            .decrypt(self.key.oaep().algorithm(), ct, &mut out, None)
+            .map_err(|_| {
+                Error::integrity(format!(
+                    "DEK wrapped by {id}: RSA-OAEP decryption failed (the wrap was altered)"
+                ))
+            })?
+            .len();
+        out.truncate(n);
+        Ok(out)
+    }
+}
+
+/// The SPKI of a private key's public half.
+fn private_spki(private: &PrivateDecryptingKey, path: &Path) -> Result<Vec<u8>> {
+    use aws_lc_rs::encoding::AsDer;
+    private
+        .public_key()
+        .as_der()
+        .map(|d| d.as_ref().to_vec())
+        .map_err(|_| key_error(format!("{}: cannot encode its public key", path.display())))
+}
+
+impl KekProvider for PemKek {
+    fn current(&self) -> Result<KekId> {
+        Ok(self.key.id())
+    }
+
+    fn wrap(&self, id: KekId, dek: &Secret32, aad: &[u8]) -> Result<Vec<u8>> {
+        self.key.expect_id(id)?;
+        wrap::seal(&self.key, dek, aad)
+    }
+
+    fn unwrap(&self, id: KekId, wrapped: &[u8], aad: &[u8]) -> Result<Secret32> {
+        self.key.expect_id(id)?;
+        wrap::open(&self.key, wrapped, aad, |ct| self.decrypt(ct))
+    }
+}
