@@ -103,7 +103,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         },
     )?;
     let changes = change_claim(&a, src.as_ref())?;
-    let (vault, created) = Vault::open_or_init(url, &ctx.keystore()?)?;
+    let (vault, created) = Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?;
+    // Nothing is written with a key that cannot unwrap: no backups nobody could read.
+    vault.check_keys()?;
     let opts = BackupOptions {
         disk: a.disk,
         parent: match a.parent.as_str() {

@@ -1,23 +1,88 @@
-//! `blockvault init`
+//! `blockvault init [--cmk rsa:PUB.pem|pkcs11:URI] [--recovery-key rsa:PUB.pem] [--infrastructure-encryption]`
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use serde_json::json;
+
+use blockvault::crypto::kek::KekKind;
+use blockvault::crypto::rsa::{self, CmkKey, OaepHash, Pkcs11Kek};
+use blockvault::vault::{InitOptions, Vault};
+use blockvault::Error;
 
 use super::Context;
 
 /// Arguments of `init`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Wrap every DEK with a customer-managed RSA key (3072 bits or more) instead of the
+    /// platform key: `rsa:PUBLIC.pem` or `pkcs11:URI` (RFC 7512). Fixed for the vault's life.
+    #[arg(long, value_name = "KEY")]
+    cmk: Option<String>,
+    /// Also wrap every DEK with this offline RSA public key (`rsa:PUBLIC.pem`), so that a lost
+    /// keystore or HSM does not lose the backups (`key recover`).
+    #[arg(long, value_name = "KEY")]
+    recovery_key: Option<String>,
+    /// Add a second, independent encryption layer (AES-256-XTS, platform-managed key) over
+    /// every stored object. Only with --cmk.
+    #[arg(long)]
+    infrastructure_encryption: bool,
+}
 
-/// Create the vault and its platform key.
-pub fn run(ctx: &Context, _args: Args) -> anyhow::Result<ExitCode> {
+/// Read a `rsa:PUBLIC.pem` or `pkcs11:URI` key specification as key `version` of its kind.
+pub fn read_key_spec(ctx: &Context, spec: &str, recovery: bool, version: u32) -> anyhow::Result<CmkKey> {
+    if let Some(path) = spec.strip_prefix("rsa:") {
+        let kind = if recovery { KekKind::Recovery } else { KekKind::CustomerRsa };
+        return Ok(rsa::read_public_key(kind, version, OaepHash::Sha256, Path::new(path))?);
+    }
+    if spec.starts_with("pkcs11:") && !recovery {
+        let kek = Pkcs11Kek::enroll(spec, version, None, ctx.key_access().pkcs11)?;
+        return Ok(CmkKey::decode(&kek.key().encode(), "enrolled key")?);
+    }
+    let want = if recovery { "rsa:PUBLIC.pem" } else { "rsa:PUBLIC.pem or pkcs11:URI" };
+    Err(Error::usage(format!("key {spec:?} must be {want}")).into())
+}
+
+/// Create the vault and its keys.
+pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let url = ctx.vault_url()?;
-    let vault = blockvault::vault::Vault::init(url, &ctx.keystore()?)?;
+    if a.infrastructure_encryption && a.cmk.is_none() {
+        return Err(Error::usage(
+            "infrastructure encryption can be chosen only together with a customer-managed key (--cmk)",
+        )
+        .into());
+    }
+    let opts = InitOptions {
+        cmk: a.cmk.as_deref().map(|s| read_key_spec(ctx, s, false, 1)).transpose()?,
+        recovery: a.recovery_key.as_deref().map(|s| read_key_spec(ctx, s, true, 1)).transpose()?,
+        infrastructure: a.infrastructure_encryption,
+        access: ctx.key_access(),
+    };
+    let vault = Vault::init_with(url, &ctx.keystore()?, &opts)?;
     let ks = vault.keystore_file().display().to_string();
     let id = hex::encode(vault.config().vault_id);
-    ctx.out.result(json!({ "command": "init", "vault": url, "vault_id": id, "keystore": ks, "kek": "platform" }), || {
-        format!("created vault {id} at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read)\n")
+    let kek = vault.keyring().primary_kind().to_string();
+    let fingerprint = opts.cmk.as_ref().map(|k| hex::encode(k.fingerprint()));
+    let doc = json!({
+        "command": "init", "vault": url, "vault_id": id, "keystore": ks, "kek": kek,
+        "cmk_fingerprint_sha256": fingerprint,
+        "recovery_key": opts.recovery.is_some(),
+        "infrastructure_encryption": opts.infrastructure,
+    });
+    ctx.out.result(doc, || {
+        let mut t = format!("created vault {id} at {url}\nkeystore file {ks}\n  (keep a copy: without it the vault cannot be read; `blockvault key export`)\n");
+        t += &format!("DEKs wrapped by the {kek} key");
+        if let Some(f) = &fingerprint {
+            t += &format!(" sha256:{f}");
+        }
+        if opts.recovery.is_some() {
+            t += ", and by the recovery key";
+        }
+        t += "\n";
+        if opts.infrastructure {
+            t += "infrastructure encryption (AES-256-XTS) on\n";
+        }
+        t
     });
     Ok(ExitCode::SUCCESS)
 }

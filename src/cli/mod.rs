@@ -14,6 +14,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use blockvault::crypto::keyring::KeyAccess;
+use blockvault::crypto::rsa::{Pkcs11Options, PrivateKeyFile, SecretSource};
 use blockvault::crypto::Keystore;
 use blockvault::{Error, ErrorKind};
 
@@ -32,6 +34,8 @@ pub struct Cli {
     /// Print one JSON document with the command's figures instead of text.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    keys: KeyArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,10 +54,51 @@ enum Command {
     Verify(verify::Args),
 }
 
+/// Where this host finds the private halves of customer-managed keys. Secrets (passphrases,
+/// PINs) only ever come from files or the environment, never from arguments.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KeyArgs {
+    /// PKCS#8 PEM private key of a customer-managed RSA key (needed where DEKs are unwrapped).
+    #[arg(long, global = true, env = "BLOCKVAULT_CMK_PRIVATE", value_name = "PEM")]
+    cmk_private: Option<PathBuf>,
+    /// File holding the passphrase of an encrypted --cmk-private key (or set
+    /// BLOCKVAULT_CMK_PASSPHRASE).
+    #[arg(long, global = true, value_name = "FILE")]
+    cmk_passphrase_file: Option<PathBuf>,
+    /// File holding the user PIN of the PKCS#11 token (or set BLOCKVAULT_PKCS11_PIN).
+    #[arg(long, global = true, value_name = "FILE")]
+    pin_file: Option<PathBuf>,
+    /// PKCS#11 module to load (default: the URI's module-path, BLOCKVAULT_PKCS11_MODULE, or
+    /// SoftHSM's).
+    #[arg(long, global = true, value_name = "SO")]
+    pkcs11_module: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    /// The library's view of these options.
+    pub fn access(&self) -> KeyAccess {
+        KeyAccess {
+            cmk_private: self.cmk_private.as_ref().map(|path| PrivateKeyFile {
+                path: path.clone(),
+                passphrase: Some(match &self.cmk_passphrase_file {
+                    Some(f) => SecretSource::File(f.clone()),
+                    None => SecretSource::Env("BLOCKVAULT_CMK_PASSPHRASE".into()),
+                }),
+            }),
+            pkcs11: Pkcs11Options {
+                module: self.pkcs11_module.clone(),
+                pin: self.pin_file.clone().map(SecretSource::File),
+            },
+            recovery_private: None,
+        }
+    }
+}
+
 /// What every command needs.
 pub struct Context {
     vault_url: Option<String>,
     keystore: Option<PathBuf>,
+    keys: KeyArgs,
     /// Output mode.
     pub out: Output,
 }
@@ -74,9 +119,14 @@ impl Context {
         }))
     }
 
+    /// Where customer keys' private halves are.
+    pub fn key_access(&self) -> KeyAccess {
+        self.keys.access()
+    }
+
     /// Open the vault.
     pub fn open_vault(&self) -> Result<blockvault::vault::Vault, Error> {
-        blockvault::vault::Vault::open(self.vault_url()?, &self.keystore()?)
+        blockvault::vault::Vault::open_with(self.vault_url()?, &self.keystore()?, &self.key_access())
     }
 }
 
@@ -86,6 +136,7 @@ pub fn main() -> ExitCode {
     let ctx = Context {
         vault_url: cli.vault,
         keystore: cli.keystore,
+        keys: cli.keys,
         out: Output::new(cli.json),
     };
     let result = match cli.command {

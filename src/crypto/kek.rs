@@ -77,6 +77,25 @@ pub trait KekProvider: Send + Sync {
     fn unwrap(&self, id: KekId, wrapped: &[u8], aad: &[u8]) -> Result<Secret32>;
 }
 
+/// AAD of the round trip [`check_unwrap`] makes; never used for a stored wrap.
+const CHECK_AAD: &[u8] = b"blockvault kek unwrap check v1";
+
+/// Wrap a random value with `id` and unwrap it through `provider`, so that a backup never
+/// starts with a KEK that cannot unwrap (revoked, private key deleted from the token, file
+/// missing, PIN wrong): such a backup would wrap DEKs that nobody could unwrap.
+pub fn check_unwrap(provider: &dyn KekProvider, id: KekId) -> Result<()> {
+    let probe = Secret32::random()?;
+    let wrapped = provider.wrap(id, &probe, CHECK_AAD)?;
+    let back = provider.unwrap(id, &wrapped, CHECK_AAD)?;
+    if back.expose() != probe.expose() {
+        return Err(Error::new(
+            ErrorKind::Key,
+            format!("{id}: unwrap check returned another value; the private key does not match"),
+        ));
+    }
+    Ok(())
+}
+
 /// State of one platform KEK version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

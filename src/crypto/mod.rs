@@ -20,6 +20,7 @@ pub mod aead;
 pub mod derive;
 pub mod digest;
 pub mod kek;
+pub mod keyring;
 pub mod keystore;
 pub mod rsa;
 pub mod secret;

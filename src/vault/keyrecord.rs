@@ -4,14 +4,18 @@
 //! ```text
 //! "BVKR" | u16 version=1 | u16 0 | vault id [16] | disk id [16] | u32 generation | u64 created
 //! | u16 n | n × ( u8 KEK kind | u32 KEK version | u16 len | wrapped [len] = nonce‖ct‖tag )
-//! | u16 len | sealed name [len] = nonce‖ct‖tag
+//! | u16 len | sealed name [len] = nonce‖ct‖tag | MAC [32]
 //! ```
+//! MAC: keyed BLAKE3 of every preceding byte under a key derived from the keystore's auth key
+//! ([`mac_key`]). Wraps by an RSA public key prove nothing about who made them (anyone holding
+//! the storage has the public key); the MAC does: only a holder of the keystore writes records.
 //! Wrap AAD: "blockvault dek wrap v1" ‖ vault id ‖ disk id ‖ u32 generation ‖ u8 kind ‖
 //! u32 version, so a record cannot be moved to another vault, disk, generation or KEK.
 //! Several wraps leave room for a recovery key and re-wrapping during rotation.
 
 use super::codec::{Dec, Enc};
 use crate::crypto::kek::{KekId, KekKind, KekProvider};
+use crate::crypto::keyring::Keyring;
 use crate::crypto::{GenerationKeys, Secret32};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -19,6 +23,13 @@ const MAGIC: &[u8; 4] = b"BVKR";
 const VERSION: u16 = 1;
 const WRAP_AAD: &[u8] = b"blockvault dek wrap v1";
 const NAME_AAD: &[u8] = b"blockvault disk name v1";
+const MAC_CONTEXT: &str = "blockvault 2026-11-28 key record mac v1";
+const MAC_LEN: usize = 32;
+
+/// The key that authenticates key records, derived from the keystore's auth key.
+pub fn mac_key(auth: &Secret32) -> Secret32 {
+    Secret32::from_bytes(blake3::derive_key(MAC_CONTEXT, auth.expose()))
+}
 
 /// A stored DEK generation of a disk.
 pub struct KeyRecord {
@@ -64,39 +75,47 @@ fn name_aad(vault_id: &[u8; 16], disk_id: &[u8; 16]) -> Vec<u8> {
 }
 
 impl KeyRecord {
-    /// Wrap `dek` with the KEK's current key and seal `name`.
+    /// Wrap `dek` with every KEK of `keyring` and seal `name`.
     pub fn create(
         vault_id: [u8; 16],
         disk_id: [u8; 16],
         generation: u32,
         dek: &Secret32,
         name: &str,
-        kek: &dyn KekProvider,
+        keyring: &Keyring,
     ) -> Result<Self> {
-        let id = kek.current()?;
-        let created = crate::util::now_unix();
-        let wrapped = kek.wrap(
-            id,
-            dek,
-            &wrap_aad(&vault_id, &disk_id, generation, created, id),
-        )?;
         let keys = GenerationKeys::derive(dek);
         let sealed_name = keys
             .meta
             .seal_to_vec(&name_aad(&vault_id, &disk_id), name.as_bytes())?;
-        Ok(KeyRecord {
+        let mut rec = KeyRecord {
             vault_id,
             disk_id,
             generation,
-            created,
-            wraps: vec![(id, wrapped)],
+            created: crate::util::now_unix(),
+            wraps: Vec::new(),
             sealed_name,
-        })
+        };
+        rec.rewrap(dek, keyring)?;
+        Ok(rec)
     }
 
-    /// Unwrap the DEK with the first wrap `kek` can open. Errors say which key failed and why.
+    /// Replace the wraps with fresh ones of `dek` by every KEK of `keyring` (rotation,
+    /// recovery): the data sealed under the DEK is untouched.
+    pub fn rewrap(&mut self, dek: &Secret32, keyring: &Keyring) -> Result<()> {
+        let mut wraps = Vec::new();
+        for id in keyring.wrapping_ids()? {
+            let aad = wrap_aad(&self.vault_id, &self.disk_id, self.generation, self.created, id);
+            wraps.push((id, keyring.wrap(id, dek, &aad)?));
+        }
+        self.wraps = wraps;
+        Ok(())
+    }
+
+    /// Unwrap the DEK with the first wrap `kek` can open. Errors say which key failed and why
+    /// (the first wrap's error: the vault's primary KEK).
     pub fn unwrap(&self, kek: &dyn KekProvider) -> Result<Secret32> {
-        let mut last = None;
+        let mut first = None;
         for (id, wrapped) in &self.wraps {
             match kek.unwrap(
                 *id,
@@ -110,10 +129,12 @@ impl KeyRecord {
                 ),
             ) {
                 Ok(k) => return Ok(k),
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
             }
         }
-        Err(last
+        Err(first
             .unwrap_or_else(|| Error::new(ErrorKind::Key, "no wrapped DEK in record"))
             .within(format!(
                 "key record {}",
@@ -137,8 +158,8 @@ impl KeyRecord {
         String::from_utf8(b).map_err(|_| Error::integrity(format!("{}: not UTF-8", what())))
     }
 
-    /// Serialise.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Serialise and authenticate with `mac` (from [`mac_key`]).
+    pub fn encode(&self, mac: &Secret32) -> Vec<u8> {
         let mut e = Enc::default();
         e.bytes(MAGIC)
             .u16(VERSION)
@@ -156,12 +177,34 @@ impl KeyRecord {
         }
         e.u16(self.sealed_name.len() as u16)
             .bytes(&self.sealed_name);
+        let tag = blake3::keyed_hash(mac.expose(), &e.0);
+        e.bytes(tag.as_bytes());
         e.finish()
     }
 
-    /// Parse, checking that the record names the vault and disk it was found under.
-    pub fn decode(b: &[u8], what: &str, vault_id: &[u8; 16], disk_id: &[u8; 16]) -> Result<Self> {
-        let mut d = Dec::new(b, what);
+    /// Parse, checking that the record names the vault and disk it was found under and, given
+    /// `mac`, that the keystore's holder wrote it. (`None` only where the keystore is lost:
+    /// recovery with the recovery key.)
+    pub fn decode(
+        b: &[u8],
+        what: &str,
+        vault_id: &[u8; 16],
+        disk_id: &[u8; 16],
+        mac: Option<&Secret32>,
+    ) -> Result<Self> {
+        let Some(body_len) = b.len().checked_sub(MAC_LEN) else {
+            return Err(Error::integrity(format!("{what}: truncated key record")));
+        };
+        let (body, tag) = b.split_at(body_len);
+        if let Some(mac) = mac {
+            let tag: [u8; MAC_LEN] = tag.try_into().expect("split at MAC_LEN");
+            if blake3::keyed_hash(mac.expose(), body) != blake3::Hash::from(tag) {
+                return Err(Error::integrity(format!(
+                    "{what}: key record failed authentication: it was altered or forged, or the keystore belongs to another vault"
+                )));
+            }
+        }
+        let mut d = Dec::new(body, what);
         d.prologue(MAGIC, VERSION, "key record")?;
         let rec_vault: [u8; 16] = d.array()?;
         let rec_disk: [u8; 16] = d.array()?;
@@ -215,13 +258,14 @@ mod tests {
     use super::*;
     use crate::crypto::kek::{KekState, PlatformKek, PlatformKeyVersion};
 
-    fn kek() -> PlatformKek {
-        PlatformKek::new(vec![PlatformKeyVersion {
+    fn kek() -> Keyring {
+        let platform = PlatformKek::new(vec![PlatformKeyVersion {
             version: 1,
             state: KekState::Enabled,
             created: 0,
             key: Secret32::from_bytes([4; 32]),
-        }])
+        }]);
+        Keyring::new(KekKind::Platform, Box::new(platform), None)
     }
 
     #[test]
@@ -230,19 +274,27 @@ mod tests {
         let dek = Secret32::from_bytes([8; 32]);
         let rec = KeyRecord::create([1; 16], [2; 16], 0, &dek, "vm1", &k).unwrap();
         assert_eq!(rec.unwrap(&k).unwrap().expose(), dek.expose());
-        let bytes = rec.encode();
-        let back = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16]).unwrap();
+        let mac = mac_key(&Secret32::from_bytes([9; 32]));
+        let bytes = rec.encode(&mac);
+        let back = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16], Some(&mac)).unwrap();
         assert_eq!(back.name(&GenerationKeys::derive(&dek)).unwrap(), "vm1");
         // Found under another disk or vault: refused by the header check.
-        assert!(KeyRecord::decode(&bytes, "r", &[1; 16], &[3; 16]).is_err());
-        assert!(KeyRecord::decode(&bytes, "r", &[7; 16], &[2; 16]).is_err());
+        assert!(KeyRecord::decode(&bytes, "r", &[1; 16], &[3; 16], Some(&mac)).is_err());
+        assert!(KeyRecord::decode(&bytes, "r", &[7; 16], &[2; 16], Some(&mac)).is_err());
+        // Made or altered without the keystore: the MAC refuses.
+        let other = mac_key(&Secret32::from_bytes([10; 32]));
+        let e = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16], Some(&other)).unwrap_err();
+        assert!(e.to_string().contains("failed authentication"), "{e}");
+        let mut flipped = bytes.clone();
+        flipped[40] ^= 1;
+        assert!(KeyRecord::decode(&flipped, "r", &[1; 16], &[2; 16], Some(&mac)).is_err());
         // Header rewritten to claim another disk or generation: the wrap's AAD refuses.
         for edit in [
             |r: &mut KeyRecord| r.disk_id = [3; 16],
             |r: &mut KeyRecord| r.generation = 1,
             |r: &mut KeyRecord| r.created += 1,
         ] {
-            let mut forged = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16]).unwrap();
+            let mut forged = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16], None).unwrap();
             edit(&mut forged);
             assert!(forged.unwrap(&k).is_err());
         }

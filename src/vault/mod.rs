@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod config;
 pub mod frame;
+pub mod kekdesc;
 pub mod keyrecord;
 pub mod manifest;
 pub mod pack;
@@ -26,8 +27,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::crypto::kek::KekKind;
+use crate::crypto::kek::{KekKind, KekProvider, PlatformKek};
+use crate::crypto::keyring::{KeyAccess, Keyring, Versions};
 use crate::crypto::keystore::{Keystore, VaultKeys};
+use crate::crypto::rsa::{CmkKey, PemKek, Pkcs11Kek};
 use crate::crypto::secret::random_bytes;
 use crate::crypto::{GenerationKeys, IdentityKeys, Secret32};
 use crate::error::{Error, ErrorKind, Result};
@@ -42,7 +45,9 @@ use store::Store;
 pub struct Vault {
     store: Arc<dyn Store>,
     config: Config,
-    keys: VaultKeys,
+    keyring: Keyring,
+    /// Authenticates key records (from the keystore's auth key).
+    record_mac: Secret32,
     keystore_file: PathBuf,
 }
 
@@ -107,15 +112,27 @@ impl Vault {
         if store.size(config::KEY).is_ok() {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
-                format!("a vault already exists at {url}"),
+                format!("a vault already exists at {url}: its encryption settings were fixed when it was created and cannot be changed (create a new vault for other settings)"),
+            ));
+        }
+        if opts.infrastructure && opts.cmk.is_none() {
+            return Err(Error::usage(
+                "infrastructure encryption can be chosen only together with a customer-managed key (--cmk)",
             ));
         }
         let vault_id = random_bytes::<16>()?;
         let (keys, keystore_file) = keystore.create(&vault_id, opts.infrastructure)?;
+        let layered_store = layered(store.clone(), opts.infrastructure, &keys)?;
+        // Descriptors first, config last: a vault without its config is no vault, so a
+        // crash here leaves nothing anyone would use.
+        let mac = kekdesc::mac_key(&keys.auth);
+        for key in opts.cmk.iter().chain(&opts.recovery) {
+            layered_store.put_new(&kekdesc::object_key(key.id()), &kekdesc::encode(key, &mac))?;
+        }
         let config = Config {
             vault_id,
             created: crate::util::now_unix(),
-            kek_kind: KekKind::Platform,
+            kek_kind: opts.cmk.as_ref().map_or(KekKind::Platform, |k| k.id().kind),
             infrastructure: if opts.infrastructure {
                 config::INFRA_AES_XTS
             } else {
@@ -124,16 +141,37 @@ impl Vault {
         };
         store.put_new(config::KEY, &config.encode(&keys.auth))?;
         tracing::info!(vault = %url, keystore = %keystore_file.display(), "vault created");
+        Vault::assemble(layered_store, config, keys, keystore_file, &opts.access)
+    }
+
+    /// The vault's keyring: the primary KEK from the keystore (platform) or the stored
+    /// descriptors (customer key), and the recovery key if the vault has one.
+    fn assemble(
+        store: Arc<dyn Store>,
+        config: Config,
+        keys: VaultKeys,
+        keystore_file: PathBuf,
+        access: &KeyAccess,
+    ) -> Result<Vault> {
+        let mac = kekdesc::mac_key(&keys.auth);
+        let descriptors = load_descriptors(&*store, Some(&mac))?;
+        let keyring = keyring_for(config.kek_kind, keys.kek, descriptors, access)?;
         Ok(Vault {
-            store: layered(store, &config, &keys)?,
+            store,
             config,
-            keys,
+            keyring,
+            record_mac: keyrecord::mac_key(&keys.auth),
             keystore_file,
         })
     }
 
     /// Open the vault at `url`; its keys come from `keystore`.
     pub fn open(url: &str, keystore: &Keystore) -> Result<Vault> {
+        Vault::open_with(url, keystore, &KeyAccess::default())
+    }
+
+    /// Open the vault at `url`, reaching customer keys' private halves through `access`.
+    pub fn open_with(url: &str, keystore: &Keystore, access: &KeyAccess) -> Result<Vault> {
         let store: Arc<dyn Store> = store::open(url)?.into();
         let raw = store.get(config::KEY).map_err(|e| match e.kind() {
             ErrorKind::NotFound => Error::new(
@@ -147,17 +185,22 @@ impl Vault {
         let keys = keystore.load(&config.vault_id)?;
         Config::verify(&raw, &keys.auth).map_err(|e| e.within(format!("vault {url}")))?;
         let keystore_file = keystore.path_for(&config.vault_id);
-        Ok(Vault {
-            store: layered(store, &config, &keys)?,
-            config,
-            keys,
-            keystore_file,
-        })
+        let store = layered(store, config.infrastructure != config::INFRA_NONE, &keys)?;
+        Vault::assemble(store, config, keys, keystore_file, access)
     }
 
     /// Open, or create when `url` holds no vault yet. Returns whether it was created.
     pub fn open_or_init(url: &str, keystore: &Keystore) -> Result<(Vault, bool)> {
-        match Vault::open(url, keystore) {
+        Vault::open_or_init_with(url, keystore, &KeyAccess::default())
+    }
+
+    /// [`Vault::open_or_init`] with customer keys reached through `access`.
+    pub fn open_or_init_with(
+        url: &str,
+        keystore: &Keystore,
+        access: &KeyAccess,
+    ) -> Result<(Vault, bool)> {
+        match Vault::open_with(url, keystore, access) {
             Ok(v) => Ok((v, false)),
             // `open` reports NotFound only when the location holds no config object.
             Err(e) if e.kind() == ErrorKind::NotFound => Ok((Vault::init(url, keystore)?, true)),
@@ -173,6 +216,24 @@ impl Vault {
     /// Settings.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The KEKs.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// Check, before anything is written, that the vault's KEK can unwrap what it wraps: a
+    /// revoked key, or a customer key whose private half is gone, fails here with a message
+    /// saying so.
+    pub fn check_keys(&self) -> Result<()> {
+        self.keyring.check_unwrap().map_err(|e| {
+            e.within(format!(
+                "the {} key of vault {} cannot unwrap (revoked or unreachable)",
+                self.keyring.primary_kind(),
+                self.store.location()
+            ))
+        })
     }
 
     /// The key file this vault's keys came from.
@@ -214,6 +275,7 @@ impl Vault {
                 &key,
                 &self.config.vault_id,
                 &disk_id,
+                Some(&self.record_mac),
             )?;
             if key != keyrecord::object_key(&disk_id, rec.generation) {
                 return Err(Error::integrity(format!(
@@ -221,7 +283,7 @@ impl Vault {
                     rec.generation
                 )));
             }
-            let dek = rec.unwrap(&self.keys.kek)?;
+            let dek = rec.unwrap(&self.keyring)?;
             let keys = GenerationKeys::derive(&dek);
             if rec.generation == 0 {
                 identity = Some(Arc::new(IdentityKeys::derive(&dek)));
@@ -319,10 +381,12 @@ impl Vault {
             generation,
             &dek,
             name,
-            &self.keys.kek,
+            &self.keyring,
         )?;
-        self.store
-            .put_new(&keyrecord::object_key(&disk_id, generation), &rec.encode())
+        self.store.put_new(
+            &keyrecord::object_key(&disk_id, generation),
+            &rec.encode(&self.record_mac),
+        )
     }
 
     /// Snapshot ids of a disk (unordered).
@@ -408,8 +472,8 @@ impl Vault {
 /// The store every object but the config goes through: with the infrastructure layer, each
 /// object is AES-256-XTS encrypted on its way to the backend. (The config stays outside it:
 /// it names the vault whose keys decrypt the rest, and holds no secret.)
-fn layered(raw: Arc<dyn Store>, config: &Config, keys: &VaultKeys) -> Result<Arc<dyn Store>> {
-    if config.infrastructure == config::INFRA_NONE {
+fn layered(raw: Arc<dyn Store>, infrastructure: bool, keys: &VaultKeys) -> Result<Arc<dyn Store>> {
+    if !infrastructure {
         return Ok(raw);
     }
     let key = keys.infra.as_ref().ok_or_else(|| {
@@ -422,11 +486,68 @@ fn layered(raw: Arc<dyn Store>, config: &Config, keys: &VaultKeys) -> Result<Arc
     Ok(Arc::new(store::xts::XtsStore::new(raw, key)))
 }
 
+/// Every KEK descriptor under `kek/`, checked with `mac` (see [`kekdesc::decode`]).
+fn load_descriptors(store: &dyn Store, mac: Option<&Secret32>) -> Result<Vec<CmkKey>> {
+    let mut keys = Vec::new();
+    for key in store.list(kekdesc::PREFIX)? {
+        keys.push(kekdesc::decode(&store.get(&key)?, &key, mac)?);
+    }
+    Ok(keys)
+}
+
+/// The keyring of a vault whose primary KEK is of `kind`.
+fn keyring_for(
+    kind: KekKind,
+    platform: PlatformKek,
+    descriptors: Vec<CmkKey>,
+    access: &KeyAccess,
+) -> Result<Keyring> {
+    let mut primary: Vec<(u32, Box<dyn KekProvider>)> = Vec::new();
+    let mut recovery: Option<Box<dyn KekProvider>> = None;
+    for key in descriptors {
+        let id = key.id();
+        match id.kind {
+            KekKind::Recovery => {
+                recovery = Some(Box::new(PemKek::new(key, access.recovery_private.clone())?))
+            }
+            KekKind::CustomerRsa if kind == KekKind::CustomerRsa => {
+                primary.push((id.version, Box::new(PemKek::new(key, access.cmk_private.clone())?)))
+            }
+            KekKind::CustomerPkcs11 if kind == KekKind::CustomerPkcs11 => primary.push((
+                id.version,
+                Box::new(Pkcs11Kek::open(key, access.pkcs11.clone())?),
+            )),
+            other => {
+                return Err(Error::integrity(format!(
+                    "the vault holds a {other} key descriptor but its keys are {kind}"
+                )))
+            }
+        }
+    }
+    let primary: Box<dyn KekProvider> = match kind {
+        KekKind::Platform => Box::new(platform),
+        _ if primary.is_empty() => {
+            return Err(Error::integrity(format!(
+                "the vault's keys are {kind} but it holds no descriptor of that key"
+            )))
+        }
+        _ => Box::new(Versions::new(primary)),
+    };
+    Ok(Keyring::new(kind, primary, recovery))
+}
+
 /// Encryption settings chosen when a vault is created.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct InitOptions {
-    /// Add the infrastructure layer (AES-256-XTS with a platform-managed key).
+    /// The customer-managed key that wraps every DEK; `None`: the platform key.
+    pub cmk: Option<CmkKey>,
+    /// An offline RSA key that receives a second wrap of every DEK.
+    pub recovery: Option<CmkKey>,
+    /// Add the infrastructure layer (AES-256-XTS with a platform-managed key); only with a
+    /// customer-managed key.
     pub infrastructure: bool,
+    /// Where this host reaches the customer key's private half.
+    pub access: KeyAccess,
 }
 
 /// An id from an object name: exactly `2 * N` lowercase hex digits (names are written in

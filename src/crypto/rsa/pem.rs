@@ -167,7 +167,7 @@ impl PemKek {
     /// Unwrap a random value through the private key: fails before a backup starts when the
     /// private key file is missing, wrong or cannot be decrypted.
     pub fn check_unwrap(&self) -> Result<()> {
-        wrap::check_unwrap(self, self.key.id())
+        crate::crypto::kek::check_unwrap(self, self.key.id())
     }
 
     /// RSA-OAEP-decrypt `ct` with the private key, loading it on first use.

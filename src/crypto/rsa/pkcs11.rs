@@ -475,7 +475,7 @@ impl Pkcs11Kek {
     /// Unwrap a random value inside the token: fails before a backup starts when the private
     /// key was deleted (even if its public key remains), the PIN is wrong or the token is gone.
     pub fn check_unwrap(&self) -> Result<()> {
-        wrap::check_unwrap(&self.login()?, self.key.id())
+        crate::crypto::kek::check_unwrap(&self.login()?, self.key.id())
     }
 }
 

@@ -14,15 +14,12 @@ use zeroize::Zeroizing;
 
 use super::key::CmkKey;
 use crate::crypto::aead::{AeadKey, NONCE_LEN, TAG_LEN};
-use crate::crypto::kek::{KekId, KekProvider};
 use crate::crypto::secret::Secret32;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Length of the GCM part: nonce, sealed 32-byte DEK, tag.
 pub const SEALED_LEN: usize = NONCE_LEN + 32 + TAG_LEN;
 
-/// AAD of the round trip [`check_unwrap`] makes; never used for a stored wrap.
-const CHECK_AAD: &[u8] = b"blockvault cmk unwrap check v1";
 
 /// The two parts of a wrapped DEK.
 pub struct WrappedParts<'a> {
@@ -93,22 +90,6 @@ pub(super) fn open(
     })?;
     let dek = Zeroizing::new(AeadKey::new(&w).open_vec(aad, parts.sealed, &|| what.clone())?);
     Secret32::from_slice(&dek)
-}
-
-/// Wrap a random value with `id` and unwrap it through `provider`'s private key, so that a
-/// backup never starts with a KEK whose private half is gone (deleted from the token, file
-/// missing, PIN wrong): such a backup would wrap DEKs that nobody could unwrap.
-pub(super) fn check_unwrap(provider: &dyn KekProvider, id: KekId) -> Result<()> {
-    let probe = Secret32::random()?;
-    let wrapped = provider.wrap(id, &probe, CHECK_AAD)?;
-    let back = provider.unwrap(id, &wrapped, CHECK_AAD)?;
-    if back.expose() != probe.expose() {
-        return Err(Error::new(
-            ErrorKind::Key,
-            format!("{id}: unwrap check returned another value; the private key does not match"),
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
