@@ -77,7 +77,7 @@ impl Header {
     /// until [`import`] opens the sealed part.
     pub fn parse(export: &[u8]) -> Result<(Header, &[u8])> {
         let mut d = Dec::new(export, WHAT);
-        d.prologue(MAGIC, VERSION, "keystore export")?;
+        d.prologue(MAGIC, VERSION, "format")?;
         let vault_id = d.array()?;
         let at = d.pos();
         let n = d.u32()?;
