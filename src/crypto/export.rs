@@ -257,4 +257,24 @@ mod tests {
             assert!(err.to_string().contains("at byte 24"), "{err}");
         }
     }
+
+    /// The vector in docs/FORMAT.md ("Keystore export file"), made with Python's `hashlib`
+    /// PBKDF2 and `cryptography` AES-GCM: an export written by another implementation of the
+    /// documented layout imports here.
+    #[test]
+    fn independent_test_vector_imports() {
+        let file = hex::decode(concat!(
+            "42564b4501000000a0a1a2a3a4a5a6a7a8a9aaabacadaeafa0860100000102030405060708090a0b0c0d0e0f",
+            "c0c1c2c3c4c5c6c7c8c9cacb081560b03355e425624786be0d7cfa962ccc3712a177a270a993cd95959823d0",
+            "84ee6f2f3c3e91d6c884b49baba54d5b",
+        ))
+        .unwrap();
+        let (id, plain) = import(&file, b"correct horse battery staple").unwrap();
+        let vault_id: [u8; 16] = std::array::from_fn(|i| 0xa0 + i as u8);
+        assert_eq!(id, vault_id);
+        assert_eq!(
+            &plain[..],
+            [&b"BVKS\x01\0\0\0"[..], &vault_id, b"keystore"].concat()
+        );
+    }
 }
