@@ -19,6 +19,7 @@
 pub mod aead;
 pub mod derive;
 pub mod digest;
+pub mod export;
 pub mod kek;
 pub mod keyring;
 pub mod keystore;

@@ -16,6 +16,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod escrow;
 pub mod frame;
 pub mod kekdesc;
 pub mod keyrecord;

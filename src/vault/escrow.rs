@@ -1,0 +1,279 @@
+//! Volume-key escrow: secrets that unlock encrypted volumes *inside* a backed-up disk (a
+//! BitLocker recovery key, a LUKS passphrase), kept in the vault beside the disk so that a
+//! restored disk can be opened. Like the disk's data they are sealed under the disk's DEK, so
+//! whoever can restore the disk can read them and nobody else can.
+//!
+//! ```text
+//! escrow/<disk id hex>/<name id hex>      one record per escrow name, replaced on re-escrow
+//!
+//! "BVES" | u16 version=1 | u16 0 | u32 generation | u64 created
+//! | sealed = nonce [12] ‖ AES-256-GCM( u16 name len ‖ name ‖ secret ) ‖ tag [16]
+//! ```
+//! - Key: the disk-metadata key of the DEK generation current when the record was written
+//!   (the key that seals the disk name; a distinct AAD prefix keeps the two uses apart).
+//! - AAD: "blockvault escrow v1" ‖ vault id ‖ disk id ‖ u32 generation ‖ u64 created ‖
+//!   object key, so a record copied to another vault, disk or name id, or with its header
+//!   edited, fails to open.
+//! - Name id: keyed BLAKE3 of the name under a key derived from the disk's identity keys
+//!   (generation 0, so it survives new DEK generations): listings show no names, and
+//!   escrowing a name again replaces its record.
+//!
+//! Byte layout in docs/FORMAT.md ("Escrow records"), reasons in docs/CRYPTO.md.
+
+use std::fmt;
+
+use zeroize::{Zeroize, Zeroizing};
+
+use super::codec::{Dec, Enc};
+use super::frame::Binding;
+use super::{parse_id, Disk, Vault};
+use crate::crypto::{GenerationKeys, IdKey, IdentityKeys, Secret32, NONCE_LEN, TAG_LEN};
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"BVES";
+const VERSION: u16 = 1;
+const AAD_PREFIX: &[u8] = b"blockvault escrow v1";
+/// Input of the keyed hash (under the disk-digest key) that makes the name-id key. Fixed
+/// forever: changing it orphans every escrow record. No disk digest input can equal it (see
+/// docs/CRYPTO.md), so the derived key is never a value stored anywhere.
+const NAME_ID_KEY_INPUT: &[u8] = b"blockvault 2026-11-28 escrow name id key v1";
+/// Longest escrow name, in bytes.
+pub const MAX_NAME: usize = 200;
+/// Longest escrowed secret, in bytes.
+pub const MAX_SECRET: usize = 64 << 10;
+/// Bytes before the sealed payload.
+pub const HEADER_LEN: usize = 4 + 2 + 2 + 4 + 8;
+const MIN_SEALED: usize = NONCE_LEN + 2 + 1 + 1 + TAG_LEN;
+const MAX_SEALED: usize = NONCE_LEN + 2 + MAX_NAME + MAX_SECRET + TAG_LEN;
+const _: () = assert!(HEADER_LEN == 20);
+
+/// An escrowed secret, opened. `Debug` shows the name and time only.
+pub struct Escrow {
+    /// What the secret unlocks, as given at escrow time (e.g. "bitlocker-C").
+    pub name: String,
+    /// The secret bytes; zeroized on drop.
+    pub secret: Zeroizing<Vec<u8>>,
+    /// Seconds since the epoch when it was escrowed.
+    pub created: u64,
+}
+
+impl fmt::Debug for Escrow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Escrow")
+            .field("name", &self.name)
+            .field("secret", &"<redacted>")
+            .field("created", &self.created)
+            .finish()
+    }
+}
+
+/// A stored escrow record, still sealed.
+pub struct Record {
+    /// DEK generation whose metadata key sealed it.
+    pub generation: u32,
+    /// Seconds since the epoch; authenticated through the AAD.
+    pub created: u64,
+    /// `nonce ‖ ciphertext ‖ tag` of the payload.
+    pub sealed: Vec<u8>,
+}
+
+fn aad(binding: &Binding, generation: u32, created: u64, object_key: &str) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.bytes(AAD_PREFIX)
+        .bytes(&binding.vault_id)
+        .bytes(&binding.disk_id)
+        .u32(generation)
+        .u64(created)
+        .bytes(object_key.as_bytes());
+    e.finish()
+}
+
+/// Refuse names and secrets outside the documented bounds. The message names the escrow but
+/// never shows the secret.
+fn check_input(name: &str, secret: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
+        return Err(Error::usage(format!(
+            "escrow name {name:?} must be 1 to {MAX_NAME} bytes of printable text"
+        )));
+    }
+    if secret.is_empty() || secret.len() > MAX_SECRET {
+        return Err(Error::usage(format!(
+            "escrow {name:?}: the secret is {} bytes; it must be 1 to {MAX_SECRET}",
+            secret.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Parse an opened payload: `u16 name len ‖ name ‖ secret`. `what` names the record.
+/// Public so the fuzz target can reach it; the vault calls it only on authenticated bytes.
+pub fn decode_payload(plain: &[u8], what: &str) -> Result<(String, Zeroizing<Vec<u8>>)> {
+    let mut d = Dec::new(plain, what);
+    let len = d.u16()? as usize;
+    if len == 0 || len > MAX_NAME {
+        return Err(d.error(format_args!(
+            "escrow name length {len} is not 1 to {MAX_NAME}"
+        )));
+    }
+    let name = std::str::from_utf8(d.take(len)?)
+        .map_err(|_| d.error("escrow name is not UTF-8"))?
+        .to_string();
+    let secret_len = d.remaining();
+    if secret_len == 0 || secret_len > MAX_SECRET {
+        return Err(d.error(format_args!(
+            "escrowed secret is {secret_len} bytes, not 1 to {MAX_SECRET}"
+        )));
+    }
+    let secret = Zeroizing::new(d.take(secret_len)?.to_vec());
+    Ok((name, secret))
+}
+
+impl Record {
+    /// Seal `name` and `secret` for the object `object_key` of the bound disk, under the
+    /// metadata key of `generation` (whose keys `keys` are).
+    pub fn seal(
+        binding: &Binding,
+        keys: &GenerationKeys,
+        generation: u32,
+        object_key: &str,
+        name: &str,
+        secret: &[u8],
+    ) -> Result<Record> {
+        check_input(name, secret)?;
+        let created = crate::util::now_unix();
+        let mut plain = Zeroizing::new(Vec::with_capacity(2 + name.len() + secret.len()));
+        plain.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        plain.extend_from_slice(name.as_bytes());
+        plain.extend_from_slice(secret);
+        let sealed = keys
+            .meta
+            .seal_to_vec(&aad(binding, generation, created, object_key), &plain)?;
+        Ok(Record {
+            generation,
+            created,
+            sealed,
+        })
+    }
+
+    /// Serialise.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::with_capacity(HEADER_LEN + self.sealed.len());
+        e.bytes(MAGIC)
+            .u16(VERSION)
+            .u16(0)
+            .u32(self.generation)
+            .u64(self.created)
+            .bytes(&self.sealed);
+        e.finish()
+    }
+
+    /// Parse the header and bound the sealed part; `what` (the object key) names errors.
+    pub fn decode(b: &[u8], what: &str) -> Result<Record> {
+        let mut d = Dec::new(b, what);
+        d.prologue(MAGIC, VERSION, "escrow record")?;
+        let generation = d.u32()?;
+        let created = d.u64()?;
+        let len = d.remaining();
+        if !(MIN_SEALED..=MAX_SEALED).contains(&len) {
+            return Err(d.error(format_args!(
+                "sealed escrow payload is {len} bytes, not {MIN_SEALED} to {MAX_SEALED}"
+            )));
+        }
+        Ok(Record {
+            generation,
+            created,
+            sealed: d.take(len)?.to_vec(),
+        })
+    }
+
+    /// Authenticate and decrypt with the keys of the record's generation; the record must
+    /// have been sealed for exactly this vault, disk and `object_key`.
+    pub fn open(
+        &self,
+        binding: &Binding,
+        keys: &GenerationKeys,
+        object_key: &str,
+    ) -> Result<Escrow> {
+        let what = || format!("escrow record {object_key}");
+        let plain = Zeroizing::new(keys.meta.open_vec(
+            &aad(binding, self.generation, self.created, object_key),
+            &self.sealed,
+            &what,
+        )?);
+        let (name, secret) = decode_payload(&plain, &what())?;
+        Ok(Escrow {
+            name,
+            secret,
+            created: self.created,
+        })
+    }
+}
+
+/// Hex of the name id: keyed BLAKE3 of the name under a key that is itself the keyed BLAKE3
+/// of [`NAME_ID_KEY_INPUT`] under the disk-digest key.
+fn name_id_hex(identity: &IdentityKeys, name: &str) -> String {
+    let mut raw = identity.digest.id(NAME_ID_KEY_INPUT).0;
+    let key = IdKey::new(Secret32::from_bytes(raw));
+    raw.zeroize();
+    hex::encode(key.id(name.as_bytes()).0)
+}
+
+fn prefix(disk: &Disk) -> String {
+    format!("escrow/{}", disk.id_hex())
+}
+
+impl Vault {
+    /// Escrow `secret` under `name` for `disk`, sealed under its current DEK generation.
+    /// Escrowing a name again replaces its record. Names are 1 to 200 bytes of printable
+    /// text, secrets 1 byte to 64 KiB (`Usage` otherwise). The secret is never logged.
+    pub fn put_escrow(&self, disk: &Disk, name: &str, secret: &[u8]) -> Result<()> {
+        let generation = disk.current_generation();
+        let key = format!("{}/{}", prefix(disk), name_id_hex(&disk.identity, name));
+        let rec = Record::seal(
+            &disk.binding,
+            &*disk.generation(generation)?,
+            generation,
+            &key,
+            name,
+            secret,
+        )?;
+        self.store.put(&key, &rec.encode())?;
+        tracing::info!(disk = %disk.name, escrow = name, generation, "secret escrowed");
+        Ok(())
+    }
+
+    /// Every escrowed secret of `disk`, by name. A record that fails to parse or to open, or
+    /// whose name does not hash to its object key, is an error naming the object key.
+    pub fn escrows(&self, disk: &Disk) -> Result<Vec<Escrow>> {
+        let prefix = prefix(disk);
+        let mut all = Vec::new();
+        for key in self.store.list(&prefix)? {
+            // Only names this module writes; anything else under the folder is not ours.
+            let Some(id) = key.strip_prefix(&prefix).and_then(|k| k.strip_prefix('/')) else {
+                continue;
+            };
+            if parse_id::<32>(id).is_none() {
+                continue;
+            }
+            let rec = Record::decode(&self.store.get(&key)?, &key)?;
+            let keys = disk
+                .generation(rec.generation)
+                .map_err(|e| e.within(format!("escrow record {key}")))?;
+            let escrow = rec.open(&disk.binding, &keys, &key)?;
+            if name_id_hex(&disk.identity, &escrow.name) != id {
+                return Err(Error::integrity(format!(
+                    "escrow record {key}: holds another name's secret"
+                )));
+            }
+            all.push(escrow);
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    /// Names of the escrowed secrets of `disk`, sorted (each record is opened to read its
+    /// name; the secrets are dropped and zeroized at once).
+    pub fn escrow_names(&self, disk: &Disk) -> Result<Vec<String>> {
+        Ok(self.escrows(disk)?.into_iter().map(|e| e.name).collect())
+    }
+}
