@@ -15,15 +15,16 @@ use blockvault::crypto::kek::{KekId, KekKind};
 use blockvault::crypto::{GenerationKeys, Secret32};
 use blockvault::vault::keyrecord::KeyRecord;
 use blockvault_fuzz::{
-    generation_keys, outcome, platform_kek, short_bytes, short_string, wrapping_kek, write_seeds,
-    Unstructured, DISK_ID, VAULT_ID,
+    generation_keys, outcome, platform_kek, record_mac, short_bytes, short_string, wrapping_kek,
+    write_seeds, Unstructured, DISK_ID, VAULT_ID,
 };
 use libfuzzer_sys::fuzz_target;
 
 const PREFIX_LEN: usize = 4 + 2 + 2 + 16 + 16;
 
+/// Parse without the MAC check, so the fuzzer reaches the parser behind it.
 fn decode(b: &[u8]) -> blockvault::Result<KeyRecord> {
-    KeyRecord::decode(b, "keys/fuzz/00000000", &VAULT_ID, &DISK_ID)
+    KeyRecord::decode(b, "keys/fuzz/00000000", &VAULT_ID, &DISK_ID, None)
 }
 
 fn exercise(data: &[u8]) {
@@ -31,13 +32,20 @@ fn exercise(data: &[u8]) {
     outcome("decode", &r);
     let Ok(rec) = r else { return };
     // Wraps by KEK kinds this build does not know are skipped on decode; otherwise a record
-    // re-encodes to exactly its bytes.
+    // re-encodes to exactly its bytes (up to the MAC, which decode did not check here).
     let stored_wraps = u16::from_le_bytes([data[52], data[53]]) as usize;
     if stored_wraps == rec.wraps.len() {
+        let enc = rec.encode(&record_mac());
         assert_eq!(
-            rec.encode(),
-            data,
+            enc[..enc.len() - 32],
+            data[..data.len() - 32],
             "decoded key record re-encodes differently"
+        );
+        let verified = KeyRecord::decode(data, "k", &VAULT_ID, &DISK_ID, Some(&record_mac()));
+        assert_eq!(
+            verified.is_ok(),
+            enc == data,
+            "MAC check disagrees with re-encoding"
         );
     }
     let _ = rec.unwrap(platform_kek());
@@ -56,7 +64,7 @@ fn seeds() -> Vec<Vec<u8>> {
             wrapping_kek(),
         )
         .unwrap();
-        out.push(rec.encode());
+        out.push(rec.encode(&record_mac()));
     }
     out
 }
@@ -92,8 +100,9 @@ fn round_trip(u: &mut Unstructured) -> Option<()> {
             ),
         );
     }
-    let enc = rec.encode();
-    let back = decode(&enc).expect("an encoded key record decodes");
+    let enc = rec.encode(&record_mac());
+    let back = KeyRecord::decode(&enc, "k", &VAULT_ID, &DISK_ID, Some(&record_mac()))
+        .expect("an encoded key record decodes");
     assert_eq!(back.vault_id, rec.vault_id);
     assert_eq!(back.disk_id, rec.disk_id);
     assert_eq!(back.generation, rec.generation);
@@ -107,8 +116,8 @@ fn round_trip(u: &mut Unstructured) -> Option<()> {
     let keys = GenerationKeys::derive(&dek);
     assert_eq!(back.name(&keys).expect("name opens"), name);
     // Under another vault or disk id the record is refused.
-    assert!(KeyRecord::decode(&enc, "k", &DISK_ID, &DISK_ID).is_err());
-    assert!(KeyRecord::decode(&enc, "k", &VAULT_ID, &VAULT_ID).is_err());
+    assert!(KeyRecord::decode(&enc, "k", &DISK_ID, &DISK_ID, None).is_err());
+    assert!(KeyRecord::decode(&enc, "k", &VAULT_ID, &VAULT_ID, None).is_err());
     Some(())
 }
 

@@ -21,6 +21,7 @@ use std::sync::OnceLock;
 use blockvault::crypto::kek::{KekState, PlatformKek, PlatformKeyVersion};
 use blockvault::crypto::keystore::{Keystore, VaultKeys};
 use blockvault::crypto::Secret32;
+use blockvault::vault::store::xts::InfraKey;
 use blockvault_fuzz::{arbitrary, outcome, write_seeds, Unstructured, VAULT_ID};
 use libfuzzer_sys::fuzz_target;
 
@@ -91,14 +92,25 @@ fn keys_from(u: &mut Unstructured) -> arbitrary::Result<VaultKeys> {
             key: Secret32::from_bytes(u.arbitrary()?),
         });
     }
+    let infra: Option<[u8; 64]> = if u.arbitrary()? {
+        Some(u.arbitrary()?)
+    } else {
+        None
+    };
     Ok(VaultKeys {
         auth: Secret32::from_bytes(u.arbitrary()?),
         kek: PlatformKek::new(versions),
+        // Keys with equal halves are refused by `InfraKey`: none then.
+        infra: infra.and_then(|k| InfraKey::from_bytes(k).ok()),
     })
 }
 
 fn same(a: &VaultKeys, b: &VaultKeys) {
     assert_eq!(a.auth.expose(), b.auth.expose());
+    assert_eq!(
+        a.infra.as_ref().map(|k| *k.expose()),
+        b.infra.as_ref().map(|k| *k.expose())
+    );
     let (va, vb) = (a.kek.versions(), b.kek.versions());
     assert_eq!(va.len(), vb.len());
     for (x, y) in va.iter().zip(vb) {
@@ -109,26 +121,43 @@ fn same(a: &VaultKeys, b: &VaultKeys) {
     }
 }
 
-type RefKeys = ([u8; 32], Vec<(u32, KekState, u64, [u8; 32])>);
+type RefKeys = (
+    [u8; 32],
+    Vec<(u32, KekState, u64, [u8; 32])>,
+    Option<[u8; 64]>,
+);
 
-/// The key file format, parsed independently (docs/FORMAT.md): "BVKS" | u16 1 | u16 0 |
+/// The key file format, parsed independently (docs/FORMAT.md): "BVKS" | u16 1 or 2 | u16 0 |
 /// vault id | auth [32] | u16 n | n × (u32 version | u8 state 1|2 | 3×0 | u64 created |
-/// key [32]) | BLAKE3 of the rest; versions distinct.
+/// key [32]) | version 2: u8 0|1 | 3×0 | infra key [64] (zeros when 0; halves differ when 1)
+/// | BLAKE3 of the rest; versions distinct.
 fn reference(b: &[u8]) -> Option<RefKeys> {
     let (body, sum) = b.split_at(b.len().checked_sub(32)?);
     if body.len() < 58 || &body[..4] != b"BVKS" || blake3::hash(body).as_bytes() != sum {
         return None;
     }
-    if body[4..8] != [1, 0, 0, 0] || body[8..24] != VAULT_ID {
+    let v2 = match body[4..8] {
+        [1, 0, 0, 0] => false,
+        [2, 0, 0, 0] => true,
+        _ => return None,
+    };
+    if body[8..24] != VAULT_ID {
         return None;
     }
     let auth: [u8; 32] = body[24..56].try_into().unwrap();
     let n = u16::from_le_bytes([body[56], body[57]]) as usize;
-    if body.len() != 58 + n * 48 {
+    let entries_end = 58 + n * 48;
+    if body.len() != entries_end + if v2 { 68 } else { 0 } {
         return None;
     }
+    let infra = match &body[entries_end..] {
+        [] => None,
+        [0, 0, 0, 0, rest @ ..] if rest.iter().all(|&x| x == 0) => None,
+        [1, 0, 0, 0, key @ ..] if key[..32] != key[32..] => Some(key.try_into().unwrap()),
+        _ => return None,
+    };
     let mut versions: Vec<(u32, KekState, u64, [u8; 32])> = Vec::new();
-    for e in body[58..].chunks_exact(48) {
+    for e in body[58..entries_end].chunks_exact(48) {
         let version = u32::from_le_bytes(e[0..4].try_into().unwrap());
         let state = match e[4] {
             1 => KekState::Enabled,
@@ -141,7 +170,7 @@ fn reference(b: &[u8]) -> Option<RefKeys> {
         let created = u64::from_le_bytes(e[8..16].try_into().unwrap());
         versions.push((version, state, created, e[16..48].try_into().unwrap()));
     }
-    Some((auth, versions))
+    Some((auth, versions, infra))
 }
 
 /// Load `file` and check the result against [`reference`].
@@ -151,7 +180,7 @@ fn differential(label: &str, file: &[u8]) {
     let got = r.ok().map(|k| {
         let v = k.kek.versions().iter();
         let v = v.map(|v| (v.version, v.state, v.created, *v.key.expose()));
-        (*k.auth.expose(), v.collect())
+        (*k.auth.expose(), v.collect(), k.infra.as_ref().map(|i| *i.expose()))
     });
     assert!(
         got == reference(file),
@@ -176,6 +205,7 @@ fn seeds() -> Vec<Vec<u8>> {
                 key: Secret32::from_bytes([3; 32]),
             },
         ]),
+        infra: None,
     };
     let ks = keystore();
     let path = ks.save(&VAULT_ID, &one).expect("saving the seed keys");

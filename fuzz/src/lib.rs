@@ -8,7 +8,8 @@
 
 use std::sync::{Arc, OnceLock};
 
-use blockvault::crypto::kek::{KekState, PlatformKek, PlatformKeyVersion};
+use blockvault::crypto::kek::{KekKind, KekState, PlatformKek, PlatformKeyVersion};
+use blockvault::crypto::keyring::Keyring;
 use blockvault::crypto::{GenerationKeys, IdentityKeys, Secret32};
 use blockvault::vault::frame::Binding;
 use blockvault::{Error, ErrorKind, Result};
@@ -106,16 +107,22 @@ pub fn platform_kek() -> &'static PlatformKek {
 }
 
 /// A platform KEK whose newest version (1) is enabled: what `KeyRecord::create` wraps with.
-pub fn wrapping_kek() -> &'static PlatformKek {
-    static K: OnceLock<PlatformKek> = OnceLock::new();
+pub fn wrapping_kek() -> &'static Keyring {
+    static K: OnceLock<Keyring> = OnceLock::new();
     K.get_or_init(|| {
-        PlatformKek::new(vec![PlatformKeyVersion {
+        let platform = PlatformKek::new(vec![PlatformKeyVersion {
             version: 1,
             state: KekState::Enabled,
             created: 0,
             key: Secret32::from_bytes(KEK_KEY),
-        }])
+        }]);
+        Keyring::new(KekKind::Platform, Box::new(platform), None)
     })
+}
+
+/// The key that authenticates the fuzz vault's key records.
+pub fn record_mac() -> Secret32 {
+    blockvault::vault::keyrecord::mac_key(&Secret32::from_bytes([0x42; 32]))
 }
 
 /// Write seeds into `$BLOCKVAULT_FUZZ_SEED_DIR` (if set) as `seed-NN`, overwriting.

@@ -30,16 +30,34 @@ pub struct Args {
 }
 
 /// Read a `rsa:PUBLIC.pem` or `pkcs11:URI` key specification as key `version` of its kind.
-pub fn read_key_spec(ctx: &Context, spec: &str, recovery: bool, version: u32) -> anyhow::Result<CmkKey> {
+pub fn read_key_spec(
+    ctx: &Context,
+    spec: &str,
+    recovery: bool,
+    version: u32,
+) -> anyhow::Result<CmkKey> {
     if let Some(path) = spec.strip_prefix("rsa:") {
-        let kind = if recovery { KekKind::Recovery } else { KekKind::CustomerRsa };
-        return Ok(rsa::read_public_key(kind, version, OaepHash::Sha256, Path::new(path))?);
+        let kind = if recovery {
+            KekKind::Recovery
+        } else {
+            KekKind::CustomerRsa
+        };
+        return Ok(rsa::read_public_key(
+            kind,
+            version,
+            OaepHash::Sha256,
+            Path::new(path),
+        )?);
     }
     if spec.starts_with("pkcs11:") && !recovery {
         let kek = Pkcs11Kek::enroll(spec, version, None, ctx.key_access().pkcs11)?;
         return Ok(CmkKey::decode(&kek.key().encode(), "enrolled key")?);
     }
-    let want = if recovery { "rsa:PUBLIC.pem" } else { "rsa:PUBLIC.pem or pkcs11:URI" };
+    let want = if recovery {
+        "rsa:PUBLIC.pem"
+    } else {
+        "rsa:PUBLIC.pem or pkcs11:URI"
+    };
     Err(Error::usage(format!("key {spec:?} must be {want}")).into())
 }
 
@@ -53,8 +71,16 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         .into());
     }
     let opts = InitOptions {
-        cmk: a.cmk.as_deref().map(|s| read_key_spec(ctx, s, false, 1)).transpose()?,
-        recovery: a.recovery_key.as_deref().map(|s| read_key_spec(ctx, s, true, 1)).transpose()?,
+        cmk: a
+            .cmk
+            .as_deref()
+            .map(|s| read_key_spec(ctx, s, false, 1))
+            .transpose()?,
+        recovery: a
+            .recovery_key
+            .as_deref()
+            .map(|s| read_key_spec(ctx, s, true, 1))
+            .transpose()?,
         infrastructure: a.infrastructure_encryption,
         access: ctx.key_access(),
     };

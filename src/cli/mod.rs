@@ -4,6 +4,7 @@
 
 mod backup;
 mod init;
+mod key;
 mod output;
 mod restore;
 mod snapshots;
@@ -42,7 +43,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create a vault with a platform-managed key.
+    /// Create a vault: platform-managed keys, or a customer-managed RSA key (--cmk).
     Init(init::Args),
     /// Back up a disk image or block device (full the first time, then incremental).
     Backup(backup::Args),
@@ -52,6 +53,8 @@ enum Command {
     Restore(restore::Args),
     /// Check the vault's structure, or with --read-data every stored byte.
     Verify(verify::Args),
+    /// Key management: show, rotate, revoke, enable, recover, export, import, escrow.
+    Key(key::Args),
 }
 
 /// Where this host finds the private halves of customer-managed keys. Secrets (passphrases,
@@ -59,7 +62,12 @@ enum Command {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct KeyArgs {
     /// PKCS#8 PEM private key of a customer-managed RSA key (needed where DEKs are unwrapped).
-    #[arg(long, global = true, env = "BLOCKVAULT_CMK_PRIVATE", value_name = "PEM")]
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKVAULT_CMK_PRIVATE",
+        value_name = "PEM"
+    )]
     cmk_private: Option<PathBuf>,
     /// File holding the passphrase of an encrypted --cmk-private key (or set
     /// BLOCKVAULT_CMK_PASSPHRASE).
@@ -126,7 +134,11 @@ impl Context {
 
     /// Open the vault.
     pub fn open_vault(&self) -> Result<blockvault::vault::Vault, Error> {
-        blockvault::vault::Vault::open_with(self.vault_url()?, &self.keystore()?, &self.key_access())
+        blockvault::vault::Vault::open_with(
+            self.vault_url()?,
+            &self.keystore()?,
+            &self.key_access(),
+        )
     }
 }
 
@@ -145,6 +157,7 @@ pub fn main() -> ExitCode {
         Command::Snapshots(a) => snapshots::run(&ctx, a),
         Command::Restore(a) => restore::run(&ctx, a),
         Command::Verify(a) => verify::run(&ctx, a),
+        Command::Key(a) => key::run(&ctx, a),
     };
     match result {
         Ok(code) => code,

@@ -29,6 +29,54 @@ pub struct Args {
     /// the start of TARGET.
     #[arg(long, value_name = "OFF:LEN", value_parser = parse_range)]
     range: Option<std::ops::Range<u64>>,
+    /// Also write the disk's escrowed volume keys (`key escrow`) into DIR, one file per name,
+    /// mode 0600 (the folder is created 0700).
+    #[arg(long, value_name = "DIR")]
+    with_escrow: Option<PathBuf>,
+}
+
+/// Write each escrowed secret of `disk` to `dir/<name>`; returns the names written.
+fn write_escrows(
+    vault: &blockvault::vault::Vault,
+    disk: &blockvault::vault::Disk,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<String>> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let io = |what: String| move |e| blockvault::Error::io(what, e);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!("creating {}", dir.display())))?;
+    let mut names = Vec::new();
+    for e in vault.escrows(disk)? {
+        // Names are printable text without `/` or NUL; keep the file name plain anyway.
+        let file: String = e
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_alphanumeric() || "-_.@".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = dir.join(&file);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(format!("creating {}", path.display())))?;
+        f.write_all(&e.secret)
+            .and_then(|_| f.sync_all())
+            .map_err(io(format!("writing {}", path.display())))?;
+        names.push(e.name.clone());
+    }
+    Ok(names)
 }
 
 /// Restore a snapshot.
@@ -54,7 +102,12 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         &bar,
     )?;
     drop(bar);
+    let escrowed = match &a.with_escrow {
+        Some(dir) => write_escrows(&vault, &disk, dir)?,
+        None => Vec::new(),
+    };
     let doc = json!({
+        "escrow_written": escrowed,
         "command": "restore",
         "disk": disk.name,
         "snapshot": m.id.hex(),
@@ -77,7 +130,14 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             human_bytes(r.bytes_written),
             r.seconds,
             mb_per_s(r.bytes_total, r.seconds)
-        )
+        ) + &match &a.with_escrow {
+            Some(dir) => format!(
+                "escrowed keys written to {}: {}\n",
+                dir.display(),
+                escrowed.join(", ")
+            ),
+            None => String::new(),
+        }
     });
     Ok(ExitCode::SUCCESS)
 }

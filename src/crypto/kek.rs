@@ -134,6 +134,11 @@ impl PlatformKek {
         &self.versions
     }
 
+    /// The versions, to change and save (rotation, revoke, enable).
+    pub fn into_versions(self) -> Vec<PlatformKeyVersion> {
+        self.versions
+    }
+
     fn enabled(&self, version: u32) -> Result<&PlatformKeyVersion> {
         let v = self
             .versions

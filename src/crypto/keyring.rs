@@ -114,7 +114,9 @@ impl KekProvider for Versions {
         self.versions
             .values()
             .next_back()
-            .ok_or_else(|| Error::new(ErrorKind::Key, "the vault holds no customer key descriptor"))?
+            .ok_or_else(|| {
+                Error::new(ErrorKind::Key, "the vault holds no customer key descriptor")
+            })?
             .current()
     }
 

@@ -147,7 +147,11 @@ impl Keystore {
 
     /// Create the keys of a new vault: a fresh auth key and KEK version 1, and an
     /// infrastructure-layer key if `infrastructure`.
-    pub fn create(&self, vault_id: &[u8; 16], infrastructure: bool) -> Result<(VaultKeys, PathBuf)> {
+    pub fn create(
+        &self,
+        vault_id: &[u8; 16],
+        infrastructure: bool,
+    ) -> Result<(VaultKeys, PathBuf)> {
         if self.path_for(vault_id).exists() {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
@@ -205,7 +209,8 @@ fn encode(vault_id: &[u8; 16], keys: &VaultKeys) -> Zeroizing<Vec<u8>> {
     b
 }
 
-fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
+/// Parse the bytes of a key file of vault `vault_id` (`key import`).
+pub fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
     let corrupt = |what: &str| Error::new(ErrorKind::Key, format!("damaged: {what}"));
     if b.len() < HEADER_LEN + SUM_LEN || &b[..4] != MAGIC {
         return Err(corrupt("not a blockvault keystore file"));
@@ -238,7 +243,8 @@ fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
         [] => None,
         [0, 0, 0, 0, rest @ ..] if rest.iter().all(|&x| x == 0) => None,
         [1, 0, 0, 0, key @ ..] => Some(InfraKey::from_bytes(
-            key.try_into().map_err(|_| corrupt("infrastructure key length"))?,
+            key.try_into()
+                .map_err(|_| corrupt("infrastructure key length"))?,
         )?),
         _ => return Err(corrupt("infrastructure key part is malformed")),
     };

@@ -77,6 +77,11 @@ impl Config {
         let vault_id = d.array()?;
         let created = d.u64()?;
         let kek_kind = KekKind::from_u8(d.u8()?)?;
+        if kek_kind == KekKind::Recovery {
+            return Err(Error::integrity(
+                "vault config: the recovery key cannot be a vault's primary key",
+            ));
+        }
         let infrastructure = d.u8()?;
         if infrastructure > INFRA_AES_XTS {
             return Err(Error::new(ErrorKind::Unsupported, format!("vault config: infrastructure encryption layer {infrastructure} is not supported by this build")));

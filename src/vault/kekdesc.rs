@@ -41,7 +41,9 @@ pub fn encode(key: &CmkKey, mac: &Secret32) -> Vec<u8> {
 /// the keystore) and that it is the descriptor of the key its name says.
 pub fn decode(b: &[u8], what: &str, mac: Option<&Secret32>) -> Result<CmkKey> {
     let Some(body_len) = b.len().checked_sub(MAC_LEN) else {
-        return Err(Error::integrity(format!("{what}: truncated key descriptor")));
+        return Err(Error::integrity(format!(
+            "{what}: truncated key descriptor"
+        )));
     };
     let (body, tag) = b.split_at(body_len);
     if let Some(mac) = mac {

@@ -105,7 +105,13 @@ impl KeyRecord {
     pub fn rewrap(&mut self, dek: &Secret32, keyring: &Keyring) -> Result<()> {
         let mut wraps = Vec::new();
         for id in keyring.wrapping_ids()? {
-            let aad = wrap_aad(&self.vault_id, &self.disk_id, self.generation, self.created, id);
+            let aad = wrap_aad(
+                &self.vault_id,
+                &self.disk_id,
+                self.generation,
+                self.created,
+                id,
+            );
             wraps.push((id, keyring.wrap(id, dek, &aad)?));
         }
         self.wraps = wraps;
@@ -283,7 +289,9 @@ mod tests {
         assert!(KeyRecord::decode(&bytes, "r", &[7; 16], &[2; 16], Some(&mac)).is_err());
         // Made or altered without the keystore: the MAC refuses.
         let other = mac_key(&Secret32::from_bytes([10; 32]));
-        let e = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16], Some(&other)).unwrap_err();
+        let Err(e) = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16], Some(&other)) else {
+            panic!("a record under another MAC key must be refused")
+        };
         assert!(e.to_string().contains("failed authentication"), "{e}");
         let mut flipped = bytes.clone();
         flipped[40] ^= 1;

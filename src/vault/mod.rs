@@ -18,10 +18,12 @@ pub mod codec;
 pub mod config;
 pub mod escrow;
 pub mod frame;
+pub mod infra_recovery;
 pub mod kekdesc;
 pub mod keyrecord;
 pub mod manifest;
 pub mod pack;
+pub mod rotation;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -49,6 +51,8 @@ pub struct Vault {
     keyring: Keyring,
     /// Authenticates key records (from the keystore's auth key).
     record_mac: Secret32,
+    /// Authenticates KEK descriptors (likewise).
+    descriptor_mac: Secret32,
     keystore_file: PathBuf,
 }
 
@@ -130,6 +134,9 @@ impl Vault {
         for key in opts.cmk.iter().chain(&opts.recovery) {
             layered_store.put_new(&kekdesc::object_key(key.id()), &kekdesc::encode(key, &mac))?;
         }
+        if let (Some(recovery), Some(infra)) = (&opts.recovery, &keys.infra) {
+            infra_recovery::write(&*store, &vault_id, recovery, infra)?;
+        }
         let config = Config {
             vault_id,
             created: crate::util::now_unix(),
@@ -154,13 +161,14 @@ impl Vault {
         keystore_file: PathBuf,
         access: &KeyAccess,
     ) -> Result<Vault> {
-        let mac = kekdesc::mac_key(&keys.auth);
-        let descriptors = load_descriptors(&*store, Some(&mac))?;
+        let descriptor_mac = kekdesc::mac_key(&keys.auth);
+        let descriptors = load_descriptors(&*store, Some(&descriptor_mac))?;
         let keyring = keyring_for(config.kek_kind, keys.kek, descriptors, access)?;
         Ok(Vault {
             store,
             config,
             keyring,
+            descriptor_mac,
             record_mac: keyrecord::mac_key(&keys.auth),
             keystore_file,
         })
@@ -217,6 +225,11 @@ impl Vault {
     /// Settings.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The customer and recovery key descriptors the vault holds.
+    pub fn kek_descriptors(&self) -> Result<Vec<CmkKey>> {
+        load_descriptors(&*self.store, Some(&self.descriptor_mac))
     }
 
     /// The KEKs.
@@ -511,9 +524,10 @@ fn keyring_for(
             KekKind::Recovery => {
                 recovery = Some(Box::new(PemKek::new(key, access.recovery_private.clone())?))
             }
-            KekKind::CustomerRsa if kind == KekKind::CustomerRsa => {
-                primary.push((id.version, Box::new(PemKek::new(key, access.cmk_private.clone())?)))
-            }
+            KekKind::CustomerRsa if kind == KekKind::CustomerRsa => primary.push((
+                id.version,
+                Box::new(PemKek::new(key, access.cmk_private.clone())?),
+            )),
             KekKind::CustomerPkcs11 if kind == KekKind::CustomerPkcs11 => primary.push((
                 id.version,
                 Box::new(Pkcs11Kek::open(key, access.pkcs11.clone())?),

@@ -20,7 +20,6 @@ use crate::error::{Error, ErrorKind, Result};
 /// Length of the GCM part: nonce, sealed 32-byte DEK, tag.
 pub const SEALED_LEN: usize = NONCE_LEN + 32 + TAG_LEN;
 
-
 /// The two parts of a wrapped DEK.
 pub struct WrappedParts<'a> {
     /// RSA-OAEP ciphertext of the wrapping key W.
