@@ -146,6 +146,9 @@ impl Client {
                     self.size
                 ))
             })?;
+        if buf.is_empty() {
+            return Ok(());
+        }
         let start = offset / self.align * self.align;
         let aligned_end = end
             .div_ceil(self.align)
