@@ -129,7 +129,9 @@ pub struct OpenOptions {
 }
 
 /// Probe `path` and open the right implementation (symlinks are followed, so
-/// `/dev/disk/by-id/...` works).
+/// `/dev/disk/by-id/...` works). An `nbd://` or `nbd+unix://` URL (any `nbd*://`, so that
+/// TLS and vsock get a clear Unsupported error) opens an [`NbdSource`] with default
+/// [`NbdOptions`], before any file is looked for.
 ///
 /// Errors: path missing -> [`ErrorKind::NotFound`]; a directory or any other non-regular,
 /// non-block file -> [`ErrorKind::Usage`]; permission and other OS errors -> [`ErrorKind::Io`]

@@ -294,3 +294,28 @@ fn connected<'a>(g: &'a Option<Connection>, url: &str) -> Result<&'a Connection>
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::error::ErrorKind;
+    use crate::source::{open, OpenOptions};
+
+    #[test]
+    fn open_dispatches_nbd_urls_before_any_file_lookup() {
+        let opts = OpenOptions::default();
+        let e = open("nbds://host/disk", &opts).err().expect("TLS");
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        let e = open("nbd+unix:///disk", &opts).err().expect("no socket");
+        assert_eq!(e.kind(), ErrorKind::Usage);
+        assert!(e.to_string().contains("socket=PATH"), "{e}");
+        let e = open("nbd+unix:///disk?socket=/nonexistent/nbd.sock", &opts)
+            .err()
+            .expect("no server");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(
+            e.to_string()
+                .contains("cannot connect to /nonexistent/nbd.sock"),
+            "{e}"
+        );
+    }
+}
