@@ -8,14 +8,18 @@
 //! - [`RawFile`]: a regular file (VM disk image), read through the page cache; holes come
 //!   from `SEEK_DATA`/`SEEK_HOLE`, so sparse images cost only their allocated blocks;
 //! - [`BlockDevice`]: a block device, read with O_DIRECT so a full-disk backup does not
-//!   evict the host's page cache; the whole device counts as data.
+//!   evict the host's page cache; the whole device counts as data;
+//! - [`NbdSource`]: an NBD export (`nbd://`, `nbd+unix://`), read with pipelined requests;
+//!   data ranges and dirty bitmaps come from NBD block status.
 //!
-//! [`open`] probes the path and picks the implementation.
+//! [`open`] probes the path (or URL) and picks the implementation.
 
 pub mod blockdev;
+pub mod nbd;
 pub mod raw;
 
 pub use blockdev::BlockDevice;
+pub use nbd::{NbdOptions, NbdSource};
 pub use raw::RawFile;
 
 use crate::changes::ChangeList;
@@ -125,12 +129,17 @@ pub struct OpenOptions {
 }
 
 /// Probe `path` and open the right implementation (symlinks are followed, so
-/// `/dev/disk/by-id/...` works).
+/// `/dev/disk/by-id/...` works). An `nbd://` or `nbd+unix://` URL (any `nbd*://`, so that
+/// TLS and vsock get a clear Unsupported error) opens an [`NbdSource`] with default
+/// [`NbdOptions`], before any file is looked for.
 ///
 /// Errors: path missing -> [`ErrorKind::NotFound`]; a directory or any other non-regular,
 /// non-block file -> [`ErrorKind::Usage`]; permission and other OS errors -> [`ErrorKind::Io`]
 /// naming the path.
 pub fn open(path: &str, opts: &OpenOptions) -> Result<Box<dyn Source>> {
+    if nbd::is_nbd_url(path) {
+        return Ok(Box::new(NbdSource::open(path, &NbdOptions::default())?));
+    }
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
