@@ -195,7 +195,7 @@ pub struct EncryptedVolume {
 
 /// Which encryption format, with what only that format has.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "format", rename_all = "lowercase")]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum VolumeFormat {
     /// LUKS version 1 (one header, no checksum).
     Luks1,
