@@ -172,3 +172,94 @@ fn probe_volume(
     }
     luks2::probe(disk, location, volume, problems)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_bytes(img: &[u8]) -> Layout {
+        let read = |off: u64, buf: &mut [u8]| -> Result<()> {
+            buf.copy_from_slice(&img[off as usize..off as usize + buf.len()]);
+            Ok(())
+        };
+        scan(&read, img.len() as u64).unwrap()
+    }
+
+    #[test]
+    fn protective_mbr_without_a_gpt_is_reported() {
+        let mut img = vec![0u8; 1 << 20];
+        img[446 + 4] = 0xee;
+        img[446 + 8] = 1;
+        img[446 + 12..446 + 16].copy_from_slice(&2047u32.to_le_bytes());
+        img[510..512].copy_from_slice(&[0x55, 0xaa]);
+        let layout = scan_bytes(&img);
+        assert_eq!(layout.table, PartitionTable::None);
+        assert_eq!(layout.problems.len(), 1, "{:?}", layout.problems);
+        assert!(layout.problems[0].message.contains("no valid GPT header"));
+    }
+
+    #[test]
+    fn ebr_chains_stop_at_max_logical() {
+        // Each EBR names a one-sector logical partition and links to the next, forever.
+        let mut img = vec![0u8; 1 << 20];
+        let put = |img: &mut [u8], sector: usize, i: usize, kind: u8, lba: u32, n: u32| {
+            let at = sector * 512 + 446 + 16 * i;
+            img[at + 4] = kind;
+            img[at + 8..at + 12].copy_from_slice(&lba.to_le_bytes());
+            img[at + 12..at + 16].copy_from_slice(&n.to_le_bytes());
+            img[sector * 512 + 510..sector * 512 + 512].copy_from_slice(&[0x55, 0xaa]);
+        };
+        put(&mut img, 0, 0, 0x83, 1, 1);
+        put(&mut img, 0, 1, 0x05, 2, 2000);
+        for k in 0..=mbr::MAX_LOGICAL as u32 {
+            put(&mut img, 2 + 2 * k as usize, 0, 0x83, 1, 1);
+            put(&mut img, 2 + 2 * k as usize, 1, 0x05, 2 * (k + 1), 2);
+        }
+        let layout = scan_bytes(&img);
+        // 1 primary + 1 extended + 128 logical.
+        assert_eq!(layout.table.partitions().len(), 130);
+        assert!(layout
+            .problems
+            .iter()
+            .any(|p| p.message.contains("more than 128 EBRs")));
+    }
+
+    #[test]
+    fn at_most_max_volume_probes_partitions_are_probed() {
+        // A GPT (primary only) with 300 one-sector partitions.
+        let mut img = vec![0u8; 1 << 20];
+        img[446 + 4] = 0xee;
+        img[446 + 8] = 1;
+        img[510..512].copy_from_slice(&[0x55, 0xaa]);
+        for i in 0..300u64 {
+            let e = 1024 + 128 * i as usize;
+            img[e..e + 16].copy_from_slice(&[0x11; 16]);
+            img[e + 32..e + 40].copy_from_slice(&(200 + i).to_le_bytes());
+            img[e + 40..e + 48].copy_from_slice(&(200 + i).to_le_bytes());
+        }
+        let entries_crc = crc32fast::hash(&img[1024..1024 + 512 * 128]);
+        let h = &mut img[512..1024];
+        h[..8].copy_from_slice(b"EFI PART");
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&1u64.to_le_bytes());
+        h[32..40].copy_from_slice(&2047u64.to_le_bytes());
+        h[40..48].copy_from_slice(&130u64.to_le_bytes());
+        h[48..56].copy_from_slice(&2000u64.to_le_bytes());
+        h[72..80].copy_from_slice(&2u64.to_le_bytes());
+        h[80..84].copy_from_slice(&512u32.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        h[88..92].copy_from_slice(&entries_crc.to_le_bytes());
+        let crc = crc32fast::hash(&h[..92]);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        let layout = scan_bytes(&img);
+        assert_eq!(layout.table.partitions().len(), 300);
+        let messages: Vec<&str> = layout.problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "missing",
+                "300 partitions; only the first 256 are probed for volumes"
+            ]
+        );
+    }
+}
