@@ -9,7 +9,8 @@
 //! in `csum_alg`, sha256 by default) is over its whole `hdr_size` bytes with the 64-byte
 //! checksum field zeroed. A copy is used only if its checksum holds; of two, the one with the
 //! higher sequence id (the primary on a tie), as cryptsetup does. When the primary is
-//! unreadable its `hdr_size` is unknown, so every legal secondary offset is tried.
+//! invalid and no secondary lies where its `hdr_size` says (or it has none), every legal
+//! secondary offset is tried.
 //!
 //! From the JSON: the `crypt` segments (offset, size or "dynamic", encryption) give the
 //! payload and cipher; the first keyslot's `key_size` gives the volume key size.
@@ -203,20 +204,21 @@ pub fn probe(
 ) -> Result<Option<EncryptedVolume>> {
     let start = volume.start;
     let primary = read_copy(disk, &volume, 0, MAGIC_PRIMARY)?;
-    let (secondary_rel, secondary) = match primary.hdr_size() {
+    let mut secondary = match primary.hdr_size() {
         Some(size) => (size, read_copy(disk, &volume, size, MAGIC_SECONDARY)?),
-        None => {
-            let mut found = (HEADER_SIZES[0], Copy::Missing);
-            for rel in HEADER_SIZES {
-                let copy = read_copy(disk, &volume, rel, MAGIC_SECONDARY)?;
-                if !matches!(copy, Copy::Missing) {
-                    found = (rel, copy);
-                    break;
-                }
-            }
-            found
-        }
+        None => (HEADER_SIZES[0], Copy::Missing),
     };
+    // An invalid primary may name the wrong size (or none): then try every legal offset.
+    if !matches!(primary, Copy::Valid(_)) && matches!(secondary.1, Copy::Missing) {
+        for rel in HEADER_SIZES {
+            let copy = read_copy(disk, &volume, rel, MAGIC_SECONDARY)?;
+            if !matches!(copy, Copy::Missing) {
+                secondary = (rel, copy);
+                break;
+            }
+        }
+    }
+    let (secondary_rel, secondary) = secondary;
     if matches!((&primary, &secondary), (Copy::Missing, Copy::Missing)) {
         return Ok(None);
     }
@@ -448,6 +450,23 @@ mod tests {
         let (v, problems) = probe_image(&image(r#"{"segments":[1,2]}"#, true));
         assert!(v.is_none());
         assert!(problems[0].message.contains("JSON area"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_primary_naming_the_wrong_size_does_not_hide_the_secondary() {
+        let mut img = image(JSON, true);
+        img[8..16].copy_from_slice(&(64u64 << 10).to_be_bytes()); // primary now fails its checksum
+        let (v, problems) = probe_image(&img);
+        let v = v.unwrap();
+        let VolumeFormat::Luks2(h) = &v.format else {
+            panic!()
+        };
+        assert_eq!(
+            (h.used, h.secondary.offset),
+            (LuksCopy::Secondary, 16 << 10)
+        );
+        assert!(matches!(&h.primary.state, CopyState::Damaged(_)), "{h:?}");
+        assert_eq!(problems.len(), 1, "{problems:?}");
     }
 
     #[test]
