@@ -37,6 +37,7 @@ pub mod crypto;
 pub mod engine;
 pub mod error;
 pub mod io;
+pub mod layout;
 pub mod restore;
 pub mod source;
 pub mod util;

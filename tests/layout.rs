@@ -1,0 +1,930 @@
+//! Disk layout detection (`blockvault::layout`) against images made by the real tools:
+//! partition tables by `sfdisk` (util-linux, Debian package fdisk), 4 KiB-sector tables by
+//! `sfdisk` on a loop device with 4096-byte logical sectors, LUKS1/LUKS2 by `cryptsetup
+//! luksFormat` (Debian package cryptsetup-bin). What the tools report (`sfdisk --json`,
+//! `cryptsetup luksDump`) is the expected answer. BitLocker headers are built here from the
+//! published format (libbde's "BitLocker Drive Encryption (BDE) format"), since no tool on
+//! Linux writes them.
+//!
+//! A missing tool prints "SKIP <test>: <why>" and the test returns; under CI=true it fails.
+
+mod common;
+
+use blockvault::layout::{
+    self, BitLockerVariant, CopyState, EncryptedVolume, GptCopy, Layout, Location, LuksCopy,
+    MbrRole, PartitionTable, ScanOptions, VolumeFormat,
+};
+use common::{skip, LoopDev, MIB};
+use serde_json::Value;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+// ---------------------------------------------------------------------------------------------
+// Tools
+// ---------------------------------------------------------------------------------------------
+
+/// Whether `tool` runs; otherwise a SKIP line naming the Debian package (a failure under CI).
+fn have(tool: &str, package: &str, test: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        skip(
+            test,
+            &format!("{tool} not found (apt-get install {package})"),
+        );
+    }
+    ok
+}
+
+/// Run a command with `stdin`, panicking with its stderr if it fails; its stdout.
+fn run(program: &str, args: &[&str], stdin: &str) -> String {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {program}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Partition `target` (an image file or a device) with an sfdisk script.
+fn sfdisk(target: &Path, script: &str) {
+    let t = target.to_str().unwrap();
+    run(
+        "sfdisk",
+        &[
+            "-q",
+            "--no-reread",
+            "--no-tell-kernel",
+            "--wipe",
+            "always",
+            t,
+        ],
+        script,
+    );
+}
+
+/// `sfdisk --json` of `target`: the "partitiontable" object.
+fn sfdisk_json(target: &Path) -> Value {
+    let out = run("sfdisk", &["--json", target.to_str().unwrap()], "");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["partitiontable"].clone()
+}
+
+/// A fresh sparse file of `size` bytes.
+fn image(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let path = dir.join(name);
+    File::create(&path).unwrap().set_len(size).unwrap();
+    path
+}
+
+const KEY: &[u8] = b"a key file for the layout tests, 32+ bytes long";
+
+/// `cryptsetup luksFormat` a new file of `size` bytes with the fastest key derivation.
+fn luks_format(dir: &Path, name: &str, size: u64, extra: &[&str]) -> PathBuf {
+    let path = image(dir, name, size);
+    let key = dir.join("key");
+    std::fs::write(&key, KEY).unwrap();
+    let mut args = vec![
+        "luksFormat",
+        "-q",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ];
+    args.extend_from_slice(extra);
+    args.push(path.to_str().unwrap());
+    run("cryptsetup", &args, "");
+    path
+}
+
+/// A `Name: value` line of `cryptsetup luksDump` output.
+fn dump_field(dump: &str, name: &str) -> String {
+    dump.lines()
+        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| panic!("no {name} in luksDump:\n{dump}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scanning and comparing
+// ---------------------------------------------------------------------------------------------
+
+fn scan_file_with(path: &Path, opts: &ScanOptions) -> Layout {
+    let f = File::open(path).unwrap();
+    let size = f.metadata().unwrap().len();
+    let read = |off: u64, buf: &mut [u8]| {
+        f.read_exact_at(buf, off)
+            .map_err(|e| blockvault::Error::io(path.display().to_string(), e))
+    };
+    let layout = layout::scan_with(&read, size, opts).unwrap();
+    // Every layout survives the JSON a manifest or `inspect --json` stores it as.
+    let json = serde_json::to_string(&layout).unwrap();
+    assert_eq!(serde_json::from_str::<Layout>(&json).unwrap(), layout);
+    layout
+}
+
+fn scan_file(path: &Path) -> Layout {
+    scan_file_with(path, &ScanOptions::default())
+}
+
+/// Write `bytes` into `path` at `offset`.
+fn put(path: &Path, offset: u64, bytes: &[u8]) {
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+/// Copy the whole of `from` into `to` at `offset` (dd of a volume into a partition).
+fn dd(from: &Path, to: &Path, offset: u64) {
+    put(to, offset, &std::fs::read(from).unwrap());
+}
+
+fn copy(from: &Path, dir: &Path, name: &str) -> PathBuf {
+    let to = dir.join(name);
+    std::fs::copy(from, &to).unwrap();
+    to
+}
+
+/// GPT attribute bits from sfdisk's `attrs` text.
+fn sfdisk_attrs(text: &str) -> u64 {
+    let mut bits = 0u64;
+    for word in text.split_whitespace() {
+        match word {
+            "RequiredPartition" => bits |= 1,
+            "NoBlockIOProtocol" => bits |= 2,
+            "LegacyBIOSBootable" => bits |= 4,
+            w => {
+                let list = w.strip_prefix("GUID:").expect("known sfdisk attribute");
+                for n in list.split(',') {
+                    bits |= 1 << n.parse::<u32>().unwrap();
+                }
+            }
+        }
+    }
+    bits
+}
+
+/// The partitions found must be exactly what sfdisk reports.
+fn assert_same_partitions(layout: &Layout, sf: &Value) {
+    let ss = sf["sectorsize"].as_u64().unwrap();
+    let want = sf["partitions"].as_array().unwrap();
+    let got = layout.table.partitions();
+    assert_eq!(got.len(), want.len(), "{got:#?}\nvs sfdisk {want:#?}");
+    for (p, w) in got.iter().zip(want) {
+        let node = w["node"].as_str().unwrap();
+        let digits = node.len() - node.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+        let index: u32 = node[node.len() - digits..].parse().unwrap();
+        assert_eq!(p.index, index, "{node}");
+        let start = w["start"].as_u64().unwrap();
+        let size = w["size"].as_u64().unwrap();
+        assert_eq!(p.first_byte, start * ss, "{node}");
+        assert_eq!(p.last_byte, (start + size) * ss - 1, "{node}");
+        let sf_type = w["type"].as_str().unwrap();
+        match &layout.table {
+            PartitionTable::Mbr(_) => {
+                let t = u8::from_str_radix(sf_type, 16).unwrap();
+                assert_eq!(p.type_code, format!("0x{t:02x}"), "{node}");
+                let bootable = w["bootable"].as_bool().unwrap_or(false);
+                assert_eq!(p.attributes == 0x80, bootable, "{node}");
+            }
+            PartitionTable::Gpt(_) => {
+                assert_eq!(p.type_code, sf_type, "{node}");
+                assert_eq!(p.guid.as_deref(), w["uuid"].as_str(), "{node}");
+                assert_eq!(p.name.as_deref(), Some(w["name"].as_str().unwrap_or("")));
+                assert_eq!(
+                    p.attributes,
+                    sfdisk_attrs(w["attrs"].as_str().unwrap_or(""))
+                );
+            }
+            PartitionTable::None => unreachable!(),
+        }
+    }
+}
+
+fn only_volume(layout: &Layout) -> &EncryptedVolume {
+    assert_eq!(layout.volumes.len(), 1, "{}", layout.render());
+    &layout.volumes[0]
+}
+
+fn luks2_headers(v: &EncryptedVolume) -> &layout::Luks2Headers {
+    match &v.format {
+        VolumeFormat::Luks2(h) => h,
+        f => panic!("expected LUKS2, found {f:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Partition tables
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn mbr_with_logical_partitions() {
+    let test = "mbr_with_logical_partitions";
+    if !have("sfdisk", "fdisk", test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "mbr.img", 64 * MIB);
+    sfdisk(
+        &img,
+        "label: dos\nlabel-id: 0x12345678\n\
+         start=2048, size=16384, type=83, bootable\n\
+         start=18432, size=90112, type=5\n\
+         start=20480, size=16384, type=82\n\
+         start=38912, size=16384, type=7\n",
+    );
+    let layout = scan_file(&img);
+    let PartitionTable::Mbr(t) = &layout.table else {
+        panic!("{}", layout.render())
+    };
+    assert_eq!(t.sector_size, 512);
+    assert_eq!(t.disk_signature, "0x12345678");
+    assert_same_partitions(&layout, &sfdisk_json(&img));
+    let roles: Vec<_> = t.partitions.iter().map(|p| p.mbr_role.unwrap()).collect();
+    use MbrRole::*;
+    assert_eq!(roles, [Primary, Extended, Logical, Logical]);
+    assert_eq!(t.partitions[2].type_name.as_deref(), Some("Linux swap"));
+    assert!(
+        layout.volumes.is_empty() && layout.problems.is_empty(),
+        "{layout:#?}"
+    );
+}
+
+#[test]
+fn gpt_both_copies_checked() {
+    let test = "gpt_both_copies_checked";
+    if !have("sfdisk", "fdisk", test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "gpt.img", 64 * MIB);
+    sfdisk(
+        &img,
+        "label: gpt\nlabel-id: 11111111-2222-3333-4444-555555555555\n\
+         size=8MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"EFI system\", \
+         attrs=\"RequiredPartition\"\n\
+         size=24MiB, type=CA7D7CCB-63ED-4C53-861C-1742536059CC, name=\"crypt root\"\n\
+         size=8MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, attrs=\"LegacyBIOSBootable GUID:60,63\"\n",
+    );
+    let sf = sfdisk_json(&img);
+    let layout = scan_file(&img);
+    let PartitionTable::Gpt(t) = &layout.table else {
+        panic!("{}", layout.render())
+    };
+    assert_eq!(t.sector_size, 512);
+    assert_eq!(t.disk_guid, "11111111-2222-3333-4444-555555555555");
+    assert_eq!(t.first_usable_byte, sf["firstlba"].as_u64().unwrap() * 512);
+    assert_eq!(
+        t.last_usable_byte,
+        (sf["lastlba"].as_u64().unwrap() + 1) * 512 - 1
+    );
+    assert_eq!(
+        (&t.primary, &t.backup, t.used),
+        (&CopyState::Ok, &CopyState::Ok, GptCopy::Primary)
+    );
+    assert_same_partitions(&layout, &sf);
+    assert_eq!(t.partitions[0].type_name.as_deref(), Some("EFI System"));
+    assert!(layout.problems.is_empty(), "{:?}", layout.problems);
+    let partitions = t.partitions.clone();
+
+    // The backup header (the last sector) wiped: reported missing, partitions unchanged.
+    let no_backup = copy(&img, dir.path(), "no-backup.img");
+    put(&no_backup, 64 * MIB - 512, &[0u8; 512]);
+    let l = scan_file(&no_backup);
+    let PartitionTable::Gpt(t) = &l.table else {
+        panic!()
+    };
+    assert_eq!(
+        (&t.primary, &t.backup),
+        (&CopyState::Ok, &CopyState::Missing)
+    );
+    assert_eq!(t.partitions, partitions);
+    assert_eq!(l.problems[0].structure, "GPT backup header");
+    assert_eq!(l.problems[0].offset, 64 * MIB - 512);
+
+    // One byte of the backup header changed: its CRC fails.
+    let bad_backup = copy(&img, dir.path(), "bad-backup.img");
+    common::flip_byte(&bad_backup, 64 * MIB - 512 + 60);
+    let l = scan_file(&bad_backup);
+    let PartitionTable::Gpt(t) = &l.table else {
+        panic!()
+    };
+    assert!(
+        matches!(&t.backup, CopyState::Damaged(w) if w.contains("header CRC32")),
+        "{t:?}"
+    );
+
+    // The primary header damaged: partitions come from the backup.
+    let bad_primary = copy(&img, dir.path(), "bad-primary.img");
+    common::flip_byte(&bad_primary, 512 + 60);
+    let l = scan_file(&bad_primary);
+    let PartitionTable::Gpt(t) = &l.table else {
+        panic!()
+    };
+    assert!(
+        matches!(&t.primary, CopyState::Damaged(w) if w.contains("header CRC32")),
+        "{t:?}"
+    );
+    assert_eq!(t.used, GptCopy::Backup);
+    assert_eq!(t.partitions, partitions);
+
+    // The primary entry array damaged (partition 2's name): its CRC fails.
+    let bad_entries = copy(&img, dir.path(), "bad-entries.img");
+    common::flip_byte(&bad_entries, 1024 + 128 + 56);
+    let l = scan_file(&bad_entries);
+    let PartitionTable::Gpt(t) = &l.table else {
+        panic!()
+    };
+    assert!(
+        matches!(&t.primary, CopyState::Damaged(w) if w.contains("partition entry array CRC32")),
+        "{t:?}"
+    );
+    assert_eq!((t.used, &t.partitions), (GptCopy::Backup, &partitions));
+}
+
+/// A loop device over `img` with 4096-byte logical sectors (a 4Kn disk), or `None` after
+/// a SKIP line.
+fn loop_4k(img: &Path, test: &str) -> Option<LoopDev> {
+    let dev = LoopDev::attach(img, test)?;
+    let dev_path = dev.path.to_str().unwrap().to_string();
+    run("losetup", &["--sector-size", "4096", &dev_path], "");
+    let ss = run("blockdev", &["--getss", &dev_path], "");
+    assert_eq!(ss.trim(), "4096");
+    Some(dev)
+}
+
+#[test]
+fn gpt_and_mbr_on_4096_byte_sectors() {
+    let test = "gpt_and_mbr_on_4096_byte_sectors";
+    if !have("sfdisk", "fdisk", test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "4kn.img", 64 * MIB);
+    let Some(dev) = loop_4k(&img, test) else {
+        return;
+    };
+    sfdisk(
+        &dev.path,
+        "label: gpt\nsize=8MiB, name=\"first\"\nsize=16MiB, type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F\n",
+    );
+    let sf = sfdisk_json(&dev.path);
+    assert_eq!(sf["sectorsize"], 4096);
+    // The scan reads the backing file, which says nothing about sectors: the GPT does.
+    let layout = scan_file(&img);
+    let PartitionTable::Gpt(t) = &layout.table else {
+        panic!("{}", layout.render())
+    };
+    assert_eq!(t.sector_size, 4096);
+    assert_eq!((&t.primary, &t.backup), (&CopyState::Ok, &CopyState::Ok));
+    assert_same_partitions(&layout, &sf);
+
+    // An MBR does not record its sector size: the device's (BLKSSZGET) is passed in.
+    sfdisk(
+        &dev.path,
+        "label: dos\nstart=256, size=2048, type=83\nstart=2304, size=4096, type=5\n\
+         start=2560, size=1024, type=8e\n",
+    );
+    let sf = sfdisk_json(&dev.path);
+    let layout = scan_file_with(
+        &img,
+        &ScanOptions {
+            mbr_sector_size: Some(4096),
+        },
+    );
+    let PartitionTable::Mbr(t) = &layout.table else {
+        panic!("{}", layout.render())
+    };
+    assert_eq!(t.sector_size, 4096);
+    assert_same_partitions(&layout, &sf);
+    assert!(layout.problems.is_empty(), "{:?}", layout.problems);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LUKS
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn luks1_on_a_whole_file() {
+    let test = "luks1_on_a_whole_file";
+    if !have("cryptsetup", "cryptsetup-bin", test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (name, extra, cipher, mode, bits) in [
+        ("xts.img", &[][..], "aes", "xts-plain64", 512),
+        (
+            "cbc.img",
+            &["--cipher", "aes-cbc-essiv:sha256", "--key-size", "256"][..],
+            "aes",
+            "cbc-essiv:sha256",
+            256,
+        ),
+    ] {
+        let mut args = vec!["--type", "luks1"];
+        args.extend_from_slice(extra);
+        let img = luks_format(dir.path(), name, 4 * MIB, &args);
+        let dump = run("cryptsetup", &["luksDump", img.to_str().unwrap()], "");
+        let layout = scan_file(&img);
+        assert_eq!(layout.table, PartitionTable::None);
+        let v = only_volume(&layout);
+        assert_eq!(v.format, VolumeFormat::Luks1);
+        assert_eq!(v.location, Location::Disk);
+        assert_eq!(v.volume, 0..4 * MIB);
+        assert_eq!(v.cipher.as_deref(), Some(cipher));
+        assert_eq!(dump_field(&dump, "Cipher name:"), cipher);
+        assert_eq!(v.mode.as_deref(), Some(mode));
+        assert_eq!(dump_field(&dump, "Cipher mode:"), mode);
+        assert_eq!(v.key_bits, Some(bits));
+        assert_eq!(dump_field(&dump, "MK bits:"), bits.to_string());
+        let payload_sectors: u64 = dump_field(&dump, "Payload offset:").parse().unwrap();
+        assert_eq!(v.payload, Some(payload_sectors * 512..4 * MIB));
+        assert_eq!(v.uuid.as_deref(), Some(dump_field(&dump, "UUID:").as_str()));
+        assert_eq!(
+            layout.ciphertext_ranges(),
+            vec![payload_sectors * 512..4 * MIB]
+        );
+        assert!(layout.problems.is_empty(), "{:?}", layout.problems);
+    }
+}
+
+/// Check a LUKS2 volume at `start..end` of a disk against `cryptsetup luksDump` of the file
+/// it was formatted in.
+fn assert_matches_dump(v: &EncryptedVolume, luks_file: &Path, start: u64, end: u64) {
+    let path = luks_file.to_str().unwrap();
+    let meta: Value = serde_json::from_str(&run(
+        "cryptsetup",
+        &["luksDump", "--dump-json-metadata", path],
+        "",
+    ))
+    .unwrap();
+    let segment = &meta["segments"]["0"];
+    let offset: u64 = segment["offset"].as_str().unwrap().parse().unwrap();
+    assert_eq!(segment["size"], "dynamic");
+    assert_eq!(v.volume, start..end);
+    assert_eq!(v.payload, Some(start + offset..end));
+    let (cipher, mode) = segment["encryption"]
+        .as_str()
+        .unwrap()
+        .split_once('-')
+        .unwrap();
+    assert_eq!(
+        (v.cipher.as_deref(), v.mode.as_deref()),
+        (Some(cipher), Some(mode))
+    );
+    let key_size = meta["keyslots"]["0"]["key_size"].as_u64().unwrap() as u32;
+    assert_eq!(v.key_bits, Some(key_size * 8));
+    let uuid = run("cryptsetup", &["luksUUID", path], "");
+    assert_eq!(v.uuid.as_deref(), Some(uuid.trim()));
+}
+
+#[test]
+fn luks2_in_a_gpt_partition() {
+    let test = "luks2_in_a_gpt_partition";
+    if !have("cryptsetup", "cryptsetup-bin", test) || !have("sfdisk", "fdisk", test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let luks = luks_format(dir.path(), "luks2.img", 24 * MIB, &["--type", "luks2"]);
+    let img = image(dir.path(), "disk.img", 64 * MIB);
+    sfdisk(
+        &img,
+        "label: gpt\nsize=8MiB\nsize=24MiB, type=CA7D7CCB-63ED-4C53-861C-1742536059CC\nsize=8MiB\n",
+    );
+    let sf = sfdisk_json(&img);
+    let start = sf["partitions"][1]["start"].as_u64().unwrap() * 512;
+    let end = start + 24 * MIB;
+    dd(&luks, &img, start);
+
+    let layout = scan_file(&img);
+    assert_same_partitions(&layout, &sf);
+    let v = only_volume(&layout);
+    assert_eq!(v.location, Location::Partition { index: 2 });
+    assert_matches_dump(v, &luks, start, end);
+    let h = luks2_headers(v);
+    assert_eq!(h.header_size, 16384);
+    assert_eq!(
+        (&h.primary.state, &h.secondary.state),
+        (&CopyState::Ok, &CopyState::Ok)
+    );
+    assert_eq!(
+        (h.primary.offset, h.secondary.offset),
+        (start, start + 16384)
+    );
+    assert_eq!(h.primary.seqid, h.secondary.seqid);
+    assert_eq!(h.used, LuksCopy::Primary);
+    assert_eq!(layout.ciphertext_ranges(), vec![v.payload.clone().unwrap()]);
+    assert!(layout.problems.is_empty(), "{:?}", layout.problems);
+
+    let text = layout.render();
+    for needle in [
+        "GPT, 512-byte sectors",
+        "partition 2",
+        "LUKS2",
+        "xts-plain64",
+        "Linux LUKS",
+    ] {
+        assert!(text.contains(needle), "{needle} not in:\n{text}");
+    }
+}
+
+#[test]
+fn luks2_damaged_primary_found_through_the_secondary() {
+    let test = "luks2_damaged_primary_found_through_the_secondary";
+    if !have("cryptsetup", "cryptsetup-bin", test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A non-default header size, so the secondary is at 64 KiB, and another cipher.
+    let luks = luks_format(
+        dir.path(),
+        "luks2.img",
+        20 * MIB,
+        &[
+            "--type",
+            "luks2",
+            "--luks2-metadata-size",
+            "64k",
+            "--cipher",
+            "aes-cbc-essiv:sha256",
+            "--key-size",
+            "256",
+        ],
+    );
+    let layout = scan_file(&luks);
+    let v = only_volume(&layout);
+    assert_matches_dump(v, &luks, 0, 20 * MIB);
+    assert_eq!(luks2_headers(v).secondary.offset, 64 << 10);
+
+    // One byte of the primary's JSON area changed: its checksum fails, the secondary is used.
+    let json_damaged = copy(&luks, dir.path(), "json-damaged.img");
+    common::flip_byte(&json_damaged, 4096 + 20);
+    let layout = scan_file(&json_damaged);
+    let v = only_volume(&layout);
+    assert_matches_dump(v, &luks, 0, 20 * MIB);
+    let h = luks2_headers(v);
+    assert!(
+        matches!(&h.primary.state, CopyState::Damaged(w) if w.contains("sha256 checksum")),
+        "{h:?}"
+    );
+    assert_eq!(
+        (&h.secondary.state, h.used),
+        (&CopyState::Ok, LuksCopy::Secondary)
+    );
+    assert_eq!(layout.problems.len(), 1, "{:?}", layout.problems);
+    assert_eq!(layout.problems[0].structure, "LUKS2 primary header");
+
+    // The whole primary binary header wiped: its size is unknown, the secondary is found by
+    // trying every legal offset.
+    let wiped = copy(&luks, dir.path(), "wiped.img");
+    put(&wiped, 0, &[0u8; 4096]);
+    let layout = scan_file(&wiped);
+    assert_eq!(layout.table, PartitionTable::None);
+    let v = only_volume(&layout);
+    assert_matches_dump(v, &luks, 0, 20 * MIB);
+    let h = luks2_headers(v);
+    assert_eq!(
+        (&h.primary.state, h.primary.seqid),
+        (&CopyState::Missing, None)
+    );
+    assert_eq!(
+        (h.secondary.offset, h.used),
+        (64 << 10, LuksCopy::Secondary)
+    );
+    assert_eq!(h.header_size, 64 << 10);
+    // cryptsetup agrees that the volume is still there.
+    let dump = run("cryptsetup", &["luksDump", wiped.to_str().unwrap()], "");
+    assert_eq!(dump_field(&dump, "UUID:"), v.uuid.clone().unwrap());
+
+    // Both copies damaged: no volume, a problem naming both.
+    let both = copy(&json_damaged, dir.path(), "both.img");
+    common::flip_byte(&both, (64 << 10) + 4096 + 20);
+    let layout = scan_file(&both);
+    assert!(layout.volumes.is_empty(), "{}", layout.render());
+    let p = &layout.problems[0];
+    assert_eq!((p.structure.as_str(), p.offset), ("LUKS2 header", 0));
+    assert!(p.message.contains("no valid header copy"), "{p:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// BitLocker, built from the published format
+// ---------------------------------------------------------------------------------------------
+
+/// A GUID's on-disk bytes (first three groups little-endian) from its text form.
+fn guid_bytes(text: &str) -> [u8; 16] {
+    let hex: String = text.chars().filter(|c| *c != '-').collect();
+    let mut b: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    b[0..4].reverse();
+    b[4..6].reverse();
+    b[6..8].reverse();
+    b.try_into().unwrap()
+}
+
+const BITLOCKER_ID: &str = "4967D63B-2E29-4AD8-8399-F6A339E3D001";
+
+fn le(buf: &mut [u8], at: usize, bytes: &[u8]) {
+    buf[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+/// The 512-byte volume header of `variant` whose FVE metadata blocks are at `blocks`
+/// (relative to the volume; Vista: block 1 only, as a cluster number of 8 x 512 bytes).
+fn volume_header(variant: BitLockerVariant, blocks: [u64; 3], total_sectors: u64) -> Vec<u8> {
+    let mut h = vec![0u8; 512];
+    le(&mut h, 11, &512u16.to_le_bytes()); // bytes per sector
+    h[13] = 8; // sectors per cluster
+    h[21] = 0xf8; // media descriptor: fixed disk
+    le(&mut h, 24, &63u16.to_le_bytes());
+    le(&mut h, 26, &255u16.to_le_bytes());
+    match variant {
+        BitLockerVariant::Vista => {
+            le(&mut h, 0, &[0xeb, 0x52, 0x90]);
+            le(&mut h, 3, b"-FVE-FS-");
+            le(&mut h, 40, &total_sectors.to_le_bytes());
+            le(&mut h, 48, &4u64.to_le_bytes()); // MFT cluster
+            le(&mut h, 56, &(blocks[0] / 4096).to_le_bytes());
+        }
+        BitLockerVariant::Win7 => {
+            le(&mut h, 0, &[0xeb, 0x58, 0x90]);
+            le(&mut h, 3, b"-FVE-FS-");
+            le(&mut h, 82, b"FAT32   ");
+            le(&mut h, 160, &guid_bytes(BITLOCKER_ID));
+            for (i, b) in blocks.iter().enumerate() {
+                le(&mut h, 176 + 8 * i, &b.to_le_bytes());
+            }
+        }
+        BitLockerVariant::ToGo => {
+            le(&mut h, 0, &[0xeb, 0x58, 0x90]);
+            le(&mut h, 3, b"MSWIN4.1");
+            le(&mut h, 32, &(total_sectors as u32).to_le_bytes());
+            le(&mut h, 71, b"NO NAME    FAT32   ");
+            le(&mut h, 424, &guid_bytes(BITLOCKER_ID));
+            for (i, b) in blocks.iter().enumerate() {
+                le(&mut h, 440 + 8 * i, &b.to_le_bytes());
+            }
+        }
+    }
+    le(&mut h, 510, &[0x55, 0xaa]);
+    h
+}
+
+/// An FVE metadata block: the 64-byte block header (version 1 for Vista, else 2) and the
+/// 48-byte metadata header with no entries.
+fn fve_block(
+    version: u16,
+    blocks: [u64; 3],
+    method: u16,
+    volume_guid: &str,
+    encrypted: u64,
+) -> Vec<u8> {
+    let mut b = vec![0u8; 64 + 48];
+    le(&mut b, 0, b"-FVE-FS-");
+    le(&mut b, 8, &64u16.to_le_bytes());
+    le(&mut b, 10, &version.to_le_bytes());
+    le(&mut b, 12, &4u16.to_le_bytes());
+    le(&mut b, 14, &4u16.to_le_bytes());
+    if version == 2 {
+        le(&mut b, 16, &encrypted.to_le_bytes());
+        le(&mut b, 28, &16u32.to_le_bytes()); // volume header sectors
+        le(&mut b, 56, &(blocks[2] + 65536).to_le_bytes()); // relocated boot sectors
+    }
+    for (i, o) in blocks.iter().enumerate() {
+        le(&mut b, 32 + 8 * i, &o.to_le_bytes());
+    }
+    let m = 64;
+    le(&mut b, m, &48u32.to_le_bytes()); // metadata size
+    le(&mut b, m + 4, &1u32.to_le_bytes()); // version
+    le(&mut b, m + 8, &48u32.to_le_bytes()); // header size
+    le(&mut b, m + 12, &48u32.to_le_bytes()); // size copy
+    le(&mut b, m + 16, &guid_bytes(volume_guid));
+    le(&mut b, m + 32, &1u32.to_le_bytes()); // next nonce counter
+    le(&mut b, m + 36, &u32::from(method).to_le_bytes());
+    le(&mut b, m + 40, &0x01d9_0000_0000_0000u64.to_le_bytes()); // creation FILETIME
+    b
+}
+
+/// Write a BitLocker volume of `variant` into `img` at `start` (`len` bytes); its volume GUID.
+fn write_bitlocker(
+    img: &Path,
+    start: u64,
+    len: u64,
+    variant: BitLockerVariant,
+    method: u16,
+    guid: &str,
+) -> [u64; 3] {
+    let blocks = [MIB / 2 + 4096 * 8, 3 * MIB / 2, 5 * MIB / 2];
+    put(img, start, &volume_header(variant, blocks, len / 512));
+    let version = if variant == BitLockerVariant::Vista {
+        1
+    } else {
+        2
+    };
+    for b in blocks {
+        put(
+            img,
+            start + b,
+            &fve_block(version, blocks, method, guid, len - MIB),
+        );
+    }
+    blocks
+}
+
+fn bitlocker_info(v: &EncryptedVolume) -> &layout::BitLockerInfo {
+    match &v.format {
+        VolumeFormat::BitLocker(b) => b,
+        f => panic!("expected BitLocker, found {f:?}"),
+    }
+}
+
+#[test]
+fn bitlocker_variants_in_mbr_partitions() {
+    let test = "bitlocker_variants_in_mbr_partitions";
+    if !have("sfdisk", "fdisk", test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "bitlocker.img", 32 * MIB);
+    sfdisk(
+        &img,
+        "label: dos\nstart=2048, size=8192, type=7\nstart=10240, size=8192, type=7\n\
+         start=18432, size=8192, type=c\nstart=26624, size=8192, type=83\n",
+    );
+    let sf = sfdisk_json(&img);
+    let starts: Vec<u64> = (0..4)
+        .map(|i| sf["partitions"][i]["start"].as_u64().unwrap() * 512)
+        .collect();
+    let len = 4 * MIB;
+    let cases = [
+        (
+            BitLockerVariant::Vista,
+            0x8000,
+            "AES-128-CBC-diffuser",
+            "cbc-elephant",
+            128,
+        ),
+        (BitLockerVariant::Win7, 0x8004, "XTS-AES-128", "xts", 128),
+        (BitLockerVariant::ToGo, 0x8003, "AES-256-CBC", "cbc", 256),
+    ];
+    let guids = [
+        "0A1B2C3D-4E5F-6071-8293-A4B5C6D7E8F9",
+        "11223344-5566-7788-99AA-BBCCDDEEFF00",
+        "DEADBEEF-0000-1111-2222-333344445555",
+    ];
+    let mut block_offsets = vec![];
+    for (i, (variant, method, ..)) in cases.iter().enumerate() {
+        block_offsets.push(write_bitlocker(
+            &img, starts[i], len, *variant, *method, guids[i],
+        ));
+    }
+    // Windows 7 volume: block 3 damaged. To Go volume: block 2 lists other offsets.
+    put(&img, starts[1] + block_offsets[1][2], b"-FVE-XX-");
+    put(
+        &img,
+        starts[2] + block_offsets[2][1] + 48,
+        &7u64.to_le_bytes(),
+    );
+
+    let layout = scan_file(&img);
+    assert_same_partitions(&layout, &sf);
+    assert_eq!(layout.volumes.len(), 3, "{}", layout.render());
+    for (i, v) in layout.volumes.iter().enumerate() {
+        let (variant, method, name, mode, bits) = cases[i];
+        let b = bitlocker_info(v);
+        assert_eq!(
+            v.location,
+            Location::Partition {
+                index: i as u32 + 1
+            }
+        );
+        assert_eq!(v.volume, starts[i]..starts[i] + len);
+        assert_eq!(
+            (b.variant, b.method_code, b.method.as_str()),
+            (variant, method, name)
+        );
+        assert_eq!(b.bytes_per_sector, 512);
+        assert_eq!(v.cipher.as_deref(), Some("aes"));
+        assert_eq!((v.mode.as_deref(), v.key_bits), (Some(mode), Some(bits)));
+        assert_eq!(v.uuid.as_deref(), Some(guids[i]));
+        let offsets: Vec<u64> = b.metadata_blocks.iter().map(|m| m.offset).collect();
+        let want: Vec<u64> = block_offsets[i].iter().map(|o| starts[i] + o).collect();
+        assert_eq!(offsets, want);
+        if variant == BitLockerVariant::Vista {
+            assert_eq!((b.encrypted_size, b.volume_header_offset), (None, None));
+            assert_eq!(v.payload, Some(v.volume.clone()));
+            assert_eq!(v.volume_size, Some(len));
+        } else {
+            assert_eq!(b.encrypted_size, Some(len - MIB));
+            assert_eq!(v.payload, Some(starts[i]..starts[i] + len - MIB));
+            assert_eq!(
+                b.volume_header_offset,
+                Some(starts[i] + block_offsets[i][2] + 65536)
+            );
+        }
+    }
+    let states = |i: usize| -> Vec<CopyState> {
+        bitlocker_info(&layout.volumes[i])
+            .metadata_blocks
+            .iter()
+            .map(|m| m.state.clone())
+            .collect()
+    };
+    assert!(states(0).iter().all(|s| *s == CopyState::Ok));
+    assert!(matches!(&states(1)[2], CopyState::Damaged(w) if w.contains("signature")));
+    assert!(
+        matches!(&states(2)[1], CopyState::Mismatch(_)),
+        "{:?}",
+        states(2)
+    );
+    assert_eq!(layout.volumes[2].volume_size, Some(len));
+    assert_eq!(layout.problems.len(), 2, "{:?}", layout.problems);
+    assert_eq!(
+        layout.ciphertext_ranges(),
+        vec![
+            starts[0]..starts[1] + len - MIB,
+            starts[2]..starts[2] + len - MIB
+        ]
+    );
+    let text = layout.render();
+    for needle in [
+        "BitLocker (Vista) AES-128-CBC-diffuser",
+        "To Go",
+        "XTS-AES-128",
+    ] {
+        assert!(text.contains(needle), "{needle} not in:\n{text}");
+    }
+}
+
+#[test]
+fn bitlocker_on_a_whole_disk_is_not_an_mbr() {
+    // No tool involved: a volume header at byte 0 of an unpartitioned disk. Its `55 AA` and
+    // boot-code bytes must not be taken for a partition table.
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "whole.img", 8 * MIB);
+    write_bitlocker(
+        &img,
+        0,
+        8 * MIB,
+        BitLockerVariant::Win7,
+        0x8005,
+        BITLOCKER_ID,
+    );
+    // Boot code that happens to look like an active NTFS partition entry.
+    put(
+        &img,
+        446,
+        &[
+            0x80, 1, 1, 0, 0x07, 0xfe, 0xff, 0xff, 0x3f, 0, 0, 0, 0, 0, 1, 0,
+        ],
+    );
+    let layout = scan_file(&img);
+    assert_eq!(layout.table, PartitionTable::None);
+    let v = only_volume(&layout);
+    assert_eq!(v.location, Location::Disk);
+    assert_eq!(bitlocker_info(v).method, "XTS-AES-256");
+    assert!(layout.problems.is_empty(), "{:?}", layout.problems);
+}
+
+#[test]
+fn garbage_and_tiny_disks() {
+    for size in [0u64, 1, 511, 512, 4096, 70_000] {
+        let data = common::random_data(size, size as usize);
+        let read = |off: u64, buf: &mut [u8]| -> blockvault::Result<()> {
+            buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
+            Ok(())
+        };
+        let layout = layout::scan(&read, size).unwrap();
+        assert_eq!(layout.table, PartitionTable::None, "{size}");
+        assert!(layout.volumes.is_empty());
+    }
+    let read = |_: u64, _: &mut [u8]| -> blockvault::Result<()> { Ok(()) };
+    let e = layout::scan_with(
+        &read,
+        1 << 20,
+        &ScanOptions {
+            mbr_sector_size: Some(520),
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), blockvault::ErrorKind::Usage);
+}
