@@ -191,6 +191,8 @@ impl Fixture {
             compression: Compression { level },
             buffers: Recycler::new(4),
             parent: None,
+            slot_size: 1 << 20,
+            ciphertext: Vec::new(),
         }
     }
 

@@ -236,6 +236,7 @@ fn build(u: &mut Unstructured) -> arbitrary::Result<Manifest> {
         packs,
         extents,
         slots,
+        layout: short_string(u, 300)?,
     })
 }
 
@@ -297,6 +298,7 @@ fn sample() -> Manifest {
                 overlays: vec![],
             },
         ],
+        layout: String::new(),
     }
 }
 

@@ -257,6 +257,7 @@ pub fn backup(
     } = job;
     let nslots = manifest::slot_count(disk_size, slot_size);
     let keys = disk.generation(generation)?;
+    let layout = scan_layout(source);
 
     let parent_extents: HashMap<_, _> = parent
         .iter()
@@ -273,6 +274,8 @@ pub fn backup(
         parent: parent
             .as_ref()
             .map(|manifest| overlay::ParentView::new(vault, disk, manifest)),
+        slot_size,
+        ciphertext: layout.as_ref().map(|l| l.ciphertext_ranges()).unwrap_or_default(),
     };
 
     let data = source.data_ranges()?;
@@ -341,6 +344,10 @@ pub fn backup(
         packs: tables.packs,
         extents: tables.extents,
         slots: tables.slots,
+        layout: layout
+            .as_ref()
+            .and_then(|l| serde_json::to_string(l).ok())
+            .unwrap_or_default(),
     };
     m.digest = m.compute_digest(&disk.identity.digest);
     vault.put_manifest(disk, &m)?;
@@ -357,6 +364,23 @@ pub fn backup(
         reader,
         stats,
     })
+}
+
+/// The partition table and encrypted volumes of `source`, recorded in the manifest; their
+/// ciphertext is stored without trying to compress it. A disk whose headers cannot be read is
+/// backed up all the same (the reads that matter come later and report their own errors).
+pub fn scan_layout(source: &dyn Source) -> Option<crate::layout::Layout> {
+    let read = |offset: u64, buf: &mut [u8]| io::read_any(source, offset, buf);
+    let opts = crate::layout::ScanOptions {
+        mbr_sector_size: Some(source.sector_size()),
+    };
+    match crate::layout::scan_with(&read, source.size(), &opts) {
+        Ok(layout) => Some(layout),
+        Err(e) => {
+            tracing::warn!(source = source.name(), error = %e, "cannot scan the disk's partition table and volumes");
+            None
+        }
+    }
 }
 
 /// The plan of an incremental that a change source drives, after checking the claim: it must

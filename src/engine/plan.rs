@@ -208,6 +208,7 @@ mod tests {
             packs: Vec::new(),
             extents: Vec::new(),
             slots: vec![Slot::Zero; n],
+            layout: String::new(),
         }
     }
 

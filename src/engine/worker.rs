@@ -42,6 +42,11 @@ pub struct WorkerContext<'a> {
     pub buffers: Recycler,
     /// The parent's content, for storing changed slots as overlays (`None`: whole slots).
     pub parent: Option<super::overlay::ParentView<'a>>,
+    /// Slot size, to place slots on the disk.
+    pub slot_size: u32,
+    /// Byte ranges of encrypted volumes (LUKS, BitLocker payloads): slots inside them are
+    /// ciphertext, stored without trying to compress.
+    pub ciphertext: Vec<std::ops::Range<u64>>,
 }
 
 /// What became of a slot.
@@ -181,7 +186,12 @@ impl WorkerContext<'_> {
             return Ok(Outcome::Overlaid(o));
         }
         let len = data.len() as u32;
-        self.seal_new(id, data)
+        let start = slot * self.slot_size as u64;
+        let ciphertext = self
+            .ciphertext
+            .iter()
+            .any(|r| r.start <= start && start + data.len() as u64 <= r.end);
+        self.seal(id, data, !ciphertext)
             .map(|frame| Outcome::New { id, len, frame })
     }
 
@@ -197,17 +207,17 @@ impl WorkerContext<'_> {
         }
         Ok(Piece::New {
             id,
-            frame: self.seal_new(id, data)?,
+            frame: self.seal(id, data, true)?,
         })
     }
 
-    /// Compress if worthwhile, then seal `data` into a frame (in a recycled buffer).
-    pub fn seal_new(&self, id: ExtentId, data: &[u8]) -> Result<Vec<u8>> {
+    /// Compress if asked and worthwhile, then seal `data` into a frame (in a recycled buffer).
+    pub fn seal(&self, id: ExtentId, data: &[u8], try_compress: bool) -> Result<Vec<u8>> {
         let mut buf = self.buffers.take(frame::OVERHEAD + data.len());
         buf.extend_from_slice(&[0u8; frame::HEADER_LEN]);
         let compressed = match self.compression.level {
-            Some(level) => compress_onto(level, data, &mut buf)?,
-            None => false,
+            Some(level) if try_compress => compress_onto(level, data, &mut buf)?,
+            _ => false,
         };
         if !compressed {
             buf.extend_from_slice(data);
@@ -264,6 +274,8 @@ mod tests {
                 compression: Compression { level },
                 buffers: Recycler::new(2),
                 parent: None,
+                slot_size: 1 << 20,
+                ciphertext: Vec::new(),
             };
             for data in [&compressible, &random] {
                 let Outcome::New { id, frame, .. } = ctx.process(0, data).unwrap() else {

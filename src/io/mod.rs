@@ -161,6 +161,24 @@ pub fn read_exact_at(source: &dyn Source, offset: u64, buf: &mut [u8]) -> Result
     }
 }
 
+/// Read `buf.len()` bytes at any `offset`, whatever the source's alignment: an O_DIRECT
+/// source is read in aligned sectors through a bounce buffer. For headers (`inspect`, the
+/// layout a backup records), not for bulk data.
+pub fn read_any(source: &dyn Source, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let align = source.alignment().max(1) as u64;
+    if align == 1 {
+        return read_exact_at(source, offset, buf);
+    }
+    let start = offset / align * align;
+    let end = (offset + buf.len() as u64).div_ceil(align) * align;
+    let mut bounce = AlignedBuf::new((end - start) as usize, align as usize);
+    bounce.set_len((end - start) as usize);
+    read_exact_at(source, start, &mut bounce)?;
+    let at = (offset - start) as usize;
+    buf.copy_from_slice(&bounce[at..at + buf.len()]);
+    Ok(())
+}
+
 /// The pool's buffers must satisfy the source's address alignment (O_DIRECT).
 fn check_pool(source: &dyn Source, pool: &BufferPool) -> Result<()> {
     let align = source.alignment().max(1);

@@ -185,6 +185,9 @@ pub struct Manifest {
     pub extents: Vec<ExtentLoc>,
     /// One entry per slot.
     pub slots: Vec<Slot>,
+    /// The disk's partition table and encrypted volumes as `inspect --json` prints them
+    /// (JSON), or empty when not scanned.
+    pub layout: String,
 }
 
 /// Number of slots for a disk.
@@ -320,6 +323,7 @@ impl Manifest {
                 }
             }
         }
+        e.u32(self.layout.len() as u32).bytes(self.layout.as_bytes());
         e.finish()
     }
 
@@ -497,6 +501,9 @@ impl Manifest {
                 t => return Err(d.error(format_args!("unknown slot tag {t}"))),
             });
         }
+        let layout_len = d.u32()? as usize;
+        let layout = String::from_utf8(d.take(layout_len)?.to_vec())
+            .map_err(|_| d.error("disk layout is not UTF-8"))?;
         d.end()?;
         Ok(Manifest {
             id,
@@ -516,6 +523,7 @@ impl Manifest {
             packs,
             extents,
             slots,
+            layout,
         })
     }
 }
@@ -582,6 +590,7 @@ mod tests {
                 },
                 Slot::Zero,
             ],
+            layout: r#"{"disk_size":1}"#.into(),
         }
     }
 
