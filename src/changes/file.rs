@@ -33,7 +33,8 @@ pub struct Loaded {
 
 /// Read and parse `path`.
 pub fn load(path: &str) -> Result<Loaded> {
-    let text = std::fs::read(path).map_err(|e| Error::io(format!("reading change list {path}"), e))?;
+    let text =
+        std::fs::read(path).map_err(|e| Error::io(format!("reading change list {path}"), e))?;
     let value: Value = serde_json::from_slice(&text)
         .map_err(|e| Error::usage(format!("change list {path} is not JSON: {e}")))?;
     parse(&value).map_err(|msg| Error::usage(format!("change list {path}: {msg}")))
@@ -115,20 +116,35 @@ fn parse(v: &Value) -> std::result::Result<Loaded, String> {
         let mut block = None;
         for (i, p) in pages.iter().enumerate() {
             if !p.block_size.is_power_of_two() || block.is_some_and(|b| b != p.block_size) {
-                return Err(format!("page {i}: BlockSize {} is not a power of two or differs between pages", p.block_size));
+                return Err(format!(
+                    "page {i}: BlockSize {} is not a power of two or differs between pages",
+                    p.block_size
+                ));
             }
             block = Some(p.block_size);
             if p.next_token.as_deref().is_some_and(|t| !t.is_empty()) && i + 1 == pages.len() {
                 return Err("the last page has a NextToken, so the list is incomplete: fetch every page and pass them as a JSON array".into());
             }
             for b in &p.changed_blocks {
-                let start = b.block_index.checked_mul(p.block_size).ok_or("BlockIndex overflows")?;
+                let start = b
+                    .block_index
+                    .checked_mul(p.block_size)
+                    .ok_or("BlockIndex overflows")?;
                 ranges.push(span(start, p.block_size)?);
             }
         }
         return Ok(loaded(block.unwrap_or(1), ranges, "aws-ebs", None));
     }
-    if ["pageRange", "clearRange", "PageRange", "ClearRange", "page_ranges"].iter().any(|k| keys(k)) {
+    if [
+        "pageRange",
+        "clearRange",
+        "PageRange",
+        "ClearRange",
+        "page_ranges",
+    ]
+    .iter()
+    .any(|k| keys(k))
+    {
         let d: AzureDiff = from(v)?;
         let ranges = d
             .page_range
@@ -154,7 +170,10 @@ fn parse(v: &Value) -> std::result::Result<Loaded, String> {
             for a in &info.changed_area {
                 let r = span(a.start, a.length)?;
                 if r.start < area.start || r.end > area.end {
-                    return Err(format!("changed area {}+{} lies outside its DiskChangeInfo {}..{}", a.start, a.length, area.start, area.end));
+                    return Err(format!(
+                        "changed area {}+{} lies outside its DiskChangeInfo {}..{}",
+                        a.start, a.length, area.start, area.end
+                    ));
                 }
                 ranges.push(r);
             }
@@ -164,7 +183,12 @@ fn parse(v: &Value) -> std::result::Result<Loaded, String> {
     Err("not a recognised shape: expected [{\"offset\",\"length\"}], an AWS EBS ListChangedBlocks result, an Azure GetPageRangesDiff result or a VMware DiskChangeInfo".into())
 }
 
-fn loaded(granularity: u64, ranges: Vec<Range<u64>>, format: &'static str, covers: Option<u64>) -> Loaded {
+fn loaded(
+    granularity: u64,
+    ranges: Vec<Range<u64>>,
+    format: &'static str,
+    covers: Option<u64>,
+) -> Loaded {
     Loaded {
         list: ChangeList::new(granularity, ranges),
         format,
@@ -202,7 +226,8 @@ mod tests {
 
     #[test]
     fn plain_list() {
-        let (r, g, f) = ranges(json!([{"offset": 8192, "length": 4096}, {"offset": 0, "length": 10}]));
+        let (r, g, f) =
+            ranges(json!([{"offset": 8192, "length": 4096}, {"offset": 0, "length": 10}]));
         assert_eq!((r, g, f), (vec![0..10, 8192..12288], 1, "plain"));
         assert_eq!(ranges(json!([])).0, vec![]);
         assert!(parse(&json!([{"offset": u64::MAX, "length": 2}])).is_err());
@@ -213,16 +238,30 @@ mod tests {
     fn aws_ebs_pages() {
         let page = json!({"ChangedBlocks": [{"BlockIndex": 2, "FirstBlockToken": "a"}],
             "ExpiryTime": 1.0, "VolumeSize": 8, "BlockSize": 524288});
-        assert_eq!(ranges(page.clone()), (vec![1 << 20..3 << 19], 524288, "aws-ebs"));
-        let more = json!({"ChangedBlocks": [{"BlockIndex": 0}], "BlockSize": 524288, "NextToken": "x"});
+        assert_eq!(
+            ranges(page.clone()),
+            (
+                std::iter::once(1 << 20..3 << 19).collect(),
+                524288,
+                "aws-ebs"
+            )
+        );
+        let more =
+            json!({"ChangedBlocks": [{"BlockIndex": 0}], "BlockSize": 524288, "NextToken": "x"});
         assert!(parse(&more).unwrap_err().contains("NextToken"));
-        assert_eq!(ranges(json!([more, page])).0, vec![0..524288, 1 << 20..3 << 19]);
+        assert_eq!(
+            ranges(json!([more, page])).0,
+            vec![0..524288, 1 << 20..3 << 19]
+        );
     }
 
     #[test]
     fn azure_page_ranges_are_inclusive_and_clears_count() {
         let v = json!({"pageRange": [{"start": 0, "end": 511}], "clearRange": [{"start": 4096, "end": 8191}]});
-        assert_eq!(ranges(v), (vec![0..512, 4096..8192], 512, "azure-page-ranges"));
+        assert_eq!(
+            ranges(v),
+            (vec![0..512, 4096..8192], 512, "azure-page-ranges")
+        );
         assert!(parse(&json!({"pageRange": [{"start": 5, "end": 1}]})).is_err());
     }
 
@@ -231,13 +270,22 @@ mod tests {
         let a = json!({"startOffset": 0, "length": 1 << 20, "changedArea": [{"start": 65536, "length": 65536}]});
         let b = json!({"startOffset": 1 << 20, "length": 1 << 20, "changedArea": []});
         let l = parse(&json!([a.clone(), b])).unwrap();
-        assert_eq!((l.list.ranges, l.covers, l.format), (vec![65536..131072], Some(2 << 20), "vmware-cbt"));
+        assert_eq!(
+            (l.list.ranges, l.covers, l.format),
+            (
+                std::iter::once(65536..131072).collect(),
+                Some(2 << 20),
+                "vmware-cbt"
+            )
+        );
         let gap = json!({"startOffset": 4 << 20, "length": 1, "changedArea": []});
         assert!(parse(&json!([a, gap])).unwrap_err().contains("in order"));
     }
 
     #[test]
     fn unknown_shape_is_refused() {
-        assert!(parse(&json!({"what": 1})).unwrap_err().contains("not a recognised shape"));
+        assert!(parse(&json!({"what": 1}))
+            .unwrap_err()
+            .contains("not a recognised shape"));
     }
 }

@@ -70,7 +70,10 @@ mod tests {
         let c = ChangeList::new(4096, [8192..12288, 0..4096, 4096..4096, 4000..5000, 20..30]);
         assert_eq!(c.ranges, vec![0..5000, 8192..12288]);
         assert_eq!(c.bytes(), 5000 + 4096);
-        assert_eq!(c.within(4500, 9000).collect::<Vec<_>>(), vec![4500..5000, 8192..9000]);
+        assert_eq!(
+            c.within(4500, 9000).collect::<Vec<_>>(),
+            vec![4500..5000, 8192..9000]
+        );
         assert_eq!(c.within(5000, 8192).count(), 0);
         assert_eq!(c.clipped(10_000), vec![0..5000, 8192..10_000]);
         assert_eq!(ChangeList::new(0, []).granularity, 1);

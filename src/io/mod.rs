@@ -251,7 +251,7 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::HashMap;
     use std::fs::File;
-    use std::os::fd::{AsFd, BorrowedFd};
+    use std::os::fd::AsFd;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
