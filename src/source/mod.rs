@@ -8,14 +8,19 @@
 //! - [`RawFile`]: a regular file (VM disk image), read through the page cache; holes come
 //!   from `SEEK_DATA`/`SEEK_HOLE`, so sparse images cost only their allocated blocks;
 //! - [`BlockDevice`]: a block device, read with O_DIRECT so a full-disk backup does not
-//!   evict the host's page cache; the whole device counts as data.
+//!   evict the host's page cache; the whole device counts as data;
+//! - [`Qcow2`]: a qcow2 image (and its backing chain), read natively through [`ReadAt`]; its
+//!   L1/L2 map gives the data ranges and its persistent bitmaps the dirty ranges.
 //!
-//! [`open`] probes the path and picks the implementation.
+//! [`open`] probes the path and picks the implementation: a regular file starting with the
+//! qcow2 magic is a qcow2 image, any other regular file a raw image.
 
 pub mod blockdev;
+pub mod qcow2;
 pub mod raw;
 
 pub use blockdev::BlockDevice;
+pub use qcow2::Qcow2;
 pub use raw::RawFile;
 
 use crate::changes::ChangeList;
@@ -151,6 +156,9 @@ pub fn open(path: &str, opts: &OpenOptions) -> Result<Box<dyn Source>> {
         return Ok(Box::new(BlockDevice::open(path, opts)?));
     }
     if file_type.is_file() {
+        if qcow2::is_qcow2(path)? {
+            return Ok(Box::new(Qcow2::open(path)?));
+        }
         return Ok(Box::new(RawFile::open(path)?));
     }
     Err(not_a_disk(path, file_type))
