@@ -7,7 +7,21 @@ use super::image::Image;
 use super::integrity;
 use super::tables::{for_each_run, Cluster, Unit};
 use crate::error::{Error, Result};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
+
+/// Data units contiguous both in the request and in the image file, read with one pread
+/// (an image written sequentially keeps whole requests contiguous, which matters most for
+/// small clusters: 256 of 4 KiB per 1 MiB read).
+struct DataRun {
+    /// Where the run starts in the request buffer.
+    at: usize,
+    len: usize,
+    /// Disk offset, for messages.
+    pos: u64,
+    /// File offset.
+    host: u64,
+}
 
 impl Image {
     /// Fill `buf` with the disk's bytes at `offset`; bytes past the virtual size read as
@@ -15,50 +29,72 @@ impl Image {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.header.size;
         let cluster_size = self.header.geo.cluster_size();
-        let mut rest = buf;
-        let mut pos = offset;
-        while !rest.is_empty() {
+        let mut pending = None;
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset.saturating_add(done as u64);
             if pos >= size {
-                rest.fill(0);
+                buf[done..].fill(0);
                 break;
             }
             let in_cluster = pos % cluster_size;
             let n = (cluster_size - in_cluster)
                 .min(size - pos)
-                .min(rest.len() as u64) as usize;
-            let (chunk, tail) = rest.split_at_mut(n);
-            self.read_in_cluster(pos, chunk)?;
-            rest = tail;
-            pos += n as u64;
+                .min((buf.len() - done) as u64) as usize;
+            self.read_in_cluster(pos, buf, done..done + n, &mut pending)?;
+            done += n;
         }
-        Ok(())
+        match pending {
+            Some(run) => self.read_data(run, buf),
+            None => Ok(()),
+        }
     }
 
-    /// Fill `chunk`, which lies within the cluster holding guest offset `pos`.
-    fn read_in_cluster(&self, pos: u64, chunk: &mut [u8]) -> Result<()> {
+    /// Fill `buf[span]`, which lies within the cluster holding guest offset `pos`; data
+    /// units join `pending` when they continue it, and are read when they do not.
+    fn read_in_cluster(
+        &self,
+        pos: u64,
+        buf: &mut [u8],
+        span: Range<usize>,
+        pending: &mut Option<DataRun>,
+    ) -> Result<()> {
         let geo = &self.header.geo;
         let Some(table) = self.l2_table_for(pos)? else {
-            return self.read_below(pos, chunk);
+            return self.read_below(pos, &mut buf[span]);
         };
         let index = ((pos >> geo.cluster_bits) & ((1 << geo.l2_bits()) - 1)) as usize;
         let in_cluster = pos % geo.cluster_size();
         let cluster_start = pos - in_cluster;
         match table.cluster(geo, index, &self.path)? {
-            Cluster::Compressed { host, len } => self.read_compressed(pos, host, len, chunk),
+            Cluster::Compressed { host, len } => {
+                self.read_compressed(pos, host, len, &mut buf[span])
+            }
             Cluster::Standard { host, alloc, zero } => {
-                let end = in_cluster + chunk.len() as u64;
+                let end = in_cluster + span.len() as u64;
                 for_each_run(geo, alloc, zero, in_cluster, end, |run, unit| {
-                    let from = (run.start - in_cluster) as usize;
-                    let part = &mut chunk[from..from + (run.end - run.start) as usize];
+                    let at = span.start + (run.start - in_cluster) as usize;
+                    let len = (run.end - run.start) as usize;
+                    let pos = cluster_start + run.start;
                     match unit {
                         Unit::Data => {
-                            self.read_data(cluster_start + run.start, host + run.start, part)
+                            let host = host + run.start;
+                            match pending {
+                                Some(p) if p.at + p.len == at && p.host + p.len as u64 == host => {
+                                    p.len += len;
+                                    Ok(())
+                                }
+                                _ => match pending.replace(DataRun { at, len, pos, host }) {
+                                    Some(previous) => self.read_data(previous, buf),
+                                    None => Ok(()),
+                                },
+                            }
                         }
                         Unit::Zero => {
-                            part.fill(0);
+                            buf[at..at + len].fill(0);
                             Ok(())
                         }
-                        Unit::Unallocated => self.read_below(cluster_start + run.start, part),
+                        Unit::Unallocated => self.read_below(pos, &mut buf[at..at + len]),
                     }
                 })
             }
@@ -76,15 +112,16 @@ impl Image {
         }
     }
 
-    /// Read guest bytes at `pos` stored at file offset `host`. Bytes past the end of the file
-    /// read as zeros, as QEMU reads them (the cluster itself starts inside the file: checked
-    /// when its L2 entry was decoded).
-    fn read_data(&self, pos: u64, host: u64, buf: &mut [u8]) -> Result<()> {
+    /// Read a run of data units into `buf`. Bytes past the end of the file read as zeros, as
+    /// QEMU reads them (each cluster starts inside the file: checked when its L2 entry was
+    /// decoded).
+    fn read_data(&self, run: DataRun, buf: &mut [u8]) -> Result<()> {
+        let part = &mut buf[run.at..run.at + run.len];
         let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], host + done as u64) {
+        while done < part.len() {
+            match self.file.read_at(&mut part[done..], run.host + done as u64) {
                 Ok(0) => {
-                    buf[done..].fill(0);
+                    part[done..].fill(0);
                     break;
                 }
                 Ok(n) => done += n,
@@ -94,8 +131,8 @@ impl Image {
                         format!(
                             "cannot read qcow2 image {} at file offset {} (disk offset {})",
                             self.path,
-                            host + done as u64,
-                            pos + done as u64
+                            run.host + done as u64,
+                            run.pos + done as u64
                         ),
                         e,
                     ))
