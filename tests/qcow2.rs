@@ -318,6 +318,7 @@ fn compressed_images_read_like_qemu() {
         ("zlib-4k.qcow2", "cluster_size=4096"),
         ("zstd-2m.qcow2", "cluster_size=2M,compression_type=zstd"),
         ("zlib-512.qcow2", "cluster_size=512"),
+        ("zstd-ext.qcow2", "extended_l2=on,compression_type=zstd"),
     ] {
         q.img(&[
             "convert",

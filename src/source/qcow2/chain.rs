@@ -76,7 +76,7 @@ pub(super) fn open(
         ))),
         "raw" => {
             // Checked first so that RawFile::open cannot block on a FIFO.
-            open_regular(&path).map_err(within)?;
+            open_regular(&path, "raw image").map_err(within)?;
             Ok(Backing::Raw(RawFile::open(&path).map_err(within)?))
         }
         other => Err(unsupported(

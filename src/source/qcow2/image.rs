@@ -26,7 +26,7 @@ pub(super) struct Image {
 impl Image {
     /// Open `path`, `depth` images below the top of its chain, and its backing chain.
     pub fn open(path: &str, depth: usize) -> Result<Image> {
-        let file = open_regular(path)?;
+        let file = open_regular(path, "qcow2 image")?;
         let file_size = file
             .metadata()
             .ctx(|| format!("cannot inspect qcow2 image {path}"))?
@@ -96,21 +96,20 @@ impl Image {
     }
 }
 
-/// Open `path` read-only, refusing anything but a regular file. O_NONBLOCK keeps a FIFO
-/// named as a backing file from blocking the open; it changes nothing for regular files.
-pub(super) fn open_regular(path: &str) -> Result<File> {
+/// Open `path` (a `what`, for messages) read-only, refusing anything but a regular file.
+/// O_NONBLOCK keeps a FIFO named as a backing file from blocking the open; it changes
+/// nothing for regular files.
+pub(super) fn open_regular(path: &str, what: &str) -> Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .ctx(|| format!("cannot open qcow2 image {path} for reading"))?;
+        .ctx(|| format!("cannot open {what} {path} for reading"))?;
     let meta = file
         .metadata()
-        .ctx(|| format!("cannot inspect qcow2 image {path}"))?;
+        .ctx(|| format!("cannot inspect {what} {path}"))?;
     if !meta.is_file() {
-        return Err(Error::usage(format!(
-            "{path} is not a regular file, so not a qcow2 image"
-        )));
+        return Err(Error::usage(format!("{what} {path} is not a regular file")));
     }
     Ok(file)
 }

@@ -69,7 +69,7 @@ impl std::fmt::Debug for Qcow2 {
 
 /// Whether the file at `path` starts with the qcow2 magic (`QFI\xfb`); shorter files do not.
 pub fn is_qcow2(path: &str) -> Result<bool> {
-    let file = image::open_regular(path)?;
+    let file = image::open_regular(path, "file")?;
     let mut magic = [0; 4];
     let n = file
         .read_at(&mut magic, 0)
