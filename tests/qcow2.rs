@@ -690,6 +690,18 @@ fn feature_bits_are_honoured() {
         "{err}"
     );
 
+    // Bitmaps whose autoclear bit (header byte 95, bit 0) was cleared by a program without
+    // bitmap support: none is listed, and asking for one says why.
+    let cleared = fresh("cleared.qcow2");
+    q.img(&["bitmap", "--add", "--enable", "cleared.qcow2", "b0"]);
+    assert_eq!(open(&cleared).bitmaps().expect("bitmaps").len(), 1);
+    write_at(&cleared, 95, &[read_at(&cleared, 95, 1)[0] & !1]);
+    let src = open(&cleared);
+    assert!(src.bitmaps().expect("bitmaps").is_empty());
+    let err = src.dirty_ranges("b0").expect_err("inconsistent bitmaps");
+    assert_eq!(err.kind(), ErrorKind::Usage);
+    assert!(err.to_string().contains("cannot be trusted"), "{err}");
+
     q.create("ext.qcow2", "4M", &["-o", "data_file=ext.data"]);
     let err = open_err(&q.path("ext.qcow2"));
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err:?}");
