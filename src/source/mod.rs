@@ -134,7 +134,7 @@ pub struct OpenOptions {
 ///
 /// Errors: path missing -> [`ErrorKind::NotFound`]; a directory or any other non-regular,
 /// non-block file -> [`ErrorKind::Usage`]; permission and other OS errors -> [`ErrorKind::Io`]
-/// naming the path.
+/// naming the path; a damaged or unsupported qcow2 image -> see [`Qcow2::open`].
 pub fn open(path: &str, opts: &OpenOptions) -> Result<Box<dyn Source>> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
