@@ -10,16 +10,22 @@
 //! - [`BlockDevice`]: a block device, read with O_DIRECT so a full-disk backup does not
 //!   evict the host's page cache; the whole device counts as data;
 //! - [`NbdSource`]: an NBD export (`nbd://`, `nbd+unix://`), read with pipelined requests;
-//!   data ranges and dirty bitmaps come from NBD block status.
+//!   data ranges and dirty bitmaps come from NBD block status;
+//! - [`Qcow2`]: a qcow2 image (and its backing chain), read natively through [`ReadAt`]; its
+//!   L1/L2 map gives the data ranges and its persistent bitmaps the dirty ranges.
 //!
-//! [`open`] probes the path (or URL) and picks the implementation.
+//! [`open`] probes the path (or URL) and picks the implementation: an `nbd://` URL is an NBD
+//! export, a regular file starting with the qcow2 magic a qcow2 image, any other regular file
+//! a raw image.
 
 pub mod blockdev;
 pub mod nbd;
+pub mod qcow2;
 pub mod raw;
 
 pub use blockdev::BlockDevice;
 pub use nbd::{NbdOptions, NbdSource};
+pub use qcow2::Qcow2;
 pub use raw::RawFile;
 
 use crate::changes::ChangeList;
@@ -135,7 +141,7 @@ pub struct OpenOptions {
 ///
 /// Errors: path missing -> [`ErrorKind::NotFound`]; a directory or any other non-regular,
 /// non-block file -> [`ErrorKind::Usage`]; permission and other OS errors -> [`ErrorKind::Io`]
-/// naming the path.
+/// naming the path; a damaged or unsupported qcow2 image -> see [`Qcow2::open`].
 pub fn open(path: &str, opts: &OpenOptions) -> Result<Box<dyn Source>> {
     if nbd::is_nbd_url(path) {
         return Ok(Box::new(NbdSource::open(path, &NbdOptions::default())?));
@@ -160,6 +166,9 @@ pub fn open(path: &str, opts: &OpenOptions) -> Result<Box<dyn Source>> {
         return Ok(Box::new(BlockDevice::open(path, opts)?));
     }
     if file_type.is_file() {
+        if qcow2::is_qcow2(path)? {
+            return Ok(Box::new(Qcow2::open(path)?));
+        }
         return Ok(Box::new(RawFile::open(path)?));
     }
     Err(not_a_disk(path, file_type))

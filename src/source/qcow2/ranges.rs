@@ -1,0 +1,79 @@
+//! Sorted lists of byte ranges, built run by run: how the allocation map and dirty bitmaps
+//! stay compact (one range per run of clusters or bits, never one entry per cluster).
+
+use std::ops::Range;
+
+/// Append `r` (starting at or after the start of the last range) to a sorted, merged list,
+/// extending the last range when they touch or overlap; empty ranges are dropped.
+pub(super) fn push(list: &mut Vec<Range<u64>>, r: Range<u64>) {
+    if r.is_empty() {
+        return;
+    }
+    match list.last_mut() {
+        Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+        _ => list.push(r),
+    }
+}
+
+/// The union of two sorted, merged lists, sorted and merged.
+pub(super) fn union(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while let Some(r) = match (a.get(i), b.get(j)) {
+        (Some(x), Some(y)) if x.start <= y.start => {
+            i += 1;
+            Some(x)
+        }
+        (_, Some(y)) => {
+            j += 1;
+            Some(y)
+        }
+        (Some(x), None) => {
+            i += 1;
+            Some(x)
+        }
+        (None, None) => None,
+    } {
+        push(&mut out, r.clone());
+    }
+    out
+}
+
+/// The intersection of two sorted, merged lists.
+pub(super) fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while let (Some(x), Some(y)) = (a.get(i), b.get(j)) {
+        push(&mut out, x.start.max(y.start)..x.end.min(y.end));
+        if x.end <= y.end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_merges_touching_runs() {
+        let mut v = Vec::new();
+        for r in [0..10, 10..20, 20..20, 30..40, 35..50] {
+            push(&mut v, r);
+        }
+        assert_eq!(v, vec![0..20, 30..50]);
+    }
+
+    #[test]
+    fn union_and_intersection() {
+        let a = [0..10, 20..30, 50..60];
+        let b = [5..25, 30..35, 70..80];
+        assert_eq!(union(&a, &b), vec![0..35, 50..60, 70..80]);
+        assert_eq!(intersect(&a, &b), vec![5..10, 20..25]);
+        assert_eq!(union(&a, &[]), a.to_vec());
+        assert!(intersect(&a, &[]).is_empty());
+    }
+}
