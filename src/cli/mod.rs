@@ -4,6 +4,7 @@
 
 mod backup;
 mod init;
+mod inspect;
 mod key;
 mod output;
 mod restore;
@@ -55,6 +56,9 @@ enum Command {
     Verify(verify::Args),
     /// Key management: show, rotate, revoke, enable, recover, export, import, escrow.
     Key(key::Args),
+    /// Show what a backup of SOURCE would see: size, format, allocation, dirty bitmaps,
+    /// partition table and encrypted volumes.
+    Inspect(inspect::Args),
 }
 
 /// Where this host finds the private halves of customer-managed keys. Secrets (passphrases,
@@ -158,6 +162,7 @@ pub fn main() -> ExitCode {
         Command::Restore(a) => restore::run(&ctx, a),
         Command::Verify(a) => verify::run(&ctx, a),
         Command::Key(a) => key::run(&ctx, a),
+        Command::Inspect(a) => inspect::run(&ctx, a),
     };
     match result {
         Ok(code) => code,
