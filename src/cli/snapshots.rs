@@ -50,7 +50,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             "disk_size": m.disk_size,
             "slot_size": m.slot_size,
             "change_source": m.change_source,
+            "change_detail": m.change_detail,
             "stats": m.stats,
+            "layout": serde_json::from_str::<serde_json::Value>(&m.layout).ok(),
         })).collect::<Vec<_>>(),
     });
     ctx.out.result(doc, || {
