@@ -19,6 +19,16 @@ install_deps() {
     # C compiler for the crates that build C (zstd-sys, ring).
     command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+    # Real tools the tests drive: qcow2 images, bitmaps and NBD servers (qemu-utils), LUKS
+    # headers (cryptsetup-bin), partition tables (fdisk), a PKCS#11 token (softhsm2, opensc),
+    # RSA keys (openssl), process control (procps).
+    command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
+    command -v cryptsetup >/dev/null 2>&1 || missing+=(cryptsetup-bin)
+    command -v sfdisk >/dev/null 2>&1 || missing+=(fdisk)
+    command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
+    command -v pkcs11-tool >/dev/null 2>&1 || missing+=(opensc)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    command -v pkill >/dev/null 2>&1 || missing+=(procps)
     if ((${#missing[@]})); then
         if is_root; then
             echo "test.sh: installing ${missing[*]}" >&2
