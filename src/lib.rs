@@ -10,6 +10,7 @@
 //! # Modules, in pipeline order
 //! - [`source`]: what is backed up (raw images, block devices) and where its data lies;
 //! - [`changes`]: what changed since the parent (dirty bitmaps, changed-range lists);
+//! - [`layout`]: partition tables and encrypted volumes found in a disk's headers;
 //! - [`io`]: io_uring (or pread) reads into a bounded pool of aligned buffers;
 //! - [`engine`]: the backup pipeline (workers, writer, uploader);
 //! - [`crypto`]: keys, derivation, AEAD, keyed ids, the platform keystore;
@@ -22,7 +23,10 @@
 //! | config | init (create-only) | never | none: `put_new` refuses a second |
 //! | packs | backup, before its manifest | prune, once unreferenced (not built yet) | disk lock |
 //! | manifests | backup, last | forget (not built yet) | disk lock |
-//! | key records | first backup of a disk (`new-disk` lock); a new DEK generation (disk lock) | never | create-only |
+//! | key records | first backup of a disk (`new-disk` lock); a new DEK generation (disk lock) | never (replaced in place by `key rotate`/`key recover`) | create-only |
+//! | `kek/` descriptors | `init`, `key rotate --new-cmk` | never (re-MAC'd by `key recover`) | create-only |
+//! | `escrow/` records | `key escrow` | never (replaced by a new escrow of the same name) | none: last writer wins |
+//! | `infra-recovery` | `init` (infrastructure layer + recovery key) | never | create-only |
 //!
 //! Readers take no lock: every object is immutable once written. Until prune exists,
 //! interrupted backups leave unreferenced packs and hidden `.tmp-*` files; `verify` counts
