@@ -46,7 +46,11 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             src.sector_size(),
             human_bytes(allocated),
             data.len(),
-            if size == 0 { 0.0 } else { 100.0 * allocated as f64 / size as f64 }
+            if size == 0 {
+                0.0
+            } else {
+                100.0 * allocated as f64 / size as f64
+            }
         );
         if bitmaps.is_empty() {
             t += "dirty bitmaps: none\n";
@@ -56,8 +60,14 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
                 "dirty bitmap {}: {}{}{}\n",
                 b.name,
                 if b.enabled { "enabled" } else { "disabled" },
-                b.granularity.map(|g| format!(", granularity {}", human_bytes(g))).unwrap_or_default(),
-                if b.in_use { ", IN USE (stale: QEMU did not close it; refused for backups)" } else { "" }
+                b.granularity
+                    .map(|g| format!(", granularity {}", human_bytes(g)))
+                    .unwrap_or_default(),
+                if b.in_use {
+                    ", IN USE (stale: QEMU did not close it; refused for backups)"
+                } else {
+                    ""
+                }
             );
         }
         match &layout {

@@ -275,7 +275,10 @@ pub fn backup(
             .as_ref()
             .map(|manifest| overlay::ParentView::new(vault, disk, manifest)),
         slot_size,
-        ciphertext: layout.as_ref().map(|l| l.ciphertext_ranges()).unwrap_or_default(),
+        ciphertext: layout
+            .as_ref()
+            .map(|l| l.ciphertext_ranges())
+            .unwrap_or_default(),
     };
 
     let data = source.data_ranges()?;

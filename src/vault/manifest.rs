@@ -323,7 +323,8 @@ impl Manifest {
                 }
             }
         }
-        e.u32(self.layout.len() as u32).bytes(self.layout.as_bytes());
+        e.u32(self.layout.len() as u32)
+            .bytes(self.layout.as_bytes());
         e.finish()
     }
 
