@@ -967,7 +967,6 @@ fn gpt_and_luks2_are_inspected_recorded_and_the_payload_stored_uncompressed() {
 }
 
 #[test]
-#[ignore = "engine::worker::WorkerContext::piece tries to compress pieces inside a volume's ciphertext"]
 fn bitmap_pieces_inside_a_luks2_payload_are_stored_uncompressed() {
     let test = "bitmap_pieces_inside_a_luks2_payload_are_stored_uncompressed";
     if !tools(

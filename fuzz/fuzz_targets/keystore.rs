@@ -180,7 +180,11 @@ fn differential(label: &str, file: &[u8]) {
     let got = r.ok().map(|k| {
         let v = k.kek.versions().iter();
         let v = v.map(|v| (v.version, v.state, v.created, *v.key.expose()));
-        (*k.auth.expose(), v.collect(), k.infra.as_ref().map(|i| *i.expose()))
+        (
+            *k.auth.expose(),
+            v.collect(),
+            k.infra.as_ref().map(|i| *i.expose()),
+        )
     });
     assert!(
         got == reference(file),

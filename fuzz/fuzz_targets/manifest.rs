@@ -192,11 +192,7 @@ fn build(u: &mut Unstructured) -> arbitrary::Result<Manifest> {
                         extent,
                     });
                 }
-                Slot::Overlaid {
-                    content: ExtentId(u.arbitrary()?),
-                    base,
-                    overlays,
-                }
+                Slot::overlaid(ExtentId(u.arbitrary()?), base, overlays)
             }
             _ => Slot::Zero,
         });
@@ -276,10 +272,10 @@ fn sample() -> Manifest {
         slots: vec![
             Slot::Zero,
             Slot::Extent(1),
-            Slot::Overlaid {
-                content: ExtentId([0x0c; 32]),
-                base: ZERO,
-                overlays: vec![
+            Slot::overlaid(
+                ExtentId([0x0c; 32]),
+                ZERO,
+                vec![
                     Overlay {
                         offset: 4096,
                         len: 4096,
@@ -291,12 +287,8 @@ fn sample() -> Manifest {
                         extent: ZERO,
                     },
                 ],
-            },
-            Slot::Overlaid {
-                content: ExtentId([0x0d; 32]),
-                base: 1,
-                overlays: vec![],
-            },
+            ),
+            Slot::overlaid(ExtentId([0x0d; 32]), 1, vec![]),
         ],
         layout: String::new(),
     }

@@ -57,7 +57,12 @@ fn seeds() -> Vec<Vec<u8>> {
             .is_ok_and(|o| o.status.success())
     };
     let writes = [
-        "-c", "write -P 0xab 0 3k", "-c", "write -z 8k 8k", "-c", "write -P 0x12 60k 5k",
+        "-c",
+        "write -P 0xab 0 3k",
+        "-c",
+        "write -z 8k 8k",
+        "-c",
+        "write -P 0x12 60k 5k",
     ];
     let mut out = Vec::new();
     for (name, opts) in [
@@ -66,9 +71,14 @@ fn seeds() -> Vec<Vec<u8>> {
         ("v3-4k", "cluster_size=4096"),
         ("ext-16k", "cluster_size=16384,extended_l2=on"),
     ] {
-        let ok = run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, name, "128k"])
-            && (!name.starts_with("v3-4k")
-                || run("qemu-img", &["bitmap", "--add", "--enable", "-g", "4096", name, "b0"]));
+        let ok = run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, name, "128k"],
+        ) && (!name.starts_with("v3-4k")
+            || run(
+                "qemu-img",
+                &["bitmap", "--add", "--enable", "-g", "4096", name, "b0"],
+            ));
         let mut io = vec!["-f", "qcow2"];
         io.extend_from_slice(&writes);
         io.push(name);
@@ -78,7 +88,12 @@ fn seeds() -> Vec<Vec<u8>> {
         for compression in ["zlib", "zstd"] {
             let c = format!("{name}-{compression}");
             let opts = format!("cluster_size=512,compression_type={compression}");
-            if ok && run("qemu-img", &["convert", "-c", "-O", "qcow2", "-o", &opts, name, &c]) {
+            if ok
+                && run(
+                    "qemu-img",
+                    &["convert", "-c", "-O", "qcow2", "-o", &opts, name, &c],
+                )
+            {
                 out.extend(std::fs::read(d.join(&c)));
             }
         }
@@ -95,7 +110,10 @@ fn check_ranges(what: &str, ranges: &[Range<u64>], size: u64) {
         assert!(r.start < r.end && r.end <= size, "{what}: {r:?} in {size}");
     }
     for w in ranges.windows(2) {
-        assert!(w[0].end < w[1].start, "{what}: unsorted or unmerged {ranges:?}");
+        assert!(
+            w[0].end < w[1].start,
+            "{what}: unsorted or unmerged {ranges:?}"
+        );
     }
 }
 

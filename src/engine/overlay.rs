@@ -47,9 +47,7 @@ impl<'a> ParentView<'a> {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| match s {
-                Slot::Overlaid { content, .. } if *content != CONTENT_UNHASHED => {
-                    Some((*content, i))
-                }
+                Slot::Overlaid(o) if o.content != CONTENT_UNHASHED => Some((o.content, i)),
                 _ => None,
             })
             .collect();
@@ -127,9 +125,9 @@ impl ParentView<'_> {
         match &m.slots[i] {
             Slot::Zero => (None, Vec::new()),
             Slot::Extent(e) => (id(*e), Vec::new()),
-            Slot::Overlaid { base, overlays, .. } => (
-                id(*base),
-                overlays
+            Slot::Overlaid(o) => (
+                id(o.base),
+                o.overlays
                     .iter()
                     .map(|o| (o.offset, o.len, id(o.extent)))
                     .collect(),
@@ -145,10 +143,10 @@ impl ParentView<'_> {
         match &m.slots[i] {
             Slot::Zero => Outcome::Zero,
             Slot::Extent(e) => Outcome::Known(m.extents[*e as usize].id),
-            Slot::Overlaid { content, .. } => {
+            Slot::Overlaid(o) => {
                 let (base, parent_overlays) = self.pieces(i);
                 Outcome::Overlaid(Overlaid {
-                    content: *content,
+                    content: o.content,
                     base,
                     parent_overlays,
                     new: Vec::new(),
@@ -224,7 +222,7 @@ impl WorkerContext<'_> {
             new.push(NewOverlay {
                 offset: r.start as u32,
                 len: r.len() as u32,
-                piece: self.piece(&data[r])?,
+                piece: self.piece(slot * self.slot_size as u64 + r.start as u64, &data[r])?,
             });
         }
         Ok(Some(Overlaid {

@@ -129,14 +129,17 @@ pub fn run<'a>(
                         let len = buf.len();
                         let r = match work[tag as usize] {
                             Work::Slot(slot) => ctx.process(slot, &buf).map(|o| (slot, len, o)),
-                            Work::Piece { slot, offset } => ctx.piece(&buf).map(|piece| {
-                                let o = NewOverlay {
-                                    offset,
-                                    len: len as u32,
-                                    piece,
-                                };
-                                (slot, len, Outcome::Piece(o))
-                            }),
+                            Work::Piece { slot, offset } => {
+                                let start = slot * ctx.slot_size as u64 + offset as u64;
+                                ctx.piece(start, &buf).map(|piece| {
+                                    let o = NewOverlay {
+                                        offset,
+                                        len: len as u32,
+                                        piece,
+                                    };
+                                    (slot, len, Outcome::Piece(o))
+                                })
+                            }
                         };
                         drop(buf);
                         let _ = tx.send(r);

@@ -95,7 +95,7 @@ impl Plan {
             }
             let changed: u64 = ranges.iter().map(|r| r.end - r.start).sum();
             let parent_overlays = match &parent.slots[slot as usize] {
-                Slot::Overlaid { overlays, .. } => overlays.len(),
+                Slot::Overlaid(o) => o.overlays.len(),
                 _ => 0,
             };
             if 2 * changed > len || parent_overlays + ranges.len() > MAX_OVERLAYS {

@@ -42,8 +42,8 @@ pub fn first_difference(
                 .extents
                 .get(*e as usize)
                 .is_some_and(|x| x.id == id()),
-            Slot::Overlaid { content, .. } if *content != CONTENT_UNHASHED => *content == id(),
-            Slot::Overlaid { .. } => {
+            Slot::Overlaid(o) if o.content != CONTENT_UNHASHED => o.content == id(),
+            Slot::Overlaid(_) => {
                 slot_content(vault, disk, parent, slot as usize)?.as_deref() == Some(&buf[..])
             }
         };

@@ -187,17 +187,21 @@ impl WorkerContext<'_> {
         }
         let len = data.len() as u32;
         let start = slot * self.slot_size as u64;
-        let ciphertext = self
-            .ciphertext
-            .iter()
-            .any(|r| r.start <= start && start + data.len() as u64 <= r.end);
-        self.seal(id, data, !ciphertext)
+        self.seal(id, data, !self.is_ciphertext(start, data.len()))
             .map(|frame| Outcome::New { id, len, frame })
     }
 
-    /// What one changed range of a slot becomes: zeros, content the parent holds, or a new
-    /// sealed frame.
-    pub fn piece(&self, data: &[u8]) -> Result<Piece> {
+    /// Whether `[start, start+len)` of the disk lies inside an encrypted volume's ciphertext,
+    /// which cannot shrink: compressing it would only cost time.
+    fn is_ciphertext(&self, start: u64, len: usize) -> bool {
+        self.ciphertext
+            .iter()
+            .any(|r| r.start <= start && start + len as u64 <= r.end)
+    }
+
+    /// What the changed range at disk offset `start` becomes: zeros, content the parent
+    /// holds, or a new sealed frame.
+    pub fn piece(&self, start: u64, data: &[u8]) -> Result<Piece> {
         if is_zero(data) {
             return Ok(Piece::Zero);
         }
@@ -207,7 +211,7 @@ impl WorkerContext<'_> {
         }
         Ok(Piece::New {
             id,
-            frame: self.seal(id, data, true)?,
+            frame: self.seal(id, data, !self.is_ciphertext(start, data.len()))?,
         })
     }
 

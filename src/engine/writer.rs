@@ -148,11 +148,7 @@ impl<'a> Writer<'a> {
                 extent,
             });
         }
-        self.tables.slots[slot as usize] = Slot::Overlaid {
-            content: o.content,
-            base,
-            overlays,
-        };
+        self.tables.slots[slot as usize] = Slot::overlaid(o.content, base, overlays);
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::engine::Progress;
 use crate::error::{Error, Result};
 use crate::vault::frame;
-use crate::vault::manifest::{Manifest, Slot, CONTENT_UNHASHED, ZERO};
+use crate::vault::manifest::{Manifest, OverlaidSlot, Slot, CONTENT_UNHASHED, ZERO};
 use crate::vault::{Disk, Vault};
 
 use target::Target;
@@ -93,11 +93,12 @@ pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Resul
             }
             Ok(Some(b))
         }
-        Slot::Overlaid {
-            content,
-            base,
-            overlays,
-        } => {
+        Slot::Overlaid(o) => {
+            let OverlaidSlot {
+                content,
+                base,
+                overlays,
+            } = &**o;
             let mut buf = if *base == ZERO {
                 vec![0u8; len]
             } else {
@@ -284,9 +285,7 @@ pub fn slot_frames(m: &Manifest, i: usize) -> impl Iterator<Item = u32> + '_ {
     let (base, overlays): (Option<u32>, &[crate::vault::manifest::Overlay]) = match &m.slots[i] {
         Slot::Zero => (None, &[]),
         Slot::Extent(e) => (Some(*e), &[]),
-        Slot::Overlaid { base, overlays, .. } => {
-            ((*base != ZERO).then_some(*base), overlays.as_slice())
-        }
+        Slot::Overlaid(o) => ((o.base != ZERO).then_some(o.base), o.overlays.as_slice()),
     };
     base.into_iter()
         .chain(overlays.iter().map(|o| o.extent).filter(|&e| e != ZERO))

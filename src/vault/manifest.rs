@@ -110,6 +110,32 @@ pub struct Overlay {
     pub extent: u32,
 }
 
+/// A base (extent index or [`ZERO`]) with overlays applied in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlaidSlot {
+    /// Keyed id of the whole slot's content once assembled: an unchanged slot is then
+    /// recognised by one hash, and restore checks the assembled slot against it.
+    /// [`CONTENT_UNHASHED`] when it was built from a change list.
+    pub content: ExtentId,
+    /// The base.
+    pub base: u32,
+    /// Pieces over it.
+    pub overlays: Vec<Overlay>,
+}
+
+impl Slot {
+    /// An overlaid slot.
+    pub fn overlaid(content: ExtentId, base: u32, overlays: Vec<Overlay>) -> Slot {
+        Slot::Overlaid(Box::new(OverlaidSlot {
+            content,
+            base,
+            overlays,
+        }))
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+
 /// What one slot of the disk holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Slot {
@@ -117,17 +143,9 @@ pub enum Slot {
     Zero,
     /// One extent, the slot's whole content.
     Extent(u32),
-    /// A base (extent index or [`ZERO`]) with overlays applied in order.
-    Overlaid {
-        /// Keyed id of the whole slot's content once assembled: an unchanged slot is then
-        /// recognised by one hash, and restore checks the assembled slot against it.
-        /// [`CONTENT_UNHASHED`] when it was built from a change list.
-        content: ExtentId,
-        /// The base.
-        base: u32,
-        /// Pieces over it.
-        overlays: Vec<Overlay>,
-    },
+    /// A base with overlays, boxed: most slots are not overlaid, and a slot table of a
+    /// 1 TiB disk holds a million entries (16 bytes each instead of 64).
+    Overlaid(Box<OverlaidSlot>),
 }
 
 /// Figures of the backup that wrote the snapshot.
@@ -232,11 +250,12 @@ impl Manifest {
                     h.update(&[1]);
                     h.update(&id(*e));
                 }
-                Slot::Overlaid {
-                    content,
-                    base,
-                    overlays,
-                } => {
+                Slot::Overlaid(o) => {
+                    let OverlaidSlot {
+                        content,
+                        base,
+                        overlays,
+                    } = &**o;
                     h.update(&[2]);
                     h.update(&content.0);
                     h.update(&id(*base));
@@ -308,11 +327,12 @@ impl Manifest {
                 Slot::Extent(x) => {
                     e.u8(1).u32(*x);
                 }
-                Slot::Overlaid {
-                    content,
-                    base,
-                    overlays,
-                } => {
+                Slot::Overlaid(o) => {
+                    let OverlaidSlot {
+                        content,
+                        base,
+                        overlays,
+                    } = &**o;
                     e.u8(2)
                         .bytes(&content.0)
                         .u32(*base)
@@ -493,11 +513,7 @@ impl Manifest {
                         }
                         overlays.push(o);
                     }
-                    Slot::Overlaid {
-                        content,
-                        base,
-                        overlays,
-                    }
+                    Slot::overlaid(content, base, overlays)
                 }
                 t => return Err(d.error(format_args!("unknown slot tag {t}"))),
             });
@@ -580,15 +596,15 @@ mod tests {
             slots: vec![
                 Slot::Zero,
                 Slot::Extent(0),
-                Slot::Overlaid {
-                    content: ExtentId([9; 32]),
-                    base: ZERO,
-                    overlays: vec![Overlay {
+                Slot::overlaid(
+                    ExtentId([9; 32]),
+                    ZERO,
+                    vec![Overlay {
                         offset: 4096,
                         len: 4096,
                         extent: 0,
                     }],
-                },
+                ),
                 Slot::Zero,
             ],
             layout: r#"{"disk_size":1}"#.into(),

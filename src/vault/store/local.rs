@@ -70,13 +70,19 @@ impl LocalStore {
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    // The parent of a bare relative name ("vault") is "": the current folder.
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(dir)?.sync_all()
 }
 
 /// Create `dir` and any missing parents, fsyncing each new folder's parent, so that a file
 /// made durable inside a new folder cannot vanish with the folder after a power loss.
 fn create_dirs_durable(dir: &Path) -> std::io::Result<()> {
-    if dir.is_dir() {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
