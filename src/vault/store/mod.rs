@@ -5,6 +5,7 @@
 
 pub mod local;
 pub mod xts;
+mod xts_unit;
 
 use crate::error::{Error, ErrorKind, Result};
 

@@ -23,12 +23,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use aes::cipher::array::Array;
 use aes::cipher::consts::{U32, U64};
 use aes::cipher::KeyInit;
 use aes::Aes256;
-use xts_mode::{Array, Xts128};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+use super::xts_unit::Xts;
 use super::Store;
 use crate::crypto::secret::fill_random;
 use crate::crypto::Secret32;
@@ -129,7 +130,7 @@ impl Units {
 /// The layer's transform of whole objects under the platform key: the kernel the store
 /// applies, public for benchmarks and tools that hold stored bytes.
 pub struct InfraCipher {
-    xts: Xts128<Aes256>,
+    xts: Xts,
     /// Keys the per-object identity half of each tweak.
     identity: Secret32,
 }
@@ -140,7 +141,7 @@ impl InfraCipher {
         let whole: &Array<u8, U64> = key.expose().into();
         let (data, tweak) = whole.split_ref::<U32>();
         InfraCipher {
-            xts: Xts128::new(Aes256::new(data), Aes256::new(tweak)),
+            xts: Xts::new(Aes256::new(data), Aes256::new(tweak)),
             identity: Secret32::from_bytes(blake3::derive_key(IDENTITY_CONTEXT, key.expose())),
         }
     }
@@ -187,9 +188,9 @@ impl InfraCipher {
             tweak[..12].copy_from_slice(&id);
             tweak[12..].copy_from_slice(&i.to_le_bytes());
             if encrypt {
-                self.xts.encrypt_sector(unit, Array(tweak));
+                self.xts.encrypt_unit(unit, tweak);
             } else {
-                self.xts.decrypt_sector(unit, Array(tweak));
+                self.xts.decrypt_unit(unit, tweak);
             }
             rest = tail;
             i = i.wrapping_add(1);
