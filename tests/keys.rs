@@ -1054,8 +1054,8 @@ fn pem_rotation_to_a_new_cmk_needs_only_the_old_private_key() {
 
     // An interrupted rotation (one record still under v1) is finished by running it again,
     // which does not add the new key a second time.
-    let (stale_key, stale) = records_before.iter().next().unwrap();
-    std::fs::write(bv.vault.join(stale_key), stale).unwrap();
+    let stale_key = format!("keys/{}/00000000", disk_id(&doc, "d1"));
+    std::fs::write(bv.vault.join(&stale_key), &records_before[&stale_key]).unwrap();
     restore_fails(&bv, "d1", &with_b, &[]);
     let mut args = vec!["key", "rotate", "--new-cmk", &spec_b];
     args.extend_from_slice(&with_a);
