@@ -1126,6 +1126,9 @@ fn recovery_key_restores_access_after_keystore_or_cmk_loss() {
         &spec_c,
     ]);
     assert_eq!(doc["records_rewrapped"], 1, "{doc}");
+    let with_c = ["--cmk-private", &k.key("c")];
+    let ids: Vec<String> = keks(&show(&bv, &with_c)).into_iter().map(|k| k.0).collect();
+    assert_eq!(ids, ["cmk-rsa-v1", "cmk-rsa-v2", "recovery-v1"]);
     restore_eq(&bv, "d1", &["--cmk-private", &k.key("c")], &a2);
     restore_fails(&bv, "d1", &["--cmk-private", &k.key("a")], &["a.key"]);
     bv.backup(&img, "d1", &["--cmk-private", &k.key("c")]);
@@ -1310,6 +1313,11 @@ fn hsm_key_lost_then_recovered_with_the_recovery_key() {
         &h.uri("cmk2"),
     ]);
     assert_eq!(doc["records_rewrapped"], 1, "{doc}");
+    let ids: Vec<String> = keks(&show(&bv, &with_pin))
+        .into_iter()
+        .map(|k| k.0)
+        .collect();
+    assert_eq!(ids, ["cmk-pkcs11-v1", "cmk-pkcs11-v2", "recovery-v1"]);
     restore_eq(&bv, "d1", &with_pin, &a1);
     bv.backup(&img, "d1", &with_pin);
     restore_eq(&bv, "d1", &with_pin, &a2);

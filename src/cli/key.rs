@@ -405,9 +405,18 @@ fn recover(
     });
     let new_key = match new_cmk {
         Some(spec) => {
+            // The version after the newest customer key's, from the descriptors' names
+            // (`kek/<kind>-<version:08x>`; the recovery key's do not count).
             let raw = blockvault::vault::store::open(url)?;
-            let existing = raw.list(kekdesc::PREFIX)?.len() as u32;
-            Some(read_key_spec(ctx, spec, false, existing + 1)?)
+            let recovery = format!("{}/{}-", kekdesc::PREFIX, KekKind::Recovery);
+            let newest = raw
+                .list(kekdesc::PREFIX)?
+                .iter()
+                .filter(|k| !k.starts_with(&recovery))
+                .filter_map(|k| u32::from_str_radix(k.rsplit('-').next()?, 16).ok())
+                .max()
+                .unwrap_or(0);
+            Some(read_key_spec(ctx, spec, false, newest + 1)?)
         }
         None => None,
     };
