@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use serde_json::{json, Value};
 
 use blockvault::crypto::export;
-use blockvault::crypto::kek::{KekKind, KekState, PlatformKek, PlatformKeyVersion};
+use blockvault::crypto::kek::{KekId, KekKind, KekState, PlatformKek, PlatformKeyVersion};
 use blockvault::crypto::keystore;
 use blockvault::crypto::rsa::{PrivateKeyFile, SecretSource};
 use blockvault::crypto::Secret32;
@@ -281,54 +281,69 @@ fn describe(k: &Value) -> String {
     }
 }
 
+/// Rotation: start DEK generations (`--new-dek`), unwrap every DEK with the current key, and
+/// only then store the new key and re-wrap (see `vault::rotation`).
 fn rotate(ctx: &Context, new_cmk: Option<&str>, new_dek: bool) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let (vault, mut keys) = platform_keys(ctx)?;
-    let vault_id = vault.config().vault_id;
-    let new_id = match (vault.keyring().primary_kind(), new_cmk) {
+    let kind = vault.keyring().primary_kind();
+    // The new key, read but not stored yet: `None` when a customer key names the newest
+    // descriptor already (a rotation run again after an interruption).
+    let (new_id, new_key) = match (kind, new_cmk) {
         (KekKind::Platform, Some(_)) => {
             return Err(Error::usage("this vault uses the platform key: a customer-managed key can only be chosen at init").into())
         }
         (KekKind::Platform, None) => {
-            let mut versions = keys.kek.into_versions();
-            let version = versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-            versions.push(PlatformKeyVersion {
-                version,
-                state: KekState::Enabled,
-                created: blockvault::util::now_unix(),
-                key: Secret32::random()?,
-            });
-            keys.kek = PlatformKek::new(versions);
-            ctx.keystore()?.save(&vault_id, &keys)?;
-            format!("platform-v{version}")
+            let version = keys.kek.versions().iter().map(|v| v.version).max().unwrap_or(0) + 1;
+            (KekId { kind, version }, None)
         }
         (_, None) => {
             return Err(Error::usage("this vault uses a customer-managed key: give the new one with --new-cmk (the current private key must be reachable too)").into())
         }
         (kind, Some(spec)) => {
-            let version = vault.kek_descriptors()?.iter().filter(|k| k.id().kind == kind).map(|k| k.id().version).max().unwrap_or(0) + 1;
+            let newest = vault.kek_descriptors()?.into_iter().filter(|k| k.id().kind == kind).max_by_key(|k| k.id().version);
+            let version = newest.as_ref().map_or(0, |k| k.id().version) + 1;
             let key = read_key_spec(ctx, spec, false, version)?;
             if key.id().kind != kind {
                 return Err(Error::usage(format!("the new key is {} but this vault's keys are {kind}", key.id().kind)).into());
             }
-            vault.add_kek_descriptor(&key, &keys.auth)?;
-            key.id().to_string()
+            match newest {
+                Some(n) if n.fingerprint() == key.fingerprint() => (n.id(), None),
+                _ => (key.id(), Some(key)),
+            }
         }
     };
-    // Reopen: the keyring now wraps with the new key.
-    let vault = ctx.open_vault()?;
-    vault.check_keys()?;
-    let rewrapped = vault.rewrap_all()?;
     let mut new_generations = 0;
     if new_dek {
-        for disk in vault.disks()? {
-            vault.new_generation(&disk)?;
+        // Every disk, or none: one that cannot be read stops the rotation here.
+        for id in vault.disk_ids()? {
+            vault.new_generation(&vault.load_disk(id)?)?;
             new_generations += 1;
         }
     }
+    let mut target = vault.keyring().wrapping_ids()?;
+    target[0] = new_id;
+    let pending = vault.unwrap_pending(&target)?;
+    match new_key {
+        Some(key) => vault.add_kek_descriptor(&key, &keys.auth)?,
+        None if kind == KekKind::Platform => {
+            let mut versions = keys.kek.into_versions();
+            versions.push(PlatformKeyVersion {
+                version: new_id.version,
+                state: KekState::Enabled,
+                created: blockvault::util::now_unix(),
+                key: Secret32::random()?,
+            });
+            keys.kek = PlatformKek::new(versions);
+            ctx.keystore()?.save(&vault.config().vault_id, &keys)?;
+        }
+        None => {}
+    }
+    // Reopen: the keyring now wraps with the new key.
+    let rewrapped = ctx.open_vault()?.rewrap(pending)?;
     let secs = started.elapsed().as_secs_f64();
     ctx.out.result(
-        json!({"command": "key rotate", "kek": new_id, "records_rewrapped": rewrapped, "new_dek_generations": new_generations, "seconds": secs}),
+        json!({"command": "key rotate", "kek": new_id.to_string(), "records_rewrapped": rewrapped, "new_dek_generations": new_generations, "seconds": secs}),
         || format!("DEKs now wrapped by {new_id}: {rewrapped} key record(s) re-wrapped, {new_generations} new DEK generation(s), {secs:.2} s\n"),
     );
     Ok(ExitCode::SUCCESS)
@@ -390,9 +405,18 @@ fn recover(
     });
     let new_key = match new_cmk {
         Some(spec) => {
+            // The version after the newest customer key's, from the descriptors' names
+            // (`kek/<kind>-<version:08x>`; the recovery key's do not count).
             let raw = blockvault::vault::store::open(url)?;
-            let existing = raw.list(kekdesc::PREFIX)?.len() as u32;
-            Some(read_key_spec(ctx, spec, false, existing + 1)?)
+            let recovery = format!("{}/{}-", kekdesc::PREFIX, KekKind::Recovery);
+            let newest = raw
+                .list(kekdesc::PREFIX)?
+                .iter()
+                .filter(|k| !k.starts_with(&recovery))
+                .filter_map(|k| u32::from_str_radix(k.rsplit('-').next()?, 16).ok())
+                .max()
+                .unwrap_or(0);
+            Some(read_key_spec(ctx, spec, false, newest + 1)?)
         }
         None => None,
     };

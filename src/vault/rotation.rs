@@ -1,26 +1,41 @@
 //! Key rotation and recovery: every DEK is re-wrapped under new KEKs without touching the
 //! data it seals.
 //!
-//! - Rotation (`key rotate`): the platform keystore gains a new KEK version, or the vault a
-//!   new customer-key descriptor; then every key record is unwrapped with the old key and
-//!   re-wrapped with the new one (and the recovery key), and replaced in place. A crash
-//!   midway leaves some records under the old key and some under the new; both stay usable,
-//!   and running the rotation again finishes it.
+//! - Rotation (`key rotate`): first every DEK is unwrapped with the old key
+//!   ([`Vault::unwrap_pending`]), so a key that cannot unwrap fails before anything changes;
+//!   then the platform keystore gains a new KEK version, or the vault a new customer-key
+//!   descriptor, and each DEK is re-wrapped with the new key (and the recovery key) and its
+//!   record replaced in place ([`Vault::rewrap`]). The old key's private half is needed only
+//!   in step one and the new one's in neither. A crash midway leaves some records under the
+//!   old key and some under the new; running the same rotation again (with a customer key:
+//!   the same new key, which is then not added twice) skips the records already done.
 //! - Recovery (`key recover`): the keystore or the HSM is gone. The recovery key's private
 //!   half unwraps every DEK; a fresh keystore (or a new customer key) then re-wraps and
 //!   re-authenticates every record, descriptor and the config.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::config::{self, Config};
 use super::store::{self, Store};
 use super::{kekdesc, keyrecord, load_descriptors, Vault};
-use crate::crypto::kek::KekKind;
+use crate::crypto::kek::{KekId, KekKind, KekState, PlatformKek, PlatformKeyVersion};
 use crate::crypto::keyring::{KeyAccess, Keyring};
-use crate::crypto::keystore::Keystore;
+use crate::crypto::keystore::{Keystore, VaultKeys};
 use crate::crypto::rsa::{CmkKey, PemKek};
+use crate::crypto::Secret32;
 use crate::error::{Error, ErrorKind, Result};
 use keyrecord::KeyRecord;
+
+/// Key records [`Vault::rewrap`] writes at once. Each write waits for its own fsyncs (about
+/// 10 ms on a local disk), so a rotation of many records is bound by sync latency, not CPU.
+pub const REWRAP_WRITERS: usize = 16;
+
+/// A key record whose DEK a rotation has unwrapped, waiting to be re-wrapped.
+pub struct Unwrapped {
+    key: String,
+    record: KeyRecord,
+    dek: Secret32,
+}
 
 /// One key record as stored, for `key show` and rotation.
 pub struct StoredRecord {
@@ -36,24 +51,73 @@ impl Vault {
         records(&*self.store, &self.config, Some(&self.record_mac))
     }
 
-    /// Re-wrap every DEK with the vault's current KEKs. Returns how many records changed.
-    pub fn rewrap_all(&self) -> Result<usize> {
-        let wanted = self.keyring.wrapping_ids()?;
-        let mut changed = 0;
-        for StoredRecord { key, mut record } in self.key_records()? {
-            if record.wraps.iter().map(|w| w.0).eq(wanted.iter().copied()) {
-                continue; // already under the current keys (a rotation run again)
+    /// Step one of a rotation, run before the new KEK is stored: unwrap the DEK of every
+    /// record not already wrapped by exactly `target` (those were done by an earlier,
+    /// interrupted run). A DEK this vault's keys cannot unwrap (revoked key, private key
+    /// missing or wrong) fails here, naming the record, before anything is changed; and the
+    /// old key is not needed afterwards, which matters for a PEM key whose new private half
+    /// is not on the host that rotates.
+    pub fn unwrap_pending(&self, target: &[KekId]) -> Result<Vec<Unwrapped>> {
+        let mut out = Vec::new();
+        for StoredRecord { key, record } in self.key_records()? {
+            if record.wraps.iter().map(|w| w.0).eq(target.iter().copied()) {
+                continue;
             }
             let dek = record.unwrap(&self.keyring)?;
-            record.rewrap(&dek, &self.keyring)?;
-            self.store.put(&key, &record.encode(&self.record_mac))?;
-            changed += 1;
+            out.push(Unwrapped { key, record, dek });
         }
-        Ok(changed)
+        Ok(out)
+    }
+
+    /// Step two: wrap each DEK from [`Vault::unwrap_pending`] with this vault's current KEKs
+    /// (reopen the vault after storing the new KEK) and replace its record. Returns how many
+    /// records were replaced. Records are written by [`REWRAP_WRITERS`] threads at once; on an
+    /// error the writers stop taking new records and the first error is returned (records
+    /// written so far stay valid: see the module docs).
+    pub fn rewrap(&self, pending: Vec<Unwrapped>) -> Result<usize> {
+        let n = pending.len();
+        let queue = Mutex::new(pending.into_iter());
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..REWRAP_WRITERS.min(n) {
+                s.spawn(|| loop {
+                    if failed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .is_some()
+                    {
+                        return;
+                    }
+                    let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                    let Some(Unwrapped {
+                        key,
+                        mut record,
+                        dek,
+                    }) = next
+                    else {
+                        return;
+                    };
+                    let done = record
+                        .rewrap(&dek, &self.keyring)
+                        .and_then(|()| self.store.put(&key, &record.encode(&self.record_mac)));
+                    if let Err(e) = done {
+                        failed
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get_or_insert(e);
+                        return;
+                    }
+                });
+            }
+        });
+        match failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
     }
 
     /// Store the descriptor of a new customer key version (rotation to a new RSA key).
-    pub fn add_kek_descriptor(&self, key: &CmkKey, auth: &crate::crypto::Secret32) -> Result<()> {
+    pub fn add_kek_descriptor(&self, key: &CmkKey, auth: &Secret32) -> Result<()> {
         let mac = kekdesc::mac_key(auth);
         self.store
             .put_new(&kekdesc::object_key(key.id()), &kekdesc::encode(key, &mac))
@@ -65,6 +129,11 @@ impl Vault {
     /// its recovery wrap and re-wrapped; records, descriptors and the config are
     /// re-authenticated with the keystore's auth key. Returns the recovered vault and the
     /// number of records re-wrapped.
+    ///
+    /// Everything that can fail for want of the right key (the infrastructure key, every
+    /// DEK) is unwrapped before anything is written: a wrong recovery key leaves the vault and
+    /// the keystore folder as they were, so the real keystore file, if found later, still
+    /// opens the vault.
     pub fn recover(
         url: &str,
         keystore: &Keystore,
@@ -72,42 +141,47 @@ impl Vault {
         new_cmk: Option<CmkKey>,
     ) -> Result<(Vault, usize)> {
         let raw: Arc<dyn Store> = store::open(url)?.into();
-        let config_bytes = raw.get(config::KEY)?;
-        let mut config = Config::decode_unverified(&config_bytes)?;
+        let config = Config::decode_unverified(&raw.get(config::KEY)?)?;
         let vault_id = config.vault_id;
         let infra = config.infrastructure != config::INFRA_NONE;
-        // The recovery key's descriptor lies outside the infrastructure layer's reach only
-        // through its own wrap of the layer's key; find the key first.
         let lost = !keystore.path_for(&vault_id).exists();
         let mut keys = if lost {
-            keystore.create(&vault_id, false)?.0
+            VaultKeys {
+                auth: Secret32::random()?,
+                kek: PlatformKek::new(vec![PlatformKeyVersion {
+                    version: 1,
+                    state: KekState::Enabled,
+                    created: crate::util::now_unix(),
+                    key: Secret32::random()?,
+                }]),
+                infra: None,
+            }
         } else {
             keystore.load(&vault_id)?
         };
-        let recovery_of = |store: &dyn Store| -> Result<(CmkKey, Keyring)> {
-            let key = load_descriptors(store, None)?
-                .into_iter()
-                .find(|k| k.id().kind == KekKind::Recovery)
-                .ok_or_else(|| Error::new(ErrorKind::Key, "this vault has no recovery key"))?;
-            let kek = PemKek::new(
-                CmkKey::decode(&key.encode(), "recovery key")?,
-                access.recovery_private.clone(),
-            )?;
-            Ok((key, Keyring::new(KekKind::Recovery, Box::new(kek), None)))
-        };
+        // The layer's key comes first: the descriptors and records lie inside the layer.
+        let save_keys = lost || (infra && keys.infra.is_none());
         if infra && keys.infra.is_none() {
             keys.infra = Some(super::infra_recovery::open(&*raw, &vault_id, access)?);
-            keystore.save(&vault_id, &keys)?;
         }
         let store = super::layered(raw.clone(), infra, &keys)?;
         // Nothing stored can be authenticated without the lost keys: trust the vault's
         // contents, as whoever holds the recovery key does; the recovery wraps' AAD still
         // binds each DEK to its vault, disk and generation.
-        let (recovery, old) = recovery_of(&*store)?;
-        let mut descriptors: Vec<CmkKey> = load_descriptors(&*store, None)?
-            .into_iter()
-            .filter(|k| k.id().kind != KekKind::Recovery)
-            .collect();
+        let mut descriptors = load_descriptors(&*store, None)?;
+        let recovery = descriptors
+            .iter()
+            .position(|k| k.id().kind == KekKind::Recovery)
+            .map(|i| descriptors.remove(i))
+            .ok_or_else(|| Error::new(ErrorKind::Key, "this vault has no recovery key"))?;
+        let old = Keyring::new(
+            KekKind::Recovery,
+            Box::new(PemKek::new(
+                CmkKey::decode(&recovery.encode(), "recovery key")?,
+                access.recovery_private.clone(),
+            )?),
+            None,
+        );
         if let Some(cmk) = &new_cmk {
             if config.kek_kind == KekKind::Platform {
                 return Err(Error::usage("this vault uses the platform key: customer-managed keys are chosen at init and cannot be added by recovery"));
@@ -121,7 +195,21 @@ impl Vault {
             }
             descriptors.push(CmkKey::decode(&cmk.encode(), "new key")?);
         }
-        // Re-authenticate descriptors and config under the keystore now in use.
+        let mut pending = Vec::new();
+        for StoredRecord { key, mut record } in records(&*store, &config, None)? {
+            // Only the recovery wraps: the others' errors ("wrapped by a platform key") would
+            // hide why the recovery key failed.
+            record.wraps.retain(|w| w.0.kind == KekKind::Recovery);
+            let dek = record
+                .unwrap(&old)
+                .map_err(|e| e.within("unwrapping with the recovery key"))?;
+            pending.push(Unwrapped { key, record, dek });
+        }
+        // Every key is in hand: write the keystore file, then re-authenticate descriptors and
+        // config under it, then re-wrap.
+        if save_keys {
+            keystore.save(&vault_id, &keys)?;
+        }
         let desc_mac = kekdesc::mac_key(&keys.auth);
         for key in descriptors.iter().chain(std::iter::once(&recovery)) {
             store.put(
@@ -130,18 +218,9 @@ impl Vault {
             )?;
         }
         raw.put(config::KEY, &config.encode(&keys.auth))?;
-        config = Config::decode_unverified(&raw.get(config::KEY)?)?;
         let keystore_file = keystore.path_for(&vault_id);
         let vault = Vault::assemble(store, config, keys, keystore_file, access)?;
-        let mut changed = 0;
-        for StoredRecord { key, mut record } in records(&*vault.store, &vault.config, None)? {
-            let dek = record
-                .unwrap(&old)
-                .map_err(|e| e.within("unwrapping with the recovery key"))?;
-            record.rewrap(&dek, &vault.keyring)?;
-            vault.store.put(&key, &record.encode(&vault.record_mac))?;
-            changed += 1;
-        }
+        let changed = vault.rewrap(pending)?;
         Ok((vault, changed))
     }
 }
@@ -150,7 +229,7 @@ impl Vault {
 fn records(
     store: &dyn Store,
     config: &Config,
-    mac: Option<&crate::crypto::Secret32>,
+    mac: Option<&Secret32>,
 ) -> Result<Vec<StoredRecord>> {
     let mut out = Vec::new();
     for key in store.list("keys")? {

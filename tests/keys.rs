@@ -1,0 +1,1594 @@
+//! Key management end to end, through the real `blockvault` binary: platform key rotation,
+//! `--new-dek`, revoke and enable; customer-managed RSA keys as PEM files (plain and
+//! passphrase-protected PKCS#8) and inside a SoftHSM2 token; the seed's rules; tampering with
+//! key records, manifests, packs and key descriptors; the infrastructure layer; recovery with
+//! the recovery key; keystore export and import; volume-key escrow; and a scan showing that no
+//! key material is stored unwrapped.
+//!
+//! Keys are made by the real tools: `openssl genpkey` (once per test binary, under Cargo's
+//! target tmp folder) and, for PKCS#11, `softhsm2-util` and `pkcs11-tool` in a token folder
+//! of each test's own (its `SOFTHSM2_CONF` is passed to the binary), so tests never share a
+//! token. A missing tool prints `SKIP` and passes, except under `CI=true`.
+//!
+//! "Nothing written" is checked by comparing every file of the vault (hidden ones included)
+//! and of the keystore folder, bytes and all, before and after the failing command.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{assert_file_eq, random_data, text, write_file, Bv, Run, MIB};
+use serde_json::Value;
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+// ---------------------------------------------------------------------------------------------
+// Tools and fixtures
+// ---------------------------------------------------------------------------------------------
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Run a fixture tool, which must succeed; its stdout.
+fn tool(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A path as an argument.
+fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// PEM key pairs made once per test binary: customer keys `a`, `b`, `c` and recovery key
+/// `r` (3072 bits; `X.key` PKCS#8, `X.pub` SPKI PEM), `a.enc.key` (AES-256-CBC PKCS#8 under
+/// the passphrase in `pass`; `wrongpass` holds another), and `c.der` / `c.pub.der` (DER, to
+/// import into a token).
+struct Pem {
+    dir: PathBuf,
+}
+
+impl Pem {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `rsa:<dir>/<name>.pub`
+    fn spec(&self, name: &str) -> String {
+        format!("rsa:{}", s(&self.path(&format!("{name}.pub"))))
+    }
+
+    /// `name.key` as an argument.
+    fn key(&self, name: &str) -> String {
+        s(&self.path(&format!("{name}.key"))).to_string()
+    }
+}
+
+/// The fixture folder of this process under Cargo's target tmp folder (statics are never
+/// dropped, so a `TempDir` would stay behind); folders of processes that are gone go first.
+fn fixture_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("keys");
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !Path::new("/proc").join(&name).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let dir = root.join(std::process::id().to_string());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("fixture folder");
+    dir
+}
+
+/// The PEM keys, or `None` after a SKIP line when openssl is missing.
+fn pem(test: &str) -> Option<&'static Pem> {
+    static K: OnceLock<Option<Pem>> = OnceLock::new();
+    let keys = K.get_or_init(|| {
+        if !have("openssl") {
+            return None;
+        }
+        let d = fixture_dir();
+        let openssl = |args: &[&str]| tool(Command::new("openssl").args(args).current_dir(&d));
+        for name in ["a", "b", "c", "r"] {
+            openssl(&[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:3072",
+                "-out",
+                &format!("{name}.key"),
+            ]);
+            openssl(&[
+                "pkey",
+                "-in",
+                &format!("{name}.key"),
+                "-pubout",
+                "-out",
+                &format!("{name}.pub"),
+            ]);
+        }
+        std::fs::write(d.join("pass"), "correct horse battery staple\n").unwrap();
+        std::fs::write(d.join("wrongpass"), "incorrect horse\n").unwrap();
+        openssl(&[
+            "pkcs8",
+            "-topk8",
+            "-v2",
+            "aes-256-cbc",
+            "-in",
+            "a.key",
+            "-out",
+            "a.enc.key",
+            "-passout",
+            "file:pass",
+        ]);
+        openssl(&["pkey", "-in", "c.key", "-outform", "DER", "-out", "c.der"]);
+        openssl(&[
+            "pkey",
+            "-in",
+            "c.key",
+            "-pubout",
+            "-outform",
+            "DER",
+            "-out",
+            "c.pub.der",
+        ]);
+        Some(Pem { dir: d })
+    });
+    if keys.is_none() {
+        common::skip(test, "openssl is not installed (apt-get install openssl)");
+    }
+    keys.as_ref()
+}
+
+/// The first 32 bytes of the private exponent and of both primes of a PEM private key, as
+/// `openssl rsa -text` prints them: what must never be stored.
+fn private_components(key: &str) -> Vec<(String, Vec<u8>)> {
+    let out = tool(Command::new("openssl").args(["rsa", "-in", key, "-noout", "-text"]));
+    let text = String::from_utf8(out).expect("openssl prints text");
+    let mut found = Vec::new();
+    for field in ["privateExponent", "prime1", "prime2"] {
+        let hexdigits: String = text
+            .lines()
+            .skip_while(|l| *l != format!("{field}:"))
+            .skip(1)
+            .take_while(|l| l.starts_with(' '))
+            .flat_map(|l| l.trim().split(':'))
+            .collect();
+        let bytes = hex::decode(&hexdigits).expect("hex from openssl");
+        let start = bytes.iter().position(|b| *b != 0).expect("non-zero");
+        assert!(bytes.len() - start >= 32, "{field} of {key} too short");
+        found.push((
+            format!("{field} of {key}"),
+            bytes[start..start + 32].to_vec(),
+        ));
+    }
+    found
+}
+
+/// A SoftHSM2 token `t` (user PIN 1234, in `pin`; `badpin` holds 9999) in a folder of this
+/// test's own; `SOFTHSM2_CONF` is set for every run of `bv`.
+struct Hsm {
+    dir: PathBuf,
+    conf: PathBuf,
+}
+
+impl Hsm {
+    /// `None` after a SKIP line when SoftHSM2 or OpenSC is missing.
+    fn new(bv: &mut Bv, test: &str) -> Option<Hsm> {
+        if !Path::new(MODULE).exists() || !have("softhsm2-util") || !have("pkcs11-tool") {
+            common::skip(
+                test,
+                "SoftHSM2 or OpenSC is not installed (apt-get install softhsm2 opensc)",
+            );
+            return None;
+        }
+        let dir = bv.path("hsm");
+        std::fs::create_dir_all(dir.join("tokens")).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.join("tokens").display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("pin"), "1234\n").unwrap();
+        std::fs::write(dir.join("badpin"), "9999\n").unwrap();
+        let hsm = Hsm { dir, conf };
+        tool(
+            Command::new("softhsm2-util")
+                .env("SOFTHSM2_CONF", &hsm.conf)
+                .args(["--init-token", "--free", "--label", "t"])
+                .args(["--pin", "1234", "--so-pin", "5678"]),
+        );
+        bv.env.push(("SOFTHSM2_CONF".into(), s(&hsm.conf).into()));
+        Some(hsm)
+    }
+
+    /// `pkcs11-tool` logged in to the token.
+    fn p11(&self, args: &[&str]) {
+        tool(
+            Command::new("pkcs11-tool")
+                .env("SOFTHSM2_CONF", &self.conf)
+                .args(["--module", MODULE, "--token-label", "t", "--login"])
+                .args(["--pin", "1234"])
+                .args(args),
+        );
+    }
+
+    /// A new 3072-bit key pair in the token.
+    fn keypair(&self, label: &str, id: &str) {
+        self.p11(&[
+            "--keypairgen",
+            "--key-type",
+            "rsa:3072",
+            "--label",
+            label,
+            "--id",
+            id,
+        ]);
+    }
+
+    fn delete_private(&self, id: &str) {
+        self.p11(&["--delete-object", "--type", "privkey", "--id", id]);
+    }
+
+    /// `pkcs11:token=t;object=LABEL?module-path=...`
+    fn uri(&self, label: &str) -> String {
+        format!("pkcs11:token=t;object={label}?module-path={MODULE}")
+    }
+
+    fn pin(&self, name: &str) -> String {
+        s(&self.dir.join(name)).to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Files by relative path, with their bytes.
+type Tree = BTreeMap<String, Vec<u8>>;
+
+/// Every file under `dir` (hidden ones too).
+fn tree(dir: &Path) -> Tree {
+    fn walk(root: &Path, dir: &Path, out: &mut Tree) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd {
+            let p = e.expect("dir entry").path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// The vault's and the keystore's files.
+fn state(bv: &Bv) -> (Tree, Tree) {
+    (tree(&bv.vault), tree(&bv.keystore))
+}
+
+/// Assert that nothing in the vault or keystore changed since `before`.
+fn assert_unchanged(bv: &Bv, before: &(Tree, Tree)) {
+    let now = state(bv);
+    for (what, a, b) in [
+        ("vault", &before.0, &now.0),
+        ("keystore", &before.1, &now.1),
+    ] {
+        let added: Vec<_> = b.keys().filter(|k| !a.contains_key(*k)).collect();
+        let removed: Vec<_> = a.keys().filter(|k| !b.contains_key(*k)).collect();
+        let changed: Vec<_> = a
+            .iter()
+            .filter(|(k, v)| b.get(*k).is_some_and(|w| w != *v))
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            added.is_empty() && removed.is_empty() && changed.is_empty(),
+            "the {what} changed: added {added:?}, removed {removed:?}, changed {changed:?}"
+        );
+    }
+}
+
+/// Files under `prefix` of the vault.
+fn objects(bv: &Bv, prefix: &str) -> Tree {
+    tree(&bv.vault)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Run `args` (strings) and assert a clean failure whose stderr has every one of `needles`.
+fn fails(bv: &Bv, args: &[&str], needles: &[&str]) -> Run {
+    let r = bv.run(args);
+    r.failed().stderr_has(needles);
+    r
+}
+
+/// A `DISK` image of `len` random bytes from `seed`, in the scratch folder.
+fn image(bv: &Bv, name: &str, seed: u64, len: usize) -> (PathBuf, Vec<u8>) {
+    let data = random_data(seed, len);
+    let path = bv.path(name);
+    write_file(&path, &data);
+    (path, data)
+}
+
+/// Restore `spec` (with `extra` key options) to a fresh file and compare with `expected`.
+fn restore_eq(bv: &Bv, spec: &str, extra: &[&str], expected: &[u8]) {
+    let target = bv.path(&format!("restored-{}", common::unique()));
+    bv.restore(spec, &target, extra).ok();
+    assert_file_eq(&target, expected);
+    std::fs::remove_file(&target).unwrap();
+}
+
+/// Restore `spec` must fail with every one of `needles`, creating no target file.
+fn restore_fails(bv: &Bv, spec: &str, extra: &[&str], needles: &[&str]) {
+    let target = bv.path(&format!("refused-{}", common::unique()));
+    bv.restore(spec, &target, extra)
+        .failed()
+        .stderr_has(needles);
+    assert!(
+        !target.exists(),
+        "a failed restore left {}",
+        target.display()
+    );
+}
+
+/// `key show --json` with `extra` options.
+fn show(bv: &Bv, extra: &[&str]) -> Value {
+    let mut args = vec!["key", "show"];
+    args.extend_from_slice(extra);
+    bv.json(&args)
+}
+
+/// The `wrapped_by` list of every DEK generation in a `key show` document, with the disk
+/// name, generation and snapshot count.
+fn generations(show: &Value) -> Vec<(String, u64, Vec<String>, u64)> {
+    let mut v: Vec<_> = show["dek_generations"]
+        .as_array()
+        .expect("dek_generations")
+        .iter()
+        .map(|g| {
+            (
+                g["disk"].as_str().unwrap_or("?").to_string(),
+                g["generation"].as_u64().unwrap(),
+                g["wrapped_by"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|w| w.as_str().unwrap().to_string())
+                    .collect(),
+                g["snapshots"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// `(id, state)` of every KEK in a `key show` document.
+fn keks(show: &Value) -> Vec<(String, String)> {
+    show["keks"]
+        .as_array()
+        .expect("keks")
+        .iter()
+        .map(|k| {
+            (
+                text(k, "id"),
+                k["state"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Snapshot ids (full hex) of `disk`, oldest first.
+fn snapshot_ids(bv: &Bv, extra: &[&str], disk: &str) -> Vec<String> {
+    let mut args = vec!["snapshots"];
+    args.extend_from_slice(extra);
+    bv.json(&args)["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["disk"] == disk)
+        .map(|s| text(s, "id"))
+        .collect()
+}
+
+/// The single object under `prefix` of the vault.
+fn only(bv: &Bv, prefix: &str) -> PathBuf {
+    let found = bv.objects(prefix);
+    assert_eq!(found.len(), 1, "one object under {prefix}: {found:?}");
+    found.into_iter().next().unwrap()
+}
+
+/// The disk id (hex) of the disk named `name`, from `key show`.
+fn disk_id(show: &Value, name: &str) -> String {
+    show["dek_generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["disk"] == name)
+        .map(|g| text(g, "disk_id"))
+        .unwrap_or_else(|| panic!("no disk {name} in {show}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Platform key
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn platform_rotation_keeps_every_snapshot_restorable_without_touching_data() {
+    let bv = Bv::new();
+    bv.json(&["init"]);
+    let (img1, a1) = image(&bv, "d1.img", 1, 2 * MIB as usize);
+    let (img2, b1) = image(&bv, "d2.img", 2, MIB as usize);
+    bv.backup(&img1, "d1", &[]);
+    bv.backup(&img2, "d2", &[]);
+    let data_before = (objects(&bv, "packs"), objects(&bv, "snapshots"));
+    let records_before = objects(&bv, "keys");
+
+    let doc = bv.json(&["key", "rotate"]);
+    assert_eq!(doc["kek"], "platform-v2", "{doc}");
+    assert_eq!(doc["records_rewrapped"], 2, "{doc}");
+    assert_eq!(doc["new_dek_generations"], 0, "{doc}");
+    // Only the key records changed: no data was re-encrypted.
+    assert_eq!(
+        (objects(&bv, "packs"), objects(&bv, "snapshots")),
+        data_before
+    );
+    let records_after = objects(&bv, "keys");
+    assert_eq!(
+        records_after.keys().collect::<Vec<_>>(),
+        records_before.keys().collect::<Vec<_>>()
+    );
+    assert!(records_after.iter().all(|(k, v)| records_before[k] != *v));
+    let doc = show(&bv, &[]);
+    assert_eq!(
+        keks(&doc),
+        [
+            ("platform-v1".to_string(), "enabled".to_string()),
+            ("platform-v2".to_string(), "enabled".to_string())
+        ]
+    );
+    assert_ne!(doc["keks"][0]["fingerprint"], doc["keks"][1]["fingerprint"]);
+    let v2 = vec!["platform-v2".to_string()];
+    assert_eq!(
+        generations(&doc),
+        [
+            ("d1".to_string(), 0, v2.clone(), 1),
+            ("d2".to_string(), 0, v2.clone(), 1)
+        ]
+    );
+
+    let a2 = random_data(3, 2 * MIB as usize);
+    write_file(&img1, &a2);
+    bv.backup(&img1, "d1", &[]);
+    let doc = bv.json(&["key", "rotate", "--new-dek"]);
+    assert_eq!(doc["kek"], "platform-v3", "{doc}");
+    assert_eq!(doc["new_dek_generations"], 2, "{doc}");
+    assert_eq!(doc["records_rewrapped"], 4, "{doc}");
+    let a3 = random_data(4, 2 * MIB as usize);
+    write_file(&img1, &a3);
+    bv.backup(&img1, "d1", &[]);
+    // New data went under the new DEK generation; every record is wrapped by v3.
+    let v3 = vec!["platform-v3".to_string()];
+    assert_eq!(
+        generations(&show(&bv, &[])),
+        [
+            ("d1".to_string(), 0, v3.clone(), 2),
+            ("d1".to_string(), 1, v3.clone(), 1),
+            ("d2".to_string(), 0, v3.clone(), 1),
+            ("d2".to_string(), 1, v3.clone(), 0)
+        ]
+    );
+
+    // The old versions are no longer needed by anything.
+    bv.json(&["key", "revoke", "--version", "1"]);
+    bv.json(&["key", "revoke", "--version", "2"]);
+    let states: Vec<String> = keks(&show(&bv, &[])).into_iter().map(|k| k.1).collect();
+    assert_eq!(states, ["revoked", "revoked", "enabled"]);
+    let ids = snapshot_ids(&bv, &[], "d1");
+    assert_eq!(ids.len(), 3);
+    for (id, data) in ids.iter().zip([&a1, &a2, &a3]) {
+        restore_eq(&bv, &format!("d1@{id}"), &[], data);
+    }
+    restore_eq(&bv, "d2", &[], &b1);
+    bv.verify_ok();
+    // A version that does not exist.
+    fails(
+        &bv,
+        &["key", "revoke", "--version", "9"],
+        &["no platform KEK version 9"],
+    )
+    .code(2);
+}
+
+#[test]
+fn revoked_platform_key_stops_backup_restore_and_verify_until_enabled() {
+    let bv = Bv::new();
+    let (img, a1) = image(&bv, "d1.img", 11, MIB as usize + 4096);
+    bv.backup(&img, "d1", &[]);
+    let doc = bv.json(&["key", "revoke"]);
+    assert_eq!(doc["state"], "revoked", "{doc}");
+    let before = state(&bv);
+    let a2 = random_data(12, MIB as usize + 4096);
+    write_file(&img, &a2);
+    for disk in ["d1", "new-disk"] {
+        fails(
+            &bv,
+            &["backup", s(&img), "--disk", disk],
+            &["revoked", "cannot unwrap"],
+        );
+    }
+    restore_fails(&bv, "d1", &[], &["revoked"]);
+    let r = bv.verify(true);
+    r.failed();
+    assert!(
+        r.stdout.contains("revoked") || r.stderr.contains("revoked"),
+        "verify --read-data must say the key is revoked:\n{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    fails(&bv, &["snapshots"], &["revoked"]);
+    // `key show` still works and says so.
+    assert_eq!(keks(&show(&bv, &[]))[0].1, "revoked");
+    // The keystore changes only through `key enable`; the vault not at all.
+    assert_unchanged(&bv, &before);
+
+    bv.json(&["key", "enable"]);
+    restore_eq(&bv, "d1", &[], &a1);
+    bv.backup(&img, "d1", &[]);
+    restore_eq(&bv, "d1", &[], &a2);
+    bv.verify_ok();
+}
+
+#[test]
+fn keystore_export_and_import() {
+    let bv = Bv::new();
+    let (img, a1) = image(&bv, "d1.img", 21, MIB as usize);
+    bv.backup(&img, "d1", &[]);
+    let pass = bv.path("pass");
+    std::fs::write(&pass, "a long export passphrase\n").unwrap();
+    let wrong = bv.path("wrong");
+    std::fs::write(&wrong, "not it\n").unwrap();
+    let out = bv.path("keys.export");
+    let doc = bv.json(&["key", "export", s(&out), "--passphrase-file", s(&pass)]);
+    assert_eq!(doc["file"], s(&out));
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "export file mode {mode:o}");
+    let key_file = bv.key_file();
+    let original = std::fs::read(&key_file).unwrap();
+    // Nothing of the keystore file is in the export in the clear (its auth key, for one).
+    assert!(!contains(&std::fs::read(&out).unwrap(), &original[24..56]));
+    // An export never overwrites.
+    fails(
+        &bv,
+        &["key", "export", s(&out), "--passphrase-file", s(&pass)],
+        &[s(&out)],
+    );
+
+    std::fs::remove_file(&key_file).unwrap();
+    restore_fails(&bv, "d1", &[], &["keystore has no key", s(&key_file)]);
+    fails(
+        &bv,
+        &["key", "import", s(&out), "--passphrase-file", s(&wrong)],
+        &["wrong passphrase"],
+    );
+    assert!(!key_file.exists(), "a failed import wrote {key_file:?}");
+    // The passphrase from the environment this time.
+    let mut c = bv.command();
+    c.env("BLOCKVAULT_EXPORT_PASSPHRASE", "a long export passphrase");
+    bv.run_cmd(c, &["key", "import", s(&out)]).ok();
+    assert_eq!(std::fs::read(&key_file).unwrap(), original);
+    restore_eq(&bv, "d1", &[], &a1);
+    // Importing over a present key file needs --force.
+    fails(
+        &bv,
+        &["key", "import", s(&out), "--passphrase-file", s(&pass)],
+        &["--force"],
+    );
+    bv.run(&[
+        "key",
+        "import",
+        s(&out),
+        "--passphrase-file",
+        s(&pass),
+        "--force",
+    ])
+    .ok();
+    bv.verify_ok();
+}
+
+#[test]
+fn escrowed_secret_comes_back_beside_the_restore_and_nowhere_else() {
+    let mut bv = Bv::new();
+    bv.env.push(("RUST_LOG".into(), "debug".into()));
+    let (img, a1) = image(&bv, "d1.img", 31, MIB as usize);
+    const SECRET: &str = "424242-131313-555555-000000-987654-111111-222222-333333";
+    let secret_file = bv.path("secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let mut outputs = vec![bv.run(&["--json", "backup", s(&img), "--disk", "d1"])];
+    let r = bv.run(&[
+        "--json",
+        "key",
+        "escrow",
+        "d1",
+        "--name",
+        "bitlocker-C",
+        "--secret-file",
+        s(&secret_file),
+    ]);
+    r.ok();
+    assert_eq!(r.json()["name"], "bitlocker-C");
+    outputs.push(r);
+    fails(
+        &bv,
+        &[
+            "key",
+            "escrow",
+            "nope",
+            "--name",
+            "x",
+            "--secret-file",
+            s(&secret_file),
+        ],
+        &["nope"],
+    );
+    let dir = bv.path("escrow-out");
+    let target = bv.path("restored");
+    let r = bv.run(&[
+        "--json",
+        "restore",
+        "d1",
+        s(&target),
+        "--with-escrow",
+        s(&dir),
+    ]);
+    r.ok();
+    assert_eq!(
+        r.json()["escrow_written"],
+        serde_json::json!(["bitlocker-C"])
+    );
+    outputs.push(r);
+    outputs.push(bv.run(&["--json", "verify", "--read-data"]));
+    outputs.push(bv.run(&["--json", "key", "show"]));
+    assert_file_eq(&target, &a1);
+    let written = dir.join("bitlocker-C");
+    assert_eq!(std::fs::read(&written).unwrap(), SECRET.as_bytes());
+    let mode = std::fs::metadata(&written).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "escrow file mode {mode:o}");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "escrow folder mode {mode:o}");
+    for r in &outputs {
+        r.ok();
+        assert!(
+            !r.stdout.contains(SECRET) && !r.stderr.contains(SECRET),
+            "`{}` printed the secret",
+            r.what
+        );
+    }
+    assert!(
+        outputs.iter().any(|r| r.stderr.contains("DEBUG")),
+        "RUST_LOG=debug should have logged"
+    );
+    let (vault, keystore) = state(&bv);
+    for (name, bytes) in vault.iter().chain(&keystore) {
+        assert!(
+            !contains(bytes, SECRET.as_bytes()),
+            "{name} holds the secret"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tampering
+// ---------------------------------------------------------------------------------------------
+
+/// Replace `path` with `bytes` for the duration of `check`, then put the original back.
+fn with_file(path: &Path, bytes: &[u8], check: impl FnOnce()) {
+    let original = std::fs::read(path).unwrap();
+    std::fs::write(path, bytes).unwrap();
+    check();
+    std::fs::write(path, original).unwrap();
+}
+
+#[test]
+fn swapped_foreign_and_moved_objects_are_refused() {
+    let bv = Bv::new();
+    let (img1, a1) = image(&bv, "d1.img", 41, MIB as usize);
+    let (img2, b1) = image(&bv, "d2.img", 42, MIB as usize);
+    bv.backup(&img1, "d1", &[]);
+    let pack1 = only(&bv, "packs");
+    bv.backup(&img2, "d2", &[]);
+    let pack2 = bv
+        .objects("packs")
+        .into_iter()
+        .find(|p| *p != pack1)
+        .expect("d2's pack");
+    let doc = show(&bv, &[]);
+    let (id1, id2) = (disk_id(&doc, "d1"), disk_id(&doc, "d2"));
+    let rec1 = bv.vault.join(format!("keys/{id1}/00000000"));
+    let rec2 = bv.vault.join(format!("keys/{id2}/00000000"));
+    let (r1, r2) = (std::fs::read(&rec1).unwrap(), std::fs::read(&rec2).unwrap());
+
+    // Two disks' key records swapped.
+    std::fs::write(&rec1, &r2).unwrap();
+    std::fs::write(&rec2, &r1).unwrap();
+    let r = bv.verify(false);
+    r.code(3)
+        .stdout_has(&["belongs to another disk", &id1, &id2]);
+    restore_fails(&bv, "d1", &[], &["belongs to another disk"]);
+    std::fs::write(&rec1, &r1).unwrap();
+    std::fs::write(&rec2, &r2).unwrap();
+
+    // A key record from another vault (its own keystore), put in place of d1's.
+    let other = Bv::new();
+    let (img3, _) = image(&other, "d3.img", 43, MIB as usize);
+    other.backup(&img3, "d3", &[]);
+    let foreign = std::fs::read(only(&other, "keys")).unwrap();
+    with_file(&rec1, &foreign, || {
+        bv.verify(false)
+            .code(3)
+            .stdout_has(&["failed authentication", &format!("keys/{id1}")]);
+        restore_fails(&bv, "d1", &[], &["failed authentication"]);
+        // The other disk is not held hostage.
+        restore_eq(&bv, "d2", &[], &b1);
+    });
+
+    // d1's manifest moved under d2.
+    let manifest1 = only(&bv, &format!("snapshots/{id1}"));
+    let snap = manifest1.file_name().unwrap().to_str().unwrap().to_string();
+    let moved = bv.vault.join(format!("snapshots/{id2}/{snap}"));
+    std::fs::rename(&manifest1, &moved).unwrap();
+    bv.verify(false)
+        .code(3)
+        .stdout_has(&[&format!("snapshots/{id2}/{snap}")]);
+    restore_fails(&bv, &format!("d2@{}", &snap[..8]), &[], &[&snap]);
+    restore_eq(&bv, "d2", &[], &b1);
+    std::fs::rename(&moved, &manifest1).unwrap();
+
+    // d1's pack in place of d2's (under d2's pack name).
+    with_file(&pack2, &std::fs::read(&pack1).unwrap(), || {
+        let r = bv.verify(true);
+        r.code(3).stdout_has(&[&bv.key_of(&pack2)]);
+        restore_fails(&bv, "d2", &[], &[&bv.key_of(&pack2)]);
+        restore_eq(&bv, "d1", &[], &a1);
+    });
+    bv.verify_ok();
+    restore_eq(&bv, "d1", &[], &a1);
+    restore_eq(&bv, "d2", &[], &b1);
+}
+
+#[test]
+fn replaced_key_descriptor_is_refused() {
+    let Some(k) = pem("replaced_key_descriptor_is_refused") else {
+        return;
+    };
+    let bv = Bv::new();
+    bv.json(&["init", "--cmk", &k.spec("a")]);
+    let (img, a1) = image(&bv, "d1.img", 51, MIB as usize);
+    bv.backup(&img, "d1", &["--cmk-private", &k.key("a")]);
+    // Someone with write access to the storage makes a vault of their own key `c` and puts
+    // its descriptor in place of ours, so that new DEKs would be wrapped to them.
+    let theirs = Bv::new();
+    theirs.json(&["init", "--cmk", &k.spec("c")]);
+    let desc = "kek/cmk-rsa-00000001";
+    let forged = std::fs::read(theirs.vault.join(desc)).unwrap();
+    with_file(&bv.vault.join(desc), &forged, || {
+        let before = state(&bv);
+        for key in ["a", "c"] {
+            fails(
+                &bv,
+                &[
+                    "backup",
+                    s(&img),
+                    "--disk",
+                    "d1",
+                    "--cmk-private",
+                    &k.key(key),
+                ],
+                &["kek/cmk-rsa-00000001", "failed authentication"],
+            );
+            restore_fails(
+                &bv,
+                "d1",
+                &["--cmk-private", &k.key(key)],
+                &["failed authentication"],
+            );
+        }
+        fails(&bv, &["key", "show"], &["failed authentication"]);
+        assert_unchanged(&bv, &before);
+    });
+    restore_eq(&bv, "d1", &["--cmk-private", &k.key("a")], &a1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The seed's rules
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn encryption_settings_are_chosen_at_init_only() {
+    let Some(k) = pem("encryption_settings_are_chosen_at_init_only") else {
+        return;
+    };
+    // Infrastructure encryption only with a customer key: refused, nothing created.
+    let bv = Bv::new();
+    fails(
+        &bv,
+        &["init", "--infrastructure-encryption"],
+        &["only together with a customer-managed key"],
+    )
+    .code(2);
+    assert!(!bv.vault.join("config").exists());
+    assert!(tree(&bv.keystore).is_empty(), "a refused init made keys");
+
+    // A platform vault, made by `init` or by a first backup, cannot become a CMK vault.
+    let made_by_init = Bv::new();
+    made_by_init.json(&["init"]);
+    let made_by_backup = Bv::new();
+    let (img, a1) = image(&made_by_backup, "d1.img", 61, MIB as usize);
+    made_by_backup.backup(&img, "d1", &[]);
+    for bv in [&made_by_init, &made_by_backup] {
+        let before = state(bv);
+        fails(
+            bv,
+            &["init", "--cmk", &k.spec("a")],
+            &["already exists", "cannot be changed"],
+        );
+        fails(
+            bv,
+            &["init", "--cmk", &k.spec("a"), "--infrastructure-encryption"],
+            &["already exists"],
+        );
+        fails(bv, &["init"], &["already exists"]);
+        fails(
+            bv,
+            &["key", "rotate", "--new-cmk", &k.spec("a")],
+            &["can only be chosen at init"],
+        )
+        .code(2);
+        assert_unchanged(bv, &before);
+    }
+    restore_eq(&made_by_backup, "d1", &[], &a1);
+    assert_eq!(show(&made_by_backup, &[])["kek_kind"], "platform");
+
+    // A CMK vault cannot switch its key kind or go back to the platform key either.
+    let cmk = Bv::new();
+    cmk.json(&["init", "--cmk", &k.spec("a")]);
+    let before = state(&cmk);
+    fails(&cmk, &["init"], &["already exists"]);
+    fails(&cmk, &["key", "rotate"], &["--new-cmk"]).code(2);
+    fails(
+        &cmk,
+        &["key", "revoke"],
+        &["customer-managed", "withhold its private key"],
+    )
+    .code(2);
+    assert_unchanged(&cmk, &before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Customer-managed PEM keys
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn pem_cmk_vault_needs_its_private_key() {
+    let Some(k) = pem("pem_cmk_vault_needs_its_private_key") else {
+        return;
+    };
+    let mut bv = Bv::new();
+    let doc = bv.json(&["init", "--cmk", &k.spec("a")]);
+    assert_eq!(doc["kek"], "cmk-rsa", "{doc}");
+    // The fingerprint is the SHA-256 of the key's DER SubjectPublicKeyInfo.
+    let digest = tool(Command::new("sh").arg("-c").arg(format!(
+        "openssl pkey -pubin -in '{}' -outform DER | openssl dgst -sha256 -r",
+        k.path("a.pub").display()
+    )));
+    let digest = String::from_utf8(digest).unwrap();
+    assert_eq!(
+        doc["cmk_fingerprint_sha256"].as_str().unwrap(),
+        digest.split_whitespace().next().unwrap()
+    );
+
+    let (img, a1) = image(&bv, "d1.img", 71, 2 * MIB as usize);
+    // Without the private key, or with another one: refused before anything is written.
+    let before = state(&bv);
+    fails(
+        &bv,
+        &["backup", s(&img), "--disk", "d1"],
+        &["cmk-rsa-v1", "private key file missing", "cannot unwrap"],
+    );
+    fails(
+        &bv,
+        &[
+            "backup",
+            s(&img),
+            "--disk",
+            "d1",
+            "--cmk-private",
+            &k.key("b"),
+        ],
+        &["b.key holds key sha256:", "cannot unwrap"],
+    );
+    assert_unchanged(&bv, &before);
+
+    bv.backup(&img, "d1", &["--cmk-private", &k.key("a")]);
+    restore_fails(&bv, "d1", &[], &["private key file missing"]);
+    restore_eq(&bv, "d1", &["--cmk-private", &k.key("a")], &a1);
+    // The private key from the environment.
+    bv.env.push(("BLOCKVAULT_CMK_PRIVATE".into(), k.key("a")));
+    restore_eq(&bv, "d1", &[], &a1);
+    bv.verify_ok();
+
+    // Encrypted PKCS#8: passphrase from a file or the environment; a wrong one is named.
+    let enc = s(&k.path("a.enc.key")).to_string();
+    let pass = s(&k.path("pass")).to_string();
+    let wrong = s(&k.path("wrongpass")).to_string();
+    bv.env.clear();
+    let a2 = random_data(72, 2 * MIB as usize);
+    write_file(&img, &a2);
+    let before = state(&bv);
+    fails(
+        &bv,
+        &[
+            "backup",
+            s(&img),
+            "--disk",
+            "d1",
+            "--cmk-private",
+            &enc,
+            "--cmk-passphrase-file",
+            &wrong,
+        ],
+        &["passphrase incorrect"],
+    );
+    fails(
+        &bv,
+        &["backup", s(&img), "--disk", "d1", "--cmk-private", &enc],
+        &["BLOCKVAULT_CMK_PASSPHRASE"],
+    );
+    assert_unchanged(&bv, &before);
+    bv.backup(
+        &img,
+        "d1",
+        &["--cmk-private", &enc, "--cmk-passphrase-file", &pass],
+    );
+    bv.env.push(("BLOCKVAULT_CMK_PRIVATE".into(), enc.clone()));
+    bv.env.push((
+        "BLOCKVAULT_CMK_PASSPHRASE".into(),
+        "correct horse battery staple".into(),
+    ));
+    let ids = snapshot_ids(&bv, &[], "d1");
+    restore_eq(&bv, &format!("d1@{}", ids[0]), &[], &a1);
+    restore_eq(&bv, &format!("d1@{}", ids[1]), &[], &a2);
+    bv.verify_ok();
+}
+
+#[test]
+fn pem_rotation_to_a_new_cmk_needs_only_the_old_private_key() {
+    let Some(k) = pem("pem_rotation_to_a_new_cmk_needs_only_the_old_private_key") else {
+        return;
+    };
+    let bv = Bv::new();
+    bv.json(&["init", "--cmk", &k.spec("a")]);
+    let with_a = ["--cmk-private", &k.key("a")];
+    let with_b = ["--cmk-private", &k.key("b")];
+    let (img1, a1) = image(&bv, "d1.img", 81, MIB as usize);
+    let (img2, b1) = image(&bv, "d2.img", 82, MIB as usize);
+    bv.backup(&img1, "d1", &with_a);
+    bv.backup(&img2, "d2", &with_a);
+    let a2 = random_data(83, MIB as usize);
+    write_file(&img1, &a2);
+    bv.backup(&img1, "d1", &with_a);
+
+    // With the new private key only: the old records cannot be unwrapped, nothing changes.
+    let before = state(&bv);
+    let mut args = vec!["key", "rotate", "--new-cmk"];
+    let spec_b = k.spec("b");
+    args.push(&spec_b);
+    args.extend_from_slice(&with_b);
+    fails(&bv, &args, &["b.key holds key sha256:", "cmk-rsa-v1"]);
+    assert_unchanged(&bv, &before);
+
+    let records_before = objects(&bv, "keys");
+    let data_before = (objects(&bv, "packs"), objects(&bv, "snapshots"));
+    let mut args = vec!["key", "rotate", "--new-cmk", &spec_b];
+    args.extend_from_slice(&with_a);
+    let doc = bv.json(&args);
+    assert_eq!(doc["kek"], "cmk-rsa-v2", "{doc}");
+    assert_eq!(doc["records_rewrapped"], 2, "{doc}");
+    assert_eq!(
+        (objects(&bv, "packs"), objects(&bv, "snapshots")),
+        data_before
+    );
+
+    // From now on only the new private key opens anything.
+    restore_fails(
+        &bv,
+        "d1",
+        &with_a,
+        &["a.key holds key sha256:", "cmk-rsa-v2"],
+    );
+    let ids = snapshot_ids(&bv, &with_b, "d1");
+    restore_eq(&bv, &format!("d1@{}", ids[0]), &with_b, &a1);
+    restore_eq(&bv, &format!("d1@{}", ids[1]), &with_b, &a2);
+    restore_eq(&bv, "d2", &with_b, &b1);
+    let a3 = random_data(84, MIB as usize);
+    write_file(&img1, &a3);
+    bv.backup(&img1, "d1", &with_b);
+    restore_eq(&bv, "d1", &with_b, &a3);
+    let doc = show(&bv, &with_b);
+    let ids: Vec<String> = keks(&doc).into_iter().map(|k| k.0).collect();
+    assert_eq!(ids, ["cmk-rsa-v1", "cmk-rsa-v2"]);
+    assert!(generations(&doc)
+        .iter()
+        .all(|g| g.2 == ["cmk-rsa-v2".to_string()]));
+
+    // An interrupted rotation (one record still under v1) is finished by running it again,
+    // which does not add the new key a second time.
+    let stale_key = format!("keys/{}/00000000", disk_id(&doc, "d1"));
+    std::fs::write(bv.vault.join(&stale_key), &records_before[&stale_key]).unwrap();
+    restore_fails(&bv, "d1", &with_b, &[]);
+    let mut args = vec!["key", "rotate", "--new-cmk", &spec_b];
+    args.extend_from_slice(&with_a);
+    let doc = bv.json(&args);
+    assert_eq!(doc["kek"], "cmk-rsa-v2", "{doc}");
+    assert_eq!(doc["records_rewrapped"], 1, "{doc}");
+    assert_eq!(objects(&bv, "kek").len(), 2);
+    restore_eq(&bv, "d1", &with_b, &a3);
+    restore_eq(&bv, "d2", &with_b, &b1);
+    let mut verify = vec!["verify", "--read-data"];
+    verify.extend_from_slice(&with_b);
+    assert_eq!(bv.json(&verify)["ok"], true);
+}
+
+#[test]
+fn recovery_key_restores_access_after_keystore_or_cmk_loss() {
+    let Some(k) = pem("recovery_key_restores_access_after_keystore_or_cmk_loss") else {
+        return;
+    };
+    // A platform vault whose keystore file is lost.
+    let bv = Bv::new();
+    bv.json(&["init", "--recovery-key", &k.spec("r")]);
+    let (img, a1) = image(&bv, "d1.img", 91, MIB as usize);
+    bv.backup(&img, "d1", &[]);
+    let g = generations(&show(&bv, &[]));
+    assert_eq!(g[0].2, ["platform-v1", "recovery-v1"]);
+    let key_file = bv.key_file();
+    std::fs::remove_file(&key_file).unwrap();
+    restore_fails(&bv, "d1", &[], &["keystore has no key"]);
+    // The wrong private key: refused, and neither the vault nor the keystore is touched, so
+    // the real keystore file would still open the vault if it turned up.
+    let before = state(&bv);
+    fails(
+        &bv,
+        &["key", "recover", "--recovery-private", &k.key("b")],
+        &["b.key holds key sha256:", "recovery-v1"],
+    );
+    assert_unchanged(&bv, &before);
+    let doc = bv.json(&["key", "recover", "--recovery-private", &k.key("r")]);
+    assert_eq!(doc["records_rewrapped"], 1, "{doc}");
+    restore_eq(&bv, "d1", &[], &a1);
+    let a2 = random_data(92, MIB as usize);
+    write_file(&img, &a2);
+    bv.backup(&img, "d1", &[]);
+    restore_eq(&bv, "d1", &[], &a2);
+    bv.verify_ok();
+
+    // A PEM CMK vault: keystore lost, then the customer key itself lost.
+    let bv = Bv::new();
+    bv.json(&[
+        "init",
+        "--cmk",
+        &k.spec("a"),
+        "--recovery-key",
+        &k.spec("r"),
+    ]);
+    bv.backup(&img, "d1", &["--cmk-private", &k.key("a")]);
+    std::fs::remove_file(bv.key_file()).unwrap();
+    bv.json(&["key", "recover", "--recovery-private", &k.key("r")]);
+    restore_eq(&bv, "d1", &["--cmk-private", &k.key("a")], &a2);
+    let spec_c = k.spec("c");
+    let doc = bv.json(&[
+        "key",
+        "recover",
+        "--recovery-private",
+        &k.key("r"),
+        "--new-cmk",
+        &spec_c,
+    ]);
+    assert_eq!(doc["records_rewrapped"], 1, "{doc}");
+    let with_c = ["--cmk-private", &k.key("c")];
+    let ids: Vec<String> = keks(&show(&bv, &with_c)).into_iter().map(|k| k.0).collect();
+    assert_eq!(ids, ["cmk-rsa-v1", "cmk-rsa-v2", "recovery-v1"]);
+    restore_eq(&bv, "d1", &["--cmk-private", &k.key("c")], &a2);
+    restore_fails(&bv, "d1", &["--cmk-private", &k.key("a")], &["a.key"]);
+    bv.backup(&img, "d1", &["--cmk-private", &k.key("c")]);
+    assert_eq!(
+        bv.json(&["verify", "--read-data", "--cmk-private", &k.key("c")])["ok"],
+        true
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Infrastructure encryption
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn infrastructure_layer_changes_every_stored_byte_and_recovers() {
+    let Some(k) = pem("infrastructure_layer_changes_every_stored_byte_and_recovers") else {
+        return;
+    };
+    let with_a = ["--cmk-private", &k.key("a")];
+    let plain = Bv::new();
+    let infra = Bv::new();
+    plain.json(&[
+        "init",
+        "--cmk",
+        &k.spec("a"),
+        "--recovery-key",
+        &k.spec("r"),
+    ]);
+    let doc = infra.json(&[
+        "init",
+        "--cmk",
+        &k.spec("a"),
+        "--recovery-key",
+        &k.spec("r"),
+        "--infrastructure-encryption",
+    ]);
+    assert_eq!(doc["infrastructure_encryption"], true, "{doc}");
+    let data = common::mixed_data(101, 3 * MIB as usize);
+    let img = plain.path("d1.img");
+    write_file(&img, &data);
+    plain.backup(&img, "d1", &with_a);
+    infra.backup(&img, "d1", &with_a);
+    assert_eq!(show(&infra, &with_a)["infrastructure_encryption"], true);
+
+    // Every object but `config` (which names the vault and is outside the layer) differs from
+    // every object of the single-layer vault; the plain vault's objects of each kind start
+    // with their format's magic, the layered ones do not. (`locks/` holds local lock files,
+    // not objects.)
+    let objects_of = |bv: &Bv| -> Tree {
+        tree(&bv.vault)
+            .into_iter()
+            .filter(|(n, _)| n != "config" && !n.starts_with("locks/"))
+            .collect()
+    };
+    let p = objects_of(&plain);
+    let i = objects_of(&infra);
+    let plain_bodies: Vec<&Vec<u8>> = p.values().collect();
+    for (name, bytes) in &i {
+        assert!(
+            !plain_bodies.contains(&bytes),
+            "{name} is byte-equal to an object of the plain vault"
+        );
+    }
+    for prefix in ["keys/", "snapshots/", "packs/", "kek/"] {
+        let magic = |t: &Tree| -> Vec<Vec<u8>> {
+            t.iter()
+                .filter(|(n, _)| n.starts_with(prefix) && !n.contains("/."))
+                .map(|(_, b)| b[..4].to_vec())
+                .collect()
+        };
+        let (pm, im) = (magic(&p), magic(&i));
+        assert!(!pm.is_empty() && pm.len() == im.len(), "{prefix}");
+        assert!(pm.iter().all(|m| *m == pm[0]), "{prefix}: {pm:?}");
+        assert!(
+            im.iter().all(|m| *m != pm[0]),
+            "{prefix}: a layered object starts with {:?}",
+            String::from_utf8_lossy(&pm[0])
+        );
+    }
+    restore_eq(&infra, "d1", &with_a, &data);
+    let mut verify = vec!["verify", "--read-data"];
+    verify.extend_from_slice(&with_a);
+    assert_eq!(infra.json(&verify)["ok"], true);
+
+    // The keystore file (which holds the layer's key) lost: the recovery key brings it back.
+    std::fs::remove_file(infra.key_file()).unwrap();
+    restore_fails(&infra, "d1", &with_a, &["keystore has no key"]);
+    let before = state(&infra);
+    fails(
+        &infra,
+        &["key", "recover", "--recovery-private", &k.key("b")],
+        &["b.key holds key sha256:"],
+    );
+    assert_unchanged(&infra, &before);
+    infra.json(&["key", "recover", "--recovery-private", &k.key("r")]);
+    restore_eq(&infra, "d1", &with_a, &data);
+    assert_eq!(infra.json(&verify)["ok"], true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PKCS#11 (SoftHSM2)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn hsm_key_lost_then_recovered_with_the_recovery_key() {
+    const T: &str = "hsm_key_lost_then_recovered_with_the_recovery_key";
+    let Some(k) = pem(T) else {
+        return;
+    };
+    let mut bv = Bv::new();
+    let Some(h) = Hsm::new(&mut bv, T) else {
+        return;
+    };
+    h.keypair("cmk", "01");
+    let pin = h.pin("pin");
+    let with_pin = ["--pin-file", pin.as_str()];
+    let doc = bv.json(&[
+        "--pin-file",
+        &pin,
+        "init",
+        "--cmk",
+        &h.uri("cmk"),
+        "--recovery-key",
+        &k.spec("r"),
+    ]);
+    assert_eq!(doc["kek"], "cmk-pkcs11", "{doc}");
+    let (img, a1) = image(&bv, "d1.img", 111, 2 * MIB as usize);
+    bv.backup(&img, "d1", &with_pin);
+    restore_eq(&bv, "d1", &with_pin, &a1);
+    // The PIN from the environment.
+    let mut c = bv.command();
+    c.env("BLOCKVAULT_PKCS11_PIN", "1234");
+    bv.run_cmd(c, &["verify", "--read-data"]).ok();
+
+    // A wrong PIN, or none: refused clearly, nothing written.
+    let a2 = random_data(112, 2 * MIB as usize);
+    write_file(&img, &a2);
+    let before = state(&bv);
+    let bad = h.pin("badpin");
+    fails(
+        &bv,
+        &["backup", s(&img), "--disk", "d1", "--pin-file", &bad],
+        &["PIN incorrect for token 't'"],
+    );
+    restore_fails(&bv, "d1", &["--pin-file", &bad], &["PIN incorrect"]);
+    fails(&bv, &["backup", s(&img), "--disk", "d1"], &["no PIN"]);
+    assert_unchanged(&bv, &before);
+
+    // The private key deleted from the token: backup, restore and verify fail saying so.
+    h.delete_private("01");
+    let mut backup = vec!["backup", s(&img), "--disk", "d1"];
+    backup.extend_from_slice(&with_pin);
+    fails(
+        &bv,
+        &backup,
+        &[
+            "private key not found on token 't'",
+            "revoked or unreachable",
+        ],
+    );
+    restore_fails(&bv, "d1", &with_pin, &["private key not found"]);
+    let mut verify = vec!["verify", "--read-data"];
+    verify.extend_from_slice(&with_pin);
+    let r = bv.run(&verify);
+    r.failed();
+    assert!(
+        (r.stdout.clone() + &r.stderr).contains("private key not found"),
+        "{r:?}"
+    );
+    assert_unchanged(&bv, &before);
+
+    // A new key in the token, put in place with the recovery key.
+    h.keypair("cmk2", "02");
+    let doc = bv.json(&[
+        "--pin-file",
+        &pin,
+        "key",
+        "recover",
+        "--recovery-private",
+        &k.key("r"),
+        "--new-cmk",
+        &h.uri("cmk2"),
+    ]);
+    assert_eq!(doc["records_rewrapped"], 1, "{doc}");
+    let ids: Vec<String> = keks(&show(&bv, &with_pin))
+        .into_iter()
+        .map(|k| k.0)
+        .collect();
+    assert_eq!(ids, ["cmk-pkcs11-v1", "cmk-pkcs11-v2", "recovery-v1"]);
+    restore_eq(&bv, "d1", &with_pin, &a1);
+    bv.backup(&img, "d1", &with_pin);
+    restore_eq(&bv, "d1", &with_pin, &a2);
+    assert_eq!(bv.json(&verify)["ok"], true);
+}
+
+#[test]
+fn hsm_private_key_put_back_restores_access() {
+    const T: &str = "hsm_private_key_put_back_restores_access";
+    let Some(k) = pem(T) else {
+        return;
+    };
+    let mut bv = Bv::new();
+    let Some(h) = Hsm::new(&mut bv, T) else {
+        return;
+    };
+    // A key made outside the token (as when the customer keeps a backup of it) and imported.
+    let (der, pub_der) = (k.path("c.der"), k.path("c.pub.der"));
+    for (file, kind) in [(&der, "privkey"), (&pub_der, "pubkey")] {
+        h.p11(&[
+            "--write-object",
+            s(file),
+            "--type",
+            kind,
+            "--id",
+            "05",
+            "--label",
+            "kept",
+        ]);
+    }
+    let pin = h.pin("pin");
+    let with_pin = ["--pin-file", pin.as_str()];
+    bv.json(&["--pin-file", &pin, "init", "--cmk", &h.uri("kept")]);
+    let (img, a1) = image(&bv, "d1.img", 121, MIB as usize);
+    bv.backup(&img, "d1", &with_pin);
+
+    h.delete_private("05");
+    let before = state(&bv);
+    let mut backup = vec!["backup", s(&img), "--disk", "d1"];
+    backup.extend_from_slice(&with_pin);
+    fails(
+        &bv,
+        &backup,
+        &["private key not found", "revoked or unreachable"],
+    );
+    restore_fails(&bv, "d1", &with_pin, &["private key not found"]);
+    assert_unchanged(&bv, &before);
+
+    h.p11(&[
+        "--write-object",
+        s(&der),
+        "--type",
+        "privkey",
+        "--id",
+        "05",
+        "--label",
+        "kept",
+    ]);
+    restore_eq(&bv, "d1", &with_pin, &a1);
+    let a2 = random_data(122, MIB as usize);
+    write_file(&img, &a2);
+    bv.backup(&img, "d1", &with_pin);
+    let ids = snapshot_ids(&bv, &with_pin, "d1");
+    restore_eq(&bv, &format!("d1@{}", ids[0]), &with_pin, &a1);
+    restore_eq(&bv, &format!("d1@{}", ids[1]), &with_pin, &a2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// No key material unwrapped
+// ---------------------------------------------------------------------------------------------
+
+/// The raw secrets of a keystore file (layout: docs/FORMAT.md §3.6): the auth key, every
+/// platform KEK version's key and, when present, both halves of the infrastructure key.
+fn keystore_secrets(file: &[u8]) -> Vec<(String, Vec<u8>)> {
+    assert_eq!(&file[..4], b"BVKS", "a keystore file");
+    let le16 = |at: usize| u16::from_le_bytes([file[at], file[at + 1]]) as usize;
+    let version = le16(4);
+    let n = le16(56);
+    let mut out = vec![("auth key".to_string(), file[24..56].to_vec())];
+    for i in 0..n {
+        let e = 58 + 48 * i;
+        let v = u32::from_le_bytes(file[e..e + 4].try_into().unwrap());
+        out.push((format!("platform KEK v{v}"), file[e + 16..e + 48].to_vec()));
+    }
+    let infra = 58 + 48 * n;
+    if version == 2 {
+        assert_eq!(file.len(), 158 + 48 * n);
+        if file[infra] == 1 {
+            out.push((
+                "infrastructure key K1".into(),
+                file[infra + 4..infra + 36].to_vec(),
+            ));
+            out.push((
+                "infrastructure key K2".into(),
+                file[infra + 36..infra + 68].to_vec(),
+            ));
+        }
+    } else {
+        assert_eq!(file.len(), 90 + 48 * n);
+    }
+    out
+}
+
+/// A platform vault (rotated, with an escrowed secret and an export), a PEM CMK vault and an
+/// infrastructure-layer vault, every command run with RUST_LOG=debug: the platform KEKs, auth
+/// keys and infrastructure keys (read from the keystore files) appear in their own keystore
+/// file only, never in any vault file, export file, JSON output or log; the escrowed secret
+/// and the PEM private keys' private exponents and primes, and their whole PKCS#8 DER, appear
+/// in no file of any vault or keystore, nor in any output.
+#[test]
+fn no_key_material_is_stored_or_printed_unwrapped() {
+    let Some(k) = pem("no_key_material_is_stored_or_printed_unwrapped") else {
+        return;
+    };
+    const SECRET: &[u8] = b"escrowed-luks-passphrase-0123456789-abcdefgh";
+    let mut outputs: Vec<Run> = Vec::new();
+    let debug = |mut bv: Bv| {
+        bv.env.push(("RUST_LOG".into(), "debug".into()));
+        bv
+    };
+    let (platform, pemv, infra) = (debug(Bv::new()), debug(Bv::new()), debug(Bv::new()));
+    let data = common::mixed_data(131, 3 * MIB as usize);
+    let img = platform.path("d1.img");
+    write_file(&img, &data);
+    let secret_file = platform.path("secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let export = platform.path("keys.export");
+    let pass = platform.path("pass");
+    std::fs::write(&pass, "export passphrase\n").unwrap();
+    let restored = platform.path("restored");
+    let escrow_dir = platform.path("escrow");
+    let run = |bv: &Bv, args: &[&str], outputs: &mut Vec<Run>| {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let r = bv.run(&all);
+        r.ok();
+        outputs.push(r);
+    };
+    let backup = ["backup", s(&img), "--disk", "d1"];
+    run(
+        &platform,
+        &["init", "--recovery-key", &k.spec("r")],
+        &mut outputs,
+    );
+    run(&platform, &backup, &mut outputs);
+    run(&platform, &["key", "rotate", "--new-dek"], &mut outputs);
+    run(&platform, &backup, &mut outputs);
+    run(
+        &platform,
+        &[
+            "key",
+            "escrow",
+            "d1",
+            "--name",
+            "luks",
+            "--secret-file",
+            s(&secret_file),
+        ],
+        &mut outputs,
+    );
+    run(
+        &platform,
+        &[
+            "restore",
+            "d1",
+            s(&restored),
+            "--with-escrow",
+            s(&escrow_dir),
+        ],
+        &mut outputs,
+    );
+    run(
+        &platform,
+        &["key", "export", s(&export), "--passphrase-file", s(&pass)],
+        &mut outputs,
+    );
+    run(&platform, &["key", "show"], &mut outputs);
+    let with_a = ["--cmk-private", &k.key("a")];
+    let spec_a = k.spec("a");
+    for (bv, extra) in [
+        (&pemv, &[][..]),
+        (&infra, &["--infrastructure-encryption"][..]),
+    ] {
+        let mut init = vec!["init", "--cmk", &spec_a];
+        init.extend_from_slice(extra);
+        run(bv, &init, &mut outputs);
+        let mut b = backup.to_vec();
+        b.extend_from_slice(&with_a);
+        run(bv, &b, &mut outputs);
+        let mut v = vec!["verify", "--read-data"];
+        v.extend_from_slice(&with_a);
+        run(bv, &v, &mut outputs);
+    }
+    assert_file_eq(&restored, &data);
+    assert!(
+        outputs.iter().any(|r| r.stderr.contains("DEBUG")),
+        "RUST_LOG=debug should have logged"
+    );
+
+    // Every file that must not hold key material in the clear.
+    let mut stored = Tree::new();
+    for bv in [&platform, &pemv, &infra] {
+        for (name, bytes) in tree(&bv.vault) {
+            stored.insert(format!("{}/{name}", bv.vault.display()), bytes);
+        }
+    }
+    stored.insert(s(&export).into(), std::fs::read(&export).unwrap());
+    let mut keystores = Tree::new();
+    for bv in [&platform, &pemv, &infra] {
+        keystores.insert(
+            s(&bv.key_file()).into(),
+            std::fs::read(bv.key_file()).unwrap(),
+        );
+    }
+    let printed: String = outputs
+        .iter()
+        .map(|r| format!("{}\n{}\n", r.stdout, r.stderr))
+        .collect();
+
+    let mut checked = 0;
+    for (file, bytes) in &keystores {
+        let secrets = keystore_secrets(bytes);
+        assert_eq!(
+            secrets
+                .iter()
+                .filter(|(n, _)| n.starts_with("infrastructure"))
+                .count(),
+            if file.contains(&hex_id(&infra)) { 2 } else { 0 },
+            "{file}"
+        );
+        for (what, key) in secrets {
+            for (name, other) in stored.iter().chain(&keystores) {
+                let own = name == file;
+                assert_eq!(
+                    contains(other, &key),
+                    own,
+                    "{what} of {file} {} in {name}",
+                    if own { "is missing" } else { "appears" }
+                );
+            }
+            assert!(
+                !printed.contains(&hex::encode(&key)),
+                "{what} printed in hex"
+            );
+            assert!(!contains(printed.as_bytes(), &key), "{what} printed raw");
+            checked += 1;
+        }
+    }
+    // Platform: auth + 2 KEK versions; PEM: auth + 1; infra: auth + 1 + 2 halves.
+    assert_eq!(checked, 3 + 2 + 4);
+
+    let mut forbidden = vec![("escrowed secret".to_string(), SECRET.to_vec())];
+    for key in ["a", "r"] {
+        forbidden.extend(private_components(&k.key(key)));
+        let der =
+            tool(Command::new("openssl").args(["pkey", "-in", &k.key(key), "-outform", "DER"]));
+        forbidden.push((format!("PKCS#8 DER of {key}.key"), der));
+    }
+    for (what, bytes) in &forbidden {
+        for (name, file) in stored.iter().chain(&keystores) {
+            assert!(!contains(file, bytes), "{what} appears in {name}");
+        }
+        assert!(!contains(printed.as_bytes(), bytes), "{what} printed");
+    }
+}
+
+/// The vault id of `bv` (hex), from its keystore file's name.
+fn hex_id(bv: &Bv) -> String {
+    bv.key_file()
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
