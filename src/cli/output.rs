@@ -1,6 +1,6 @@
 //! Human or JSON output, errors, and the progress bar.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
@@ -20,14 +20,13 @@ impl Output {
 
     /// Print the command's result: `doc` as JSON, or `human` as text.
     pub fn result(&self, doc: Value, human: impl FnOnce() -> String) {
-        if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&doc).expect("JSON values serialise")
-            );
+        let text = if self.json {
+            serde_json::to_string_pretty(&doc).expect("JSON values serialise") + "\n"
         } else {
-            print!("{}", human());
-        }
+            human()
+        };
+        // A closed pipe (`blockvault snapshots | head`) is the reader's choice, not an error.
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
     }
 
     /// Report a failure: the error and its causes, on stderr (and as JSON on stdout with --json).

@@ -71,7 +71,9 @@ fn write_escrows(
             .mode(0o600)
             .open(&path)
             .map_err(io(format!("creating {}", path.display())))?;
-        f.write_all(&e.secret)
+        // An existing file keeps its mode on open: make it private before writing.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .and_then(|_| f.write_all(&e.secret))
             .and_then(|_| f.sync_all())
             .map_err(io(format!("writing {}", path.display())))?;
         names.push(e.name.clone());

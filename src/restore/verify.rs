@@ -79,6 +79,8 @@ pub fn verify(
         match vault.load_disk(id) {
             Ok(d) if only_disk.is_none_or(|n| n == d.name) => disks.push(d),
             Ok(_) => {}
+            // A revoked or unreachable KEK is not damage: say so, do not report exit 3.
+            Err(e) if e.kind() == crate::error::ErrorKind::Key => return Err(e),
             Err(e) => report.problems.push(Problem {
                 object: format!("keys/{}", hex::encode(id)),
                 problem: e.to_string(),
