@@ -161,7 +161,17 @@ impl Keystore {
                 ),
             ));
         }
-        let keys = VaultKeys {
+        let keys = VaultKeys::generate(infrastructure)?;
+        let path = self.save(vault_id, &keys)?;
+        Ok((keys, path))
+    }
+}
+
+impl VaultKeys {
+    /// Fresh keys, in memory only: a random auth key, platform KEK version 1, and an
+    /// infrastructure-layer key if `infrastructure`.
+    pub fn generate(infrastructure: bool) -> Result<VaultKeys> {
+        Ok(VaultKeys {
             auth: Secret32::random()?,
             kek: PlatformKek::new(vec![PlatformKeyVersion {
                 version: 1,
@@ -174,9 +184,7 @@ impl Keystore {
             } else {
                 None
             },
-        };
-        let path = self.save(vault_id, &keys)?;
-        Ok((keys, path))
+        })
     }
 }
 

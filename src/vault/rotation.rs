@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::config::{self, Config};
 use super::store::{self, Store};
 use super::{kekdesc, keyrecord, load_descriptors, Vault};
-use crate::crypto::kek::{KekId, KekKind, KekState, PlatformKek, PlatformKeyVersion};
+use crate::crypto::kek::{KekId, KekKind};
 use crate::crypto::keyring::{KeyAccess, Keyring};
 use crate::crypto::keystore::{Keystore, VaultKeys};
 use crate::crypto::rsa::{CmkKey, PemKek};
@@ -146,16 +146,7 @@ impl Vault {
         let infra = config.infrastructure != config::INFRA_NONE;
         let lost = !keystore.path_for(&vault_id).exists();
         let mut keys = if lost {
-            VaultKeys {
-                auth: Secret32::random()?,
-                kek: PlatformKek::new(vec![PlatformKeyVersion {
-                    version: 1,
-                    state: KekState::Enabled,
-                    created: crate::util::now_unix(),
-                    key: Secret32::random()?,
-                }]),
-                infra: None,
-            }
+            VaultKeys::generate(false)?
         } else {
             keystore.load(&vault_id)?
         };
