@@ -116,11 +116,10 @@ impl Recycler {
     }
 }
 
-/// A worker thread's zstd context and output scratch, reused across slots.
+/// A worker thread's zstd context, reused across slots.
 struct Zstd {
     level: i32,
     compressor: zstd::bulk::Compressor<'static>,
-    scratch: Vec<u8>,
 }
 
 thread_local! {
@@ -128,43 +127,48 @@ thread_local! {
 }
 
 /// Compress `data` and append the result to `out` if it saves enough to be worth it; returns
-/// whether it did. A trial on the first 64 KiB rejects incompressible data (ciphertext,
-/// media) at a fraction of the cost of compressing the whole slot.
+/// whether it did (if not, `out` is as it was). A trial on the first 64 KiB rejects
+/// incompressible data (ciphertext, media) at a fraction of the cost of compressing the whole
+/// slot; when it passes, the trial's output is kept as the payload's first zstd frame and the
+/// rest of the slot becomes a second one, so no byte is compressed twice. Both frames are
+/// written straight into `out`, the frame buffer: no copy.
 fn compress_onto(level: i32, data: &[u8], out: &mut Vec<u8>) -> Result<bool> {
     ZSTD.with(|cell| {
         let mut cell = cell.borrow_mut();
         if cell.as_ref().map(|z| z.level) != Some(level) {
             let compressor = zstd::bulk::Compressor::new(level)
                 .map_err(|e| Error::new(ErrorKind::Usage, format!("zstd level {level}: {e}")))?;
-            *cell = Some(Zstd {
-                level,
-                compressor,
-                scratch: Vec::new(),
-            });
+            *cell = Some(Zstd { level, compressor });
         }
         let z = cell.as_mut().expect("set above");
-        z.scratch.clear();
-        z.scratch
-            .reserve(zstd::zstd_safe::compress_bound(data.len()));
-        let zerr = |e: std::io::Error| Error::new(ErrorKind::Io, format!("zstd: {e}"));
-        if data.len() > 2 * TRIAL_LEN {
-            let n = z
-                .compressor
-                .compress_to_buffer(&data[..TRIAL_LEN], &mut z.scratch)
-                .map_err(zerr)?;
+        let base = out.len();
+        let (trial, rest) = if data.len() > 2 * TRIAL_LEN {
+            data.split_at(TRIAL_LEN)
+        } else {
+            (data, &[][..])
+        };
+        let bound = |n: usize| zstd::zstd_safe::compress_bound(n);
+        out.reserve(bound(trial.len()) + bound(rest.len()));
+        // Append one frame at the end of `out`, in its spare capacity.
+        let mut append = |out: &mut Vec<u8>, src: &[u8]| -> Result<usize> {
+            let mut at_end = std::io::Cursor::new(out);
+            at_end.set_position(at_end.get_ref().len() as u64);
+            z.compressor
+                .compress_to_buffer(src, &mut at_end)
+                .map_err(|e| Error::new(ErrorKind::Io, format!("zstd: {e}")))
+        };
+        let n = append(out, trial)?;
+        if !rest.is_empty() {
             if n > TRIAL_LEN - TRIAL_LEN / MIN_SAVING_DIVISOR {
+                out.truncate(base);
                 return Ok(false);
             }
-            z.scratch.clear();
+            append(out, rest)?;
         }
-        let n = z
-            .compressor
-            .compress_to_buffer(data, &mut z.scratch)
-            .map_err(zerr)?;
-        if n > data.len() - data.len() / MIN_SAVING_DIVISOR {
+        if out.len() - base > data.len() - data.len() / MIN_SAVING_DIVISOR {
+            out.truncate(base);
             return Ok(false);
         }
-        out.extend_from_slice(&z.scratch[..n]);
         Ok(true)
     })
 }
