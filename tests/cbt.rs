@@ -17,12 +17,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::qemu::{Listen, QemuNbd, QEMU, QEMU_NBD};
+use common::tools::{run_tool, tools};
 use common::*;
 use serde_json::{json, Value};
 
@@ -36,32 +36,6 @@ const SLOT: u64 = MIB;
 // Tools
 // ---------------------------------------------------------------------------------------------
 
-/// Whether every `(tool, Debian package)` runs; else SKIP (a failure under CI=true).
-fn tools(test: &str, needed: &[(&str, &str)]) -> bool {
-    for (tool, package) in needed {
-        let ok = Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return skip(
-                test,
-                &format!("{tool} is not installed (apt-get install {package})"),
-            );
-        }
-    }
-    true
-}
-
-const QEMU: &[(&str, &str)] = &[("qemu-img", "qemu-utils"), ("qemu-io", "qemu-utils")];
-const QEMU_NBD: &[(&str, &str)] = &[
-    ("qemu-img", "qemu-utils"),
-    ("qemu-io", "qemu-utils"),
-    ("qemu-nbd", "qemu-utils"),
-];
-
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -69,28 +43,11 @@ fn s(p: &Path) -> &str {
 /// Run `tool args...` with `input` on its stdin; panic with its output if it fails (qemu-io
 /// reports a failed command in its output, not always in its exit code). Returns stdout.
 fn run_input(tool: &str, args: &[&str], input: &str) -> String {
-    let mut child = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
+    let out = run_tool(Command::new(tool).args(args), input);
+    let stdout = String::from_utf8_lossy(&out).into_owned();
     assert!(
-        out.status.success() && !(tool == "qemu-io" && stdout.contains("failed")),
-        "{tool} {args:?}: {}\n{stdout}{stderr}",
-        out.status
+        !(tool == "qemu-io" && stdout.contains("failed")),
+        "{tool} {args:?}:\n{stdout}"
     );
     stdout
 }
@@ -242,136 +199,6 @@ fn assert_bitmap_backup(doc: &Value, bitmap: &str, marked: u64) {
         read >= marked && read <= marked + SPOT * SLOT,
         "read {read} for {marked} bytes the bitmap marks: {doc}"
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// qemu-nbd
-// ---------------------------------------------------------------------------------------------
-
-/// Where a qemu-nbd server listens.
-enum Listen<'a> {
-    /// 127.0.0.1, a free port.
-    Tcp,
-    /// A Unix socket at this path.
-    Unix(&'a Path),
-}
-
-/// A qemu-nbd server (`--fork`, persistent, default export name), killed when dropped.
-struct Nbd {
-    pid: String,
-    /// `nbd://127.0.0.1:PORT/` or `nbd+unix:///?socket=PATH`.
-    url: String,
-}
-
-impl Nbd {
-    /// Serve qcow2 `img`, read-only unless `writable`, exporting `bitmap` if given.
-    fn start(dir: &Path, img: &Path, bitmap: Option<&str>, writable: bool, at: Listen) -> Nbd {
-        for attempt in 0.. {
-            let pid_file = dir.join(format!("qemu-nbd-{}.pid", unique()));
-            let mut args: Vec<String> = vec![
-                "-t".into(),
-                "--fork".into(),
-                "--pid-file".into(),
-                s(&pid_file).into(),
-                "-f".into(),
-                "qcow2".into(),
-            ];
-            if !writable {
-                args.push("-r".into());
-            }
-            if let Some(b) = bitmap {
-                args.extend(["-B".into(), b.into()]);
-            }
-            let url = match at {
-                Listen::Tcp => {
-                    // Free now; another process may take it first, hence the retries.
-                    let port = std::net::TcpListener::bind("127.0.0.1:0")
-                        .and_then(|l| l.local_addr())
-                        .expect("free port")
-                        .port();
-                    args.extend([
-                        "-b".into(),
-                        "127.0.0.1".into(),
-                        "-p".into(),
-                        port.to_string(),
-                    ]);
-                    format!("nbd://127.0.0.1:{port}/")
-                }
-                Listen::Unix(sock) => {
-                    args.extend(["-k".into(), s(sock).into()]);
-                    format!("nbd+unix:///?socket={}", s(sock))
-                }
-            };
-            args.push(s(img).into());
-            let out = Command::new("qemu-nbd")
-                .args(&args)
-                .output()
-                .expect("running qemu-nbd");
-            if out.status.success() {
-                let pid = std::fs::read_to_string(&pid_file).expect("qemu-nbd pid file");
-                return Nbd {
-                    pid: pid.trim().to_owned(),
-                    url,
-                };
-            }
-            assert!(
-                attempt < 5 && matches!(at, Listen::Tcp),
-                "qemu-nbd {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        unreachable!()
-    }
-
-    /// Send `signal` (`-TERM` for a clean exit, `-KILL` for a crash) and wait until the
-    /// process is gone.
-    fn stop(mut self, signal: &str) {
-        assert!(
-            self.signal_and_wait(signal),
-            "qemu-nbd did not exit after kill {signal}"
-        );
-    }
-
-    /// Signal the server once (a pid already stopped is never signalled again: it may have
-    /// been reused) and wait until it is gone, or a zombie: it was forked away from us, and
-    /// its image is closed either way. False if it still runs after 10 s.
-    fn signal_and_wait(&mut self, signal: &str) -> bool {
-        let pid = std::mem::take(&mut self.pid);
-        if pid.is_empty() {
-            return true;
-        }
-        let _ = Command::new("kill")
-            .args([signal, &pid])
-            .stderr(Stdio::null())
-            .status();
-        let stat = format!("/proc/{pid}/stat");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            match std::fs::read_to_string(&stat) {
-                Err(_) => return true,
-                // The state letter follows the parenthesised command name.
-                Ok(st)
-                    if st
-                        .rsplit(')')
-                        .next()
-                        .is_some_and(|r| r.trim_start().starts_with('Z')) =>
-                {
-                    return true
-                }
-                Ok(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-        false
-    }
-}
-
-impl Drop for Nbd {
-    fn drop(&mut self) {
-        // No panic here: a drop may run while a failed test unwinds.
-        if !self.signal_and_wait("-KILL") {
-            eprintln!("warning: a qemu-nbd server survived SIGKILL");
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -616,7 +443,9 @@ fn nbd_exports_back_up_by_bitmap_over_tcp_and_a_unix_socket() {
     let img = qcow2_from(dir, "n.qcow2", &mixed_data(21, size as usize), &[]);
     add_bitmap(&img, "b0", 64 * KIB);
 
-    let server = Nbd::start(dir, &img, Some("b0"), false, Listen::Tcp);
+    let mut server = QemuNbd::serve(&img, "qcow2")
+        .bitmap("b0")
+        .start(dir, Listen::Tcp);
     let url = server.url.clone();
     let full = bv.json(&["backup", &url, "--disk", "n"]);
     assert_eq!(full["change_source"], "full", "{full}");
@@ -638,7 +467,9 @@ fn nbd_exports_back_up_by_bitmap_over_tcp_and_a_unix_socket() {
     let writes = [(MIB + 4 * KIB, 8 * KIB), (20 * MIB + 1000, 100 * KIB)];
     write_random(dir, "qcow2", s(&img), &writes, 70);
     add_bitmap(&img, "b1", 64 * KIB);
-    let server = Nbd::start(dir, &img, Some("b0"), false, Listen::Tcp);
+    let mut server = QemuNbd::serve(&img, "qcow2")
+        .bitmap("b0")
+        .start(dir, Listen::Tcp);
     let spot = SPOT.to_string();
     let doc = bv.json(&[
         "backup",
@@ -658,7 +489,9 @@ fn nbd_exports_back_up_by_bitmap_over_tcp_and_a_unix_socket() {
     let writes = [(9 * MIB, 4 * KIB), (size - 64 * KIB, 64 * KIB)];
     write_random(dir, "qcow2", s(&img), &writes, 80);
     let sock = dir.join("nbd.sock");
-    let server = Nbd::start(dir, &img, Some("b1"), false, Listen::Unix(&sock));
+    let mut server = QemuNbd::serve(&img, "qcow2")
+        .bitmap("b1")
+        .start(dir, Listen::Unix(&sock));
     let doc = bv.json(&[
         "backup",
         &server.url,
@@ -698,7 +531,9 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_nbd_is_refused() {
     // A writable export marks the bitmap in use when it opens the image; a write goes
     // through it, then the server dies without closing the image.
     let sock = dir.join("rw.sock");
-    let server = Nbd::start(dir, &img, None, true, Listen::Unix(&sock));
+    let mut server = QemuNbd::serve(&img, "qcow2")
+        .writable()
+        .start(dir, Listen::Unix(&sock));
     write_random(dir, "raw", &server.url, &[(2 * MIB, 64 * KIB)], 90);
     let refused = |when: &str| {
         bv.run(&["backup", s(&img), "--disk", "u", "--bitmap", "b0"])

@@ -2,8 +2,16 @@
 //! harness that runs the real `blockvault` binary against a vault and keystore in a temp
 //! folder, byte-exact comparisons, vault object helpers, and loop devices.
 //!
-//! Every test binary includes this module (`mod common;`) and uses a different subset of it.
+//! Every test binary includes this module (`mod common;`) and uses a different subset of it;
+//! the `allow(dead_code)` below covers the submodules too. The submodules hold the fixtures
+//! made by external tools, imported by path where used (a glob re-export here would be an
+//! unused import in every binary that needs none of them): [`tools`] (is a tool installed;
+//! run one), [`qemu`] (the QEMU tools; a qemu-nbd server) and [`keys`] (openssl PEM keys,
+//! SoftHSM2 tokens).
 #![allow(dead_code)]
+
+pub mod qemu;
+pub mod tools;
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
