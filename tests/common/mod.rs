@@ -10,6 +10,7 @@
 //! SoftHSM2 tokens).
 #![allow(dead_code)]
 
+pub mod keys;
 pub mod qemu;
 pub mod tools;
 
@@ -272,6 +273,11 @@ pub fn touched_slots(ranges: &[(u64, u64)], slot: u64) -> Vec<u64> {
     v.sort_unstable();
     v.dedup();
     v
+}
+
+/// How many bytes `ranges` (not overlapping) cover: the data a source's data ranges hold.
+pub fn total_len(ranges: &[std::ops::Range<u64>]) -> u64 {
+    ranges.iter().map(|r| r.end - r.start).sum()
 }
 
 /// Length of slot `i` of a disk of `size` bytes.
