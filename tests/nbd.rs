@@ -16,7 +16,7 @@ use blockvault::source::{
     self, Access, NbdOptions, NbdSource, OpenOptions, ReadAt, Source, SourceKind,
 };
 use blockvault::ErrorKind;
-use common::qemu::{Listen, QemuNbd, QEMU_NBD};
+use common::qemu::{qemu_io, Listen, QemuNbd, QEMU_NBD};
 use common::tools::{run_tool, tools};
 use common::*;
 
@@ -27,6 +27,12 @@ fn run(tool: &str, args: &[&str]) {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// A temp folder for one test, or `None` after a SKIP line when the QEMU tools are missing
+/// (a failure under CI=true).
+fn scratch(test: &str) -> Option<tempfile::TempDir> {
+    tools(test, QEMU_NBD).then(|| tempfile::tempdir().expect("tempdir"))
 }
 
 /// A 64 MiB qcow2 with random, text and zero regions; returns (image, its raw bytes as
@@ -40,17 +46,10 @@ fn mixed_qcow2(dir: &Path, seed: u64) -> (PathBuf, Vec<u8>) {
         &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&img)],
     );
     // A zero cluster over data and unaligned small writes.
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -z 5M 1M",
-            "-c",
-            "write -P 0x5a 7340033 1000",
-            s(&img),
-        ],
+    qemu_io(
+        "qcow2",
+        s(&img),
+        &["write -z 5M 1M", "write -P 0x5a 7340033 1000"],
     );
     (img.clone(), converted(dir, &img, "qcow2"))
 }
@@ -85,11 +84,9 @@ fn read_all(src: &dyn Source, piece: usize) -> Vec<u8> {
 
 #[test]
 fn tcp_reads_match_qemu_img_convert() {
-    let test = "tcp_reads_match_qemu_img_convert";
-    if !tools(test, QEMU_NBD) {
+    let Some(dir) = scratch("tcp_reads_match_qemu_img_convert") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, expect) = mixed_qcow2(dir.path(), 1);
     let server = QemuNbd::serve(&img, "qcow2")
         .export("disk")
@@ -137,11 +134,9 @@ fn tcp_reads_match_qemu_img_convert() {
 
 #[test]
 fn reads_in_flight_from_8_threads() {
-    let test = "reads_in_flight_from_8_threads";
-    if !tools(test, QEMU_NBD) {
+    let Some(dir) = scratch("reads_in_flight_from_8_threads") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, expect) = mixed_qcow2(dir.path(), 2);
     let server = QemuNbd::serve(&img, "qcow2").start(dir.path(), Listen::Tcp);
     let src = source::open(&server.url, &OpenOptions::default()).expect("open");
@@ -169,11 +164,9 @@ fn reads_in_flight_from_8_threads() {
 
 #[test]
 fn unix_socket_export() {
-    let test = "unix_socket_export";
-    if !tools(test, QEMU_NBD) {
+    let Some(dir) = scratch("unix_socket_export") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, expect) = mixed_qcow2(dir.path(), 3);
     let sock = dir.path().join("nbd.sock");
     let server = QemuNbd::serve(&img, "qcow2")
@@ -197,27 +190,19 @@ fn overlaps(ranges: &[Range<u64>], r: &Range<u64>) -> bool {
 
 #[test]
 fn data_ranges_skip_holes_and_zeros() {
-    let test = "data_ranges_skip_holes_and_zeros";
-    if !tools(test, QEMU_NBD) {
+    let Some(dir) = scratch("data_ranges_skip_holes_and_zeros") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let img = dir.path().join("sparse.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
-    run(
-        "qemu-io",
+    qemu_io(
+        "qcow2",
+        s(&img),
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 0x11 1M 300k",
-            "-c",
             "write -P 0x22 10M 3M",
-            "-c",
             "write -z 11M 1M",
-            "-c",
             "write -P 0x33 67043328 65536",
-            s(&img),
         ],
     );
     let expect = converted(dir.path(), &img, "qcow2");
@@ -248,17 +233,15 @@ fn data_ranges_skip_holes_and_zeros() {
     ] {
         assert!(!overlaps(&ranges, &hole), "{hole:?} in {ranges:?}");
     }
-    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    let total = total_len(&ranges);
     assert!(total <= 3 * MIB, "{total} bytes of data ranges: {ranges:?}");
 }
 
 #[test]
 fn data_ranges_of_a_1_tib_export_are_compact() {
-    let test = "data_ranges_of_a_1_tib_export_are_compact";
-    if !tools(test, QEMU_NBD) {
+    let Some(dir) = scratch("data_ranges_of_a_1_tib_export_are_compact") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let img = dir.path().join("big.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "1T"]);
     let tib = 1u64 << 40;
@@ -267,12 +250,7 @@ fn data_ranges_of_a_1_tib_export_are_compact() {
         .iter()
         .map(|(at, p)| format!("write -P {p} {at} 65536"))
         .collect();
-    let mut args = vec!["-f", "qcow2"];
-    for c in &cmds {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(s(&img));
-    run("qemu-io", &args);
+    qemu_io("qcow2", s(&img), &cmds);
     let server = QemuNbd::serve(&img, "qcow2")
         .export("big")
         .start(dir.path(), Listen::Tcp);
@@ -311,26 +289,18 @@ fn data_ranges_of_a_1_tib_export_are_compact() {
 fn image_with_bitmap(dir: &Path) -> (PathBuf, Vec<Range<u64>>) {
     let img = dir.join("dirty.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "32M"]);
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 1 0 32M", s(&img)],
-    );
+    qemu_io("qcow2", s(&img), &["write -P 1 0 32M"]);
     run(
         "qemu-img",
         &["bitmap", "--add", "--enable", "-g", "65536", s(&img), "b0"],
     );
-    run(
-        "qemu-io",
+    qemu_io(
+        "qcow2",
+        s(&img),
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 2 1M 4k",
-            "-c",
             "write -P 3 5243000 200000",
-            "-c",
             "write -P 4 20M 64k",
-            s(&img),
         ],
     );
     let g = 65536;
@@ -347,11 +317,9 @@ fn image_with_bitmap(dir: &Path) -> (PathBuf, Vec<Range<u64>>) {
 
 #[test]
 fn dirty_ranges_cover_exactly_the_written_clusters() {
-    let test = "dirty_ranges_cover_exactly_the_written_clusters";
-    if !tools(test, QEMU_NBD) {
+    let Some(dir) = scratch("dirty_ranges_cover_exactly_the_written_clusters") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, written) = image_with_bitmap(dir.path());
     let expect = converted(dir.path(), &img, "qcow2");
     let server = QemuNbd::serve(&img, "qcow2")
@@ -396,11 +364,9 @@ fn dirty_ranges_cover_exactly_the_written_clusters() {
 
 #[test]
 fn unknown_export_is_not_found_naming_it() {
-    let test = "unknown_export_is_not_found_naming_it";
-    if !tools(test, QEMU_NBD) {
+    let Some(dir) = scratch("unknown_export_is_not_found_naming_it") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, _) = image_with_bitmap(dir.path());
     let server = QemuNbd::serve(&img, "qcow2")
         .export("vm")
@@ -436,11 +402,9 @@ fn unknown_export_is_not_found_naming_it() {
 
 #[test]
 fn server_killed_mid_read_fails_reads_without_hanging() {
-    let test = "server_killed_mid_read_fails_reads_without_hanging";
-    if !tools(test, QEMU_NBD) {
+    let Some(dir) = scratch("server_killed_mid_read_fails_reads_without_hanging") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, _) = mixed_qcow2(dir.path(), 4);
     let mut server = QemuNbd::serve(&img, "qcow2")
         .export("k")
@@ -496,11 +460,9 @@ fn server_killed_mid_read_fails_reads_without_hanging() {
 
 #[test]
 fn stopped_server_times_out_and_a_second_client_waits() {
-    let test = "stopped_server_times_out_and_a_second_client_waits";
-    if !tools(test, QEMU_NBD) {
+    let Some(dir) = scratch("stopped_server_times_out_and_a_second_client_waits") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, _) = image_with_bitmap(dir.path());
     let server = QemuNbd::serve(&img, "qcow2")
         .export("vm")
@@ -534,11 +496,9 @@ fn stopped_server_times_out_and_a_second_client_waits() {
 
 #[test]
 fn vmdk_and_vdi_through_qemu_nbd() {
-    let test = "vmdk_and_vdi_through_qemu_nbd";
-    if !tools(test, QEMU_NBD) {
+    let Some(dir) = scratch("vmdk_and_vdi_through_qemu_nbd") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (qcow2, expect) = mixed_qcow2(dir.path(), 5);
     for fmt in ["vmdk", "vdi"] {
         let img = dir.path().join(format!("disk.{fmt}"));
@@ -553,12 +513,7 @@ fn vmdk_and_vdi_through_qemu_nbd() {
         assert_eq!(src.size(), 64 * MIB, "{fmt}");
         assert_bytes_eq(&read_all(src.as_ref(), 4 * MIB as usize), &expect, fmt);
         // Zero regions of the source are not allocated in the converted image.
-        let data: u64 = src
-            .data_ranges()
-            .expect("ranges")
-            .iter()
-            .map(|r| r.end - r.start)
-            .sum();
+        let data = total_len(&src.data_ranges().expect("ranges"));
         assert!(data < 64 * MIB, "{fmt}: {data} bytes of data");
     }
 }

@@ -461,12 +461,7 @@ fn backup_of_a_qcow2_chain_restores_what_qemu_reads() {
     );
     let expected = q.raw("top.qcow2");
     let src = open(&q.path("top.qcow2"));
-    let mapped: u64 = src
-        .data_ranges()
-        .expect("ranges")
-        .iter()
-        .map(|r| r.end - r.start)
-        .sum();
+    let mapped = total_len(&src.data_ranges().expect("ranges"));
 
     let bv = Bv::new();
     let doc = bv.backup(&q.path("top.qcow2"), "vm", &[]);

@@ -1,10 +1,12 @@
-//! The QEMU tools the image and NBD tests run (Debian package `qemu-utils`), and a real
-//! `qemu-nbd` server to read exports from, stopped when the test ends however it ends.
+//! The QEMU tools the image and NBD tests run (Debian package `qemu-utils`): `qemu-io` to
+//! write into images and exports, and a real `qemu-nbd` server to read exports from, stopped
+//! when the test ends however it ends.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::tools::run_tool;
 use super::unique;
 
 /// qemu-img and qemu-io, for [`super::tools`].
@@ -16,6 +18,20 @@ pub const QEMU_NBD: &[(&str, &str)] = &[
     ("qemu-io", "qemu-utils"),
     ("qemu-nbd", "qemu-utils"),
 ];
+
+/// Run qemu-io commands (`write -P 0xab 0 4k`, `write -z 1M 64k`, ...) on `target`: an image
+/// file (`fmt` its format) or an NBD URL (`fmt` "raw"). Panics if qemu-io fails, also when it
+/// only says so in its output: a failed command does not always change its exit code.
+pub fn qemu_io<S: AsRef<str>>(fmt: &str, target: &str, cmds: &[S]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd.as_ref()]);
+    }
+    c.arg(target);
+    let out = String::from_utf8_lossy(&run_tool(&mut c, "")).into_owned();
+    assert!(!out.contains("failed"), "qemu-io on {target}:\n{out}");
+}
 
 /// Where a qemu-nbd server listens.
 pub enum Listen<'a> {
