@@ -17,12 +17,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::qemu::{qemu_io, Listen, QemuNbd, QEMU, QEMU_NBD};
+use common::tools::{run_tool, tools};
 use common::*;
 use serde_json::{json, Value};
 
@@ -36,63 +36,20 @@ const SLOT: u64 = MIB;
 // Tools
 // ---------------------------------------------------------------------------------------------
 
-/// Whether every `(tool, Debian package)` runs; else SKIP (a failure under CI=true).
-fn tools(test: &str, needed: &[(&str, &str)]) -> bool {
-    for (tool, package) in needed {
-        let ok = Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return skip(
-                test,
-                &format!("{tool} is not installed (apt-get install {package})"),
-            );
-        }
-    }
-    true
-}
-
-const QEMU: &[(&str, &str)] = &[("qemu-img", "qemu-utils"), ("qemu-io", "qemu-utils")];
-const QEMU_NBD: &[(&str, &str)] = &[
-    ("qemu-img", "qemu-utils"),
-    ("qemu-io", "qemu-utils"),
-    ("qemu-nbd", "qemu-utils"),
-];
-
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// Run `tool args...` with `input` on its stdin; panic with its output if it fails (qemu-io
-/// reports a failed command in its output, not always in its exit code). Returns stdout.
+/// A fresh vault for `test`, or `None` after a SKIP line when one of the `needed` tools is
+/// missing (a failure under CI=true).
+fn vault(test: &str, needed: &[(&str, &str)]) -> Option<Bv> {
+    tools(test, needed).then(Bv::new)
+}
+
+/// Run `tool args...` with `input` on its stdin; panic with its output if it fails. Returns
+/// stdout.
 fn run_input(tool: &str, args: &[&str], input: &str) -> String {
-    let mut child = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        out.status.success() && !(tool == "qemu-io" && stdout.contains("failed")),
-        "{tool} {args:?}: {}\n{stdout}{stderr}",
-        out.status
-    );
-    stdout
+    String::from_utf8_lossy(&run_tool(Command::new(tool).args(args), input)).into_owned()
 }
 
 fn run(tool: &str, args: &[&str]) -> String {
@@ -126,22 +83,17 @@ fn qcow2_from(dir: &Path, name: &str, data: &[u8], opts: &[&str]) -> PathBuf {
     let raw = dir.join(format!("{name}.src.raw"));
     write_file(&raw, data);
     let img = dir.join(name);
-    let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
-    args.extend_from_slice(opts);
-    args.extend_from_slice(&[s(&raw), s(&img)]);
-    run("qemu-img", &args);
+    convert_qcow2(&raw, &img, opts);
     std::fs::remove_file(&raw).expect("remove raw");
     img
 }
 
-/// Run qemu-io `cmds` on `target`: a qcow2 path (`fmt` "qcow2") or an NBD URL (`fmt` "raw").
-fn qemu_io(fmt: &str, target: &str, cmds: &[String]) {
-    let mut args = vec!["-f", fmt];
-    for c in cmds {
-        args.extend_from_slice(&["-c", c]);
-    }
-    args.push(target);
-    run("qemu-io", &args);
+/// `qemu-img convert -f raw -O qcow2 OPTS RAW IMG`.
+fn convert_qcow2(raw: &Path, img: &Path, opts: &[&str]) {
+    let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[s(raw), s(img)]);
+    run("qemu-img", &args);
 }
 
 /// Write fresh random bytes at each `(offset, len)` of `target` with one qemu-io run: `write
@@ -232,146 +184,29 @@ fn dirtied(writes: &[(u64, u64)], granularity: u64, size: u64) -> u64 {
     total
 }
 
-/// Assert a bitmap-driven backup: change source, and bytes read between what the bitmap
-/// marks and that plus [`SPOT`] re-read slots.
-fn assert_bitmap_backup(doc: &Value, bitmap: &str, marked: u64) {
+/// `backup SOURCE --disk DISK --bitmap BITMAP --verify-unchanged SPOT`, which must succeed,
+/// driven by the bitmap, and read between the `marked` bytes and that plus [`SPOT`] re-read
+/// slots. Its document.
+fn bitmap_backup(bv: &Bv, source: &str, disk: &str, bitmap: &str, marked: u64) -> Value {
+    let spot = SPOT.to_string();
+    let doc = bv.json(&[
+        "backup",
+        source,
+        "--disk",
+        disk,
+        "--bitmap",
+        bitmap,
+        "--verify-unchanged",
+        &spot,
+    ]);
     assert_eq!(doc["change_source"], "bitmap", "{doc}");
-    assert_eq!(text(doc, "change_detail"), format!("bitmap {bitmap}"));
-    let read = num(doc, "bytes_read");
+    assert_eq!(text(&doc, "change_detail"), format!("bitmap {bitmap}"));
+    let read = num(&doc, "bytes_read");
     assert!(
         read >= marked && read <= marked + SPOT * SLOT,
         "read {read} for {marked} bytes the bitmap marks: {doc}"
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// qemu-nbd
-// ---------------------------------------------------------------------------------------------
-
-/// Where a qemu-nbd server listens.
-enum Listen<'a> {
-    /// 127.0.0.1, a free port.
-    Tcp,
-    /// A Unix socket at this path.
-    Unix(&'a Path),
-}
-
-/// A qemu-nbd server (`--fork`, persistent, default export name), killed when dropped.
-struct Nbd {
-    pid: String,
-    /// `nbd://127.0.0.1:PORT/` or `nbd+unix:///?socket=PATH`.
-    url: String,
-}
-
-impl Nbd {
-    /// Serve qcow2 `img`, read-only unless `writable`, exporting `bitmap` if given.
-    fn start(dir: &Path, img: &Path, bitmap: Option<&str>, writable: bool, at: Listen) -> Nbd {
-        for attempt in 0.. {
-            let pid_file = dir.join(format!("qemu-nbd-{}.pid", unique()));
-            let mut args: Vec<String> = vec![
-                "-t".into(),
-                "--fork".into(),
-                "--pid-file".into(),
-                s(&pid_file).into(),
-                "-f".into(),
-                "qcow2".into(),
-            ];
-            if !writable {
-                args.push("-r".into());
-            }
-            if let Some(b) = bitmap {
-                args.extend(["-B".into(), b.into()]);
-            }
-            let url = match at {
-                Listen::Tcp => {
-                    // Free now; another process may take it first, hence the retries.
-                    let port = std::net::TcpListener::bind("127.0.0.1:0")
-                        .and_then(|l| l.local_addr())
-                        .expect("free port")
-                        .port();
-                    args.extend([
-                        "-b".into(),
-                        "127.0.0.1".into(),
-                        "-p".into(),
-                        port.to_string(),
-                    ]);
-                    format!("nbd://127.0.0.1:{port}/")
-                }
-                Listen::Unix(sock) => {
-                    args.extend(["-k".into(), s(sock).into()]);
-                    format!("nbd+unix:///?socket={}", s(sock))
-                }
-            };
-            args.push(s(img).into());
-            let out = Command::new("qemu-nbd")
-                .args(&args)
-                .output()
-                .expect("running qemu-nbd");
-            if out.status.success() {
-                let pid = std::fs::read_to_string(&pid_file).expect("qemu-nbd pid file");
-                return Nbd {
-                    pid: pid.trim().to_owned(),
-                    url,
-                };
-            }
-            assert!(
-                attempt < 5 && matches!(at, Listen::Tcp),
-                "qemu-nbd {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        unreachable!()
-    }
-
-    /// Send `signal` (`-TERM` for a clean exit, `-KILL` for a crash) and wait until the
-    /// process is gone.
-    fn stop(mut self, signal: &str) {
-        assert!(
-            self.signal_and_wait(signal),
-            "qemu-nbd did not exit after kill {signal}"
-        );
-    }
-
-    /// Signal the server once (a pid already stopped is never signalled again: it may have
-    /// been reused) and wait until it is gone, or a zombie: it was forked away from us, and
-    /// its image is closed either way. False if it still runs after 10 s.
-    fn signal_and_wait(&mut self, signal: &str) -> bool {
-        let pid = std::mem::take(&mut self.pid);
-        if pid.is_empty() {
-            return true;
-        }
-        let _ = Command::new("kill")
-            .args([signal, &pid])
-            .stderr(Stdio::null())
-            .status();
-        let stat = format!("/proc/{pid}/stat");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            match std::fs::read_to_string(&stat) {
-                Err(_) => return true,
-                // The state letter follows the parenthesised command name.
-                Ok(st)
-                    if st
-                        .rsplit(')')
-                        .next()
-                        .is_some_and(|r| r.trim_start().starts_with('Z')) =>
-                {
-                    return true
-                }
-                Ok(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-        false
-    }
-}
-
-impl Drop for Nbd {
-    fn drop(&mut self) {
-        // No panic here: a drop may run while a failed test unwinds.
-        if !self.signal_and_wait("-KILL") {
-            eprintln!("warning: a qemu-nbd server survived SIGKILL");
-        }
-    }
+    doc
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -395,11 +230,12 @@ fn scattered_writes(size: u64) -> Vec<(u64, u64)> {
 
 #[test]
 fn bitmap_incrementals_read_about_what_was_written_at_4k_and_64k() {
-    let test = "bitmap_incrementals_read_about_what_was_written_at_4k_and_64k";
-    if !tools(test, QEMU) {
+    let Some(bv) = vault(
+        "bitmap_incrementals_read_about_what_was_written_at_4k_and_64k",
+        QEMU,
+    ) else {
         return;
-    }
-    let bv = Bv::new();
+    };
     let size = 64 * MIB + 64 * KIB;
     for granularity in [4 * KIB, 64 * KIB] {
         let img = qcow2_from(
@@ -416,14 +252,8 @@ fn bitmap_incrementals_read_about_what_was_written_at_4k_and_64k() {
 
         let writes = scattered_writes(size);
         write_random(bv.dir.path(), "qcow2", s(&img), &writes, granularity);
-        let spot = SPOT.to_string();
-        let doc = bv.backup(
-            &img,
-            &disk,
-            &["--bitmap", "b0", "--verify-unchanged", &spot],
-        );
         let marked = dirtied(&writes, granularity, size);
-        assert_bitmap_backup(&doc, "b0", marked);
+        let doc = bitmap_backup(&bv, s(&img), &disk, "b0", marked);
         let written: u64 = writes.iter().map(|w| w.1).sum();
         if granularity == 4 * KIB {
             // Only the unaligned write and the odd tail round out.
@@ -446,11 +276,9 @@ fn bitmap_incrementals_read_about_what_was_written_at_4k_and_64k() {
 
 #[test]
 fn a_chain_of_bitmap_backups_restores_every_snapshot() {
-    let test = "a_chain_of_bitmap_backups_restores_every_snapshot";
-    if !tools(test, QEMU) {
+    let Some(bv) = vault("a_chain_of_bitmap_backups_restores_every_snapshot", QEMU) else {
         return;
-    }
-    let bv = Bv::new();
+    };
     let dir = bv.dir.path();
     let size = 32 * MIB;
     let img = qcow2_from(dir, "vm.qcow2", &mixed_data(7, size as usize), &[]);
@@ -477,19 +305,14 @@ fn a_chain_of_bitmap_backups_restores_every_snapshot() {
         write_random(dir, "qcow2", s(&img), &writes, 100 * round);
         let mut marked_writes = writes.clone();
         if round == 2 {
-            qemu_io("qcow2", s(&img), &["write -z 9M 128k".to_string()]);
+            qemu_io("qcow2", s(&img), &["write -z 9M 128k"]);
             marked_writes.push((9 * MIB, 128 * KIB));
         }
         // Rotate: the next bitmap starts now, the previous one covers exactly this round.
         let (prev, next) = (format!("b{}", round - 1), format!("b{round}"));
         add_bitmap(&img, &next, 4 * KIB);
-        let spot = SPOT.to_string();
-        let doc = bv.backup(
-            &img,
-            "vm",
-            &["--bitmap", &prev, "--verify-unchanged", &spot],
-        );
-        assert_bitmap_backup(&doc, &prev, dirtied(&marked_writes, 4 * KIB, size));
+        let marked = dirtied(&marked_writes, 4 * KIB, size);
+        let doc = bitmap_backup(&bv, s(&img), "vm", &prev, marked);
         assert_eq!(text(&doc, "parent"), parent, "{doc}");
         remove_bitmap(&img, &prev);
         parent = text(&doc, "snapshot");
@@ -509,11 +332,12 @@ fn a_chain_of_bitmap_backups_restores_every_snapshot() {
 
 #[test]
 fn compressed_images_and_backing_chains_back_up_by_bitmap() {
-    let test = "compressed_images_and_backing_chains_back_up_by_bitmap";
-    if !tools(test, QEMU) {
+    let Some(bv) = vault(
+        "compressed_images_and_backing_chains_back_up_by_bitmap",
+        QEMU,
+    ) else {
         return;
-    }
-    let bv = Bv::new();
+    };
     let dir = bv.dir.path();
     let size = 24 * MIB;
     // Every cluster compressed; the writes land on compressed clusters (copy on write).
@@ -547,20 +371,19 @@ fn compressed_images_and_backing_chains_back_up_by_bitmap() {
             (size - 512, 512),
         ];
         write_random(dir, "qcow2", s(img), &writes, 40);
-        let spot = SPOT.to_string();
-        let doc = bv.backup(img, disk, &["--bitmap", "b0", "--verify-unchanged", &spot]);
-        assert_bitmap_backup(&doc, "b0", dirtied(&writes, 64 * KIB, size));
+        bitmap_backup(&bv, s(img), disk, "b0", dirtied(&writes, 64 * KIB, size));
         assert_restores(&bv, disk, img, "qcow2");
     }
 }
 
 #[test]
 fn disks_grown_and_shrunk_between_bitmap_backups_restore_exactly() {
-    let test = "disks_grown_and_shrunk_between_bitmap_backups_restore_exactly";
-    if !tools(test, QEMU) {
+    let Some(bv) = vault(
+        "disks_grown_and_shrunk_between_bitmap_backups_restore_exactly",
+        QEMU,
+    ) else {
         return;
-    }
-    let bv = Bv::new();
+    };
     let dir = bv.dir.path();
     let img = qcow2_from(dir, "r.qcow2", &random_data(13, 16 * MIB as usize), &[]);
     add_bitmap(&img, "b0", 4 * KIB);
@@ -606,17 +429,20 @@ fn disks_grown_and_shrunk_between_bitmap_backups_restore_exactly() {
 
 #[test]
 fn nbd_exports_back_up_by_bitmap_over_tcp_and_a_unix_socket() {
-    let test = "nbd_exports_back_up_by_bitmap_over_tcp_and_a_unix_socket";
-    if !tools(test, QEMU_NBD) {
+    let Some(bv) = vault(
+        "nbd_exports_back_up_by_bitmap_over_tcp_and_a_unix_socket",
+        QEMU_NBD,
+    ) else {
         return;
-    }
-    let bv = Bv::new();
+    };
     let dir = bv.dir.path();
     let size = 32 * MIB;
     let img = qcow2_from(dir, "n.qcow2", &mixed_data(21, size as usize), &[]);
     add_bitmap(&img, "b0", 64 * KIB);
 
-    let server = Nbd::start(dir, &img, Some("b0"), false, Listen::Tcp);
+    let mut server = QemuNbd::serve(&img, "qcow2")
+        .bitmap("b0")
+        .start(dir, Listen::Tcp);
     let url = server.url.clone();
     let full = bv.json(&["backup", &url, "--disk", "n"]);
     assert_eq!(full["change_source"], "full", "{full}");
@@ -638,19 +464,16 @@ fn nbd_exports_back_up_by_bitmap_over_tcp_and_a_unix_socket() {
     let writes = [(MIB + 4 * KIB, 8 * KIB), (20 * MIB + 1000, 100 * KIB)];
     write_random(dir, "qcow2", s(&img), &writes, 70);
     add_bitmap(&img, "b1", 64 * KIB);
-    let server = Nbd::start(dir, &img, Some("b0"), false, Listen::Tcp);
-    let spot = SPOT.to_string();
-    let doc = bv.json(&[
-        "backup",
+    let mut server = QemuNbd::serve(&img, "qcow2")
+        .bitmap("b0")
+        .start(dir, Listen::Tcp);
+    bitmap_backup(
+        &bv,
         &server.url,
-        "--disk",
         "n",
-        "--bitmap",
         "b0",
-        "--verify-unchanged",
-        &spot,
-    ]);
-    assert_bitmap_backup(&doc, "b0", dirtied(&writes, 64 * KIB, size));
+        dirtied(&writes, 64 * KIB, size),
+    );
     server.stop("-TERM");
     assert_restores(&bv, "n", &img, "qcow2");
 
@@ -658,18 +481,16 @@ fn nbd_exports_back_up_by_bitmap_over_tcp_and_a_unix_socket() {
     let writes = [(9 * MIB, 4 * KIB), (size - 64 * KIB, 64 * KIB)];
     write_random(dir, "qcow2", s(&img), &writes, 80);
     let sock = dir.join("nbd.sock");
-    let server = Nbd::start(dir, &img, Some("b1"), false, Listen::Unix(&sock));
-    let doc = bv.json(&[
-        "backup",
+    let mut server = QemuNbd::serve(&img, "qcow2")
+        .bitmap("b1")
+        .start(dir, Listen::Unix(&sock));
+    bitmap_backup(
+        &bv,
         &server.url,
-        "--disk",
         "n",
-        "--bitmap",
         "b1",
-        "--verify-unchanged",
-        &spot,
-    ]);
-    assert_bitmap_backup(&doc, "b1", dirtied(&writes, 64 * KIB, size));
+        dirtied(&writes, 64 * KIB, size),
+    );
     // An export without that bitmap: a usage error naming what it offers.
     bv.run(&["backup", &server.url, "--disk", "n", "--bitmap", "b0"])
         .code(2)
@@ -685,11 +506,12 @@ fn nbd_exports_back_up_by_bitmap_over_tcp_and_a_unix_socket() {
 
 #[test]
 fn a_bitmap_left_in_use_by_a_killed_qemu_nbd_is_refused() {
-    let test = "a_bitmap_left_in_use_by_a_killed_qemu_nbd_is_refused";
-    if !tools(test, QEMU_NBD) {
+    let Some(bv) = vault(
+        "a_bitmap_left_in_use_by_a_killed_qemu_nbd_is_refused",
+        QEMU_NBD,
+    ) else {
         return;
-    }
-    let bv = Bv::new();
+    };
     let dir = bv.dir.path();
     let img = qcow2_from(dir, "u.qcow2", &mixed_data(31, 16 * MIB as usize), &[]);
     add_bitmap(&img, "b0", 64 * KIB);
@@ -698,7 +520,9 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_nbd_is_refused() {
     // A writable export marks the bitmap in use when it opens the image; a write goes
     // through it, then the server dies without closing the image.
     let sock = dir.join("rw.sock");
-    let server = Nbd::start(dir, &img, None, true, Listen::Unix(&sock));
+    let mut server = QemuNbd::serve(&img, "qcow2")
+        .writable()
+        .start(dir, Listen::Unix(&sock));
     write_random(dir, "raw", &server.url, &[(2 * MIB, 64 * KIB)], 90);
     let refused = |when: &str| {
         bv.run(&["backup", s(&img), "--disk", "u", "--bitmap", "b0"])
@@ -730,11 +554,12 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_nbd_is_refused() {
 
 #[test]
 fn a_bitmap_that_missed_a_write_is_caught_by_verify_unchanged() {
-    let test = "a_bitmap_that_missed_a_write_is_caught_by_verify_unchanged";
-    if !tools(test, QEMU) {
+    let Some(bv) = vault(
+        "a_bitmap_that_missed_a_write_is_caught_by_verify_unchanged",
+        QEMU,
+    ) else {
         return;
-    }
-    let bv = Bv::new();
+    };
     let dir = bv.dir.path();
     let img = qcow2_from(dir, "w.qcow2", &mixed_data(41, 16 * MIB as usize), &[]);
     add_bitmap(&img, "b0", 4 * KIB);
@@ -778,11 +603,9 @@ fn a_bitmap_that_missed_a_write_is_caught_by_verify_unchanged() {
 
 #[test]
 fn inspect_lists_the_bitmaps_of_a_qcow2_image() {
-    let test = "inspect_lists_the_bitmaps_of_a_qcow2_image";
-    if !tools(test, QEMU) {
+    let Some(bv) = vault("inspect_lists_the_bitmaps_of_a_qcow2_image", QEMU) else {
         return;
-    }
-    let bv = Bv::new();
+    };
     let img = qcow2_from(
         bv.dir.path(),
         "i.qcow2",
@@ -811,6 +634,13 @@ fn inspect_lists_the_bitmaps_of_a_qcow2_image() {
 
 /// The GPT partition type of a LUKS volume.
 const LUKS_TYPE: &str = "CA7D7CCB-63ED-4C53-861C-1742536059CC";
+
+/// The tools [`gpt_with_luks2`] runs, and qemu-img to wrap its image in qcow2.
+const GPT_LUKS2: &[(&str, &str)] = &[
+    ("sfdisk", "fdisk"),
+    ("cryptsetup", "cryptsetup-bin"),
+    ("qemu-img", "qemu-utils"),
+];
 
 /// A 64 MiB GPT disk image: partition 1 (8 MiB), partition 2 (24 MiB) holding a fresh LUKS2
 /// volume, partition 3 (16 MiB). Returns the image, the partitions' byte ranges as sfdisk
@@ -887,17 +717,9 @@ fn text_slots(seed: u64, len: u64) -> Vec<u8> {
 #[test]
 fn gpt_and_luks2_are_inspected_recorded_and_the_payload_stored_uncompressed() {
     let test = "gpt_and_luks2_are_inspected_recorded_and_the_payload_stored_uncompressed";
-    if !tools(
-        test,
-        &[
-            ("sfdisk", "fdisk"),
-            ("cryptsetup", "cryptsetup-bin"),
-            ("qemu-img", "qemu-utils"),
-        ],
-    ) {
+    let Some(bv) = vault(test, GPT_LUKS2) else {
         return;
-    }
-    let bv = Bv::new();
+    };
     let dir = bv.dir.path();
     let (img, parts, data_offset, uuid) = gpt_with_luks2(dir);
     let payload = parts[1].start + data_offset..parts[1].end;
@@ -933,10 +755,7 @@ fn gpt_and_luks2_are_inspected_recorded_and_the_payload_stored_uncompressed() {
         .stdout_has(&["GPT", "partition 2", "LUKS2", "xts-plain64"]);
     // The same disk wrapped in qcow2 shows the same layout.
     let wrapped = dir.join("disk.qcow2");
-    run(
-        "qemu-img",
-        &["convert", "-f", "raw", "-O", "qcow2", s(&img), s(&wrapped)],
-    );
+    convert_qcow2(&img, &wrapped, &[]);
     assert_eq!(&bv.json(&["inspect", s(&wrapped)])["layout"], layout);
 
     // The manifest records the layout inspect printed.
@@ -969,25 +788,13 @@ fn gpt_and_luks2_are_inspected_recorded_and_the_payload_stored_uncompressed() {
 #[test]
 fn bitmap_pieces_inside_a_luks2_payload_are_stored_uncompressed() {
     let test = "bitmap_pieces_inside_a_luks2_payload_are_stored_uncompressed";
-    if !tools(
-        test,
-        &[
-            ("sfdisk", "fdisk"),
-            ("cryptsetup", "cryptsetup-bin"),
-            ("qemu-img", "qemu-utils"),
-            ("qemu-io", "qemu-utils"),
-        ],
-    ) {
+    let Some(bv) = vault(test, &[GPT_LUKS2, &[("qemu-io", "qemu-utils")]].concat()) else {
         return;
-    }
-    let bv = Bv::new();
+    };
     let dir = bv.dir.path();
     let (raw, parts, data_offset, _) = gpt_with_luks2(dir);
     let img = dir.join("disk.qcow2");
-    run(
-        "qemu-img",
-        &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&img)],
-    );
+    convert_qcow2(&raw, &img, &[]);
     add_bitmap(&img, "b0", 4 * KIB);
     bv.backup(&img, "disk", &[]);
     // 16 KiB of text into each of four payload slots: read as pieces, stored as overlays.

@@ -2,7 +2,7 @@
 //! and passphrase-protected PKCS#8, a 2048-bit key that must be refused) and RSA keys inside a
 //! SoftHSM2 token made by `softhsm2-util` and `pkcs11-tool`.
 //!
-//! Keys are made once per test binary (OnceLock). SoftHSM reads `SOFTHSM2_CONF` when the
+//! Keys are made once per test binary (tests/common/keys.rs). SoftHSM reads `SOFTHSM2_CONF` when the
 //! module is first initialised in the process, so every HSM test shares one token folder:
 //! token `bv` (key `cmk` id 01); token `spare` (key `cmk` id 01), which only the wrong-PIN
 //! test logs in to, so that no other test's login is shared with it; token `doomed` (key
@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -23,123 +22,11 @@ use blockvault::crypto::rsa::{
 };
 use blockvault::crypto::Secret32;
 use blockvault::ErrorKind;
-
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::keys::{fixture_dir, pem_keys, softhsm, PemKeys, SoftHsm};
 
 // ---------------------------------------------------------------------------------------------
-// PEM fixtures
+// PEM keys (made once per test binary: tests/common/keys.rs)
 // ---------------------------------------------------------------------------------------------
-
-/// A folder for this process's keys and tokens. Statics are never dropped, so a `TempDir`
-/// would be left behind: the fixtures live under Cargo's target tmp folder instead, one
-/// folder per process, and folders of processes that are gone are removed first.
-fn fixture_dir(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cmk");
-    if let Ok(entries) = std::fs::read_dir(&root) {
-        for e in entries.flatten() {
-            let pid = e
-                .file_name()
-                .to_string_lossy()
-                .split('-')
-                .next()
-                .unwrap_or("")
-                .to_owned();
-            if !Path::new("/proc").join(&pid).exists() {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    let dir = root.join(format!("{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-struct PemKeys {
-    dir: PathBuf,
-}
-
-impl PemKeys {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-}
-
-/// Two 3072-bit key pairs (`a`, `b`), `a` also as PKCS#1 public PEM and as encrypted PKCS#8,
-/// and a 2048-bit public key. `None` (after a SKIP line) without openssl.
-fn pem_keys(test: &str) -> Option<&'static PemKeys> {
-    static K: OnceLock<Option<PemKeys>> = OnceLock::new();
-    let keys = K.get_or_init(|| {
-        if !have("openssl") {
-            return None;
-        }
-        let d = fixture_dir("pem");
-        let openssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(&d));
-        for (name, bits) in [("a", "3072"), ("b", "3072"), ("small", "2048")] {
-            openssl(&[
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                &format!("rsa_keygen_bits:{bits}"),
-                "-out",
-                &format!("{name}.key"),
-            ]);
-            openssl(&[
-                "pkey",
-                "-in",
-                &format!("{name}.key"),
-                "-pubout",
-                "-out",
-                &format!("{name}.pub"),
-            ]);
-        }
-        openssl(&[
-            "rsa",
-            "-pubin",
-            "-in",
-            "a.pub",
-            "-RSAPublicKey_out",
-            "-out",
-            "a.pkcs1.pub",
-        ]);
-        std::fs::write(d.join("pass"), "correct horse battery staple\n").unwrap();
-        openssl(&[
-            "pkcs8",
-            "-topk8",
-            "-v2",
-            "aes-256-cbc",
-            "-in",
-            "a.key",
-            "-out",
-            "a.enc.key",
-            "-passout",
-            "file:pass",
-        ]);
-        std::fs::write(d.join("wrongpass"), "wrong\n").unwrap();
-        Some(PemKeys { dir: d })
-    });
-    if keys.is_none() {
-        common::skip(test, "openssl is not installed");
-    }
-    keys.as_ref()
-}
 
 fn public(keys: &PemKeys, kind: KekKind, file: &str) -> CmkKey {
     read_public_key(kind, 1, OaepHash::Sha256, &keys.path(file)).unwrap()
@@ -403,8 +290,9 @@ fn descriptor_round_trips_and_refuses_edits() {
 // SoftHSM2
 // ---------------------------------------------------------------------------------------------
 
+/// The shared token folder (see the module docs).
 struct Hsm {
-    dir: PathBuf,
+    token: SoftHsm,
 }
 
 /// SoftHSM's file store is not safe against another process changing a token while this one
@@ -424,87 +312,34 @@ impl Hsm {
     fn pin(&self, name: &str) -> Pkcs11Options {
         Pkcs11Options {
             module: None,
-            pin: Some(SecretSource::File(self.dir.join(name))),
+            pin: Some(SecretSource::File(self.token.pin(name))),
         }
     }
-}
-
-fn pkcs11_tool(token: &str, args: &[&str]) {
-    run(Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            MODULE,
-            "--token-label",
-            token,
-            "--login",
-            "--pin",
-            "1234",
-        ])
-        .args(args));
 }
 
 /// The shared SoftHSM token folder (see the module docs). `None` (after a SKIP line) when
 /// SoftHSM2 or OpenSC is missing.
 fn hsm(test: &str) -> Option<&'static Hsm> {
-    static H: OnceLock<Option<Hsm>> = OnceLock::new();
-    let hsm = H.get_or_init(|| {
-        if !Path::new(MODULE).exists() || !have("softhsm2-util") || !have("pkcs11-tool") {
-            return None;
-        }
-        let d = fixture_dir("hsm");
-        std::fs::create_dir(d.join("tokens")).unwrap();
-        let conf = d.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                d.join("tokens").display()
-            ),
-        )
-        .unwrap();
-        // Before any PKCS#11 call of this process; the child tools inherit it.
-        std::env::set_var("SOFTHSM2_CONF", &conf);
+    if !softhsm(test) {
+        return None;
+    }
+    static H: OnceLock<Hsm> = OnceLock::new();
+    Some(H.get_or_init(|| {
+        let token = SoftHsm::new(fixture_dir("hsm"));
+        // Before any PKCS#11 call of this process.
+        std::env::set_var("SOFTHSM2_CONF", &token.conf);
         for label in ["bv", "spare", "doomed"] {
-            run(Command::new("softhsm2-util").args([
-                "--init-token",
-                "--free",
-                "--label",
-                label,
-                "--pin",
-                "1234",
-                "--so-pin",
-                "5678",
-            ]));
+            token.init_token(label);
         }
-        for (token, label, id) in [
+        for (label, object, id) in [
             ("bv", "cmk", "01"),
             ("spare", "cmk", "01"),
             ("doomed", "gone", "02"),
         ] {
-            pkcs11_tool(
-                token,
-                &[
-                    "--keypairgen",
-                    "--key-type",
-                    "rsa:3072",
-                    "--label",
-                    label,
-                    "--id",
-                    id,
-                ],
-            );
+            token.keypair(label, object, id);
         }
-        std::fs::write(d.join("pin"), "1234\n").unwrap();
-        std::fs::write(d.join("badpin"), "9999\n").unwrap();
-        Some(Hsm { dir: d })
-    });
-    if hsm.is_none() {
-        common::skip(
-            test,
-            "SoftHSM2 (softhsm2) or OpenSC (pkcs11-tool) is not installed",
-        );
-    }
-    hsm.as_ref()
+        Hsm { token }
+    }))
 }
 
 #[test]
@@ -617,10 +452,7 @@ fn hsm_deleted_private_key_fails_check_but_public_key_still_wraps() {
     let before = kek
         .wrap(id, &Secret32::from_bytes([9; 32]), b"aad")
         .unwrap();
-    pkcs11_tool(
-        "doomed",
-        &["--delete-object", "--type", "privkey", "--id", "02"],
-    );
+    h.token.delete_private("doomed", "02");
     let err = kek.check_unwrap().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Key);
     assert!(

@@ -14,55 +14,26 @@ use blockvault::layout::{
     self, BitLockerVariant, CopyState, EncryptedVolume, GptCopy, Layout, Location, LuksCopy,
     MbrRole, PartitionTable, ScanOptions, VolumeFormat,
 };
-use common::{skip, LoopDev, MIB};
+use common::tools::{run_tool, tools};
+use common::{LoopDev, MIB};
 use serde_json::Value;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 // ---------------------------------------------------------------------------------------------
 // Tools
 // ---------------------------------------------------------------------------------------------
 
-/// Whether `tool` runs; otherwise a SKIP line naming the Debian package (a failure under CI).
-fn have(tool: &str, package: &str, test: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        skip(
-            test,
-            &format!("{tool} not found (apt-get install {package})"),
-        );
-    }
-    ok
-}
+/// sfdisk, for [`tools`].
+const SFDISK: (&str, &str) = ("sfdisk", "fdisk");
+/// cryptsetup, for [`tools`].
+const CRYPTSETUP: (&str, &str) = ("cryptsetup", "cryptsetup-bin");
 
-/// Run a command with `stdin`, panicking with its stderr if it fails; its stdout.
+/// Run a command with `stdin`, panicking with its output if it fails; its stdout.
 fn run(program: &str, args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {program}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    String::from_utf8(run_tool(Command::new(program).args(args), stdin)).expect("UTF-8 output")
 }
 
 /// Partition `target` (an image file or a device) with an sfdisk script.
@@ -240,7 +211,7 @@ fn luks2_headers(v: &EncryptedVolume) -> &layout::Luks2Headers {
 #[test]
 fn mbr_with_logical_partitions() {
     let test = "mbr_with_logical_partitions";
-    if !have("sfdisk", "fdisk", test) {
+    if !tools(test, &[SFDISK]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -273,7 +244,7 @@ fn mbr_with_logical_partitions() {
 #[test]
 fn gpt_both_copies_checked() {
     let test = "gpt_both_copies_checked";
-    if !have("sfdisk", "fdisk", test) {
+    if !tools(test, &[SFDISK]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -376,7 +347,7 @@ fn loop_4k(img: &Path, test: &str) -> Option<LoopDev> {
 #[test]
 fn gpt_and_mbr_on_4096_byte_sectors() {
     let test = "gpt_and_mbr_on_4096_byte_sectors";
-    if !have("sfdisk", "fdisk", test) {
+    if !tools(test, &[SFDISK]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -427,7 +398,7 @@ fn gpt_and_mbr_on_4096_byte_sectors() {
 #[test]
 fn luks1_on_a_whole_file() {
     let test = "luks1_on_a_whole_file";
-    if !have("cryptsetup", "cryptsetup-bin", test) {
+    if !tools(test, &[CRYPTSETUP]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -501,7 +472,7 @@ fn assert_matches_dump(v: &EncryptedVolume, luks_file: &Path, start: u64, end: u
 #[test]
 fn luks2_in_a_gpt_partition() {
     let test = "luks2_in_a_gpt_partition";
-    if !have("cryptsetup", "cryptsetup-bin", test) || !have("sfdisk", "fdisk", test) {
+    if !tools(test, &[CRYPTSETUP, SFDISK]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -551,7 +522,7 @@ fn luks2_in_a_gpt_partition() {
 #[test]
 fn luks2_damaged_primary_found_through_the_secondary() {
     let test = "luks2_damaged_primary_found_through_the_secondary";
-    if !have("cryptsetup", "cryptsetup-bin", test) {
+    if !tools(test, &[CRYPTSETUP]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -760,7 +731,7 @@ fn bitlocker_info(v: &EncryptedVolume) -> &layout::BitLockerInfo {
 #[test]
 fn bitlocker_variants_in_mbr_partitions() {
     let test = "bitlocker_variants_in_mbr_partitions";
-    if !have("sfdisk", "fdisk", test) {
+    if !tools(test, &[SFDISK]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

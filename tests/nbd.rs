@@ -16,143 +16,23 @@ use blockvault::source::{
     self, Access, NbdOptions, NbdSource, OpenOptions, ReadAt, Source, SourceKind,
 };
 use blockvault::ErrorKind;
+use common::qemu::{qemu_io, Listen, QemuNbd, QEMU_NBD};
+use common::tools::{run_tool, tools};
 use common::*;
 
-/// Whether qemu-nbd, qemu-img and qemu-io run (else SKIP, or fail under CI).
-fn tools(test: &str) -> bool {
-    for tool in ["qemu-nbd", "qemu-img", "qemu-io"] {
-        let ok = Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            return skip(
-                test,
-                &format!("{tool} is not installed (apt-get install qemu-utils)"),
-            );
-        }
-    }
-    true
-}
-
-/// Run a tool, panicking with its stderr on failure.
+/// Run a tool, panicking with its output on failure.
 fn run(tool: &str, args: &[&str]) {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_tool(Command::new(tool).args(args), "");
 }
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A qemu-nbd server (`--fork`, read-only, persistent), killed when dropped.
-struct Server {
-    pid: String,
-    url: String,
-}
-
-enum Listen<'a> {
-    Tcp,
-    Unix(&'a Path),
-}
-
-impl Server {
-    /// Serve `img` (format `fmt`) as `export`, with `bitmap` exported if given.
-    fn start(
-        dir: &Path,
-        img: &Path,
-        fmt: &str,
-        export: &str,
-        bitmap: Option<&str>,
-        listen: Listen,
-    ) -> Server {
-        for attempt in 0.. {
-            let pid_file = dir.join(format!("qemu-nbd-{}.pid", unique()));
-            let mut args: Vec<String> = [
-                "-r",
-                "-t",
-                "--fork",
-                "--pid-file",
-                s(&pid_file),
-                "-x",
-                export,
-                "-f",
-                fmt,
-            ]
-            .map(String::from)
-            .to_vec();
-            if let Some(b) = bitmap {
-                args.extend(["-B".into(), b.into()]);
-            }
-            let url = match listen {
-                Listen::Tcp => {
-                    // A free port now; another process may take it first, hence the retries.
-                    let port = std::net::TcpListener::bind("127.0.0.1:0")
-                        .and_then(|l| l.local_addr())
-                        .expect("free port")
-                        .port();
-                    args.extend([
-                        "-b".into(),
-                        "127.0.0.1".into(),
-                        "-p".into(),
-                        port.to_string(),
-                    ]);
-                    format!("nbd://127.0.0.1:{port}/{export}")
-                }
-                Listen::Unix(sock) => {
-                    args.extend(["-k".into(), s(sock).into()]);
-                    format!("nbd+unix:///{export}?socket={}", s(sock))
-                }
-            };
-            args.push(s(img).into());
-            let out = Command::new("qemu-nbd")
-                .args(&args)
-                .output()
-                .expect("running qemu-nbd");
-            if out.status.success() {
-                let pid = std::fs::read_to_string(&pid_file).expect("qemu-nbd pid file");
-                return Server {
-                    pid: pid.trim().to_owned(),
-                    url,
-                };
-            }
-            assert!(
-                attempt < 5,
-                "qemu-nbd {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        unreachable!()
-    }
-
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([sig, &self.pid])
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-
-    /// Kill and wait until the process is gone.
-    fn kill(&self) {
-        self.signal("-KILL");
-        let gone = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{}", self.pid)).exists() && Instant::now() < gone {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A temp folder for one test, or `None` after a SKIP line when the QEMU tools are missing
+/// (a failure under CI=true).
+fn scratch(test: &str) -> Option<tempfile::TempDir> {
+    tools(test, QEMU_NBD).then(|| tempfile::tempdir().expect("tempdir"))
 }
 
 /// A 64 MiB qcow2 with random, text and zero regions; returns (image, its raw bytes as
@@ -166,17 +46,10 @@ fn mixed_qcow2(dir: &Path, seed: u64) -> (PathBuf, Vec<u8>) {
         &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&img)],
     );
     // A zero cluster over data and unaligned small writes.
-    run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -z 5M 1M",
-            "-c",
-            "write -P 0x5a 7340033 1000",
-            s(&img),
-        ],
+    qemu_io(
+        "qcow2",
+        s(&img),
+        &["write -z 5M 1M", "write -P 0x5a 7340033 1000"],
     );
     (img.clone(), converted(dir, &img, "qcow2"))
 }
@@ -211,13 +84,13 @@ fn read_all(src: &dyn Source, piece: usize) -> Vec<u8> {
 
 #[test]
 fn tcp_reads_match_qemu_img_convert() {
-    let test = "tcp_reads_match_qemu_img_convert";
-    if !tools(test) {
+    let Some(dir) = scratch("tcp_reads_match_qemu_img_convert") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, expect) = mixed_qcow2(dir.path(), 1);
-    let server = Server::start(dir.path(), &img, "qcow2", "disk", None, Listen::Tcp);
+    let server = QemuNbd::serve(&img, "qcow2")
+        .export("disk")
+        .start(dir.path(), Listen::Tcp);
     let src = source::open(&server.url, &OpenOptions::default()).expect("open");
     assert_eq!(src.kind(), SourceKind::Nbd);
     assert_eq!(src.name(), server.url);
@@ -261,13 +134,11 @@ fn tcp_reads_match_qemu_img_convert() {
 
 #[test]
 fn reads_in_flight_from_8_threads() {
-    let test = "reads_in_flight_from_8_threads";
-    if !tools(test) {
+    let Some(dir) = scratch("reads_in_flight_from_8_threads") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, expect) = mixed_qcow2(dir.path(), 2);
-    let server = Server::start(dir.path(), &img, "qcow2", "", None, Listen::Tcp);
+    let server = QemuNbd::serve(&img, "qcow2").start(dir.path(), Listen::Tcp);
     let src = source::open(&server.url, &OpenOptions::default()).expect("open");
     let r = reader(src.as_ref());
     std::thread::scope(|scope| {
@@ -293,21 +164,14 @@ fn reads_in_flight_from_8_threads() {
 
 #[test]
 fn unix_socket_export() {
-    let test = "unix_socket_export";
-    if !tools(test) {
+    let Some(dir) = scratch("unix_socket_export") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, expect) = mixed_qcow2(dir.path(), 3);
     let sock = dir.path().join("nbd.sock");
-    let server = Server::start(
-        dir.path(),
-        &img,
-        "qcow2",
-        "vm disk",
-        None,
-        Listen::Unix(&sock),
-    );
+    let server = QemuNbd::serve(&img, "qcow2")
+        .export("vm disk")
+        .start(dir.path(), Listen::Unix(&sock));
     // The export name has a space: percent-encoded in the URL.
     let url = server.url.replace("vm disk", "vm%20disk");
     let src = source::open(&url, &OpenOptions::default()).expect("open");
@@ -326,31 +190,25 @@ fn overlaps(ranges: &[Range<u64>], r: &Range<u64>) -> bool {
 
 #[test]
 fn data_ranges_skip_holes_and_zeros() {
-    let test = "data_ranges_skip_holes_and_zeros";
-    if !tools(test) {
+    let Some(dir) = scratch("data_ranges_skip_holes_and_zeros") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let img = dir.path().join("sparse.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
-    run(
-        "qemu-io",
+    qemu_io(
+        "qcow2",
+        s(&img),
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 0x11 1M 300k",
-            "-c",
             "write -P 0x22 10M 3M",
-            "-c",
             "write -z 11M 1M",
-            "-c",
             "write -P 0x33 67043328 65536",
-            s(&img),
         ],
     );
     let expect = converted(dir.path(), &img, "qcow2");
-    let server = Server::start(dir.path(), &img, "qcow2", "d", None, Listen::Tcp);
+    let server = QemuNbd::serve(&img, "qcow2")
+        .export("d")
+        .start(dir.path(), Listen::Tcp);
     let src = source::open(&server.url, &OpenOptions::default()).expect("open");
     let ranges = src.data_ranges().expect("data ranges");
     for w in ranges.windows(2) {
@@ -375,17 +233,15 @@ fn data_ranges_skip_holes_and_zeros() {
     ] {
         assert!(!overlaps(&ranges, &hole), "{hole:?} in {ranges:?}");
     }
-    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    let total = total_len(&ranges);
     assert!(total <= 3 * MIB, "{total} bytes of data ranges: {ranges:?}");
 }
 
 #[test]
 fn data_ranges_of_a_1_tib_export_are_compact() {
-    let test = "data_ranges_of_a_1_tib_export_are_compact";
-    if !tools(test) {
+    let Some(dir) = scratch("data_ranges_of_a_1_tib_export_are_compact") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let img = dir.path().join("big.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "1T"]);
     let tib = 1u64 << 40;
@@ -394,13 +250,10 @@ fn data_ranges_of_a_1_tib_export_are_compact() {
         .iter()
         .map(|(at, p)| format!("write -P {p} {at} 65536"))
         .collect();
-    let mut args = vec!["-f", "qcow2"];
-    for c in &cmds {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(s(&img));
-    run("qemu-io", &args);
-    let server = Server::start(dir.path(), &img, "qcow2", "big", None, Listen::Tcp);
+    qemu_io("qcow2", s(&img), &cmds);
+    let server = QemuNbd::serve(&img, "qcow2")
+        .export("big")
+        .start(dir.path(), Listen::Tcp);
     let src = source::open(&server.url, &OpenOptions::default()).expect("open");
     assert_eq!(src.size(), tib);
     let t = Instant::now();
@@ -436,26 +289,18 @@ fn data_ranges_of_a_1_tib_export_are_compact() {
 fn image_with_bitmap(dir: &Path) -> (PathBuf, Vec<Range<u64>>) {
     let img = dir.join("dirty.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "32M"]);
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 1 0 32M", s(&img)],
-    );
+    qemu_io("qcow2", s(&img), &["write -P 1 0 32M"]);
     run(
         "qemu-img",
         &["bitmap", "--add", "--enable", "-g", "65536", s(&img), "b0"],
     );
-    run(
-        "qemu-io",
+    qemu_io(
+        "qcow2",
+        s(&img),
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 2 1M 4k",
-            "-c",
             "write -P 3 5243000 200000",
-            "-c",
             "write -P 4 20M 64k",
-            s(&img),
         ],
     );
     let g = 65536;
@@ -472,14 +317,15 @@ fn image_with_bitmap(dir: &Path) -> (PathBuf, Vec<Range<u64>>) {
 
 #[test]
 fn dirty_ranges_cover_exactly_the_written_clusters() {
-    let test = "dirty_ranges_cover_exactly_the_written_clusters";
-    if !tools(test) {
+    let Some(dir) = scratch("dirty_ranges_cover_exactly_the_written_clusters") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, written) = image_with_bitmap(dir.path());
     let expect = converted(dir.path(), &img, "qcow2");
-    let server = Server::start(dir.path(), &img, "qcow2", "vm", Some("b0"), Listen::Tcp);
+    let server = QemuNbd::serve(&img, "qcow2")
+        .export("vm")
+        .bitmap("b0")
+        .start(dir.path(), Listen::Tcp);
 
     // Not negotiated at open: dirty_ranges reconnects (closing first: qemu-nbd serves one
     // client at a time, so holding two connections would hang).
@@ -518,13 +364,13 @@ fn dirty_ranges_cover_exactly_the_written_clusters() {
 
 #[test]
 fn unknown_export_is_not_found_naming_it() {
-    let test = "unknown_export_is_not_found_naming_it";
-    if !tools(test) {
+    let Some(dir) = scratch("unknown_export_is_not_found_naming_it") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, _) = image_with_bitmap(dir.path());
-    let server = Server::start(dir.path(), &img, "qcow2", "vm", None, Listen::Tcp);
+    let server = QemuNbd::serve(&img, "qcow2")
+        .export("vm")
+        .start(dir.path(), Listen::Tcp);
     let url = server.url.replace("/vm", "/nope");
     let e = source::open(&url, &OpenOptions::default())
         .err()
@@ -556,13 +402,13 @@ fn unknown_export_is_not_found_naming_it() {
 
 #[test]
 fn server_killed_mid_read_fails_reads_without_hanging() {
-    let test = "server_killed_mid_read_fails_reads_without_hanging";
-    if !tools(test) {
+    let Some(dir) = scratch("server_killed_mid_read_fails_reads_without_hanging") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, _) = mixed_qcow2(dir.path(), 4);
-    let server = Server::start(dir.path(), &img, "qcow2", "k", None, Listen::Tcp);
+    let mut server = QemuNbd::serve(&img, "qcow2")
+        .export("k")
+        .start(dir.path(), Listen::Tcp);
     let opts = NbdOptions {
         timeout: Duration::from_secs(20),
         ..NbdOptions::default()
@@ -591,7 +437,7 @@ fn server_killed_mid_read_fails_reads_without_hanging() {
             std::thread::sleep(Duration::from_millis(1));
         }
         std::thread::sleep(Duration::from_millis(50));
-        server.kill();
+        server.stop("-KILL");
         threads
             .into_iter()
             .map(|h| h.join().expect("no panic"))
@@ -614,13 +460,13 @@ fn server_killed_mid_read_fails_reads_without_hanging() {
 
 #[test]
 fn stopped_server_times_out_and_a_second_client_waits() {
-    let test = "stopped_server_times_out_and_a_second_client_waits";
-    if !tools(test) {
+    let Some(dir) = scratch("stopped_server_times_out_and_a_second_client_waits") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (img, _) = image_with_bitmap(dir.path());
-    let server = Server::start(dir.path(), &img, "qcow2", "vm", None, Listen::Tcp);
+    let server = QemuNbd::serve(&img, "qcow2")
+        .export("vm")
+        .start(dir.path(), Listen::Tcp);
     let opts = NbdOptions {
         timeout: Duration::from_secs(2),
         ..NbdOptions::default()
@@ -650,11 +496,9 @@ fn stopped_server_times_out_and_a_second_client_waits() {
 
 #[test]
 fn vmdk_and_vdi_through_qemu_nbd() {
-    let test = "vmdk_and_vdi_through_qemu_nbd";
-    if !tools(test) {
+    let Some(dir) = scratch("vmdk_and_vdi_through_qemu_nbd") else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let (qcow2, expect) = mixed_qcow2(dir.path(), 5);
     for fmt in ["vmdk", "vdi"] {
         let img = dir.path().join(format!("disk.{fmt}"));
@@ -662,17 +506,14 @@ fn vmdk_and_vdi_through_qemu_nbd() {
             "qemu-img",
             &["convert", "-f", "qcow2", "-O", fmt, s(&qcow2), s(&img)],
         );
-        let server = Server::start(dir.path(), &img, fmt, fmt, None, Listen::Tcp);
+        let server = QemuNbd::serve(&img, fmt)
+            .export(fmt)
+            .start(dir.path(), Listen::Tcp);
         let src = source::open(&server.url, &OpenOptions::default()).expect("open");
         assert_eq!(src.size(), 64 * MIB, "{fmt}");
         assert_bytes_eq(&read_all(src.as_ref(), 4 * MIB as usize), &expect, fmt);
         // Zero regions of the source are not allocated in the converted image.
-        let data: u64 = src
-            .data_ranges()
-            .expect("ranges")
-            .iter()
-            .map(|r| r.end - r.start)
-            .sum();
+        let data = total_len(&src.data_ranges().expect("ranges"));
         assert!(data < 64 * MIB, "{fmt}: {data} bytes of data");
     }
 }

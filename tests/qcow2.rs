@@ -13,6 +13,8 @@ use std::time::Instant;
 
 use blockvault::source::{self, Access, OpenOptions, Qcow2, Source, SourceKind};
 use blockvault::ErrorKind;
+use common::qemu::QEMU;
+use common::tools::tools;
 use common::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -27,22 +29,7 @@ struct Qemu {
 
 impl Qemu {
     fn new(test: &str) -> Option<Qemu> {
-        for tool in ["qemu-img", "qemu-io"] {
-            let found = Command::new(tool)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !found {
-                skip(
-                    test,
-                    &format!("{tool} is not installed (Debian: qemu-utils)"),
-                );
-                return None;
-            }
-        }
-        Some(Qemu {
+        tools(test, QEMU).then(|| Qemu {
             dir: tempfile::tempdir().expect("tempdir"),
         })
     }
@@ -83,6 +70,14 @@ impl Qemu {
         args.extend_from_slice(&[name, size]);
         self.img(&args);
         self.path(name)
+    }
+
+    /// `qemu-img convert -c -O qcow2 [opts] raw name`: every cluster compressed.
+    fn compress(&self, raw: &str, name: &str, opts: &[&str]) {
+        let mut args = vec!["convert", "-c", "-O", "qcow2"];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&[raw, name]);
+        self.img(&args);
     }
 
     /// Run qemu-io commands (`write -P 0xab 0 4k`, `write -z ...`) on a qcow2 image.
@@ -333,16 +328,7 @@ fn compressed_images_read_like_qemu() {
         ("zlib-512.qcow2", "cluster_size=512"),
         ("zstd-ext.qcow2", "extended_l2=on,compression_type=zstd"),
     ] {
-        q.img(&[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            opts,
-            "source.raw",
-            name,
-        ]);
+        q.compress("source.raw", name, &["-o", opts]);
         let src = check_against_qemu(&q, name);
         assert_bytes_eq(&read(&*src, 0, size as usize), &read_file(&raw), name);
     }
@@ -432,16 +418,7 @@ fn concurrent_reads_agree() {
     let size = 16 * MIB;
     let raw = q.path("src.raw");
     make_sparse(&raw, size, &[(MIB, mixed_data(3, 12 * MIB as usize))]);
-    q.img(&[
-        "convert",
-        "-c",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=16384",
-        "src.raw",
-        "c.qcow2",
-    ]);
+    q.compress("src.raw", "c.qcow2", &["-o", "cluster_size=16384"]);
     q.io("c.qcow2", &[write(0x99, 4 * MIB + 3, 3 * MIB)]);
     let expected = q.raw("c.qcow2");
     let src = open(&q.path("c.qcow2"));
@@ -473,7 +450,7 @@ fn backup_of_a_qcow2_chain_restores_what_qemu_reads() {
     // binary (threaded ReadAt readers) and restored: the restore equals QEMU's view.
     let raw = q.path("base.raw");
     make_sparse(&raw, 9 * MIB, &[(MIB, mixed_data(11, 6 * MIB as usize))]);
-    q.img(&["convert", "-c", "-O", "qcow2", "base.raw", "base.qcow2"]);
+    q.compress("base.raw", "base.qcow2", &[]);
     q.create("top.qcow2", "12M", &["-b", "base.qcow2", "-F", "qcow2"]);
     q.io(
         "top.qcow2",
@@ -484,12 +461,7 @@ fn backup_of_a_qcow2_chain_restores_what_qemu_reads() {
     );
     let expected = q.raw("top.qcow2");
     let src = open(&q.path("top.qcow2"));
-    let mapped: u64 = src
-        .data_ranges()
-        .expect("ranges")
-        .iter()
-        .map(|r| r.end - r.start)
-        .sum();
+    let mapped = total_len(&src.data_ranges().expect("ranges"));
 
     let bv = Bv::new();
     let doc = bv.backup(&q.path("top.qcow2"), "vm", &[]);

@@ -2,8 +2,17 @@
 //! harness that runs the real `blockvault` binary against a vault and keystore in a temp
 //! folder, byte-exact comparisons, vault object helpers, and loop devices.
 //!
-//! Every test binary includes this module (`mod common;`) and uses a different subset of it.
+//! Every test binary includes this module (`mod common;`) and uses a different subset of it;
+//! the `allow(dead_code)` below covers the submodules too. The submodules hold the fixtures
+//! made by external tools, imported by path where used (a glob re-export here would be an
+//! unused import in every binary that needs none of them): [`tools`] (is a tool installed;
+//! run one), [`qemu`] (the QEMU tools; a qemu-nbd server) and [`keys`] (openssl PEM keys,
+//! SoftHSM2 tokens).
 #![allow(dead_code)]
+
+pub mod keys;
+pub mod qemu;
+pub mod tools;
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
@@ -264,6 +273,11 @@ pub fn touched_slots(ranges: &[(u64, u64)], slot: u64) -> Vec<u64> {
     v.sort_unstable();
     v.dedup();
     v
+}
+
+/// How many bytes `ranges` (not overlapping) cover: the data a source's data ranges hold.
+pub fn total_len(ranges: &[std::ops::Range<u64>]) -> u64 {
+    ranges.iter().map(|r| r.end - r.start).sum()
 }
 
 /// Length of slot `i` of a disk of `size` bytes.

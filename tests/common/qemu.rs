@@ -1,0 +1,215 @@
+//! The QEMU tools the image and NBD tests run (Debian package `qemu-utils`): `qemu-io` to
+//! write into images and exports, and a real `qemu-nbd` server to read exports from, stopped
+//! when the test ends however it ends.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::tools::run_tool;
+use super::unique;
+
+/// qemu-img and qemu-io, for [`super::tools`].
+pub const QEMU: &[(&str, &str)] = &[("qemu-img", "qemu-utils"), ("qemu-io", "qemu-utils")];
+
+/// qemu-img, qemu-io and qemu-nbd, for [`super::tools`].
+pub const QEMU_NBD: &[(&str, &str)] = &[
+    ("qemu-img", "qemu-utils"),
+    ("qemu-io", "qemu-utils"),
+    ("qemu-nbd", "qemu-utils"),
+];
+
+/// Run qemu-io commands (`write -P 0xab 0 4k`, `write -z 1M 64k`, ...) on `target`: an image
+/// file (`fmt` its format) or an NBD URL (`fmt` "raw"). Panics if qemu-io fails, also when it
+/// only says so in its output: a failed command does not always change its exit code.
+pub fn qemu_io<S: AsRef<str>>(fmt: &str, target: &str, cmds: &[S]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd.as_ref()]);
+    }
+    c.arg(target);
+    let out = String::from_utf8_lossy(&run_tool(&mut c, "")).into_owned();
+    assert!(!out.contains("failed"), "qemu-io on {target}:\n{out}");
+}
+
+/// Where a qemu-nbd server listens.
+pub enum Listen<'a> {
+    /// 127.0.0.1, a free port.
+    Tcp,
+    /// A Unix socket at this path.
+    Unix(&'a Path),
+}
+
+/// What a qemu-nbd server is to serve: [`QemuNbd::serve`], then the options, then
+/// [`Serve::start`].
+pub struct Serve<'a> {
+    image: &'a Path,
+    format: &'a str,
+    export: &'a str,
+    bitmap: Option<&'a str>,
+    writable: bool,
+}
+
+impl<'a> Serve<'a> {
+    /// Export under `name` (`-x`; the default is qemu-nbd's own, the empty name).
+    pub fn export(mut self, name: &'a str) -> Self {
+        self.export = name;
+        self
+    }
+
+    /// Export dirty bitmap `name` of the image (`-B`).
+    pub fn bitmap(mut self, name: &'a str) -> Self {
+        self.bitmap = Some(name);
+        self
+    }
+
+    /// Let clients write (read-only, `-r`, otherwise).
+    pub fn writable(mut self) -> Self {
+        self.writable = true;
+        self
+    }
+
+    /// Start the server (`--fork`, persistent), its pid file in `dir`. A TCP port is free
+    /// when chosen but another process may take it first, so a failed start on TCP is retried
+    /// (5 times) on a new port; any other failure panics with qemu-nbd's message.
+    pub fn start(self, dir: &Path, at: Listen) -> QemuNbd {
+        let arg = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+        for attempt in 0.. {
+            let pid_file = dir.join(format!("qemu-nbd-{}.pid", unique()));
+            let mut args: Vec<String> = vec![
+                "-t".into(),
+                "--fork".into(),
+                "--pid-file".into(),
+                arg(&pid_file),
+                "-x".into(),
+                self.export.into(),
+                "-f".into(),
+                self.format.into(),
+            ];
+            if !self.writable {
+                args.push("-r".into());
+            }
+            if let Some(b) = self.bitmap {
+                args.extend(["-B".into(), b.into()]);
+            }
+            let url = match at {
+                Listen::Tcp => {
+                    let port = std::net::TcpListener::bind("127.0.0.1:0")
+                        .and_then(|l| l.local_addr())
+                        .expect("free port")
+                        .port();
+                    args.extend([
+                        "-b".into(),
+                        "127.0.0.1".into(),
+                        "-p".into(),
+                        port.to_string(),
+                    ]);
+                    format!("nbd://127.0.0.1:{port}/{}", self.export)
+                }
+                Listen::Unix(sock) => {
+                    args.extend(["-k".into(), arg(sock)]);
+                    format!("nbd+unix:///{}?socket={}", self.export, arg(sock))
+                }
+            };
+            args.push(arg(self.image));
+            let out = Command::new("qemu-nbd")
+                .args(&args)
+                .output()
+                .expect("running qemu-nbd");
+            if out.status.success() {
+                let pid = std::fs::read_to_string(&pid_file).expect("qemu-nbd pid file");
+                return QemuNbd {
+                    pid: pid.trim().to_owned(),
+                    url,
+                };
+            }
+            assert!(
+                attempt < 5 && matches!(at, Listen::Tcp),
+                "qemu-nbd {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        unreachable!()
+    }
+}
+
+/// A running qemu-nbd server, killed (SIGKILL) when dropped, also while a failed test
+/// unwinds.
+pub struct QemuNbd {
+    /// Empty once the server was stopped: a pid is never signalled again, it may be reused.
+    pid: String,
+    /// `nbd://127.0.0.1:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+    pub url: String,
+}
+
+impl QemuNbd {
+    /// Serve `image` of `format` (qemu-img's name: qcow2, raw, vmdk, ...): read-only, the
+    /// default export name, no bitmap, unless the [`Serve`] options say otherwise.
+    pub fn serve<'a>(image: &'a Path, format: &'a str) -> Serve<'a> {
+        Serve {
+            image,
+            format,
+            export: "",
+            bitmap: None,
+            writable: false,
+        }
+    }
+
+    /// Send `signal` (`-STOP`, `-CONT`) without waiting; nothing once the server was stopped.
+    pub fn signal(&self, signal: &str) {
+        if self.pid.is_empty() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args([signal, &self.pid])
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Send `signal` (`-TERM` for a clean exit, `-KILL` for a crash) and wait until the
+    /// server is gone; panics if it still runs after 10 s.
+    pub fn stop(&mut self, signal: &str) {
+        assert!(
+            self.signal_and_wait(signal),
+            "qemu-nbd did not exit after kill {signal}"
+        );
+    }
+
+    /// Signal the server once and wait until it is gone, or a zombie: it was forked away from
+    /// us, and its image is closed either way. False if it still runs after 10 s.
+    fn signal_and_wait(&mut self, signal: &str) -> bool {
+        if self.pid.is_empty() {
+            return true;
+        }
+        self.signal(signal);
+        let pid = std::mem::take(&mut self.pid);
+        let stat = format!("/proc/{pid}/stat");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match std::fs::read_to_string(&stat) {
+                Err(_) => return true,
+                // The state letter follows the parenthesised command name.
+                Ok(st)
+                    if st
+                        .rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+                {
+                    return true
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        false
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        // No panic here: a drop may run while a failed test unwinds.
+        if !self.signal_and_wait("-KILL") {
+            eprintln!("warning: a qemu-nbd server survived SIGKILL");
+        }
+    }
+}
