@@ -621,3 +621,32 @@ fn source_that_shrinks_during_the_read() {
     let s2 = bv.backup(&big, "d", &[]);
     bv.restore_and_compare(&format!("d@{}", text(&s2, "short_id")), &data);
 }
+
+#[test]
+fn a_damaged_escrow_record_is_reported_by_verify() {
+    let bv = Bv::new();
+    let src = bv.path("disk.img");
+    write_file(&src, &random_data(77, MIB as usize));
+    bv.backup(&src, "d", &[]);
+    let secret = bv.path("secret.txt");
+    std::fs::write(
+        &secret,
+        b"123456-654321-111111-222222-333333-444444-555555-666666",
+    )
+    .unwrap();
+    bv.run(&[
+        "key",
+        "escrow",
+        "d",
+        "--name",
+        "bitlocker-C",
+        "--secret-file",
+        secret.to_str().unwrap(),
+    ])
+    .ok();
+    bv.verify_ok();
+    let records = bv.objects("escrow");
+    assert_eq!(records.len(), 1, "{records:?}");
+    flip_byte(&records[0], 40);
+    bv.verify(false).code(3).stdout_has(&["escrow/"]);
+}

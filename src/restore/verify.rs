@@ -94,6 +94,16 @@ pub fn verify(
         report.problems.clear();
     }
     report.disks = disks.len() as u64;
+    // Escrowed volume keys are opened (and dropped) only to prove they still open.
+    for disk in &disks {
+        if let Err(e) = vault.escrows(disk) {
+            report.problems.push(Problem {
+                object: format!("escrow/{}", disk.id_hex()),
+                problem: e.to_string(),
+                snapshots: vec![],
+            });
+        }
+    }
 
     let mut packs: BTreeMap<PackId, PackUse> = BTreeMap::new();
     for (di, disk) in disks.iter().enumerate() {
