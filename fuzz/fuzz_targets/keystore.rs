@@ -16,7 +16,6 @@
 #![no_main]
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use blockvault::crypto::kek::{KekState, PlatformKek, PlatformKeyVersion};
 use blockvault::crypto::keystore::{Keystore, VaultKeys};
@@ -26,22 +25,7 @@ use blockvault_fuzz::{arbitrary, outcome, write_seeds, Unstructured, VAULT_ID};
 use libfuzzer_sys::fuzz_target;
 
 fn dir() -> &'static PathBuf {
-    static D: OnceLock<PathBuf> = OnceLock::new();
-    D.get_or_init(|| {
-        let base = std::env::var_os("BLOCKVAULT_FUZZ_TMP")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let shm = PathBuf::from("/dev/shm");
-                if shm.is_dir() {
-                    shm
-                } else {
-                    std::env::temp_dir()
-                }
-            });
-        let d = base.join(format!("blockvault-fuzz-keystore-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("creating the keystore folder");
-        d
-    })
+    blockvault_fuzz::scratch_dir("keystore")
 }
 
 fn keystore() -> Keystore {

@@ -17,7 +17,6 @@
 use std::ops::Range;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use blockvault::source::{Access, Qcow2, Source};
 use blockvault_fuzz::{outcome, write_seeds};
@@ -27,22 +26,7 @@ use libfuzzer_sys::fuzz_target;
 const PROBE: u64 = 80 * 1024;
 
 fn dir() -> &'static PathBuf {
-    static D: OnceLock<PathBuf> = OnceLock::new();
-    D.get_or_init(|| {
-        let base = std::env::var_os("BLOCKVAULT_FUZZ_TMP")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let shm = PathBuf::from("/dev/shm");
-                if shm.is_dir() {
-                    shm
-                } else {
-                    std::env::temp_dir()
-                }
-            });
-        let d = base.join(format!("blockvault-fuzz-qcow2-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("creating the fuzz folder");
-        d
-    })
+    blockvault_fuzz::scratch_dir("qcow2")
 }
 
 /// Small images made by qemu-img and qemu-io; none when the tools are missing.

@@ -179,3 +179,25 @@ pub fn outcome<T>(label: &str, r: &Result<T>) {
     };
     eprintln!("outcome {label}: {msg}");
 }
+
+/// A folder of this process for files a target must write (`$BLOCKVAULT_FUZZ_TMP` if set,
+/// else /dev/shm when there is one, so fsyncs cost nothing, else the system temp folder),
+/// named after the target. Made once per process.
+pub fn scratch_dir(target: &str) -> &'static std::path::PathBuf {
+    static D: OnceLock<std::path::PathBuf> = OnceLock::new();
+    D.get_or_init(|| {
+        let base = std::env::var_os("BLOCKVAULT_FUZZ_TMP")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                let shm = std::path::PathBuf::from("/dev/shm");
+                if shm.is_dir() {
+                    shm
+                } else {
+                    std::env::temp_dir()
+                }
+            });
+        let d = base.join(format!("blockvault-fuzz-{target}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("creating the fuzz scratch folder");
+        d
+    })
+}
