@@ -221,7 +221,10 @@ impl WorkerContext<'_> {
 
     /// Compress if asked and worthwhile, then seal `data` into a frame (in a recycled buffer).
     pub fn seal(&self, id: ExtentId, data: &[u8], try_compress: bool) -> Result<Vec<u8>> {
-        let mut buf = self.buffers.take(frame::OVERHEAD + data.len());
+        // Room for the worst case of two zstd frames, so compressing never reallocates.
+        let bound = zstd::zstd_safe::compress_bound(TRIAL_LEN)
+            + zstd::zstd_safe::compress_bound(data.len());
+        let mut buf = self.buffers.take(frame::OVERHEAD + bound.max(data.len()));
         buf.extend_from_slice(&[0u8; frame::HEADER_LEN]);
         let compressed = match self.compression.level {
             Some(level) if try_compress => compress_onto(level, data, &mut buf)?,
