@@ -126,21 +126,7 @@ pub fn run<'a>(
                     }
                     let tx = tx.clone();
                     scope.spawn(move |_| {
-                        let len = buf.len();
-                        let r = match work[tag as usize] {
-                            Work::Slot(slot) => ctx.process(slot, &buf).map(|o| (slot, len, o)),
-                            Work::Piece { slot, offset } => {
-                                let start = slot * ctx.slot_size as u64 + offset as u64;
-                                ctx.piece(start, &buf).map(|piece| {
-                                    let o = NewOverlay {
-                                        offset,
-                                        len: len as u32,
-                                        piece,
-                                    };
-                                    (slot, len, Outcome::Piece(o))
-                                })
-                            }
-                        };
+                        let r = process(ctx, work[tag as usize], &buf);
                         drop(buf);
                         let _ = tx.send(r);
                     });
@@ -158,6 +144,25 @@ pub fn run<'a>(
     match (read_result, write_result) {
         (_, Err(e)) | (Err(e), _) => Err(e),
         (Ok(_), Ok((w, stats))) => Ok((w, stats, reader)),
+    }
+}
+
+/// What the bytes of one read become: the outcome of a whole slot, or a piece of one.
+/// Returns the slot and the bytes read with it.
+fn process(ctx: &WorkerContext<'_>, work: Work, data: &[u8]) -> Result<(u64, usize, Outcome)> {
+    let len = data.len();
+    match work {
+        Work::Slot(slot) => ctx.process(slot, data).map(|o| (slot, len, o)),
+        Work::Piece { slot, offset } => {
+            let start = slot * ctx.slot_size as u64 + offset as u64;
+            let piece = ctx.piece(start, data)?;
+            let o = NewOverlay {
+                offset,
+                len: len as u32,
+                piece,
+            };
+            Ok((slot, len, Outcome::Piece(o)))
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::engine::Progress;
 use crate::error::{Error, Result};
 use crate::vault::frame;
-use crate::vault::manifest::{Manifest, OverlaidSlot, Slot, CONTENT_UNHASHED, ZERO};
+use crate::vault::manifest::{Manifest, Slot, CONTENT_UNHASHED, ZERO};
 use crate::vault::{Disk, Vault};
 
 use target::Target;
@@ -93,20 +93,15 @@ pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Resul
             }
             Ok(Some(b))
         }
-        Slot::Overlaid(o) => {
-            let OverlaidSlot {
-                content,
-                base,
-                overlays,
-            } = &**o;
-            let mut buf = if *base == ZERO {
+        Slot::Overlaid(s) => {
+            let mut buf = if s.base == ZERO {
                 vec![0u8; len]
             } else {
-                fetch_extent(vault, disk, m, *base)?
+                fetch_extent(vault, disk, m, s.base)?
             };
             check(&buf, "base")?;
             buf.resize(len, 0);
-            for o in overlays {
+            for o in &s.overlays {
                 let range = o.offset as usize..(o.offset + o.len) as usize;
                 if range.end > len {
                     return Err(Error::integrity(format!(
@@ -133,7 +128,7 @@ pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Resul
             // Every piece was checked against its id; this checks the assembly (slots made
             // from a change list have no assembled id: their pieces and the manifest's
             // digest are what is checked).
-            if *content != CONTENT_UNHASHED && disk.identity.extent_id.id(&buf) != *content {
+            if s.content != CONTENT_UNHASHED && disk.identity.extent_id.id(&buf) != s.content {
                 return Err(Error::integrity(format!(
                     "snapshot {}: slot {i} assembled from its overlays does not match its content id",
                     m.id.short()

@@ -250,17 +250,12 @@ impl Manifest {
                     h.update(&[1]);
                     h.update(&id(*e));
                 }
-                Slot::Overlaid(o) => {
-                    let OverlaidSlot {
-                        content,
-                        base,
-                        overlays,
-                    } = &**o;
+                Slot::Overlaid(s) => {
                     h.update(&[2]);
-                    h.update(&content.0);
-                    h.update(&id(*base));
-                    h.update(&(overlays.len() as u16).to_le_bytes());
-                    for o in overlays {
+                    h.update(&s.content.0);
+                    h.update(&id(s.base));
+                    h.update(&(s.overlays.len() as u16).to_le_bytes());
+                    for o in &s.overlays {
                         h.update(&o.offset.to_le_bytes());
                         h.update(&o.len.to_le_bytes());
                         h.update(&id(o.extent));
@@ -327,17 +322,12 @@ impl Manifest {
                 Slot::Extent(x) => {
                     e.u8(1).u32(*x);
                 }
-                Slot::Overlaid(o) => {
-                    let OverlaidSlot {
-                        content,
-                        base,
-                        overlays,
-                    } = &**o;
+                Slot::Overlaid(s) => {
                     e.u8(2)
-                        .bytes(&content.0)
-                        .u32(*base)
-                        .u16(overlays.len() as u16);
-                    for o in overlays {
+                        .bytes(&s.content.0)
+                        .u32(s.base)
+                        .u16(s.overlays.len() as u16);
+                    for o in &s.overlays {
                         e.u32(o.offset).u32(o.len).u32(o.extent);
                     }
                 }
