@@ -6,7 +6,7 @@
 #   BENCH_DIR=/work/bench tools/bench.sh     # use the image already built there
 #   tools/bench.sh /path/to/other.raw
 #
-# Steps, each timed with tools/peak_rss.sh (wall, user+sys CPU, peak RSS):
+# Steps, each timed with tools/peak_rss.sh (wall, user+sys CPU, peak RSS) after a `sync`:
 #   1. page cache: `cat IMAGE >/dev/null` twice; the second (hot) read is the ceiling;
 #   2. full backup into a fresh vault (fresh keystore), then an unchanged incremental
 #      (must store < 1 MiB), then a restore compared byte for byte with the image;
@@ -119,6 +119,9 @@ measure() {
   shift 2
   local log=$LOGS/$step.$tool
   say "$step / $tool: $*"
+  # Every step starts with no dirty pages left by an earlier one (restic's buffered restores,
+  # image copies): otherwise a step pays for another's writeback.
+  sync
   if ! "$TOOLS/peak_rss.sh" -o "$log.time" "$@" >"${MEASURE_OUT:-$log.out}" 2>"$log.err"; then
     tail -n 20 "$log.err" >&2
     die "$step / $tool failed (logs: $log.*)"
