@@ -139,6 +139,10 @@ fn volume(f: &mut Formatter<'_>, v: &EncryptedVolume) -> fmt::Result {
     let payload = v.payload.as_ref().map_or_else(unknown, bytes);
     let uuid = v.uuid.clone().unwrap_or_else(unknown);
     writeln!(f, "    payload {payload}; UUID {uuid}")?;
+    if !v.plaintext.is_empty() {
+        let plain: Vec<String> = v.plaintext.iter().map(bytes).collect();
+        writeln!(f, "    not yet encrypted (plaintext): {}", plain.join(", "))?;
+    }
     if let Some(size) = v.volume_size {
         writeln!(f, "    volume size (from its header): {size} bytes")?;
     }
