@@ -505,13 +505,17 @@ fn bitlocker_variants_in_mbr_partitions() {
         let offsets: Vec<u64> = b.metadata_blocks.iter().map(|m| m.offset).collect();
         let want: Vec<u64> = block_offsets[i].iter().map(|o| starts[i] + o).collect();
         assert_eq!(offsets, want);
+        // The first 16 sectors are plaintext: Vista's header and the 15 after it, or (v2)
+        // the 16 "volume header sectors" the block header counts, encrypted elsewhere.
+        let head = 16 * 512;
         if variant == BitLockerVariant::Vista {
             assert_eq!((b.encrypted_size, b.volume_header_offset), (None, None));
-            assert_eq!(v.payload, Some(v.volume.clone()));
+            assert_eq!(v.payload, Some(starts[i] + head..starts[i] + len));
             assert_eq!(v.volume_size, Some(len));
         } else {
             assert_eq!(b.encrypted_size, Some(len - MIB));
-            assert_eq!(v.payload, Some(starts[i]..starts[i] + len - MIB));
+            assert_eq!(b.volume_header_size, Some(head));
+            assert_eq!(v.payload, Some(starts[i] + head..starts[i] + len - MIB));
             assert_eq!(
                 b.volume_header_offset,
                 Some(starts[i] + block_offsets[i][2] + 65536)
@@ -537,8 +541,9 @@ fn bitlocker_variants_in_mbr_partitions() {
     assert_eq!(
         layout.ciphertext_ranges(),
         vec![
-            starts[0]..starts[1] + len - MIB,
-            starts[2]..starts[2] + len - MIB
+            starts[0] + 8192..starts[0] + len,
+            starts[1] + 8192..starts[1] + len - MIB,
+            starts[2] + 8192..starts[2] + len - MIB
         ]
     );
     let text = layout.render();

@@ -16,7 +16,7 @@
 mod common;
 
 use blockvault::layout::VolumeFormat;
-use blockvault::layout::{CopyState, GptCopy, Layout, Location, PartitionTable};
+use blockvault::layout::{BitLockerVariant, CopyState, GptCopy, Layout, Location, PartitionTable};
 use common::layout_tools::*;
 use common::tools::tools;
 use common::{Bv, MIB};
@@ -533,6 +533,196 @@ fn partition_start(sf: &Value, index: u32) -> u64 {
         .find(|p| p["node"].as_str().unwrap().ends_with(&index.to_string()))
         .map(|p| p["start"].as_u64().unwrap() * ss)
         .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// BitLocker, from libbde's format document (fields: `common::layout_tools::Bde`)
+// ---------------------------------------------------------------------------------------------
+
+fn bitlocker(v: &blockvault::layout::EncryptedVolume) -> &blockvault::layout::BitLockerInfo {
+    match &v.format {
+        VolumeFormat::BitLocker(b) => b,
+        f => panic!("expected BitLocker, found {f:?}"),
+    }
+}
+
+#[test]
+fn bitlocker_conversion_states_and_header_variants() {
+    let test = "bitlocker_conversion_states_and_header_variants";
+    if !tools(test, &[SFDISK]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "bde.img", 48 * MIB);
+    let len = 8 * MIB;
+    sfdisk(
+        &img,
+        "label: dos\nstart=2048, size=16384, type=7\nstart=18432, size=16384, type=7\n\
+         start=34816, size=16384, type=c\nstart=51200, size=16384, type=7\n",
+    );
+    let sf = sfdisk_json(&img);
+    let start = |i: u32| partition_start(&sf, i);
+    // 1: Windows 7+, conversion in progress (dislocker: state 2), 3 MiB encrypted so far;
+    //    the 16 relocated boot sectors lie past that, so they are plaintext too.
+    let converting = Bde {
+        state: 2,
+        encrypted_size: 3 * MIB,
+        ..Bde::new(BitLockerVariant::Win7, len)
+    };
+    // 2: Windows 7+, decryption finished but the metadata still there (state 1, size 0):
+    //    nothing is ciphertext.
+    let decrypted = Bde {
+        state: 1,
+        encrypted_size: 0,
+        method: 0x8005,
+        ..Bde::new(BitLockerVariant::Win7, len)
+    };
+    // 3: To Go whose volume header names another OEM than "MSWIN4.1" (libbde decides by the
+    //    identifier at 424 alone), used-space-only, fully encrypted, with a 5 MiB discovery
+    //    volume in front (libbde: the To Go volume header block is 5365760 bytes).
+    let to_go = Bde {
+        oem_name: *b"MSDOS5.0",
+        identifier: USED_SPACE_ONLY_ID,
+        header_sectors: 5_365_760 / 512,
+        blocks: [7 * MIB, 7 * MIB + 65536, 7 * MIB + 131072],
+        header_offset: MIB,
+        method: 0x8002,
+        ..Bde::new(BitLockerVariant::ToGo, len)
+    };
+    // 4: Windows 7+ whose relocated boot sectors would run past the volume end.
+    let bad = Bde {
+        header_offset: len - 4096,
+        ..Bde::new(BitLockerVariant::Win7, len)
+    };
+    for (i, bde) in [&converting, &decrypted, &to_go, &bad]
+        .into_iter()
+        .enumerate()
+    {
+        bde.write(&img, start(i as u32 + 1));
+    }
+
+    let layout = scan_file(&img);
+    assert_same_partitions(&layout, &sf);
+    assert_eq!(layout.volumes.len(), 4, "{}", layout.render());
+    let v: Vec<_> = layout.volumes.iter().collect();
+    let (s1, s3, s4) = (start(1), start(3), start(4));
+
+    assert_eq!(bitlocker(v[0]).state, "converting");
+    assert_eq!(bitlocker(v[0]).encrypted_size, Some(3 * MIB));
+    assert_eq!(v[0].payload, Some(s1 + 8192..s1 + 3 * MIB));
+    assert_eq!(
+        bitlocker(v[0]).volume_header_offset,
+        Some(s1 + converting.header_offset)
+    );
+
+    assert_eq!(bitlocker(v[1]).state, "decrypted");
+    assert!(
+        v[1].payload.as_ref().is_some_and(|p| p.is_empty()),
+        "{:?}",
+        v[1]
+    );
+    assert_eq!(bitlocker(v[1]).method, "XTS-AES-256");
+
+    let b = bitlocker(v[2]);
+    assert_eq!(
+        (b.variant, b.used_space_only),
+        (BitLockerVariant::ToGo, true)
+    );
+    assert_eq!(b.volume_header_size, Some(5_365_760));
+    assert_eq!(v[2].payload, Some(s3 + 5_365_760..s3 + len));
+    assert_eq!(v[2].volume_size, Some(len));
+    assert_eq!(
+        (v[2].mode.as_deref(), v[2].key_bits),
+        (Some("cbc"), Some(128))
+    );
+
+    assert_eq!(v[3].payload, Some(s4 + 8192..s4 + len));
+    assert_eq!(layout.problems.len(), 1, "{:?}", layout.problems);
+    assert!(
+        layout.problems[0]
+            .message
+            .contains("relocated boot sectors"),
+        "{:?}",
+        layout.problems
+    );
+    assert_eq!(
+        layout.ciphertext_ranges(),
+        vec![
+            s1 + 8192..s1 + 3 * MIB,
+            s3 + 5_365_760..s3 + len,
+            s4 + 8192..s4 + len
+        ]
+    );
+    let text = layout.render();
+    for needle in ["state: converting", "used space only", "relocated to byte"] {
+        assert!(text.contains(needle), "{needle} not in:\n{text}");
+    }
+}
+
+#[test]
+fn bitlocker_on_4096_byte_sectors_in_a_gpt() {
+    let test = "bitlocker_on_4096_byte_sectors_in_a_gpt";
+    if !tools(test, &[SFDISK]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "4kn.img", 64 * MIB);
+    let Some(dev) = loop_4k(&img, test) else {
+        return;
+    };
+    sfdisk(
+        &dev.path,
+        "label: gpt\nsize=16MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n\
+         size=16MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n",
+    );
+    let sf = sfdisk_json(&dev.path);
+    drop(dev);
+    let len = 16 * MIB;
+    // Windows 7+ with 4096-byte sectors: 2 volume header sectors are 8 KiB.
+    let win7 = Bde {
+        bytes_per_sector: 4096,
+        sectors_per_cluster: 1,
+        header_sectors: 2,
+        ..Bde::new(BitLockerVariant::Win7, len)
+    };
+    // Vista with 4096-byte sectors and 1 sector per cluster: block 1 at cluster 136 is
+    // 136 x 4096 bytes in, and the 16 plaintext sectors are 64 KiB.
+    let vista = Bde {
+        bytes_per_sector: 4096,
+        sectors_per_cluster: 1,
+        total_sectors: len / 4096,
+        method: 0x8001,
+        ..Bde::new(BitLockerVariant::Vista, len)
+    };
+    let (s1, s2) = (partition_start(&sf, 1), partition_start(&sf, 2));
+    win7.write(&img, s1);
+    vista.write(&img, s2);
+
+    let layout = scan_file(&img);
+    let PartitionTable::Gpt(t) = &layout.table else {
+        panic!("{}", layout.render())
+    };
+    assert_eq!(t.sector_size, 4096);
+    assert_same_partitions(&layout, &sf);
+    assert_eq!(layout.volumes.len(), 2, "{}", layout.render());
+    let (w, v) = (&layout.volumes[0], &layout.volumes[1]);
+    assert_eq!(bitlocker(w).bytes_per_sector, 4096);
+    assert_eq!(bitlocker(w).volume_header_size, Some(8192));
+    assert_eq!(w.payload, Some(s1 + 8192..s1 + len));
+    let offsets: Vec<u64> = bitlocker(v)
+        .metadata_blocks
+        .iter()
+        .map(|b| b.offset)
+        .collect();
+    assert_eq!(offsets, vista.blocks.map(|o| s2 + o));
+    assert!(bitlocker(v)
+        .metadata_blocks
+        .iter()
+        .all(|b| b.state == CopyState::Ok));
+    assert_eq!(v.payload, Some(s2 + 16 * 4096..s2 + len));
+    assert_eq!(v.volume_size, Some(len));
+    assert_eq!(bitlocker(v).method, "AES-256-CBC-diffuser");
+    assert!(layout.problems.is_empty(), "{:?}", layout.problems);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -259,10 +259,24 @@ pub struct BitLockerInfo {
     pub method: String,
     /// The three FVE metadata blocks, in the order the header lists them.
     pub metadata_blocks: Vec<FveBlock>,
-    /// FVE block header version 2: bytes still encrypted from the volume start.
+    /// FVE block header version 2: bytes encrypted from the volume start; what lies past
+    /// them is plaintext (a conversion in progress or paused).
     pub encrypted_size: Option<u64>,
     /// FVE block header version 2: absolute offset of the relocated original boot sectors.
     pub volume_header_offset: Option<u64>,
+    /// FVE block header version 2: size of that relocated region (its sector count times
+    /// the bytes per sector).
+    #[serde(default)]
+    pub volume_header_size: Option<u64>,
+    /// The conversion state the FVE block header records: `encrypted`, `converting`,
+    /// `paused`, `decrypted`, or `unknown (N)`; empty when no block could be read.
+    #[serde(default)]
+    pub state: String,
+    /// The volume header carries the "used disk space only" identifier: clusters that were
+    /// free when encryption started were never encrypted and may still hold plaintext,
+    /// which no header records (only the file system knows which clusters they are).
+    #[serde(default)]
+    pub used_space_only: bool,
 }
 
 /// One FVE metadata block.

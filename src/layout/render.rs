@@ -177,8 +177,20 @@ fn volume(f: &mut Formatter<'_>, v: &EncryptedVolume) -> fmt::Result {
                 blocks.join(", "),
                 b.method_code
             )?;
+            if !b.state.is_empty() {
+                writeln!(f, "    state: {}", b.state)?;
+            }
             if let Some(n) = b.encrypted_size {
                 writeln!(f, "    encrypted size: {n} bytes")?;
+            }
+            if let (Some(at), Some(len)) = (b.volume_header_offset, b.volume_header_size) {
+                writeln!(f, "    boot sectors relocated to byte {at} ({len} bytes)")?;
+            }
+            if b.used_space_only {
+                writeln!(
+                    f,
+                    "    used space only: clusters free at encryption may hold plaintext"
+                )?;
             }
         }
     }
