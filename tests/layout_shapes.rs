@@ -437,7 +437,16 @@ fn luks2_encryption_killed_half_way() {
         .unwrap();
     assert!(want[0].start > data_start, "{meta}");
     assert_eq!(v.payload.as_ref().map(|p| p.start), Some(want[0].start));
-    assert!(layout.problems.is_empty(), "{:?}", layout.problems);
+    // A kill between cryptsetup's writes of the two header copies leaves one older (or torn):
+    // reported, and the newer valid copy used, as cryptsetup itself does.
+    assert!(
+        layout
+            .problems
+            .iter()
+            .all(|p| p.structure.starts_with("LUKS2 ") && p.structure.ends_with(" header")),
+        "{:?}",
+        layout.problems
+    );
 }
 
 #[test]
