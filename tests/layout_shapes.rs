@@ -338,6 +338,11 @@ fn luks2_reencryption_initialised() {
     assert_eq!(dumped_ciphertext(&meta, 0..len), vec![]);
     assert_eq!(layout.ciphertext_ranges(), vec![]);
     assert!(v.payload.as_ref().is_some_and(|p| p.is_empty()), "{v:?}");
+    let text = layout.render();
+    assert!(
+        text.contains("payload none (nothing is encrypted)"),
+        "{text}"
+    );
     assert_eq!(v.key_bits, Some(keyslot_bits(&meta, "3")));
     assert_eq!(
         (v.cipher.as_deref(), v.mode.as_deref()),

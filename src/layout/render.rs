@@ -136,7 +136,11 @@ fn volume(f: &mut Formatter<'_>, v: &EncryptedVolume) -> fmt::Result {
         v.mode.clone().unwrap_or_else(unknown),
         v.key_bits.map_or_else(unknown, |k| k.to_string()),
     )?;
-    let payload = v.payload.as_ref().map_or_else(unknown, bytes);
+    let payload = match &v.payload {
+        None => unknown(),
+        Some(p) if p.is_empty() => "none (nothing is encrypted)".to_string(),
+        Some(p) => bytes(p),
+    };
     let uuid = v.uuid.clone().unwrap_or_else(unknown);
     writeln!(f, "    payload {payload}; UUID {uuid}")?;
     if !v.plaintext.is_empty() {
