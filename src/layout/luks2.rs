@@ -554,6 +554,28 @@ mod tests {
     }
 
     #[test]
+    fn linear_segments_are_plaintext_and_backup_segments_no_data() {
+        // A decryption half done around a plaintext middle: crypt, linear, crypt; and the
+        // layouts a reencryption keeps on the side, which map no data.
+        let json = r#"{"segments":{
+            "0":{"type":"crypt","offset":"32768","size":"8192","encryption":"aes-xts-plain64"},
+            "1":{"type":"linear","offset":"40960","size":"8192"},
+            "2":{"type":"crypt","offset":"49152","size":"dynamic","encryption":"aes-xts-plain64"},
+            "3":{"type":"linear","offset":"16384","size":"dynamic","flags":["backup-final"]},
+            "4":{"type":"crypt","offset":"20000","size":"dynamic","encryption":"x-y",
+                 "flags":["backup-previous"]}},
+            "keyslots":{"0":{"type":"reencrypt","key_size":1},"1":{"type":"luks2","key_size":64}},
+            "digests":{"0":{"keyslots":["1"],"segments":["0","2","4"]}}}"#;
+        let (v, problems) = probe_image(&image(json, true));
+        let v = v.unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(v.payload, Some(32768..65536));
+        assert_eq!(v.plaintext, vec![40960..49152]);
+        assert_eq!(v.key_bits, Some(512));
+        assert_eq!(v.cipher.as_deref(), Some("aes"));
+    }
+
+    #[test]
     fn segments_past_the_volume_end_are_clamped() {
         let json = r#"{"segments":{"0":{"type":"crypt","offset":"65000","size":"99999",
             "encryption":"serpent-xts-plain64"}},"keyslots":{}}"#;
