@@ -11,198 +11,14 @@
 mod common;
 
 use blockvault::layout::{
-    self, BitLockerVariant, CopyState, EncryptedVolume, GptCopy, Layout, Location, LuksCopy,
-    MbrRole, PartitionTable, ScanOptions, VolumeFormat,
+    self, BitLockerVariant, CopyState, EncryptedVolume, GptCopy, Location, LuksCopy, MbrRole,
+    PartitionTable, ScanOptions, VolumeFormat,
 };
-use common::tools::{run_tool, tools};
-use common::{LoopDev, MIB};
+use common::layout_tools::*;
+use common::tools::tools;
+use common::MIB;
 use serde_json::Value;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-// ---------------------------------------------------------------------------------------------
-// Tools
-// ---------------------------------------------------------------------------------------------
-
-/// sfdisk, for [`tools`].
-const SFDISK: (&str, &str) = ("sfdisk", "fdisk");
-/// cryptsetup, for [`tools`].
-const CRYPTSETUP: (&str, &str) = ("cryptsetup", "cryptsetup-bin");
-
-/// Run a command with `stdin`, panicking with its output if it fails; its stdout.
-fn run(program: &str, args: &[&str], stdin: &str) -> String {
-    String::from_utf8(run_tool(Command::new(program).args(args), stdin)).expect("UTF-8 output")
-}
-
-/// Partition `target` (an image file or a device) with an sfdisk script.
-fn sfdisk(target: &Path, script: &str) {
-    let t = target.to_str().unwrap();
-    run(
-        "sfdisk",
-        &[
-            "-q",
-            "--no-reread",
-            "--no-tell-kernel",
-            "--wipe",
-            "always",
-            t,
-        ],
-        script,
-    );
-}
-
-/// `sfdisk --json` of `target`: the "partitiontable" object.
-fn sfdisk_json(target: &Path) -> Value {
-    let out = run("sfdisk", &["--json", target.to_str().unwrap()], "");
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v["partitiontable"].clone()
-}
-
-/// A fresh sparse file of `size` bytes.
-fn image(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let path = dir.join(name);
-    File::create(&path).unwrap().set_len(size).unwrap();
-    path
-}
-
-const KEY: &[u8] = b"a key file for the layout tests, 32+ bytes long";
-
-/// `cryptsetup luksFormat` a new file of `size` bytes with the fastest key derivation.
-fn luks_format(dir: &Path, name: &str, size: u64, extra: &[&str]) -> PathBuf {
-    let path = image(dir, name, size);
-    let key = dir.join("key");
-    std::fs::write(&key, KEY).unwrap();
-    let mut args = vec![
-        "luksFormat",
-        "-q",
-        "--key-file",
-        key.to_str().unwrap(),
-        "--pbkdf",
-        "pbkdf2",
-        "--pbkdf-force-iterations",
-        "1000",
-    ];
-    args.extend_from_slice(extra);
-    args.push(path.to_str().unwrap());
-    run("cryptsetup", &args, "");
-    path
-}
-
-/// A `Name: value` line of `cryptsetup luksDump` output.
-fn dump_field(dump: &str, name: &str) -> String {
-    dump.lines()
-        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-        .unwrap_or_else(|| panic!("no {name} in luksDump:\n{dump}"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Scanning and comparing
-// ---------------------------------------------------------------------------------------------
-
-fn scan_file_with(path: &Path, opts: &ScanOptions) -> Layout {
-    let f = File::open(path).unwrap();
-    let size = f.metadata().unwrap().len();
-    let read = |off: u64, buf: &mut [u8]| {
-        f.read_exact_at(buf, off)
-            .map_err(|e| blockvault::Error::io(path.display().to_string(), e))
-    };
-    let layout = layout::scan_with(&read, size, opts).unwrap();
-    // Every layout survives the JSON a manifest or `inspect --json` stores it as.
-    let json = serde_json::to_string(&layout).unwrap();
-    assert_eq!(serde_json::from_str::<Layout>(&json).unwrap(), layout);
-    layout
-}
-
-fn scan_file(path: &Path) -> Layout {
-    scan_file_with(path, &ScanOptions::default())
-}
-
-/// Write `bytes` into `path` at `offset`.
-fn put(path: &Path, offset: u64, bytes: &[u8]) {
-    let f = OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, offset).unwrap();
-}
-
-/// Copy the whole of `from` into `to` at `offset` (dd of a volume into a partition).
-fn dd(from: &Path, to: &Path, offset: u64) {
-    put(to, offset, &std::fs::read(from).unwrap());
-}
-
-fn copy(from: &Path, dir: &Path, name: &str) -> PathBuf {
-    let to = dir.join(name);
-    std::fs::copy(from, &to).unwrap();
-    to
-}
-
-/// GPT attribute bits from sfdisk's `attrs` text.
-fn sfdisk_attrs(text: &str) -> u64 {
-    let mut bits = 0u64;
-    for word in text.split_whitespace() {
-        match word {
-            "RequiredPartition" => bits |= 1,
-            "NoBlockIOProtocol" => bits |= 2,
-            "LegacyBIOSBootable" => bits |= 4,
-            w => {
-                let list = w.strip_prefix("GUID:").expect("known sfdisk attribute");
-                for n in list.split(',') {
-                    bits |= 1 << n.parse::<u32>().unwrap();
-                }
-            }
-        }
-    }
-    bits
-}
-
-/// The partitions found must be exactly what sfdisk reports.
-fn assert_same_partitions(layout: &Layout, sf: &Value) {
-    let ss = sf["sectorsize"].as_u64().unwrap();
-    let want = sf["partitions"].as_array().unwrap();
-    let got = layout.table.partitions();
-    assert_eq!(got.len(), want.len(), "{got:#?}\nvs sfdisk {want:#?}");
-    for (p, w) in got.iter().zip(want) {
-        let node = w["node"].as_str().unwrap();
-        let digits = node.len() - node.trim_end_matches(|c: char| c.is_ascii_digit()).len();
-        let index: u32 = node[node.len() - digits..].parse().unwrap();
-        assert_eq!(p.index, index, "{node}");
-        let start = w["start"].as_u64().unwrap();
-        let size = w["size"].as_u64().unwrap();
-        assert_eq!(p.first_byte, start * ss, "{node}");
-        assert_eq!(p.last_byte, (start + size) * ss - 1, "{node}");
-        let sf_type = w["type"].as_str().unwrap();
-        match &layout.table {
-            PartitionTable::Mbr(_) => {
-                let t = u8::from_str_radix(sf_type, 16).unwrap();
-                assert_eq!(p.type_code, format!("0x{t:02x}"), "{node}");
-                let bootable = w["bootable"].as_bool().unwrap_or(false);
-                assert_eq!(p.attributes == 0x80, bootable, "{node}");
-            }
-            PartitionTable::Gpt(_) => {
-                assert_eq!(p.type_code, sf_type, "{node}");
-                assert_eq!(p.guid.as_deref(), w["uuid"].as_str(), "{node}");
-                assert_eq!(p.name.as_deref(), Some(w["name"].as_str().unwrap_or("")));
-                assert_eq!(
-                    p.attributes,
-                    sfdisk_attrs(w["attrs"].as_str().unwrap_or(""))
-                );
-            }
-            PartitionTable::None => unreachable!(),
-        }
-    }
-}
-
-fn only_volume(layout: &Layout) -> &EncryptedVolume {
-    assert_eq!(layout.volumes.len(), 1, "{}", layout.render());
-    &layout.volumes[0]
-}
-
-fn luks2_headers(v: &EncryptedVolume) -> &layout::Luks2Headers {
-    match &v.format {
-        VolumeFormat::Luks2(h) => h,
-        f => panic!("expected LUKS2, found {f:?}"),
-    }
-}
+use std::path::Path;
 
 // ---------------------------------------------------------------------------------------------
 // Partition tables
@@ -331,17 +147,6 @@ fn gpt_both_copies_checked() {
         "{t:?}"
     );
     assert_eq!((t.used, &t.partitions), (GptCopy::Backup, &partitions));
-}
-
-/// A loop device over `img` with 4096-byte logical sectors (a 4Kn disk), or `None` after
-/// a SKIP line.
-fn loop_4k(img: &Path, test: &str) -> Option<LoopDev> {
-    let dev = LoopDev::attach(img, test)?;
-    let dev_path = dev.path.to_str().unwrap().to_string();
-    run("losetup", &["--sector-size", "4096", &dev_path], "");
-    let ss = run("blockdev", &["--getss", &dev_path], "");
-    assert_eq!(ss.trim(), "4096");
-    Some(dev)
 }
 
 #[test]
@@ -601,124 +406,24 @@ fn luks2_damaged_primary_found_through_the_secondary() {
 // BitLocker, built from the published format
 // ---------------------------------------------------------------------------------------------
 
-/// A GUID's on-disk bytes (first three groups little-endian) from its text form.
-fn guid_bytes(text: &str) -> [u8; 16] {
-    let hex: String = text.chars().filter(|c| *c != '-').collect();
-    let mut b: Vec<u8> = (0..16)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect();
-    b[0..4].reverse();
-    b[4..6].reverse();
-    b[6..8].reverse();
-    b.try_into().unwrap()
-}
-
-const BITLOCKER_ID: &str = "4967D63B-2E29-4AD8-8399-F6A339E3D001";
-
-fn le(buf: &mut [u8], at: usize, bytes: &[u8]) {
-    buf[at..at + bytes.len()].copy_from_slice(bytes);
-}
-
-/// The 512-byte volume header of `variant` whose FVE metadata blocks are at `blocks`
-/// (relative to the volume; Vista: block 1 only, as a cluster number of 8 x 512 bytes).
-fn volume_header(variant: BitLockerVariant, blocks: [u64; 3], total_sectors: u64) -> Vec<u8> {
-    let mut h = vec![0u8; 512];
-    le(&mut h, 11, &512u16.to_le_bytes()); // bytes per sector
-    h[13] = 8; // sectors per cluster
-    h[21] = 0xf8; // media descriptor: fixed disk
-    le(&mut h, 24, &63u16.to_le_bytes());
-    le(&mut h, 26, &255u16.to_le_bytes());
-    match variant {
-        BitLockerVariant::Vista => {
-            le(&mut h, 0, &[0xeb, 0x52, 0x90]);
-            le(&mut h, 3, b"-FVE-FS-");
-            le(&mut h, 40, &total_sectors.to_le_bytes());
-            le(&mut h, 48, &4u64.to_le_bytes()); // MFT cluster
-            le(&mut h, 56, &(blocks[0] / 4096).to_le_bytes());
-        }
-        BitLockerVariant::Win7 => {
-            le(&mut h, 0, &[0xeb, 0x58, 0x90]);
-            le(&mut h, 3, b"-FVE-FS-");
-            le(&mut h, 82, b"FAT32   ");
-            le(&mut h, 160, &guid_bytes(BITLOCKER_ID));
-            for (i, b) in blocks.iter().enumerate() {
-                le(&mut h, 176 + 8 * i, &b.to_le_bytes());
-            }
-        }
-        BitLockerVariant::ToGo => {
-            le(&mut h, 0, &[0xeb, 0x58, 0x90]);
-            le(&mut h, 3, b"MSWIN4.1");
-            le(&mut h, 32, &(total_sectors as u32).to_le_bytes());
-            le(&mut h, 71, b"NO NAME    FAT32   ");
-            le(&mut h, 424, &guid_bytes(BITLOCKER_ID));
-            for (i, b) in blocks.iter().enumerate() {
-                le(&mut h, 440 + 8 * i, &b.to_le_bytes());
-            }
-        }
-    }
-    le(&mut h, 510, &[0x55, 0xaa]);
-    h
-}
-
-/// An FVE metadata block: the 64-byte block header (version 1 for Vista, else 2) and the
-/// 48-byte metadata header with no entries.
-fn fve_block(
-    version: u16,
-    blocks: [u64; 3],
-    method: u16,
-    volume_guid: &str,
-    encrypted: u64,
-) -> Vec<u8> {
-    let mut b = vec![0u8; 64 + 48];
-    le(&mut b, 0, b"-FVE-FS-");
-    le(&mut b, 8, &64u16.to_le_bytes());
-    le(&mut b, 10, &version.to_le_bytes());
-    le(&mut b, 12, &4u16.to_le_bytes());
-    le(&mut b, 14, &4u16.to_le_bytes());
-    if version == 2 {
-        le(&mut b, 16, &encrypted.to_le_bytes());
-        le(&mut b, 28, &16u32.to_le_bytes()); // volume header sectors
-        le(&mut b, 56, &(blocks[2] + 65536).to_le_bytes()); // relocated boot sectors
-    }
-    for (i, o) in blocks.iter().enumerate() {
-        le(&mut b, 32 + 8 * i, &o.to_le_bytes());
-    }
-    let m = 64;
-    le(&mut b, m, &48u32.to_le_bytes()); // metadata size
-    le(&mut b, m + 4, &1u32.to_le_bytes()); // version
-    le(&mut b, m + 8, &48u32.to_le_bytes()); // header size
-    le(&mut b, m + 12, &48u32.to_le_bytes()); // size copy
-    le(&mut b, m + 16, &guid_bytes(volume_guid));
-    le(&mut b, m + 32, &1u32.to_le_bytes()); // next nonce counter
-    le(&mut b, m + 36, &u32::from(method).to_le_bytes());
-    le(&mut b, m + 40, &0x01d9_0000_0000_0000u64.to_le_bytes()); // creation FILETIME
-    b
-}
-
-/// Write a BitLocker volume of `variant` into `img` at `start` (`len` bytes); its volume GUID.
+/// Write a BitLocker volume of `variant` into `img` at `start` (`len` bytes, the last MiB
+/// not yet encrypted); its FVE block offsets.
 fn write_bitlocker(
     img: &Path,
     start: u64,
     len: u64,
     variant: BitLockerVariant,
     method: u16,
-    guid: &str,
+    guid: &'static str,
 ) -> [u64; 3] {
-    let blocks = [MIB / 2 + 4096 * 8, 3 * MIB / 2, 5 * MIB / 2];
-    put(img, start, &volume_header(variant, blocks, len / 512));
-    let version = if variant == BitLockerVariant::Vista {
-        1
-    } else {
-        2
+    let bde = Bde {
+        method,
+        volume_guid: guid,
+        encrypted_size: len - MIB,
+        ..Bde::new(variant, len)
     };
-    for b in blocks {
-        put(
-            img,
-            start + b,
-            &fve_block(version, blocks, method, guid, len - MIB),
-        );
-    }
-    blocks
+    bde.write(img, start);
+    bde.blocks
 }
 
 fn bitlocker_info(v: &EncryptedVolume) -> &layout::BitLockerInfo {
@@ -800,13 +505,17 @@ fn bitlocker_variants_in_mbr_partitions() {
         let offsets: Vec<u64> = b.metadata_blocks.iter().map(|m| m.offset).collect();
         let want: Vec<u64> = block_offsets[i].iter().map(|o| starts[i] + o).collect();
         assert_eq!(offsets, want);
+        // The first 16 sectors are plaintext: Vista's header and the 15 after it, or (v2)
+        // the 16 "volume header sectors" the block header counts, encrypted elsewhere.
+        let head = 16 * 512;
         if variant == BitLockerVariant::Vista {
             assert_eq!((b.encrypted_size, b.volume_header_offset), (None, None));
-            assert_eq!(v.payload, Some(v.volume.clone()));
+            assert_eq!(v.payload, Some(starts[i] + head..starts[i] + len));
             assert_eq!(v.volume_size, Some(len));
         } else {
             assert_eq!(b.encrypted_size, Some(len - MIB));
-            assert_eq!(v.payload, Some(starts[i]..starts[i] + len - MIB));
+            assert_eq!(b.volume_header_size, Some(head));
+            assert_eq!(v.payload, Some(starts[i] + head..starts[i] + len - MIB));
             assert_eq!(
                 b.volume_header_offset,
                 Some(starts[i] + block_offsets[i][2] + 65536)
@@ -832,8 +541,9 @@ fn bitlocker_variants_in_mbr_partitions() {
     assert_eq!(
         layout.ciphertext_ranges(),
         vec![
-            starts[0]..starts[1] + len - MIB,
-            starts[2]..starts[2] + len - MIB
+            starts[0] + 8192..starts[0] + len,
+            starts[1] + 8192..starts[1] + len - MIB,
+            starts[2] + 8192..starts[2] + len - MIB
         ]
     );
     let text = layout.render();

@@ -20,11 +20,13 @@ install_deps() {
     command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     # Real tools the tests drive: qcow2 images, bitmaps and NBD servers (qemu-utils), LUKS
-    # headers (cryptsetup-bin), partition tables (fdisk), a PKCS#11 token (softhsm2, opensc),
-    # RSA keys (openssl), process control (procps).
+    # headers (cryptsetup-bin), partition tables (fdisk, gdisk, parted), a PKCS#11 token
+    # (softhsm2, opensc), RSA keys (openssl), process control (procps).
     command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
     command -v cryptsetup >/dev/null 2>&1 || missing+=(cryptsetup-bin)
     command -v sfdisk >/dev/null 2>&1 || missing+=(fdisk)
+    command -v sgdisk >/dev/null 2>&1 || missing+=(gdisk)
+    command -v parted >/dev/null 2>&1 || missing+=(parted)
     command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
     command -v pkcs11-tool >/dev/null 2>&1 || missing+=(opensc)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)

@@ -1,6 +1,10 @@
 //! BitLocker: the volume header (first sector) and the three FVE metadata blocks it points to.
 //!
-//! Three volume-header layouts (libbde's "BitLocker Drive Encryption (BDE) format"):
+//! Source: libbde's "BitLocker Drive Encryption (BDE) format" (libyal/libbde,
+//! documentation/), sections "Volume header", "FVE metadata block header" (versions 1 and 2),
+//! "FVE metadata header" and "Encryption methods"; where that document leaves a field
+//! unknown, dislocker's `metadata.priv.h` (the conversion states) and its sector reader
+//! `inouts/sectors.c` (which bytes are decrypted) decide.
 //! ```text
 //!            bytes 0..3  3..11       FVE metadata block offsets (from the volume start)
 //! Vista      EB 52 90    "-FVE-FS-"  block 1 = cluster number (u64 @56) x sectors/cluster
@@ -8,14 +12,27 @@
 //! Windows 7+ EB 58 90    "-FVE-FS-"  BitLocker GUID @160, three u64 offsets @176, 184, 192
 //! To Go      EB 58 90    "MSWIN4.1"  BitLocker GUID @424, three u64 offsets @440, 448, 456
 //! ```
-//! Each FVE metadata block starts with a 64-byte block header ("-FVE-FS-", version 1 for Vista
-//! or 2, the three block offsets again; version 2 adds the still-encrypted size @16 and the
-//! relocated boot-sector offset @56), then the 48-byte metadata header (size, version 1,
-//! header size 48, volume GUID @16, encryption method @36, low 16 bits). Only these headers
-//! are read: never key material.
+//! To Go is recognised by its GUID @424 whatever the OEM name @3 (libbde checks no name
+//! there either). Each FVE metadata block starts with a 64-byte block header ("-FVE-FS-",
+//! version 1 for Vista or 2, the conversion state @12, the three block offsets @32; version
+//! 2 adds the encrypted size @16, the count of relocated boot sectors @28 and their offset
+//! @56), then the 48-byte metadata header (size, version 1, header size 48, size copy,
+//! volume GUID @16, encryption method @36, low 16 bits). Only these headers are read:
+//! never key material.
 //!
-//! A sector with a BitLocker signature is always reported as a BitLocker volume, even when
-//! its metadata is damaged: its bytes are ciphertext either way, and the backup needs to know.
+//! Which bytes are ciphertext (what dislocker decrypts):
+//! - version 2 (Windows 7+, To Go): `[header sectors, encrypted size)` from the volume
+//!   start. The first sectors (@28; 16 on Windows 7, megabytes of FAT discovery volume on
+//!   To Go) are plaintext; their originals live, encrypted, at @56. Bytes past the
+//!   encrypted size are plaintext: a conversion in progress or paused encrypts (and
+//!   decrypts) from the front, so the state @12 needs no separate reading.
+//! - version 1 (Vista): everything after the first 16 sectors.
+//!
+//! The three FVE metadata blocks (64 KiB each) lie inside that range and are counted with
+//! it; a "used disk space only" volume's never-written free clusters too (see
+//! [`super::BitLockerInfo::used_space_only`]). A sector with a BitLocker signature is always
+//! reported as a BitLocker volume, even when its metadata is damaged: its bytes are
+//! ciphertext either way, and the backup needs to know.
 
 use super::disk::{array, field, guid, le16, le32, le64, Disk};
 use super::model::{
@@ -27,24 +44,45 @@ use std::ops::Range;
 
 /// Signature of the Vista and Windows 7+ volume headers and of every FVE metadata block.
 pub const SIGNATURE: &[u8; 8] = b"-FVE-FS-";
-/// Signature of a BitLocker To Go volume header (any FAT32 volume has it, so the GUID decides).
-pub const TOGO_SIGNATURE: &[u8; 8] = b"MSWIN4.1";
 /// The BitLocker identifier 4967D63B-2E29-4AD8-8399-F6A339E3D001, as stored.
 pub const BITLOCKER_GUID: [u8; 16] = [
     0x3b, 0xd6, 0x67, 0x49, 0x29, 0x2e, 0xd8, 0x4a, 0x83, 0x99, 0xf6, 0xa3, 0x39, 0xe3, 0xd0, 0x01,
 ];
-/// The identifier of volumes converted with "encrypt on write" (92A84D3B-DD80-4D0E-9E4E-
-/// B1E3284EAED8), which carries the same three offsets.
-pub const EOW_GUID: [u8; 16] = [
+/// The identifier of "used disk space only" volumes (92A84D3B-DD80-4D0E-9E4E-B1E3284EAED8;
+/// dislocker's "EOW", encrypt on write), which carries the same three offsets.
+pub const USED_SPACE_ONLY_GUID: [u8; 16] = [
     0x3b, 0x4d, 0xa8, 0x92, 0x80, 0xdd, 0x0e, 0x4d, 0x9e, 0x4e, 0xb1, 0xe3, 0x28, 0x4e, 0xae, 0xd8,
 ];
 /// Block header plus metadata header: all that is read of each FVE block.
 pub const BLOCK_HEAD_LEN: usize = 64 + 48;
 /// Vista's boot entry point.
 const VISTA_JUMP: [u8; 3] = [0xeb, 0x52, 0x90];
+/// Sectors at a Vista volume's start that are never encrypted (the volume header and the
+/// 15 sectors after it).
+const VISTA_PLAIN_SECTORS: u64 = 16;
 
 fn is_bitlocker_guid(g: [u8; 16]) -> bool {
-    g == BITLOCKER_GUID || g == EOW_GUID
+    g == BITLOCKER_GUID || g == USED_SPACE_ONLY_GUID
+}
+
+/// Where the volume header keeps its BitLocker GUID, if its layout has one.
+fn guid_offset(variant: BitLockerVariant) -> Option<usize> {
+    match variant {
+        BitLockerVariant::Vista => None,
+        BitLockerVariant::Win7 => Some(160),
+        BitLockerVariant::ToGo => Some(424),
+    }
+}
+
+/// The conversion state @12 of an FVE block header, named as dislocker's `state_types`.
+fn state_name(code: u16) -> String {
+    match code {
+        1 => "decrypted".into(),
+        2 => "converting".into(),
+        4 => "encrypted".into(),
+        5 => "paused".into(),
+        n => format!("unknown ({n})"),
+    }
 }
 
 /// Which BitLocker header `sector` (the volume's first 512 bytes) is, if any.
@@ -56,7 +94,7 @@ pub fn variant(sector: &[u8]) -> Option<BitLockerVariant> {
         } else {
             BitLockerVariant::Win7
         })
-    } else if signature == TOGO_SIGNATURE && is_bitlocker_guid(array(sector, 424)) {
+    } else if is_bitlocker_guid(array(sector, 424)) {
         Some(BitLockerVariant::ToGo)
     } else {
         None
@@ -80,7 +118,9 @@ pub fn method(code: u16) -> Option<(&'static str, &'static str, &'static str, u3
 struct Block {
     offsets: [u64; 3],
     version: u16,
+    state: u16,
     encrypted_size: u64,
+    volume_header_sectors: u32,
     volume_header_offset: u64,
     volume_guid: String,
     method: u16,
@@ -111,7 +151,9 @@ fn check_block(b: &[u8]) -> Result<Block, String> {
     Ok(Block {
         offsets: [le64(b, 32), le64(b, 40), le64(b, 48)],
         version,
+        state: le16(b, 12),
         encrypted_size: le64(b, 16),
+        volume_header_sectors: le32(b, 28),
         volume_header_offset: le64(b, 56),
         volume_guid: guid(b, 80),
         method: le16(b, 100),
@@ -257,11 +299,39 @@ pub fn probe(
         );
     }
     let len = volume.end.saturating_sub(volume.start);
+    let bps = u64::from(bytes_per_sector);
     let v2 = block.version >= 2;
-    let encrypted_size = v2.then_some(block.encrypted_size);
-    let payload_len = encrypted_size
-        .filter(|&n| n > 0)
-        .map_or(len, |n| n.min(len));
+    let (plain_head, encrypted) = if v2 {
+        (
+            u64::from(block.volume_header_sectors) * bps,
+            block.encrypted_size,
+        )
+    } else {
+        (VISTA_PLAIN_SECTORS * bps, len)
+    };
+    if encrypted > len {
+        problem(
+            "FVE metadata block header",
+            start,
+            format!("encrypted size {encrypted} exceeds the volume's {len} bytes; clamped"),
+        );
+    }
+    let relocated = v2.then(|| start.saturating_add(block.volume_header_offset));
+    if let Some(at) = relocated.filter(|at| at.saturating_add(plain_head) > volume.end) {
+        problem(
+            "FVE metadata block header",
+            start,
+            format!(
+                "the relocated boot sectors (bytes {at}, {plain_head} long) run past the volume \
+                 end (byte {})",
+                volume.end
+            ),
+        );
+    }
+    let end = start + encrypted.min(len);
+    let first = start.saturating_add(plain_head).min(end);
+    let used_space_only =
+        guid_offset(variant).is_some_and(|at| array::<16>(sector, at) == USED_SPACE_ONLY_GUID);
     Ok(EncryptedVolume {
         location,
         format: VolumeFormat::BitLocker(BitLockerInfo {
@@ -273,13 +343,17 @@ pub fn probe(
                 |m| m.0.into(),
             ),
             metadata_blocks: blocks,
-            encrypted_size,
-            volume_header_offset: v2.then(|| start.saturating_add(block.volume_header_offset)),
+            encrypted_size: v2.then_some(block.encrypted_size),
+            volume_header_offset: relocated,
+            volume_header_size: v2.then_some(plain_head),
+            state: state_name(block.state),
+            used_space_only,
         }),
         cipher: known.map(|m| m.1.into()),
         mode: known.map(|m| m.2.into()),
         key_bits: known.map(|m| m.3),
-        payload: Some(start..start + payload_len),
+        payload: Some(first..end),
+        plaintext: vec![],
         uuid: Some(block.volume_guid),
         volume_size: header_volume_size(sector, variant, bytes_per_sector),
         volume,
@@ -320,11 +394,15 @@ fn bare(
             metadata_blocks: vec![],
             encrypted_size: None,
             volume_header_offset: None,
+            volume_header_size: None,
+            state: String::new(),
+            used_space_only: false,
         }),
         cipher: None,
         mode: None,
         key_bits: None,
         payload: None,
+        plaintext: vec![],
         uuid: None,
         volume_size: None,
         volume,

@@ -58,6 +58,7 @@ pub fn parse(
         mode: Some(mode),
         key_bits: Some(key_bytes * 8),
         payload,
+        plaintext: vec![],
         uuid: ascii(h, 168, 40).filter(|u| !u.is_empty()),
         volume_size: None,
         volume,

@@ -12,8 +12,16 @@
 //! invalid and no secondary lies where its `hdr_size` says (or it has none), every legal
 //! secondary offset is tried.
 //!
-//! From the JSON: the `crypt` segments (offset, size or "dynamic", encryption) give the
-//! payload and cipher; the first keyslot's `key_size` gives the volume key size.
+//! From the JSON: the data segments give the payload. A segment flagged `backup-*` is not
+//! data: it describes the old, new or moved layout of a reencryption in progress. Of the
+//! data segments, `crypt` ones hold ciphertext and `linear` ones plaintext: while
+//! `cryptsetup reencrypt --encrypt` runs (or after it was interrupted) the volume is part
+//! plaintext, and right after `--init-only` all of it, so the payload is the extent of the
+//! `crypt` data segments (empty if there are none) and the `linear` ones inside it are
+//! listed as plaintext. A re-keying reencryption has only `crypt` data segments (old key
+//! and new): all ciphertext. The cipher comes from the first `crypt` data segment (else the
+//! `backup-final` one: the cipher being moved to), the volume key size from a keyslot its
+//! digest names (never the 1-byte `reencrypt` keyslot).
 
 use super::disk::{ascii, be16, be64, field, Disk};
 use super::model::{
@@ -52,10 +60,14 @@ struct Metadata {
     #[serde(default)]
     keyslots: BTreeMap<String, Keyslot>,
     segments: BTreeMap<String, Segment>,
+    #[serde(default)]
+    digests: BTreeMap<String, Digest>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Keyslot {
+    #[serde(rename = "type", default)]
+    kind: String,
     key_size: Option<u32>,
 }
 
@@ -66,6 +78,25 @@ struct Segment {
     offset: String,
     size: String,
     encryption: Option<String>,
+    #[serde(default)]
+    flags: Vec<String>,
+}
+
+impl Segment {
+    /// Whether the segment maps the volume's data (rather than describing a reencryption's
+    /// old, new or moved layout).
+    fn is_data(&self) -> bool {
+        !self.flags.iter().any(|f| f.starts_with("backup-"))
+    }
+}
+
+/// A digest: which keyslots hold the key that which segments are encrypted with.
+#[derive(Debug, Deserialize)]
+struct Digest {
+    #[serde(default)]
+    keyslots: Vec<String>,
+    #[serde(default)]
+    segments: Vec<String>,
 }
 
 /// A copy whose checksum and fields hold.
@@ -299,13 +330,32 @@ fn describe(state: &CopyState) -> String {
 }
 
 /// Sort JSON object keys ("0", "1", "10") as the numbers they are.
-fn by_id<T>(map: &BTreeMap<String, T>) -> Vec<&T> {
-    let mut items: Vec<(u64, &T)> = map
+fn by_id<T>(map: &BTreeMap<String, T>) -> Vec<(&str, &T)> {
+    let mut items: Vec<(u64, &str, &T)> = map
         .iter()
-        .map(|(k, v)| (k.parse().unwrap_or(u64::MAX), v))
+        .map(|(k, v)| (k.parse().unwrap_or(u64::MAX), k.as_str(), v))
         .collect();
-    items.sort_by_key(|(k, _)| *k);
-    items.into_iter().map(|(_, v)| v).collect()
+    items.sort_by_key(|(n, ..)| *n);
+    items.into_iter().map(|(_, k, v)| (k, v)).collect()
+}
+
+/// The volume key size in bits of segment `id`: a keyslot that its digest names (by id),
+/// else (no digests: a hand-made header) any keyslot; never a `reencrypt` keyslot, whose
+/// 1-byte "key" is not the volume key.
+fn key_bits(meta: &Metadata, id: &str) -> Option<u32> {
+    let named: Vec<&String> = meta
+        .digests
+        .values()
+        .filter(|d| d.segments.iter().any(|s| s == id))
+        .flat_map(|d| &d.keyslots)
+        .collect();
+    by_id(&meta.keyslots)
+        .into_iter()
+        .filter(|(k, slot)| {
+            slot.kind != "reencrypt" && (meta.digests.is_empty() || named.iter().any(|n| n == k))
+        })
+        .find_map(|(_, slot)| slot.key_size)
+        .and_then(|bytes| bytes.checked_mul(8))
 }
 
 fn volume_from(
@@ -322,57 +372,90 @@ fn volume_from(
             message,
         })
     };
-    let crypt: Vec<&Segment> = by_id(&valid.meta.segments)
-        .into_iter()
-        .filter(|s| s.kind == "crypt")
-        .collect();
-    let mut payload: Option<Range<u64>> = None;
+    let segments = by_id(&valid.meta.segments);
+    let mut crypt: Vec<Range<u64>> = Vec::new();
+    let mut linear: Vec<Range<u64>> = Vec::new();
     let mut fixed_end = Some(0u64);
-    for s in &crypt {
+    for (id, s) in segments.iter().filter(|(_, s)| s.is_data()) {
+        let ranges = match s.kind.as_str() {
+            "crypt" => &mut crypt,
+            "linear" => &mut linear,
+            other => {
+                problem(format!(
+                    "segment {id} has type {other:?}, neither crypt nor linear; ignored"
+                ));
+                continue;
+            }
+        };
         let offset = s.offset.parse::<u64>().ok();
         let size = match s.size.as_str() {
             "dynamic" => None,
             text => text.parse::<u64>().ok(),
         };
         let Some(first) = offset.and_then(|o| volume.start.checked_add(o)) else {
-            problem(format!("segment offset {:?} is not a byte count", s.offset));
+            problem(format!(
+                "segment {id} offset {:?} is not a byte count",
+                s.offset
+            ));
             continue;
         };
         let end = match size {
             Some(size) => first.saturating_add(size),
             None if s.size == "dynamic" => volume.end,
             None => {
-                problem(format!("segment size {:?} is not a byte count", s.size));
+                problem(format!(
+                    "segment {id} size {:?} is not a byte count",
+                    s.size
+                ));
                 continue;
             }
         };
         fixed_end = fixed_end.zip(size).map(|(e, _)| e.max(end - volume.start));
         if end > volume.end || first > end {
             problem(format!(
-                "segment bytes {first}..{end} run past the volume end (byte {})",
+                "segment {id} bytes {first}..{end} run past the volume end (byte {})",
                 volume.end
             ));
         }
-        let (first, end) = (first.min(volume.end), end.min(volume.end));
-        payload = Some(match payload {
-            Some(p) => p.start.min(first)..p.end.max(end),
-            None => first..end.max(first),
+        let first = first.min(volume.end);
+        ranges.push(first..end.clamp(first, volume.end));
+    }
+    let no_data = crypt.is_empty() && linear.is_empty();
+    if no_data {
+        problem("no crypt or linear data segment in the metadata".into());
+    }
+    let first_of = |ranges: &[Range<u64>]| ranges.iter().map(|r| r.start).min();
+    let payload = match (first_of(&crypt), crypt.iter().map(|r| r.end).max()) {
+        (Some(first), Some(end)) => Some(first..end),
+        // Nothing encrypted yet: an empty payload where the data starts.
+        _ => first_of(&linear).map(|at| at..at),
+    };
+    let mut plaintext: Vec<Range<u64>> = match &payload {
+        Some(p) => linear
+            .iter()
+            .map(|r| r.start.max(p.start)..r.end.min(p.end))
+            .filter(|r| r.start < r.end)
+            .collect(),
+        None => vec![],
+    };
+    plaintext.sort_by_key(|r| r.start);
+    // The cipher of the data, else (nothing encrypted yet) of the layout being moved to.
+    let cipher_segment = segments
+        .iter()
+        .find(|(_, s)| s.kind == "crypt" && s.is_data())
+        .or_else(|| {
+            segments
+                .iter()
+                .find(|(_, s)| s.kind == "crypt" && s.flags.iter().any(|f| f == "backup-final"))
         });
-    }
-    if crypt.is_empty() {
-        problem("no crypt segment in the metadata".into());
-    }
-    let (cipher, mode) = match crypt.first().and_then(|s| s.encryption.as_deref()) {
+    let (cipher, mode) = match cipher_segment.and_then(|(_, s)| s.encryption.as_deref()) {
         Some(spec) => match spec.split_once('-') {
             Some((c, m)) => (Some(c.to_string()), Some(m.to_string())),
             None => (Some(spec.to_string()), None),
         },
         None => (None, None),
     };
-    let key_bits = by_id(&valid.meta.keyslots)
-        .into_iter()
-        .find_map(|k| k.key_size)
-        .and_then(|bytes| bytes.checked_mul(8));
+    let key_bits = cipher_segment.and_then(|(id, _)| key_bits(&valid.meta, id));
     EncryptedVolume {
         location,
         format: VolumeFormat::Luks2(headers),
@@ -380,8 +463,9 @@ fn volume_from(
         mode,
         key_bits,
         payload,
+        plaintext,
         uuid: valid.uuid,
-        volume_size: fixed_end.filter(|_| !crypt.is_empty()),
+        volume_size: fixed_end.filter(|_| !no_data),
         volume,
     }
 }
@@ -467,6 +551,28 @@ mod tests {
         );
         assert!(matches!(&h.primary.state, CopyState::Damaged(_)), "{h:?}");
         assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn linear_segments_are_plaintext_and_backup_segments_no_data() {
+        // A decryption half done around a plaintext middle: crypt, linear, crypt; and the
+        // layouts a reencryption keeps on the side, which map no data.
+        let json = r#"{"segments":{
+            "0":{"type":"crypt","offset":"32768","size":"8192","encryption":"aes-xts-plain64"},
+            "1":{"type":"linear","offset":"40960","size":"8192"},
+            "2":{"type":"crypt","offset":"49152","size":"dynamic","encryption":"aes-xts-plain64"},
+            "3":{"type":"linear","offset":"16384","size":"dynamic","flags":["backup-final"]},
+            "4":{"type":"crypt","offset":"20000","size":"dynamic","encryption":"x-y",
+                 "flags":["backup-previous"]}},
+            "keyslots":{"0":{"type":"reencrypt","key_size":1},"1":{"type":"luks2","key_size":64}},
+            "digests":{"0":{"keyslots":["1"],"segments":["0","2","4"]}}}"#;
+        let (v, problems) = probe_image(&image(json, true));
+        let v = v.unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(v.payload, Some(32768..65536));
+        assert_eq!(v.plaintext, vec![40960..49152]);
+        assert_eq!(v.key_bits, Some(512));
+        assert_eq!(v.cipher.as_deref(), Some("aes"));
     }
 
     #[test]

@@ -185,8 +185,15 @@ pub struct EncryptedVolume {
     /// `aes-xts-plain64` with 512 bits is AES-256), BitLocker the AES key size its method
     /// names (XTS-AES-128 is 128).
     pub key_bits: Option<u32>,
-    /// The ciphertext (payload) bytes on the disk; `None` if unknown.
+    /// The extent of the ciphertext on the disk: from its first byte to the end of its last;
+    /// empty (`start == end`) when nothing is encrypted (yet, or any more); `None` if unknown.
+    /// The bytes in [`EncryptedVolume::plaintext`] lie inside it but are not ciphertext.
     pub payload: Option<Range<u64>>,
+    /// Plaintext ranges inside `payload`, sorted: the `linear` segments of a LUKS2 volume
+    /// whose encryption (`cryptsetup reencrypt --encrypt`) is in progress. Listed rather than
+    /// folded into `payload`, so no report ever counts plaintext as ciphertext.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plaintext: Vec<Range<u64>>,
     /// The volume UUID (LUKS) or volume identifier GUID (BitLocker).
     pub uuid: Option<String>,
     /// Size of the volume as its own header records it, when it does.
@@ -252,10 +259,24 @@ pub struct BitLockerInfo {
     pub method: String,
     /// The three FVE metadata blocks, in the order the header lists them.
     pub metadata_blocks: Vec<FveBlock>,
-    /// FVE block header version 2: bytes still encrypted from the volume start.
+    /// FVE block header version 2: bytes encrypted from the volume start; what lies past
+    /// them is plaintext (a conversion in progress or paused).
     pub encrypted_size: Option<u64>,
     /// FVE block header version 2: absolute offset of the relocated original boot sectors.
     pub volume_header_offset: Option<u64>,
+    /// FVE block header version 2: size of that relocated region (its sector count times
+    /// the bytes per sector).
+    #[serde(default)]
+    pub volume_header_size: Option<u64>,
+    /// The conversion state the FVE block header records: `encrypted`, `converting`,
+    /// `paused`, `decrypted`, or `unknown (N)`; empty when no block could be read.
+    #[serde(default)]
+    pub state: String,
+    /// The volume header carries the "used disk space only" identifier: clusters that were
+    /// free when encryption started were never encrypted and may still hold plaintext,
+    /// which no header records (only the file system knows which clusters they are).
+    #[serde(default)]
+    pub used_space_only: bool,
 }
 
 /// One FVE metadata block.
@@ -283,12 +304,15 @@ impl Layout {
     /// The bytes that hold ciphertext, sorted and merged, so a backup can store them without
     /// a compression attempt (ciphertext does not shrink). A volume whose payload is unknown
     /// contributes its whole range: better to skip compressing a few header bytes than to
-    /// spend CPU on megabytes of random data.
+    /// spend CPU on megabytes of random data. A volume's listed plaintext is left out.
     pub fn ciphertext_ranges(&self) -> Vec<Range<u64>> {
         let mut ranges: Vec<Range<u64>> = self
             .volumes
             .iter()
-            .map(|v| v.payload.clone().unwrap_or_else(|| v.volume.clone()))
+            .flat_map(|v| {
+                let payload = v.payload.clone().unwrap_or_else(|| v.volume.clone());
+                subtract(payload, &v.plaintext)
+            })
             .filter(|r| r.start < r.end)
             .collect();
         ranges.sort_by_key(|r| (r.start, r.end));
@@ -301,6 +325,25 @@ impl Layout {
         }
         merged
     }
+}
+
+/// `range` without the bytes of `holes`.
+fn subtract(range: Range<u64>, holes: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut holes: Vec<&Range<u64>> = holes.iter().filter(|h| h.start < h.end).collect();
+    holes.sort_by_key(|h| h.start);
+    let mut out = Vec::new();
+    let mut at = range.start;
+    for h in holes {
+        if h.start > at {
+            out.push(at..h.start.min(range.end));
+        }
+        at = at.max(h.end);
+    }
+    if at < range.end {
+        out.push(at..range.end);
+    }
+    out.retain(|r| r.start < r.end);
+    out
 }
 
 #[cfg(test)]
@@ -316,6 +359,7 @@ mod tests {
             mode: None,
             key_bits: None,
             payload,
+            plaintext: vec![],
             uuid: None,
             volume_size: None,
         }
@@ -336,6 +380,22 @@ mod tests {
             problems: vec![],
         };
         assert_eq!(layout.ciphertext_ranges(), vec![10..300, 600..950]);
+    }
+
+    #[test]
+    fn listed_plaintext_is_not_ciphertext() {
+        let mut v = volume(0..1000, Some(100..900));
+        v.plaintext = vec![700..800, 50..150, 400..500, 850..2000];
+        let layout = Layout {
+            disk_size: 1000,
+            table: PartitionTable::None,
+            volumes: vec![v],
+            problems: vec![],
+        };
+        assert_eq!(
+            layout.ciphertext_ranges(),
+            vec![150..400, 500..700, 800..850]
+        );
     }
 
     #[test]

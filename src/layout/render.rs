@@ -136,9 +136,17 @@ fn volume(f: &mut Formatter<'_>, v: &EncryptedVolume) -> fmt::Result {
         v.mode.clone().unwrap_or_else(unknown),
         v.key_bits.map_or_else(unknown, |k| k.to_string()),
     )?;
-    let payload = v.payload.as_ref().map_or_else(unknown, bytes);
+    let payload = match &v.payload {
+        None => unknown(),
+        Some(p) if p.is_empty() => "none (nothing is encrypted)".to_string(),
+        Some(p) => bytes(p),
+    };
     let uuid = v.uuid.clone().unwrap_or_else(unknown);
     writeln!(f, "    payload {payload}; UUID {uuid}")?;
+    if !v.plaintext.is_empty() {
+        let plain: Vec<String> = v.plaintext.iter().map(bytes).collect();
+        writeln!(f, "    not yet encrypted (plaintext): {}", plain.join(", "))?;
+    }
     if let Some(size) = v.volume_size {
         writeln!(f, "    volume size (from its header): {size} bytes")?;
     }
@@ -173,8 +181,20 @@ fn volume(f: &mut Formatter<'_>, v: &EncryptedVolume) -> fmt::Result {
                 blocks.join(", "),
                 b.method_code
             )?;
+            if !b.state.is_empty() {
+                writeln!(f, "    state: {}", b.state)?;
+            }
             if let Some(n) = b.encrypted_size {
                 writeln!(f, "    encrypted size: {n} bytes")?;
+            }
+            if let (Some(at), Some(len)) = (b.volume_header_offset, b.volume_header_size) {
+                writeln!(f, "    boot sectors relocated to byte {at} ({len} bytes)")?;
+            }
+            if b.used_space_only {
+                writeln!(
+                    f,
+                    "    used space only: clusters free at encryption may hold plaintext"
+                )?;
             }
         }
     }

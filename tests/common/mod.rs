@@ -6,11 +6,12 @@
 //! the `allow(dead_code)` below covers the submodules too. The submodules hold the fixtures
 //! made by external tools, imported by path where used (a glob re-export here would be an
 //! unused import in every binary that needs none of them): [`tools`] (is a tool installed;
-//! run one), [`qemu`] (the QEMU tools; a qemu-nbd server) and [`keys`] (openssl PEM keys,
-//! SoftHSM2 tokens).
+//! run one), [`qemu`] (the QEMU tools; a qemu-nbd server), [`keys`] (openssl PEM keys,
+//! SoftHSM2 tokens) and [`layout_tools`] (sfdisk tables, cryptsetup volumes, layout checks).
 #![allow(dead_code)]
 
 pub mod keys;
+pub mod layout_tools;
 pub mod qemu;
 pub mod tools;
 
