@@ -6,12 +6,13 @@
 //! the `allow(dead_code)` below covers the submodules too. The submodules hold the fixtures
 //! made by external tools, imported by path where used (a glob re-export here would be an
 //! unused import in every binary that needs none of them): [`tools`] (is a tool installed;
-//! run one), [`qemu`] (the QEMU tools; a qemu-nbd server) and [`keys`] (openssl PEM keys,
-//! SoftHSM2 tokens).
+//! run one), [`qemu`] (the QEMU tools; a qemu-nbd server), [`keys`] (openssl PEM keys,
+//! SoftHSM2 tokens) and [`secrets`] (scans for key material stored in the clear).
 #![allow(dead_code)]
 
 pub mod keys;
 pub mod qemu;
+pub mod secrets;
 pub mod tools;
 
 use std::ffi::OsStr;
