@@ -1,7 +1,7 @@
 //! Key management under SIGKILL: `key rotate` (platform KEK, `--new-dek`, `--new-cmk` with
 //! PEM keys), `key revoke`, `key enable`, `key import`, `key escrow`, `init` (platform, and
 //! with `--cmk`, `--recovery-key`, `--infrastructure-encryption`), a backup running while a
-//! rotation is killed, and `restore`, each killed in loops of random delays aimed inside the
+//! rotation is killed, `key recover` (the repair command itself) and `restore`, each killed in loops of random delays aimed inside the
 //! command: the delay is drawn between 0 and the measured duration of an uninterrupted run,
 //! and vaults hold many disks (key records) so that a rotation is mid-way when it dies.
 //!
@@ -665,6 +665,71 @@ fn keystore_and_escrow_commands_killed() {
     assert!(
         killed >= TRIALS / 3,
         "only {killed} of {TRIALS} commands were killed"
+    );
+}
+
+/// `key recover --recovery-private` after the keystore file is lost, SIGKILLed after random
+/// delays up to its measured duration (every other one counted from when it writes the new
+/// key file, to land among the descriptors, the config and the records it re-authenticates).
+/// Half-way, `verify` may fail (no key file; records or config not yet under the new auth
+/// key: exit 1 or 3); running `key recover` again finishes it.
+#[test]
+fn recovery_killed_then_run_again() {
+    const TEST: &str = "recovery_killed_then_run_again";
+    const TRIALS: usize = 10;
+    let Some(k) = pem_keys(TEST) else {
+        return;
+    };
+    let mut rng = rng_for(TEST);
+    let bv = Bv::new();
+    bv.json(&["init", "--recovery-key", &k.spec("r")]);
+    let mut book = Book::default();
+    book.new_backup(&bv, "d1", &mut rng);
+    add_disks(&bv, 16, None);
+    let key_file = bv.key_file();
+    let recover = args(&[
+        "--json",
+        "key",
+        "recover",
+        "--recovery-private",
+        &k.key("r"),
+    ]);
+    let pems = private_components(&k.key("r"));
+    std::fs::remove_file(&key_file).unwrap();
+    let mut full = timed(&bv, &recover);
+    eprintln!("{TEST}: a recovery takes {full:?}");
+    let (mut killed, mut broken) = (0, 0);
+    for trial in 0..TRIALS {
+        let label = format!("{TEST} trial {trial}");
+        std::fs::remove_file(&key_file).unwrap();
+        let ended = if trial % 2 == 0 {
+            kill_after(&bv, &recover, aim(&mut rng, full))
+        } else {
+            kill_when(&bv, &recover, || key_file.exists(), aim(&mut rng, full / 2))
+        };
+        match ended {
+            Ended::Finished(r) => {
+                r.ok();
+            }
+            Ended::Killed => killed += 1,
+        }
+        let v = bv.verify(false);
+        if v.code != 0 {
+            v.failed();
+            broken += 1;
+            full = timed(&bv, &recover);
+        }
+        all_wrapped_by(&key_show(&bv), &["platform-v1", "recovery-v1"], &label);
+        verify_ok(&bv, &label);
+        book.restore_some(&bv, &mut rng);
+        book.new_backup(&bv, "d1", &mut rng);
+        assert_no_key_material(&bv, None, &pems);
+    }
+    book.restore_all(&bv);
+    eprintln!("{TEST}: {killed} of {TRIALS} killed, {broken} left a vault that needed the re-run");
+    assert!(
+        killed >= TRIALS / 3,
+        "only {killed} of {TRIALS} recoveries were killed"
     );
 }
 
