@@ -678,8 +678,9 @@ fn keystore_and_escrow_commands_killed() {
 /// `key recover --recovery-private` after the keystore file is lost, SIGKILLed after random
 /// delays up to its measured duration (every other one counted from when it writes the new
 /// key file, to land among the descriptors, the config and the records it re-authenticates).
-/// Half-way, `verify` may fail (no key file; records or config not yet under the new auth
-/// key: exit 1 or 3); running `key recover` again finishes it.
+/// Half-way, `verify` fails naming the state (no key file yet: exit 1; the config, key
+/// descriptors or records not yet authenticated under the new key file: exit 3), and running
+/// `key recover` again finishes it.
 #[test]
 fn recovery_killed_then_run_again() {
     const TEST: &str = "recovery_killed_then_run_again";
@@ -721,9 +722,18 @@ fn recovery_killed_then_run_again() {
             }
             Ended::Killed => killed += 1,
         }
+        // Half-way: the key file not written yet, or objects not yet under its auth key.
         let v = bv.verify(false);
         if v.code != 0 {
-            v.failed();
+            let (code, says) = match v.code {
+                1 => (1, "keystore has no key for vault"),
+                _ => (3, "failed authentication"),
+            };
+            v.code(code);
+            assert!(
+                v.stdout.contains(says) || v.stderr.contains(says),
+                "{label}: verify should say {says:?}: {v:?}"
+            );
             broken += 1;
             full = timed(&bv, &recover);
         }
