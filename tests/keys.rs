@@ -15,12 +15,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::keys::{pem_keys, softhsm, SoftHsm, SOFTHSM_MODULE};
+use common::secrets::{contains, keystore_secrets, private_components, tree, Tree};
 use common::tools::run_tool;
 use common::{assert_file_eq, random_data, text, write_file, Bv, Run, MIB};
 use serde_json::Value;
@@ -32,34 +32,6 @@ use serde_json::Value;
 /// A path as an argument.
 fn s(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
-}
-
-/// The first 32 bytes of the private exponent and of both primes of a PEM private key, as
-/// `openssl rsa -text` prints them: what must never be stored.
-fn private_components(key: &str) -> Vec<(String, Vec<u8>)> {
-    let out = run_tool(
-        Command::new("openssl").args(["rsa", "-in", key, "-noout", "-text"]),
-        "",
-    );
-    let text = String::from_utf8(out).expect("openssl prints text");
-    let mut found = Vec::new();
-    for field in ["privateExponent", "prime1", "prime2"] {
-        let hexdigits: String = text
-            .lines()
-            .skip_while(|l| *l != format!("{field}:"))
-            .skip(1)
-            .take_while(|l| l.starts_with(' '))
-            .flat_map(|l| l.trim().split(':'))
-            .collect();
-        let bytes = hex::decode(&hexdigits).expect("hex from openssl");
-        let start = bytes.iter().position(|b| *b != 0).expect("non-zero");
-        assert!(bytes.len() - start >= 32, "{field} of {key} too short");
-        found.push((
-            format!("{field} of {key}"),
-            bytes[start..start + 32].to_vec(),
-        ));
-    }
-    found
 }
 
 /// A SoftHSM2 token `t` in a folder of this test's own (PIN files `pin`, and `badpin` with
@@ -83,30 +55,6 @@ fn uri(label: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Files by relative path, with their bytes.
-type Tree = BTreeMap<String, Vec<u8>>;
-
-/// Every file under `dir` (hidden ones too).
-fn tree(dir: &Path) -> Tree {
-    fn walk(root: &Path, dir: &Path, out: &mut Tree) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd {
-            let p = e.expect("dir entry").path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-                out.insert(rel, std::fs::read(&p).expect("read"));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
 
 /// The vault's and the keystore's files.
 fn state(bv: &Bv) -> (Tree, Tree) {
@@ -140,10 +88,6 @@ fn objects(bv: &Bv, prefix: &str) -> Tree {
         .into_iter()
         .filter(|(k, _)| k.starts_with(prefix))
         .collect()
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Run `args` (strings) and assert a clean failure whose stderr has every one of `needles`.
@@ -1181,38 +1125,6 @@ fn hsm_private_key_put_back_restores_access() {
 // No key material unwrapped
 // ---------------------------------------------------------------------------------------------
 
-/// The raw secrets of a keystore file (layout: docs/FORMAT.md §3.6): the auth key, every
-/// platform KEK version's key and, when present, both halves of the infrastructure key.
-fn keystore_secrets(file: &[u8]) -> Vec<(String, Vec<u8>)> {
-    assert_eq!(&file[..4], b"BVKS", "a keystore file");
-    let le16 = |at: usize| u16::from_le_bytes([file[at], file[at + 1]]) as usize;
-    let version = le16(4);
-    let n = le16(56);
-    let mut out = vec![("auth key".to_string(), file[24..56].to_vec())];
-    for i in 0..n {
-        let e = 58 + 48 * i;
-        let v = u32::from_le_bytes(file[e..e + 4].try_into().unwrap());
-        out.push((format!("platform KEK v{v}"), file[e + 16..e + 48].to_vec()));
-    }
-    let infra = 58 + 48 * n;
-    if version == 2 {
-        assert_eq!(file.len(), 158 + 48 * n);
-        if file[infra] == 1 {
-            out.push((
-                "infrastructure key K1".into(),
-                file[infra + 4..infra + 36].to_vec(),
-            ));
-            out.push((
-                "infrastructure key K2".into(),
-                file[infra + 36..infra + 68].to_vec(),
-            ));
-        }
-    } else {
-        assert_eq!(file.len(), 90 + 48 * n);
-    }
-    out
-}
-
 /// A platform vault (rotated, with an escrowed secret and an export), a PEM CMK vault and an
 /// infrastructure-layer vault, every command run with RUST_LOG=debug: the platform KEKs, auth
 /// keys and infrastructure keys (read from the keystore files) appear in their own keystore
@@ -1364,11 +1276,6 @@ fn no_key_material_is_stored_or_printed_unwrapped() {
     let mut forbidden = vec![("escrowed secret".to_string(), SECRET.to_vec())];
     for key in ["a", "r"] {
         forbidden.extend(private_components(&k.key(key)));
-        let der = run_tool(
-            Command::new("openssl").args(["pkey", "-in", &k.key(key), "-outform", "DER"]),
-            "",
-        );
-        forbidden.push((format!("PKCS#8 DER of {key}.key"), der));
     }
     for (what, bytes) in &forbidden {
         for (name, file) in stored.iter().chain(&keystores) {

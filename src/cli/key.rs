@@ -313,16 +313,26 @@ fn rotate(ctx: &Context, new_cmk: Option<&str>, new_dek: bool) -> anyhow::Result
             }
         }
     };
+    let mut target = vault.keyring().wrapping_ids()?;
+    target[0] = new_id;
+    // The new customer key already stored, and records still to re-wrap: this resumes an
+    // interrupted rotation (see `vault::rotation`), which started its new DEK generations
+    // before storing the key. Starting more would need every disk read, and the records it
+    // re-wrapped no longer open with the old private key.
+    let resumed = new_key.is_none()
+        && kind != KekKind::Platform
+        && vault
+            .key_records()?
+            .iter()
+            .any(|r| !r.record.is_wrapped_by(&target));
     let mut new_generations = 0;
-    if new_dek {
+    if new_dek && !resumed {
         // Every disk, or none: one that cannot be read stops the rotation here.
         for id in vault.disk_ids()? {
             vault.new_generation(&vault.load_disk(id)?)?;
             new_generations += 1;
         }
     }
-    let mut target = vault.keyring().wrapping_ids()?;
-    target[0] = new_id;
     let pending = vault.unwrap_pending(&target)?;
     match new_key {
         Some(key) => vault.add_kek_descriptor(&key, &keys.auth)?,
@@ -343,8 +353,8 @@ fn rotate(ctx: &Context, new_cmk: Option<&str>, new_dek: bool) -> anyhow::Result
     let rewrapped = ctx.open_vault()?.rewrap(pending)?;
     let secs = started.elapsed().as_secs_f64();
     ctx.out.result(
-        json!({"command": "key rotate", "kek": new_id.to_string(), "records_rewrapped": rewrapped, "new_dek_generations": new_generations, "seconds": secs}),
-        || format!("DEKs now wrapped by {new_id}: {rewrapped} key record(s) re-wrapped, {new_generations} new DEK generation(s), {secs:.2} s\n"),
+        json!({"command": "key rotate", "kek": new_id.to_string(), "records_rewrapped": rewrapped, "new_dek_generations": new_generations, "resumed": resumed, "seconds": secs}),
+        || format!("DEKs now wrapped by {new_id}: {rewrapped} key record(s) re-wrapped, {new_generations} new DEK generation(s){}, {secs:.2} s\n", if resumed { " (an interrupted rotation resumed)" } else { "" }),
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -118,6 +118,12 @@ impl KeyRecord {
         Ok(())
     }
 
+    /// Whether the record holds exactly one wrap by each of `keks`, in that order: what a
+    /// rotation to `keks` leaves.
+    pub fn is_wrapped_by(&self, keks: &[KekId]) -> bool {
+        self.wraps.iter().map(|w| w.0).eq(keks.iter().copied())
+    }
+
     /// Unwrap the DEK with the first wrap `kek` can open. Errors say which key failed and why
     /// (the first wrap's error: the vault's primary KEK).
     pub fn unwrap(&self, kek: &dyn KekProvider) -> Result<Secret32> {

@@ -6,6 +6,7 @@
 //! packs/<2 hex>/<pack id>         sealed extent frames + sealed index (≈32 MiB each)
 //! snapshots/<disk id>/<snap id>   sealed manifest: geometry, parent, slot table, stats
 //! locks/<disk id>                 local advisory lock while a backup of that disk runs
+//! locks/init                      local advisory lock while a vault is created
 //! ```
 //! Commit protocol: packs are written (atomically, durably) before the manifest that names
 //! them; the manifest is written last. A crash leaves at worst unreferenced packs, never a
@@ -114,6 +115,9 @@ impl Vault {
     /// Create a vault with the encryption settings of `opts`, fixed for its lifetime.
     pub fn init_with(url: &str, keystore: &Keystore, opts: &InitOptions) -> Result<Vault> {
         let store: Arc<dyn Store> = store::open(url)?.into();
+        // One init at a time: an init takes over what an interrupted one left (below), which
+        // must not be the objects of another init still at work.
+        let _lock = store.lock("init", std::time::Duration::from_secs(60))?;
         if store.size(config::KEY).is_ok() {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
@@ -125,11 +129,12 @@ impl Vault {
                 "infrastructure encryption can be chosen only together with a customer-managed key (--cmk)",
             ));
         }
+        take_over_interrupted_init(&*store, url)?;
         let vault_id = random_bytes::<16>()?;
         let (keys, keystore_file) = keystore.create(&vault_id, opts.infrastructure)?;
         let layered_store = layered(store.clone(), opts.infrastructure, &keys)?;
         // Descriptors first, config last: a vault without its config is no vault, so a
-        // crash here leaves nothing anyone would use.
+        // crash here leaves nothing anyone would use, and the next init takes it over.
         let mac = kekdesc::mac_key(&keys.auth);
         for key in opts.cmk.iter().chain(&opts.recovery) {
             layered_store.put_new(&kekdesc::object_key(key.id()), &kekdesc::encode(key, &mac))?;
@@ -481,6 +486,28 @@ impl Vault {
         self.store
             .put(&m.id.object_key(&disk.id), &m.encode(&disk.binding, &keys)?)
     }
+}
+
+/// Remove what an `init` killed before writing the config left behind: key descriptors and
+/// `infra-recovery`. They are authenticated (or encrypted) under a keystore file that no
+/// config names, so nothing can use them, and left in place they would make the next init
+/// fail (`put_new`) or the vault it makes unreadable. Run under the init lock, with no config
+/// present. A folder holding key records or snapshots without a config is not what an init
+/// leaves: it is refused, and nothing is removed.
+fn take_over_interrupted_init(store: &dyn Store, url: &str) -> Result<()> {
+    for prefix in ["keys", "snapshots"] {
+        if let Some(key) = store.list(prefix)?.first() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{url} holds {key} but no config: neither an empty folder nor what an interrupted init leaves; refusing to create a vault over it"),
+            ));
+        }
+    }
+    for key in store.list(kekdesc::PREFIX)? {
+        tracing::info!(object = %key, "removing a key descriptor of an interrupted init");
+        store.delete(&key)?;
+    }
+    store.delete(infra_recovery::KEY)
 }
 
 /// The store every object but the config goes through: with the infrastructure layer, each

@@ -8,7 +8,11 @@
 //!   record replaced in place ([`Vault::rewrap`]). The old key's private half is needed only
 //!   in step one and the new one's in neither. A crash midway leaves some records under the
 //!   old key and some under the new; running the same rotation again (with a customer key:
-//!   the same new key, which is then not added twice) skips the records already done.
+//!   the same new key, which is then not added twice) skips the records already done. With
+//!   `--new-dek`, the new DEK generations are written before the new key is stored, so a run
+//!   that finds the new customer key stored and records left to re-wrap resumes an
+//!   interrupted rotation and starts no generations (it could not: the records already
+//!   re-wrapped no longer open with the old private key).
 //! - Recovery (`key recover`): the keystore or the HSM is gone. The recovery key's private
 //!   half unwraps every DEK; a fresh keystore (or a new customer key) then re-wraps and
 //!   re-authenticates every record, descriptor and the config.
@@ -60,7 +64,7 @@ impl Vault {
     pub fn unwrap_pending(&self, target: &[KekId]) -> Result<Vec<Unwrapped>> {
         let mut out = Vec::new();
         for StoredRecord { key, record } in self.key_records()? {
-            if record.wraps.iter().map(|w| w.0).eq(target.iter().copied()) {
+            if record.is_wrapped_by(target) {
                 continue;
             }
             let dek = record.unwrap(&self.keyring)?;

@@ -7,12 +7,14 @@
 //! made by external tools, imported by path where used (a glob re-export here would be an
 //! unused import in every binary that needs none of them): [`tools`] (is a tool installed;
 //! run one), [`qemu`] (the QEMU tools; a qemu-nbd server), [`keys`] (openssl PEM keys,
-//! SoftHSM2 tokens) and [`layout_tools`] (sfdisk tables, cryptsetup volumes, layout checks).
+//! SoftHSM2 tokens), [`layout_tools`] (sfdisk tables, cryptsetup volumes, layout checks) and
+//! [`secrets`] (scans for key material stored in the clear).
 #![allow(dead_code)]
 
 pub mod keys;
 pub mod layout_tools;
 pub mod qemu;
+pub mod secrets;
 pub mod tools;
 
 use std::ffi::OsStr;
