@@ -30,6 +30,9 @@ const HEADER_LEN: usize = 4 + 2 + 2 + 16 + 32 + 2;
 const ENTRY_LEN: usize = 4 + 1 + 3 + 8 + 32;
 const INFRA_LEN: usize = 4 + 64;
 const SUM_LEN: usize = 32;
+/// Age past which a key-file temp copy is taken to be left by a killed save, not in flight
+/// (a save takes milliseconds).
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Where key files live.
 pub struct Keystore {
@@ -142,7 +145,28 @@ impl Keystore {
             let _ = fs::remove_file(&tmp);
             Error::io(format!("writing keystore file {}", path.display()), e)
         })?;
+        self.remove_stale_temps(vault_id);
         Ok(path)
+    }
+
+    /// Remove this vault's temp files left by saves that were killed before their rename:
+    /// each is a copy of key material that nothing reads. Only those older than
+    /// [`STALE_TEMP`], so that another process's save in flight keeps its file.
+    fn remove_stale_temps(&self, vault_id: &[u8; 16]) {
+        let prefix = format!(".{}.tmp-", hex::encode(vault_id));
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TEMP));
+            if stale && entry.file_name().to_string_lossy().starts_with(&prefix) {
+                tracing::info!(file = %entry.path().display(), "removing a keystore temp file left by an interrupted save");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Create the keys of a new vault: a fresh auth key and KEK version 1, and an
@@ -289,6 +313,37 @@ pub fn decode(b: &[u8], vault_id: &[u8; 16]) -> Result<VaultKeys> {
 mod tests {
     use super::*;
     use crate::crypto::kek::KekProvider;
+
+    #[test]
+    fn a_save_removes_temp_copies_left_by_killed_saves_but_not_one_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keystore::new(dir.path().join("ks"));
+        let id = [5u8; 16];
+        let (keys, _) = ks.create(&id, false).unwrap();
+        let temp = |vault: [u8; 16], name: &str, age: u64| {
+            let p = ks.dir().join(format!(".{}.tmp-{name}", hex::encode(vault)));
+            let f = fs::File::create(&p).unwrap();
+            f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(age))
+                .unwrap();
+            p
+        };
+        let killed = temp(id, "killed", 3600);
+        let in_flight = temp(id, "inflight", 1);
+        let other_vault = temp([6; 16], "killed", 3600);
+        ks.save(&id, &keys).unwrap();
+        assert!(
+            !killed.exists(),
+            "a temp file older than STALE_TEMP is removed"
+        );
+        assert!(
+            in_flight.exists(),
+            "a fresh temp file may be another save's"
+        );
+        assert!(
+            other_vault.exists(),
+            "another vault's files are not touched"
+        );
+    }
 
     #[test]
     fn create_load_round_trip_mode_0600() {
