@@ -5,7 +5,7 @@
 //! C: u32 client flags (FIXED_NEWSTYLE, NO_ZEROES if offered)
 //! C: STRUCTURED_REPLY                 S: ACK | ERR_UNSUP (then plain reads, no block status)
 //! C: LIST_META_CONTEXT export ["qemu:dirty-bitmap:"]   S: META_CONTEXT(name)* ACK
-//! C: SET_META_CONTEXT export [base:allocation, qemu:dirty-bitmap:NAME?]
+//! C: SET_META_CONTEXT export [base:allocation, qemu:dirty-bitmap:NAME for each listed]
 //!                                     S: META_CONTEXT(id, name)* ACK
 //! C: GO export [INFO_BLOCK_SIZE]      S: INFO(EXPORT: size, flags) INFO(BLOCK_SIZE)? ACK
 //! ```
@@ -144,7 +144,8 @@ fn bad(what: String) -> Error {
     Error::integrity(format!("malformed handshake: {what}"))
 }
 
-/// Negotiate `export` with `contexts` selected, on a fresh connection.
+/// Negotiate `export` with `contexts` and every dirty bitmap the server lists selected, on
+/// a fresh connection.
 pub fn negotiate<S: Read + Write>(
     s: &mut S,
     export: &str,
@@ -220,7 +221,8 @@ fn options<S: Read + Write>(s: &mut S, export: &str, contexts: &[String]) -> Res
                 .filter_map(|(name, _)| name.strip_prefix(DIRTY_BITMAP_PREFIX).map(str::to_owned))
                 .collect()
         });
-        let granted = meta_contexts(s, OPT_SET_META_CONTEXT, export, contexts)?;
+        let wanted = with_bitmaps(contexts, bitmaps.as_deref().unwrap_or_default());
+        let granted = meta_contexts(s, OPT_SET_META_CONTEXT, export, &wanted)?;
         (bitmaps, granted.unwrap_or_default())
     } else {
         (None, Vec::new())
@@ -234,6 +236,21 @@ fn options<S: Read + Write>(s: &mut S, export: &str, contexts: &[String]) -> Res
         contexts,
         bitmaps,
     })
+}
+
+/// `contexts` and the context of every bitmap in `bitmaps` not already among them. Selecting
+/// every listed bitmap up front means reading one later needs no second connection, which a
+/// server that serves a single one refuses (qemu-nbd without `--persistent` exits when its
+/// first client leaves).
+fn with_bitmaps(contexts: &[String], bitmaps: &[String]) -> Vec<String> {
+    let mut all = contexts.to_vec();
+    for b in bitmaps {
+        let c = format!("{DIRTY_BITMAP_PREFIX}{b}");
+        if !all.contains(&c) {
+            all.push(c);
+        }
+    }
+    all
 }
 
 /// LIST or SET_META_CONTEXT: the contexts returned, or `None` if the server refused the
@@ -637,6 +654,18 @@ mod tests {
         assert!(n.structured);
         assert_eq!(n.context(BASE_ALLOCATION), Some(5));
         assert_eq!(n.bitmaps, Some(vec!["b0".to_string(), "b1".to_string()]));
+        // Both listed bitmaps were asked for along with base:allocation.
+        let set = [
+            IHAVEOPT.to_be_bytes().as_slice(),
+            &OPT_SET_META_CONTEXT.to_be_bytes(),
+        ]
+        .concat();
+        let at = s.output.windows(12).position(|w| w == set).expect("SET");
+        let names = String::from_utf8_lossy(&s.output[at..]);
+        assert!(
+            names.contains("qemu:dirty-bitmap:b0") && names.contains("qemu:dirty-bitmap:b1"),
+            "{names}"
+        );
         // Client flags: fixed newstyle and no zeroes; then STRUCTURED_REPLY with no data.
         assert_eq!(&s.output[0..4], &3u32.to_be_bytes());
         assert_eq!(&s.output[4..12], &IHAVEOPT.to_be_bytes());

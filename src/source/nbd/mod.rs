@@ -15,11 +15,13 @@
 //!   `dirty_ranges(name)` is block status over `qemu:dirty-bitmap:NAME`.
 //!
 //! Meta contexts can only be chosen before `NBD_OPT_GO`, and qemu-nbd serves **one client at
-//! a time** by default (`--shared=1`: a second connection waits until the first closes). So
-//! this source never holds two connections: a bitmap not negotiated at open (see
-//! [`NbdOptions::bitmap`]) makes `dirty_ranges` wait for reads in flight, close the
-//! connection, and open a new one that negotiates `base:allocation` and that bitmap; reads
-//! then continue on the new connection (whose export size must be unchanged).
+//! a time** by default (`--shared=1`: a second connection waits until the first closes), and
+//! without `--persistent` it exits when that client leaves. So the handshake selects every
+//! bitmap the server lists along with `base:allocation`, and one connection serves the whole
+//! backup. Only a bitmap the server did not list (see [`NbdOptions::bitmap`]) makes
+//! `dirty_ranges` wait for reads in flight, close the connection, and open a new one that
+//! negotiates `base:allocation` and that bitmap; reads then continue on the new connection
+//! (whose export size must be unchanged).
 
 pub mod client;
 pub mod handshake;
@@ -49,7 +51,8 @@ const STATUS_STEP: u64 = (1 << 32) - (1 << 16);
 pub struct NbdOptions {
     /// How long to wait for the server: connecting, each handshake step, each reply.
     pub timeout: Duration,
-    /// A dirty bitmap to negotiate at open, so `dirty_ranges` of it needs no reconnect.
+    /// A dirty bitmap to negotiate at open even if the server does not list it, so
+    /// `dirty_ranges` of it needs no reconnect (listed bitmaps always are).
     pub bitmap: Option<String>,
 }
 
@@ -258,7 +261,13 @@ impl Source for NbdSource {
         let reuse = g.as_ref().and_then(|c| c.negotiated.context(&context));
         if reuse.is_none() {
             *g = None;
-            let c = connect(&self.url, &self.target, self.timeout, Some(name))?;
+            let c = connect(&self.url, &self.target, self.timeout, Some(name)).map_err(|e| {
+                e.within(format!(
+                    "reconnecting to select dirty bitmap {name:?}, which the server did not \
+                     list (a server serving one connection, like qemu-nbd without \
+                     --persistent, cannot be reconnected to)"
+                ))
+            })?;
             if c.negotiated.size != self.size {
                 return Err(Error::new(
                     ErrorKind::SourceChanged,
