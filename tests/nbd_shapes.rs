@@ -18,6 +18,11 @@ use common::qemu::{qemu_io, QEMU_NBD};
 use common::tools::{run_tool, tools};
 use common::*;
 
+use blockvault::source::{Access, NbdOptions, NbdSource, Source};
+
+/// nbdkit, for [`tools`]: its plugins and filters come in the same package.
+const NBDKIT: &[(&str, &str)] = &[("nbdkit", "nbdkit")];
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -80,6 +85,14 @@ impl Server {
         Server::start(cmd, &sock.with_extension("log"), Ready::Socket(sock), url)
     }
 
+    /// nbdkit with `args` (filters, plugin, its parameters) on `sock`.
+    fn nbdkit(sock: &Path, args: &[&str]) -> Server {
+        let mut c = Command::new("nbdkit");
+        c.args(["-f", "--exit-with-parent", "-U", s(sock)])
+            .args(args);
+        Server::on_socket(c, sock)
+    }
+
     /// qemu-nbd, read-only, without `--persistent`: it exits when its one client leaves.
     fn qemu_nbd_once(sock: &Path, image: &Path, fmt: &str, args: &[&str]) -> Server {
         let mut c = Command::new("qemu-nbd");
@@ -87,6 +100,20 @@ impl Server {
             .args(args)
             .arg(image);
         Server::on_socket(c, sock)
+    }
+
+    fn signal(&self, signal: &str) {
+        run("kill", &[signal, &self.child.id().to_string()]);
+    }
+
+    /// Bytes the server has read from files so far (`rchar` of /proc/PID/io).
+    fn bytes_read(&self) -> u64 {
+        let io =
+            std::fs::read_to_string(format!("/proc/{}/io", self.child.id())).unwrap_or_default();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// SIGKILL, and wait until it is gone.
@@ -238,4 +265,293 @@ fn odd_sized_named_export_over_tcp() {
         .no_panic()
         .stderr_has(&[&wrong, "no export \"odd\""]);
     assert_eq!(bv.snapshots().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// nbdkit
+// ---------------------------------------------------------------------------------------------
+
+/// What nbdkit's `data` plugin makes of `DATA_EXPR`, built by hand.
+const DATA_EXPR: &str =
+    "(0x55 0xAA)*1000 @1048576 \"hello\" @^4096 (1 2 3)*33333 @3145728 (0xff)*5000";
+const DATA_SIZE: usize = 5_000_001;
+
+fn data_expected() -> Vec<u8> {
+    let mut v = vec![0u8; DATA_SIZE];
+    for (i, b) in v[..2000].iter_mut().enumerate() {
+        *b = [0x55, 0xaa][i % 2];
+    }
+    v[1_048_576..1_048_581].copy_from_slice(b"hello");
+    // "@^4096" aligns the position up to 4096.
+    let at = 1_048_581usize.div_ceil(4096) * 4096;
+    for (i, b) in v[at..at + 99_999].iter_mut().enumerate() {
+        *b = [1, 2, 3][i % 3];
+    }
+    v[3_145_728..3_145_728 + 5000].fill(0xff);
+    v
+}
+
+/// Back up `url` as `disk`, restore it and compare with `expect`; `inspect` sees its size and
+/// at most all of it allocated. Returns the backup's document.
+fn round_trip(bv: &Bv, url: &str, disk: &str, expect: &[u8]) -> serde_json::Value {
+    let inspect = bv.json(&["inspect", url]);
+    assert_eq!(inspect["format"], "nbd", "{inspect}");
+    assert_eq!(num(&inspect, "size"), expect.len() as u64, "{inspect}");
+    assert!(num(&inspect, "allocated_bytes") <= expect.len() as u64);
+    let doc = backup(bv, url, disk, &[]);
+    bv.restore_and_compare(disk, expect);
+    doc
+}
+
+/// nbdkit's plugins: a `data` pattern of odd size, `memory` written through NBD by qemu-io, a
+/// `file` cut to an odd size by the `truncate` filter, and `sparse-random` with holes that
+/// block status reports (backed up without reading them).
+#[test]
+fn nbdkit_plugins_back_up_and_restore_exactly() {
+    let Some(bv) = vault(
+        "nbdkit_plugins_back_up_and_restore_exactly",
+        &[NBDKIT, QEMU_NBD].concat(),
+    ) else {
+        return;
+    };
+    let sock = |n: &str| bv.path(&format!("{n}.sock"));
+    let size = format!("size={DATA_SIZE}");
+    let data = Server::nbdkit(&sock("data"), &["data", DATA_EXPR, &size]);
+    round_trip(&bv, &data.url, "data", &data_expected());
+
+    let memory = Server::nbdkit(&sock("memory"), &["memory", "8M"]);
+    qemu_io(
+        "raw",
+        &memory.url,
+        &["write -P 0x61 1M 64k", "write -P 0x62 7340033 1000"],
+    );
+    let mut expect = vec![0u8; 8 * MIB as usize];
+    expect[MIB as usize..(MIB + 64 * KIB) as usize].fill(0x61);
+    expect[7_340_033..7_341_033].fill(0x62);
+    round_trip(&bv, &memory.url, "memory", &expect);
+
+    let file = bv.path("file.raw");
+    let content = mixed_data(9, 6 * MIB as usize);
+    write_file(&file, &content);
+    let path = format!("file={}", s(&file));
+    let cut = Server::nbdkit(
+        &sock("file"),
+        &["--filter=truncate", "file", &path, "truncate=5000001"],
+    );
+    round_trip(&bv, &cut.url, "file", &content[..5_000_001]);
+
+    let sparse = Server::nbdkit(
+        &sock("sparse"),
+        &[
+            "sparse-random",
+            "32M",
+            "seed=5",
+            "percent=25",
+            "runlength=1048576",
+        ],
+    );
+    let expect = {
+        let out = bv.path("sparse.raw");
+        run(
+            "qemu-img",
+            &["convert", "-f", "raw", "-O", "raw", &sparse.url, s(&out)],
+        );
+        read_file(&out)
+    };
+    let allocated = num(&bv.json(&["inspect", &sparse.url]), "allocated_bytes");
+    assert!(allocated > 0 && allocated < 16 * MIB, "{allocated}");
+    let doc = round_trip(&bv, &sparse.url, "sparse", &expect);
+    assert!(num(&doc, "bytes_read") < 16 * MIB, "{doc}");
+    bv.verify_ok();
+}
+
+/// `--no-sr`: nbdkit refuses structured replies, so no block status either. The backup reads
+/// everything with simple replies; a bitmap backup is refused saying why.
+#[test]
+fn nbdkit_without_structured_replies_reads_with_simple_replies() {
+    let Some(bv) = vault(
+        "nbdkit_without_structured_replies_reads_with_simple_replies",
+        NBDKIT,
+    ) else {
+        return;
+    };
+    let file = bv.path("disk.raw");
+    let content = mixed_data(11, 12 * MIB as usize);
+    write_file(&file, &content);
+    let path = format!("file={}", s(&file));
+    let server = Server::nbdkit(&bv.path("nosr.sock"), &["--no-sr", "file", &path]);
+    let inspect = bv.json(&["inspect", &server.url]);
+    assert_eq!(num(&inspect, "allocated_bytes"), 12 * MIB, "{inspect}");
+    let doc = backup(&bv, &server.url, "d", &[]);
+    assert_eq!(num(&doc, "bytes_read"), 12 * MIB, "{doc}");
+    bv.restore_and_compare("d", &content);
+    bv.run(&["backup", &server.url, "--disk", "d", "--bitmap", "b"])
+        .code(2)
+        .stderr_has(&["refused structured replies"]);
+    assert_eq!(bv.snapshots().len(), 1);
+}
+
+/// nbdkit's `error` filter fails reads, then block status, while a trigger file exists: the
+/// backup fails naming the export, the error and the offset; the vault keeps only the complete
+/// snapshot, which still restores, and verify passes.
+#[test]
+fn injected_server_errors_fail_the_backup_and_keep_the_vault_whole() {
+    let Some(bv) = vault(
+        "injected_server_errors_fail_the_backup_and_keep_the_vault_whole",
+        NBDKIT,
+    ) else {
+        return;
+    };
+    let file = bv.path("disk.raw");
+    let first = mixed_data(12, 8 * MIB as usize);
+    write_file(&file, &first);
+    let (reads, extents) = (bv.path("fail-reads"), bv.path("fail-extents"));
+    let args = [
+        "--filter=error".to_string(),
+        "file".into(),
+        format!("file={}", s(&file)),
+        "error=EIO".into(),
+        "error-pread-rate=1".into(),
+        format!("error-pread-file={}", s(&reads)),
+        "error-extents-rate=1".into(),
+        format!("error-extents-file={}", s(&extents)),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::nbdkit(&bv.path("error.sock"), &args);
+    backup(&bv, &server.url, "d", &[]);
+    write_at(&file, 3 * MIB, &random_data(13, MIB as usize));
+    for (trigger, what) in [
+        (&reads, "the read at offset"),
+        (&extents, "the block status at offset"),
+    ] {
+        write_file(trigger, b"");
+        bv.run(&["backup", &server.url, "--disk", "d"])
+            .failed()
+            .stderr_has(&[&server.url, "server failed", what, "NBD_EIO"]);
+        std::fs::remove_file(trigger).expect("remove trigger");
+    }
+    assert_eq!(bv.snapshots().len(), 1);
+    bv.verify_ok();
+    bv.restore_and_compare("d", &first);
+}
+
+/// nbdkit's `delay` filter: a server slower than the timeout fails the open, the block status
+/// or the read within about the timeout, with an error that says so.
+#[test]
+fn a_server_slower_than_the_timeout_fails_in_time() {
+    if !tools("a_server_slower_than_the_timeout_fails_in_time", NBDKIT) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.raw");
+    write_file(&file, &random_data(14, MIB as usize));
+    let path = format!("file={}", s(&file));
+    let opts = NbdOptions {
+        timeout: Duration::from_secs(1),
+        bitmap: None,
+    };
+    let within = |t: Instant| {
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+    };
+    let slow = |n: &str, delay: &str| {
+        Server::nbdkit(
+            &dir.path().join(format!("{n}.sock")),
+            &["--filter=delay", "file", &path, delay],
+        )
+    };
+
+    let open = slow("open", "delay-open=20");
+    let t = Instant::now();
+    let e = NbdSource::open(&open.url, &opts)
+        .err()
+        .expect("open too slow");
+    within(t);
+    assert!(e.to_string().contains("timed out"), "{e}");
+
+    let status = slow("status", "delay-extents=20");
+    let src = NbdSource::open(&status.url, &opts).expect("open");
+    let t = Instant::now();
+    let e = src.data_ranges().unwrap_err();
+    within(t);
+    assert!(
+        e.to_string()
+            .contains("no reply within 1 s to the block status"),
+        "{e}"
+    );
+
+    let read = slow("read", "delay-read=20");
+    let src = NbdSource::open(&read.url, &opts).expect("open");
+    let Access::Translated(r) = src.access() else {
+        panic!("an NBD source reads through ReadAt");
+    };
+    let t = Instant::now();
+    let e = r.read_at(0, &mut [0u8; 4096]).unwrap_err();
+    within(t);
+    assert!(
+        e.to_string()
+            .contains("no reply within 1 s to the read at offset 0"),
+        "{e}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers killed mid-backup
+// ---------------------------------------------------------------------------------------------
+
+/// Start a backup of `server`, stop the server (SIGSTOP) once it has read `past` more bytes of
+/// its file, then SIGKILL it: the backup fails soon after, saying the connection was lost.
+fn kill_mid_backup(bv: &Bv, server: &mut Server, disk: &str, past: u64) {
+    let start = server.bytes_read();
+    let (child, what) = bv.spawn(&["backup", &server.url, "--disk", disk]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.bytes_read() < start + past {
+        assert!(Instant::now() < deadline, "{what}: the server read nothing");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    server.signal("-STOP");
+    let killed = Instant::now();
+    server.kill();
+    let out = child.wait_with_output().expect("backup");
+    let took = killed.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    assert!(stderr.contains("connection lost"), "{what}: {stderr}");
+    assert!(
+        took < Duration::from_secs(5),
+        "{what}: failed {took:?} after the kill"
+    );
+}
+
+/// qemu-nbd and nbdkit killed with SIGKILL in the middle of a backup: a clear error at once,
+/// no partial snapshot, the earlier snapshots restore and verify passes.
+#[test]
+fn servers_killed_mid_backup_leave_the_vault_whole() {
+    let Some(bv) = vault(
+        "servers_killed_mid_backup_leave_the_vault_whole",
+        &[NBDKIT, QEMU_NBD].concat(),
+    ) else {
+        return;
+    };
+    let file = bv.path("disk.raw");
+    let first = random_data(15, 48 * MIB as usize);
+    write_file(&file, &first);
+    bv.backup(&file, "d", &[]);
+    write_at(&file, 5 * MIB, &random_data(16, MIB as usize));
+
+    let sock = bv.path("q.sock");
+    let mut qemu = Server::qemu_nbd_once(&sock, &file, "raw", &[]);
+    kill_mid_backup(&bv, &mut qemu, "d", 4 * MIB);
+
+    let path = format!("file={}", s(&file));
+    let mut nbdkit = Server::nbdkit(
+        &bv.path("k.sock"),
+        &["--filter=delay", "file", &path, "delay-read=50ms"],
+    );
+    kill_mid_backup(&bv, &mut nbdkit, "d", 2 * MIB);
+
+    assert_eq!(bv.snapshots().len(), 1);
+    bv.verify_ok();
+    bv.restore_and_compare("d", &first);
 }
