@@ -10,6 +10,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -554,4 +556,230 @@ fn servers_killed_mid_backup_leave_the_vault_whole() {
     assert_eq!(bv.snapshots().len(), 1);
     bv.verify_ok();
     bv.restore_and_compare("d", &first);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hostile server
+// ---------------------------------------------------------------------------------------------
+
+/// How the hostile server answers block status.
+#[derive(Clone, Copy)]
+enum Status {
+    /// Truthfully, in 512-byte extents (data and zeros in turn), the last one running 1 MiB
+    /// past the request and the export: many extents in one chunk.
+    Many,
+    /// With an extent of length 0.
+    ZeroLength,
+    /// Under a cookie no request carries.
+    WrongCookie,
+    /// With extents for a context that was never negotiated, and none for ours.
+    OtherContext,
+    /// Never.
+    Silent,
+}
+
+/// The hostile server's export: 512-byte blocks of data and of zeros in turn.
+const HOSTILE_SIZE: u64 = 16 * MIB;
+
+fn hostile_content() -> Vec<u8> {
+    let mut v = vec![0u8; HOSTILE_SIZE as usize];
+    for (i, block) in v.chunks_mut(512).enumerate().step_by(2) {
+        block.fill((i % 251) as u8 + 1);
+    }
+    v
+}
+
+/// A hand-written NBD server on a Unix socket, for the replies no real server can be made to
+/// send: fixed newstyle, structured replies, `base:allocation` as context 1; each read
+/// answered by two data chunks, the second half first; block status as `status` says. Each
+/// connection is served by a thread of its own. Returns the URL.
+fn hostile(sock: &Path, status: Status) -> String {
+    let listener = UnixListener::bind(sock).expect("bind the hostile server");
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            // A client that hangs up ends its connection's thread: nothing to report.
+            std::thread::spawn(move || serve(conn, status));
+        }
+    });
+    format!("nbd+unix:///?socket={}", s(sock))
+}
+
+fn be(b: &[u8]) -> u64 {
+    b.iter().fold(0, |a, &x| a << 8 | u64::from(x))
+}
+
+fn option_reply(c: &mut UnixStream, option: u32, reply: u32, data: &[u8]) -> std::io::Result<()> {
+    let mut b = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+    b.extend(option.to_be_bytes());
+    b.extend(reply.to_be_bytes());
+    b.extend((data.len() as u32).to_be_bytes());
+    b.extend(data);
+    c.write_all(&b)
+}
+
+fn chunk(
+    c: &mut UnixStream,
+    cookie: u64,
+    done: bool,
+    kind: u16,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let mut b = 0x668e_33efu32.to_be_bytes().to_vec();
+    b.extend(u16::from(done).to_be_bytes());
+    b.extend(kind.to_be_bytes());
+    b.extend(cookie.to_be_bytes());
+    b.extend((payload.len() as u32).to_be_bytes());
+    b.extend(payload);
+    c.write_all(&b)
+}
+
+fn serve(mut c: UnixStream, status: Status) -> std::io::Result<()> {
+    // Greeting with FIXED_NEWSTYLE | NO_ZEROES; the client's flags.
+    c.write_all(b"NBDMAGICIHAVEOPT\x00\x03")?;
+    c.read_exact(&mut [0u8; 4])?;
+    const ACK: u32 = 1;
+    loop {
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h)?;
+        let option = be(&h[8..12]) as u32;
+        c.read_exact(&mut vec![0u8; be(&h[12..16]) as usize])?;
+        match option {
+            // STRUCTURED_REPLY; LIST_META_CONTEXT (no bitmaps).
+            8 | 9 => option_reply(&mut c, option, ACK, &[])?,
+            // SET_META_CONTEXT: base:allocation, whatever was asked.
+            10 => {
+                let context = [1u32.to_be_bytes().as_slice(), b"base:allocation"].concat();
+                option_reply(&mut c, option, 4, &context)?;
+                option_reply(&mut c, option, ACK, &[])?;
+            }
+            // GO: INFO_EXPORT (size, HAS_FLAGS | READ_ONLY), then transmission.
+            7 => {
+                let info = [
+                    0u16.to_be_bytes().as_slice(),
+                    &HOSTILE_SIZE.to_be_bytes(),
+                    &3u16.to_be_bytes(),
+                ]
+                .concat();
+                option_reply(&mut c, option, 3, &info)?;
+                option_reply(&mut c, option, ACK, &[])?;
+                break;
+            }
+            _ => option_reply(&mut c, option, 0x8000_0001, &[])?,
+        }
+    }
+    let content = hostile_content();
+    loop {
+        let mut r = [0u8; 28];
+        c.read_exact(&mut r)?;
+        let (command, cookie, offset, len) =
+            (be(&r[6..8]), be(&r[8..16]), be(&r[16..24]), be(&r[24..28]));
+        match command {
+            // READ: OFFSET_DATA chunks, the second half before the first.
+            0 => {
+                let data = |from: u64, to: u64| {
+                    let (a, b) = ((offset + from) as usize, (offset + to) as usize);
+                    [(offset + from).to_be_bytes().as_slice(), &content[a..b]].concat()
+                };
+                let mid = len / 2;
+                if mid > 0 {
+                    chunk(&mut c, cookie, false, 1, &data(mid, len))?;
+                    chunk(&mut c, cookie, true, 1, &data(0, mid))?;
+                } else {
+                    chunk(&mut c, cookie, true, 1, &data(0, len))?;
+                }
+            }
+            // BLOCK_STATUS.
+            7 => {
+                let mut extents: Vec<(u32, u32)> = match status {
+                    Status::Many => (offset..offset + len)
+                        .step_by(512)
+                        .map(|at| (512, if at / 512 % 2 == 0 { 0 } else { 3 }))
+                        .collect(),
+                    Status::ZeroLength => vec![(4096, 0), (0, 0)],
+                    _ => vec![(len as u32, 0)],
+                };
+                if let Some(last) = extents
+                    .last_mut()
+                    .filter(|_| matches!(status, Status::Many))
+                {
+                    last.0 += 1 << 20;
+                }
+                let (cookie, context) = match status {
+                    Status::Silent => continue,
+                    Status::WrongCookie => (cookie + 1000, 1u32),
+                    Status::OtherContext => (cookie, 7),
+                    _ => (cookie, 1),
+                };
+                let mut payload = context.to_be_bytes().to_vec();
+                for (len, flags) in extents {
+                    payload.extend(len.to_be_bytes());
+                    payload.extend(flags.to_be_bytes());
+                }
+                chunk(&mut c, cookie, true, 5, &payload)?;
+            }
+            // DISC, or anything else: hang up.
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Block status in 32 Ki extents of 512 bytes, the last past the export, and reads answered
+/// out of order: backed up exactly, the zero extents skipped.
+#[test]
+fn many_extents_and_reads_answered_out_of_order() {
+    let bv = Bv::new();
+    let url = hostile(&bv.path("many.sock"), Status::Many);
+    let inspect = bv.json(&["inspect", &url]);
+    assert_eq!(
+        num(&inspect, "allocated_bytes"),
+        HOSTILE_SIZE / 2,
+        "{inspect}"
+    );
+    assert_eq!(
+        num(&inspect, "data_ranges"),
+        HOSTILE_SIZE / 1024,
+        "{inspect}"
+    );
+    backup(&bv, &url, "d", &[]);
+    bv.restore_and_compare("d", &hostile_content());
+}
+
+/// Block-status replies that break the protocol: a clear Integrity error naming the export,
+/// no panic, no snapshot; a server that never answers fails within the timeout.
+#[test]
+fn malformed_block_status_is_a_clear_error() {
+    let bv = Bv::new();
+    for (i, (status, says)) in [
+        (Status::ZeroLength, "extent 1 of context 1 has length 0"),
+        (Status::WrongCookie, "matches no request in flight"),
+        (Status::OtherContext, "without extents for context 1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let url = hostile(&bv.path(&format!("bad{i}.sock")), status);
+        let inspect = ["inspect", url.as_str()];
+        let backup = ["backup", url.as_str(), "--disk", "d"];
+        for args in [&inspect[..], &backup[..]] {
+            bv.run(args)
+                .code(3)
+                .stderr_has(&[&url, "malformed reply", says]);
+        }
+    }
+    assert!(bv.snapshots().is_empty());
+
+    let url = hostile(&bv.path("silent.sock"), Status::Silent);
+    let opts = NbdOptions {
+        timeout: Duration::from_secs(1),
+        bitmap: None,
+    };
+    let src = NbdSource::open(&url, &opts).expect("open");
+    let t = Instant::now();
+    let e = src.data_ranges().unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert!(
+        e.to_string()
+            .contains("no reply within 1 s to the block status"),
+        "{e}"
+    );
 }
