@@ -783,3 +783,29 @@ fn malformed_block_status_is_a_clear_error() {
         "{e}"
     );
 }
+
+/// A server that serves only over TLS (nbdkit with a PSK): refused at once as Unsupported,
+/// saying TLS is required, not that structured replies were refused.
+#[test]
+fn a_tls_only_server_is_refused_saying_so() {
+    let Some(bv) = vault("a_tls_only_server_is_refused_saying_so", NBDKIT) else {
+        return;
+    };
+    let psk = bv.path("psk.keys");
+    write_file(&psk, format!("alice:{}\n", "ab".repeat(16)).as_bytes());
+    let file = bv.path("disk.raw");
+    write_file(&file, &random_data(17, 64 * KIB as usize));
+    let server = Server::nbdkit(
+        &bv.path("tls.sock"),
+        &[
+            "--tls=require",
+            &format!("--tls-psk={}", s(&psk)),
+            "file",
+            &format!("file={}", s(&file)),
+        ],
+    );
+    let r = bv.run(&["inspect", &server.url]);
+    r.code(1)
+        .stderr_has(&[&server.url, "requires TLS, which is not supported"]);
+    assert!(!r.stderr.contains("structured replies"), "{}", r.stderr);
+}

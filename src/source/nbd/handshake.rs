@@ -202,6 +202,9 @@ fn options<S: Read + Write>(s: &mut S, export: &str, contexts: &[String]) -> Res
     let (rep, data) = read_reply(s, OPT_STRUCTURED_REPLY)?;
     let structured = match rep {
         REP_ACK => true,
+        // Every option but STARTTLS gets this from a TLS-only server: say so now, not after
+        // a warning that structured replies were refused.
+        REP_ERR_TLS_REQD => return Err(refused(export, rep, &data)),
         r if r & REP_ERR_BIT != 0 => {
             tracing::warn!(export, reply = %reply_name(r), message = %text(&data),
                 "server refuses structured replies: reads only, no block status");
@@ -688,6 +691,23 @@ mod tests {
         );
         // Without NO_ZEROES offered, only FIXED_NEWSTYLE is sent; the last option is ABORT.
         assert_eq!(&s.output[0..4], &1u32.to_be_bytes());
+        let tail = &s.output[s.output.len() - 8..];
+        assert_eq!(tail, [OPT_ABORT.to_be_bytes(), 0u32.to_be_bytes()].concat());
+    }
+
+    #[test]
+    fn a_tls_only_server_is_refused_at_the_first_option() {
+        let mut s = script(&[
+            &greeting(3),
+            &reply(OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD, b"TLS is required"),
+        ]);
+        let e = negotiate(&mut s, "disk", &[BASE_ALLOCATION.into()]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(
+            e.to_string().contains("export \"disk\" requires TLS")
+                && e.to_string().contains("TLS is required"),
+            "{e}"
+        );
         let tail = &s.output[s.output.len() - 8..];
         assert_eq!(tail, [OPT_ABORT.to_be_bytes(), 0u32.to_be_bytes()].concat());
     }
