@@ -809,3 +809,43 @@ fn a_tls_only_server_is_refused_saying_so() {
         .stderr_has(&[&server.url, "requires TLS, which is not supported"]);
     assert!(!r.stderr.contains("structured replies"), "{}", r.stderr);
 }
+
+/// nbdkit's `blocksize-policy` filter with a 64 KiB minimum block size, refusing unaligned
+/// requests: reads are widened to it, and the disk's MBR is still scanned with 512-byte
+/// sectors (a 64 KiB "sector size" made the scan refuse the disk).
+#[test]
+fn a_64k_minimum_block_size_is_an_io_granule_not_a_sector() {
+    let Some(bv) = vault(
+        "a_64k_minimum_block_size_is_an_io_granule_not_a_sector",
+        &[NBDKIT, &[("sfdisk", "fdisk")]].concat(),
+    ) else {
+        return;
+    };
+    let file = bv.path("mbr.raw");
+    let mut content = mixed_data(18, 8 * MIB as usize);
+    content[..MIB as usize].fill(0);
+    write_file(&file, &content);
+    run_tool(
+        Command::new("sfdisk").args(["-q", s(&file)]),
+        "label: dos\n,2M\n,\n",
+    );
+    let content = read_file(&file);
+    let path = format!("file={}", s(&file));
+    let server = Server::nbdkit(
+        &bv.path("granule.sock"),
+        &[
+            "--filter=blocksize-policy",
+            "file",
+            &path,
+            "blocksize-minimum=65536",
+            "blocksize-preferred=65536",
+            "blocksize-error-policy=error",
+        ],
+    );
+    let inspect = bv.json(&["inspect", &server.url]);
+    assert_eq!(num(&inspect, "sector_size"), 512, "{inspect}");
+    let table = &inspect["layout"]["table"];
+    assert_eq!(table["scheme"], "mbr", "{inspect}");
+    assert_eq!(table["partitions"][1]["first_byte"], 3 * MIB, "{inspect}");
+    round_trip(&bv, &server.url, "d", &content);
+}

@@ -93,7 +93,7 @@ impl NbdSource {
         Ok(NbdSource {
             url: url.to_owned(),
             size: n.size,
-            sector_size: n.limits.min.max(512),
+            sector_size: sector_size(n.limits.min),
             target,
             timeout: opts.timeout,
             conn: RwLock::new(Some(conn)),
@@ -149,6 +149,19 @@ impl NbdSource {
     }
 }
 
+/// The sector size of an export whose minimum block size is `min`. NBD does not carry the
+/// disk's logical sector size; a minimum of 1024 to 4096 is taken as one (a 4Kn disk exported
+/// by qemu-nbd says 4096), anything else as 512. A larger minimum is the server's I/O granule
+/// (nbdkit's blocksize-policy, a 64 KiB storage block), never a sector: taken as the sector
+/// size, it made the partition-table scan refuse the disk, losing its layout.
+fn sector_size(min: u32) -> u32 {
+    if (1024..=4096).contains(&min) {
+        min
+    } else {
+        512
+    }
+}
+
 /// Connect, negotiate `base:allocation` (and `bitmap`), and start the client.
 fn connect(
     url: &str,
@@ -192,7 +205,7 @@ impl Source for NbdSource {
         self.size
     }
 
-    /// 512, or the export's minimum block size if larger.
+    /// See [`sector_size`].
     fn sector_size(&self) -> u32 {
         self.sector_size
     }
@@ -308,6 +321,15 @@ fn connected<'a>(g: &'a Option<Connection>, url: &str) -> Result<&'a Connection>
 mod tests {
     use crate::error::ErrorKind;
     use crate::source::{open, OpenOptions};
+
+    #[test]
+    fn sector_size_is_the_minimum_block_size_only_where_that_is_a_sector_size() {
+        let got: Vec<u32> = [1, 512, 1024, 4096, 8192, 65536]
+            .into_iter()
+            .map(super::sector_size)
+            .collect();
+        assert_eq!(got, [512, 512, 1024, 4096, 512, 512]);
+    }
 
     #[test]
     fn open_dispatches_nbd_urls_before_any_file_lookup() {
