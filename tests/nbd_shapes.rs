@@ -233,7 +233,7 @@ fn bitmap_backups_through_a_qemu_nbd_that_serves_one_connection() {
 
 /// A raw file of odd size exported under a name, over TCP, with `--shared`,
 /// `--allocation-depth` and `-r`: the export is the file (qemu-nbd pads it to whole sectors
-/// with zeros); a wrong export name is a clear NotFound naming it.
+/// with zeros); a wrong export name is a clear NotFound naming it and the names offered.
 #[test]
 fn odd_sized_named_export_over_tcp() {
     let Some(bv) = vault("odd_sized_named_export_over_tcp", QEMU_NBD) else {
@@ -265,7 +265,7 @@ fn odd_sized_named_export_over_tcp() {
     bv.run(&["backup", &wrong, "--disk", "odd"])
         .failed()
         .no_panic()
-        .stderr_has(&[&wrong, "no export \"odd\""]);
+        .stderr_has(&[&wrong, "no export \"odd\"", "it offers: \"odd disk\""]);
     assert_eq!(bv.snapshots().len(), 1);
 }
 
