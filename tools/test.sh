@@ -21,8 +21,10 @@ install_deps() {
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     # Real tools the tests drive: qcow2 images, bitmaps and NBD servers (qemu-utils), LUKS
     # headers (cryptsetup-bin), partition tables (fdisk, gdisk, parted), a PKCS#11 token
-    # (softhsm2, opensc), RSA keys (openssl), process control (procps).
+    # (softhsm2, opensc), RSA keys (openssl), process control (procps), a second NBD server
+    # with its plugins and filters (nbdkit).
     command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
+    command -v nbdkit >/dev/null 2>&1 || missing+=(nbdkit)
     command -v cryptsetup >/dev/null 2>&1 || missing+=(cryptsetup-bin)
     command -v sfdisk >/dev/null 2>&1 || missing+=(fdisk)
     command -v sgdisk >/dev/null 2>&1 || missing+=(gdisk)

@@ -5,9 +5,10 @@
 //! C: u32 client flags (FIXED_NEWSTYLE, NO_ZEROES if offered)
 //! C: STRUCTURED_REPLY                 S: ACK | ERR_UNSUP (then plain reads, no block status)
 //! C: LIST_META_CONTEXT export ["qemu:dirty-bitmap:"]   S: META_CONTEXT(name)* ACK
-//! C: SET_META_CONTEXT export [base:allocation, qemu:dirty-bitmap:NAME?]
+//! C: SET_META_CONTEXT export [base:allocation, qemu:dirty-bitmap:NAME for each listed]
 //!                                     S: META_CONTEXT(id, name)* ACK
 //! C: GO export [INFO_BLOCK_SIZE]      S: INFO(EXPORT: size, flags) INFO(BLOCK_SIZE)? ACK
+//!                                     | ERR_UNKNOWN: C: LIST  S: SERVER(name)* ACK (for the error)
 //! ```
 //!
 //! Each option gets its replies before the next is sent. Option replies are bounded
@@ -35,6 +36,8 @@ const CLIENT_NO_ZEROES: u32 = 1 << 1;
 
 /// `NBD_OPT_ABORT`.
 pub const OPT_ABORT: u32 = 2;
+/// `NBD_OPT_LIST`.
+pub const OPT_LIST: u32 = 3;
 /// `NBD_OPT_GO`.
 pub const OPT_GO: u32 = 7;
 /// `NBD_OPT_STRUCTURED_REPLY`.
@@ -46,6 +49,8 @@ pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 /// `NBD_REP_ACK`.
 pub const REP_ACK: u32 = 1;
+/// `NBD_REP_SERVER`.
+pub const REP_SERVER: u32 = 2;
 /// `NBD_REP_INFO`.
 pub const REP_INFO: u32 = 3;
 /// `NBD_REP_META_CONTEXT`.
@@ -144,14 +149,18 @@ fn bad(what: String) -> Error {
     Error::integrity(format!("malformed handshake: {what}"))
 }
 
-/// Negotiate `export` with `contexts` selected, on a fresh connection.
+/// Negotiate `export` with `contexts` and every dirty bitmap the server lists selected, on
+/// a fresh connection.
 pub fn negotiate<S: Read + Write>(
     s: &mut S,
     export: &str,
     contexts: &[String],
 ) -> Result<Negotiated> {
     greet(s)?;
-    let r = options(s, export, contexts);
+    let r = options(s, export, contexts).map_err(|e| match e.kind() {
+        ErrorKind::NotFound => with_offers(s, e),
+        _ => e,
+    });
     if r.is_err() {
         // The soft disconnect; the server may already be gone, so errors are moot.
         let _ = send_option(s, OPT_ABORT, &[]);
@@ -201,6 +210,9 @@ fn options<S: Read + Write>(s: &mut S, export: &str, contexts: &[String]) -> Res
     let (rep, data) = read_reply(s, OPT_STRUCTURED_REPLY)?;
     let structured = match rep {
         REP_ACK => true,
+        // Every option but STARTTLS gets this from a TLS-only server: say so now, not after
+        // a warning that structured replies were refused.
+        REP_ERR_TLS_REQD => return Err(refused(export, rep, &data)),
         r if r & REP_ERR_BIT != 0 => {
             tracing::warn!(export, reply = %reply_name(r), message = %text(&data),
                 "server refuses structured replies: reads only, no block status");
@@ -220,7 +232,8 @@ fn options<S: Read + Write>(s: &mut S, export: &str, contexts: &[String]) -> Res
                 .filter_map(|(name, _)| name.strip_prefix(DIRTY_BITMAP_PREFIX).map(str::to_owned))
                 .collect()
         });
-        let granted = meta_contexts(s, OPT_SET_META_CONTEXT, export, contexts)?;
+        let wanted = with_bitmaps(contexts, bitmaps.as_deref().unwrap_or_default());
+        let granted = meta_contexts(s, OPT_SET_META_CONTEXT, export, &wanted)?;
         (bitmaps, granted.unwrap_or_default())
     } else {
         (None, Vec::new())
@@ -234,6 +247,78 @@ fn options<S: Read + Write>(s: &mut S, export: &str, contexts: &[String]) -> Res
         contexts,
         bitmaps,
     })
+}
+
+/// `contexts` and the context of every bitmap in `bitmaps` not already among them. Selecting
+/// every listed bitmap up front means reading one later needs no second connection, which a
+/// server that serves a single one refuses (qemu-nbd without `--persistent` exits when its
+/// first client leaves).
+fn with_bitmaps(contexts: &[String], bitmaps: &[String]) -> Vec<String> {
+    let mut all = contexts.to_vec();
+    for b in bitmaps {
+        let c = format!("{DIRTY_BITMAP_PREFIX}{b}");
+        if !all.contains(&c) {
+            all.push(c);
+        }
+    }
+    all
+}
+
+/// Most export names quoted in an error.
+const MAX_NAMES_SHOWN: usize = 20;
+
+/// An unknown-export error `e`, followed by the exports the server lists (`NBD_OPT_LIST`),
+/// so a mistyped name can be put right; as it was if the server will not list them.
+fn with_offers<S: Read + Write>(s: &mut S, e: Error) -> Error {
+    let Ok(Some(names)) = list_exports(s) else {
+        return e;
+    };
+    let offers = if names.is_empty() {
+        "it lists no exports".to_owned()
+    } else {
+        let mut shown: Vec<String> = names
+            .iter()
+            .take(MAX_NAMES_SHOWN)
+            .map(|n| format!("{n:?}"))
+            .collect();
+        if names.len() > MAX_NAMES_SHOWN {
+            shown.push(format!("and {} more", names.len() - MAX_NAMES_SHOWN));
+        }
+        format!("it offers: {}", shown.join(", "))
+    };
+    Error::new(e.kind(), format!("{}; {offers}", e.context()))
+}
+
+/// The export names from `NBD_OPT_LIST`, or `None` if the server refuses the option.
+fn list_exports<S: Read + Write>(s: &mut S) -> Result<Option<Vec<String>>> {
+    send_option(s, OPT_LIST, &[])?;
+    let mut names = Vec::new();
+    loop {
+        let (rep, data) = read_reply(s, OPT_LIST)?;
+        match rep {
+            REP_SERVER => {
+                if names.len() >= MAX_REPLIES {
+                    return Err(bad(format!(
+                        "more than {MAX_REPLIES} exports in reply to NBD_OPT_LIST"
+                    )));
+                }
+                names.push(parse_server(&data)?);
+            }
+            REP_ACK => return Ok(Some(names)),
+            r if r & REP_ERR_BIT != 0 => return Ok(None),
+            r => return Err(unexpected(OPT_LIST, r)),
+        }
+    }
+}
+
+/// Decode an `NBD_REP_SERVER` payload: u32 name length, name, then details (ignored).
+pub fn parse_server(d: &[u8]) -> Result<String> {
+    let len = d
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .filter(|&n| n <= MAX_NAME && n <= d.len() - 4)
+        .ok_or_else(|| bad(format!("NBD_REP_SERVER of {} bytes", d.len())))?;
+    Ok(String::from_utf8_lossy(&d[4..4 + len]).into_owned())
 }
 
 /// LIST or SET_META_CONTEXT: the contexts returned, or `None` if the server refused the
@@ -500,6 +585,7 @@ fn text(d: &[u8]) -> String {
 fn option_name(o: u32) -> String {
     match o {
         OPT_ABORT => "NBD_OPT_ABORT".into(),
+        OPT_LIST => "NBD_OPT_LIST".into(),
         OPT_GO => "NBD_OPT_GO".into(),
         OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY".into(),
         OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT".into(),
@@ -511,6 +597,7 @@ fn option_name(o: u32) -> String {
 fn reply_name(r: u32) -> String {
     let name = match r {
         REP_ACK => "NBD_REP_ACK",
+        REP_SERVER => "NBD_REP_SERVER",
         REP_INFO => "NBD_REP_INFO",
         REP_META_CONTEXT => "NBD_REP_META_CONTEXT",
         REP_ERR_UNSUP => "NBD_REP_ERR_UNSUP",
@@ -637,6 +724,18 @@ mod tests {
         assert!(n.structured);
         assert_eq!(n.context(BASE_ALLOCATION), Some(5));
         assert_eq!(n.bitmaps, Some(vec!["b0".to_string(), "b1".to_string()]));
+        // Both listed bitmaps were asked for along with base:allocation.
+        let set = [
+            IHAVEOPT.to_be_bytes().as_slice(),
+            &OPT_SET_META_CONTEXT.to_be_bytes(),
+        ]
+        .concat();
+        let at = s.output.windows(12).position(|w| w == set).expect("SET");
+        let names = String::from_utf8_lossy(&s.output[at..]);
+        assert!(
+            names.contains("qemu:dirty-bitmap:b0") && names.contains("qemu:dirty-bitmap:b1"),
+            "{names}"
+        );
         // Client flags: fixed newstyle and no zeroes; then STRUCTURED_REPLY with no data.
         assert_eq!(&s.output[0..4], &3u32.to_be_bytes());
         assert_eq!(&s.output[4..12], &IHAVEOPT.to_be_bytes());
@@ -659,6 +758,54 @@ mod tests {
         );
         // Without NO_ZEROES offered, only FIXED_NEWSTYLE is sent; the last option is ABORT.
         assert_eq!(&s.output[0..4], &1u32.to_be_bytes());
+        let tail = &s.output[s.output.len() - 8..];
+        assert_eq!(tail, [OPT_ABORT.to_be_bytes(), 0u32.to_be_bytes()].concat());
+    }
+
+    #[test]
+    fn an_unknown_export_lists_those_offered() {
+        let server = |name: &str| {
+            [
+                (name.len() as u32).to_be_bytes().as_slice(),
+                name.as_bytes(),
+                b"details",
+            ]
+            .concat()
+        };
+        let mut s = script(&[
+            &greeting(1),
+            &reply(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]),
+            &reply(OPT_GO, REP_ERR_UNKNOWN, b""),
+            &reply(OPT_LIST, REP_SERVER, &server("disk1")),
+            &reply(OPT_LIST, REP_SERVER, &server("vm disk")),
+            &reply(OPT_LIST, REP_ACK, &[]),
+        ]);
+        let e = negotiate(&mut s, "disk", &[]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            e.to_string(),
+            "server has no export \"disk\"; it offers: \"disk1\", \"vm disk\""
+        );
+        let tail = &s.output[s.output.len() - 8..];
+        assert_eq!(tail, [OPT_ABORT.to_be_bytes(), 0u32.to_be_bytes()].concat());
+        assert!(parse_server(&[0, 0, 0, 9, b'x']).is_err());
+        assert!(parse_server(&[0, 0]).is_err());
+        assert_eq!(parse_server(&server("")).unwrap(), "");
+    }
+
+    #[test]
+    fn a_tls_only_server_is_refused_at_the_first_option() {
+        let mut s = script(&[
+            &greeting(3),
+            &reply(OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD, b"TLS is required"),
+        ]);
+        let e = negotiate(&mut s, "disk", &[BASE_ALLOCATION.into()]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        assert!(
+            e.to_string().contains("export \"disk\" requires TLS")
+                && e.to_string().contains("TLS is required"),
+            "{e}"
+        );
         let tail = &s.output[s.output.len() - 8..];
         assert_eq!(tail, [OPT_ABORT.to_be_bytes(), 0u32.to_be_bytes()].concat());
     }

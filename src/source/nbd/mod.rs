@@ -15,11 +15,13 @@
 //!   `dirty_ranges(name)` is block status over `qemu:dirty-bitmap:NAME`.
 //!
 //! Meta contexts can only be chosen before `NBD_OPT_GO`, and qemu-nbd serves **one client at
-//! a time** by default (`--shared=1`: a second connection waits until the first closes). So
-//! this source never holds two connections: a bitmap not negotiated at open (see
-//! [`NbdOptions::bitmap`]) makes `dirty_ranges` wait for reads in flight, close the
-//! connection, and open a new one that negotiates `base:allocation` and that bitmap; reads
-//! then continue on the new connection (whose export size must be unchanged).
+//! a time** by default (`--shared=1`: a second connection waits until the first closes), and
+//! without `--persistent` it exits when that client leaves. So the handshake selects every
+//! bitmap the server lists along with `base:allocation`, and one connection serves the whole
+//! backup. Only a bitmap the server did not list (see [`NbdOptions::bitmap`]) makes
+//! `dirty_ranges` wait for reads in flight, close the connection, and open a new one that
+//! negotiates `base:allocation` and that bitmap; reads then continue on the new connection
+//! (whose export size must be unchanged).
 
 pub mod client;
 pub mod handshake;
@@ -49,7 +51,8 @@ const STATUS_STEP: u64 = (1 << 32) - (1 << 16);
 pub struct NbdOptions {
     /// How long to wait for the server: connecting, each handshake step, each reply.
     pub timeout: Duration,
-    /// A dirty bitmap to negotiate at open, so `dirty_ranges` of it needs no reconnect.
+    /// A dirty bitmap to negotiate at open even if the server does not list it, so
+    /// `dirty_ranges` of it needs no reconnect (listed bitmaps always are).
     pub bitmap: Option<String>,
 }
 
@@ -90,7 +93,7 @@ impl NbdSource {
         Ok(NbdSource {
             url: url.to_owned(),
             size: n.size,
-            sector_size: n.limits.min.max(512),
+            sector_size: sector_size(n.limits.min),
             target,
             timeout: opts.timeout,
             conn: RwLock::new(Some(conn)),
@@ -146,6 +149,19 @@ impl NbdSource {
     }
 }
 
+/// The sector size of an export whose minimum block size is `min`. NBD does not carry the
+/// disk's logical sector size; a minimum of 1024 to 4096 is taken as one (a 4Kn disk exported
+/// by qemu-nbd says 4096), anything else as 512. A larger minimum is the server's I/O granule
+/// (nbdkit's blocksize-policy, a 64 KiB storage block), never a sector: taken as the sector
+/// size, it made the partition-table scan refuse the disk, losing its layout.
+fn sector_size(min: u32) -> u32 {
+    if (1024..=4096).contains(&min) {
+        min
+    } else {
+        512
+    }
+}
+
 /// Connect, negotiate `base:allocation` (and `bitmap`), and start the client.
 fn connect(
     url: &str,
@@ -189,7 +205,7 @@ impl Source for NbdSource {
         self.size
     }
 
-    /// 512, or the export's minimum block size if larger.
+    /// See [`sector_size`].
     fn sector_size(&self) -> u32 {
         self.sector_size
     }
@@ -258,7 +274,13 @@ impl Source for NbdSource {
         let reuse = g.as_ref().and_then(|c| c.negotiated.context(&context));
         if reuse.is_none() {
             *g = None;
-            let c = connect(&self.url, &self.target, self.timeout, Some(name))?;
+            let c = connect(&self.url, &self.target, self.timeout, Some(name)).map_err(|e| {
+                e.within(format!(
+                    "reconnecting to select dirty bitmap {name:?}, which the server did not \
+                     list (a server serving one connection, like qemu-nbd without \
+                     --persistent, cannot be reconnected to)"
+                ))
+            })?;
             if c.negotiated.size != self.size {
                 return Err(Error::new(
                     ErrorKind::SourceChanged,
@@ -299,6 +321,15 @@ fn connected<'a>(g: &'a Option<Connection>, url: &str) -> Result<&'a Connection>
 mod tests {
     use crate::error::ErrorKind;
     use crate::source::{open, OpenOptions};
+
+    #[test]
+    fn sector_size_is_the_minimum_block_size_only_where_that_is_a_sector_size() {
+        let got: Vec<u32> = [1, 512, 1024, 4096, 8192, 65536]
+            .into_iter()
+            .map(super::sector_size)
+            .collect();
+        assert_eq!(got, [512, 512, 1024, 4096, 512, 512]);
+    }
 
     #[test]
     fn open_dispatches_nbd_urls_before_any_file_lookup() {
