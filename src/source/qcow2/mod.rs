@@ -26,6 +26,7 @@ mod chain;
 mod compress;
 mod header;
 mod image;
+mod lock;
 mod map;
 mod ranges;
 mod read;
