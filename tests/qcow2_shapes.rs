@@ -578,6 +578,41 @@ fn backing_chain_shapes_round_trip() {
     t.round_trip("b3.qcow2");
 }
 
+/// A raw backing file on a block device (an overlay on an LVM volume or a LUN; here a loop
+/// device, shorter than the overlay) reads like a raw file; a qcow2 image on a block device
+/// as backing file is refused by name. Needs root for the loop device.
+#[test]
+fn a_raw_backing_file_on_a_block_device_round_trips() {
+    let test = "a_raw_backing_file_on_a_block_device_round_trips";
+    let Some(t) = Shapes::new(test) else {
+        return;
+    };
+    let base = t.raw_file("lv.raw", &random_data(41, 6 * MIB as usize));
+    let Some(dev) = LoopDev::attach(&base, test) else {
+        return;
+    };
+    let o = format!("backing_file={},backing_fmt=raw", s(&dev.path));
+    t.create("on-device.qcow2", 9 * MIB, &o);
+    t.io(
+        "on-device.qcow2",
+        &[
+            write(0xd1, MIB + 512, 4 * KIB),
+            write(0xd2, 8 * MIB, 4 * KIB),
+        ],
+    );
+    t.round_trip("on-device.qcow2");
+
+    t.create("inner.qcow2", 6 * MIB, "");
+    t.io("inner.qcow2", &[write(0xd3, 0, MIB)]);
+    let inner = read_file(&t.path("inner.qcow2"));
+    write_at(&base, 0, &inner);
+    let o = format!("backing_file={},backing_fmt=qcow2", s(&dev.path));
+    t.create("on-qcow2-device.qcow2", 6 * MIB, &o);
+    t.bv.run(&["inspect", s(&t.path("on-qcow2-device.qcow2"))])
+        .failed()
+        .stderr_has(&["unsupported qcow2 feature: a qcow2 backing file on a block device"]);
+}
+
 /// `qemu-img rebase -u` onto a file that does not exist: a clear error naming the overlay
 /// and the missing file, and no snapshot.
 #[test]
