@@ -355,6 +355,42 @@ fn preallocation_refcount_widths_and_v2_round_trip() {
     }
 }
 
+/// `preallocation=metadata` gives every cluster a host offset in a sparse file: the holes
+/// read as zeros, so a backup reads what was written, not the virtual size (it read all of it
+/// before).
+#[test]
+fn a_metadata_preallocated_image_reads_only_what_was_written() {
+    let Some(t) = Shapes::new("a_metadata_preallocated_image_reads_only_what_was_written") else {
+        return;
+    };
+    let size = 256 * MIB;
+    for (i, opts) in [
+        "preallocation=metadata",
+        "preallocation=metadata,compat=0.10",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("pm{i}.qcow2");
+        t.create(&name, size, opts);
+        t.io(
+            &name,
+            &[
+                write(0xe1, MIB + 3, 10 * KIB),
+                write(0xe2, size - 4 * KIB, 4 * KIB),
+            ],
+        );
+        let disk = format!("pm{i}");
+        let doc = t.bv.backup(&t.path(&name), &disk, &[]);
+        let read = num(&doc, "bytes_read");
+        assert!(
+            read <= 2 * MIB,
+            "read {read} of a 256 MiB image holding 14 KiB: {doc}"
+        );
+        t.assert_restores(&disk, &name);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Images other processes had open
 // ---------------------------------------------------------------------------------------------
