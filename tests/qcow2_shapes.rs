@@ -740,13 +740,13 @@ fn bitmaps_of_every_granularity_drive_exact_incrementals() {
     let Some(t) = Shapes::new("bitmaps_of_every_granularity_drive_exact_incrementals") else {
         return;
     };
-    let size = 40 * MIB + 3584;
+    let size = 12 * MIB + 3584;
     let writes = [
         (size - 512, 512),
         (size - 4000, 100),
         (12345, 1),
-        (20 * MIB - 1, 2),
-        (33 * MIB, 4 * KIB),
+        (6 * MIB - 1, 2),
+        (9 * MIB, 4 * KIB),
     ];
     for (i, (cluster, granularity)) in [
         (64 * KIB, 512),
