@@ -458,7 +458,8 @@ fn a_dirty_image_left_by_a_killed_writer_reads_as_qemu_reads_it() {
 
 /// A process that may write the image (it holds QEMU's write lock) keeps metadata in memory:
 /// the image is refused, by backup and inspect alike, and backs up normally once the process
-/// is gone. A read-only user (`qemu-io -r`) does not block it.
+/// is gone. A read-only user (`qemu-io -r`) does not block it. While the reader holds the
+/// image open, a QEMU writer cannot open it.
 #[test]
 fn an_image_open_for_writing_is_refused() {
     let Some(t) = Shapes::new("an_image_open_for_writing_is_refused") else {
@@ -491,6 +492,22 @@ fn an_image_open_for_writing_is_refused() {
     t.round_trip("live.qcow2");
     kill(reader);
     assert_eq!(t.bv.snapshots().len(), 1);
+
+    // While the reader has the image open, no QEMU process may start writing it; once it is
+    // closed, one may.
+    let open = blockvault::source::Qcow2::open(s(&img)).expect("open");
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write 0 512", s(&img)])
+        .output()
+        .expect("qemu-io");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("lock"),
+        "qemu-io wrote an image the reader holds: {}\n{text}",
+        out.status
+    );
+    drop(open);
+    t.io("live.qcow2", &[write(0x43, 0, 512)]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ impl Image {
     /// Open `path`, `depth` images below the top of its chain, and its backing chain.
     pub fn open(path: &str, depth: usize) -> Result<Image> {
         let file = open_regular(path, "qcow2 image")?;
-        lock::refuse_if_written(&file, path)?;
+        lock::lock_for_reading(&file, path)?;
         let file_size = file
             .metadata()
             .ctx(|| format!("cannot inspect qcow2 image {path}"))?
