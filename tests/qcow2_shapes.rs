@@ -290,6 +290,24 @@ fn extended_l2_subclusters_over_a_backing_file_round_trip() {
         );
         t.round_trip(&name);
     }
+    // Preallocated over a backing file (QEMU allows it only with subclusters): every cluster
+    // has a host offset in a sparse file, and its unwritten subclusters still read from below.
+    let name = "el2-prealloc.qcow2";
+    t.overlay(
+        name,
+        "below.qcow2",
+        size,
+        "extended_l2=on,preallocation=metadata",
+    );
+    t.io(
+        name,
+        &[
+            write(0x15, 300 * KIB, 1),
+            "write -z 1M 64k".to_string(),
+            "write -z -u 2M 4k".to_string(),
+        ],
+    );
+    t.round_trip(name);
 }
 
 /// Every cluster compressed by `qemu-img convert -c`, and compressed writes by qemu-io over
