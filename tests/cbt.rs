@@ -530,7 +530,15 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_nbd_is_refused() {
             .stderr_has(&["bitmap b0", "is in use", "back up without --bitmap"]);
         assert_eq!(bv.snapshots().len(), 1, "{when}: no snapshot may be added");
     };
-    refused("while qemu-nbd runs");
+    // While the server runs, the image itself is refused: QEMU holds its write lock.
+    bv.run(&["backup", s(&img), "--disk", "u", "--bitmap", "b0"])
+        .code(2)
+        .stderr_has(&["u.qcow2 is open for writing by another process"]);
+    assert_eq!(
+        bv.snapshots().len(),
+        1,
+        "no snapshot may be added while qemu-nbd runs"
+    );
     server.stop("-KILL");
     refused("after qemu-nbd was killed");
     let doc = bv.json(&["inspect", s(&img)]);

@@ -4,14 +4,17 @@
 //! the image that names it (not the working directory). Its format comes from the backing
 //! format extension ("raw" or "qcow2"; others are unsupported) or, when absent, from probing
 //! for the qcow2 magic. A backing file may be shorter than the image above it (the rest
-//! reads as zeros) or longer (the rest is not part of the disk). Chains are at most
-//! [`MAX_CHAIN`] images deep, which also stops an image that names itself.
+//! reads as zeros) or longer (the rest is not part of the disk). A raw backing file may also
+//! be a block device (an overlay on an LVM volume or a LUN), read buffered: the overlay's
+//! requests are not sector-aligned. Chains are at most [`MAX_CHAIN`] images deep, which
+//! also stops an image that names itself.
 
 use super::image::{open_regular, Image};
 use super::unsupported;
-use crate::error::{Error, ErrorKind, Result};
-use crate::source::{Access, RawFile, Source};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::source::{Access, BlockDevice, OpenOptions, RawFile, Source};
 use std::ops::Range;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 /// Most images a chain may hold, the top one included.
@@ -19,8 +22,9 @@ pub(super) const MAX_CHAIN: usize = 16;
 
 /// An open backing file.
 pub(super) enum Backing {
-    /// A raw image: bytes at their offsets, holes from SEEK_DATA/SEEK_HOLE.
-    Raw(RawFile),
+    /// A raw image, a file (holes from SEEK_DATA/SEEK_HOLE) or a block device: bytes at
+    /// their offsets.
+    Raw(Box<dyn Source>),
     /// A qcow2 image, with its own backing chain.
     Qcow2(Box<Image>),
 }
@@ -65,25 +69,55 @@ pub(super) fn open(
         .join(name);
     // `join` keeps an absolute name as is.
     let path = path.to_str().unwrap_or(name).to_owned();
+    let device = is_block_device(&path);
     let format = match format {
         Some(f) => f.to_owned(),
-        None if super::is_qcow2(&path).map_err(within)? => "qcow2".to_owned(),
+        None if device && starts_with_magic(&path).map_err(within)? => "qcow2".to_owned(),
+        None if !device && super::is_qcow2(&path).map_err(within)? => "qcow2".to_owned(),
         None => "raw".to_owned(),
     };
     match format.as_str() {
+        "qcow2" if device => Err(unsupported(
+            image,
+            format_args!("a qcow2 backing file on a block device ({path})"),
+        )),
         "qcow2" => Ok(Backing::Qcow2(Box::new(
             Image::open(&path, depth).map_err(within)?,
         ))),
+        "raw" if device => {
+            let opts = OpenOptions { no_direct: true };
+            Ok(Backing::Raw(Box::new(
+                BlockDevice::open(&path, &opts).map_err(within)?,
+            )))
+        }
         "raw" => {
             // Checked first so that RawFile::open cannot block on a FIFO.
             open_regular(&path, "raw image").map_err(within)?;
-            Ok(Backing::Raw(RawFile::open(&path).map_err(within)?))
+            Ok(Backing::Raw(Box::new(
+                RawFile::open(&path).map_err(within)?,
+            )))
         }
         other => Err(unsupported(
             image,
             format_args!("a backing file of format {other} ({path}; only raw and qcow2 are read)"),
         )),
     }
+}
+
+/// Whether `path` is a block device (symlinks followed, as `/dev/vg/lv` is one); anything
+/// else, a missing path included, is left to the regular-file checks and their messages.
+fn is_block_device(path: &str) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// Whether the block device at `path` starts with the qcow2 magic (QEMU probes it too).
+fn starts_with_magic(path: &str) -> Result<bool> {
+    let device = std::fs::File::open(path).ctx(|| format!("cannot open block device {path}"))?;
+    let mut magic = [0; 4];
+    let n = device
+        .read_at(&mut magic, 0)
+        .ctx(|| format!("cannot read the first bytes of block device {path}"))?;
+    Ok(n == magic.len() && magic == super::header::MAGIC)
 }
 
 impl Backing {

@@ -28,6 +28,8 @@ const MIN_CLUSTER_BITS: u32 = 9;
 const MAX_L1_BYTES: u64 = 32 << 20;
 const MAX_BACKING_NAME: usize = 1023;
 const V2_HEADER_LEN: usize = 72;
+/// QEMU counts the virtual disk in sectors of this size, dropping a partial last one.
+const SECTOR: u64 = 512;
 const V3_MIN_HEADER_LEN: usize = 104;
 /// QEMU's limits on the bitmap directory: at most 65535 bitmaps of at most 1 KiB each.
 const MAX_BITMAPS: u32 = 65535;
@@ -90,7 +92,9 @@ pub(super) enum Bitmaps {
 pub(super) struct Header {
     /// Cluster size, L2 entry layout and file size.
     pub geo: Geometry,
-    /// Virtual disk size in bytes.
+    /// Virtual disk size in bytes: the header's `size` rounded down to whole 512-byte
+    /// sectors, as QEMU reads it (the guest never sees a partial last sector, and
+    /// `qemu-img convert` writes none).
     pub size: u64,
     /// File offset of the active L1 table (cluster-aligned; its entries that map `size` lie
     /// within the file).
@@ -254,7 +258,7 @@ pub(super) fn parse(image: &str, first: &[u8], file_size: u64) -> Result<Header>
     };
     Ok(Header {
         geo,
-        size,
+        size: size - size % SECTOR,
         l1_offset,
         compression,
         backing_file,

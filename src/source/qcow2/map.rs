@@ -3,7 +3,10 @@
 //! One image's map comes from walking its L1 table and each L2 table once (read directly,
 //! past the readers' cache) and sorting every allocation unit into one of three kinds, each
 //! kept as merged runs: data (standard or compressed), zero (reads as zeros whatever lies
-//! below) and unallocated (reads from the backing file). Over a chain:
+//! below) and unallocated (reads from the backing file). Standard data counts only where
+//! the image file holds it (SEEK_DATA/SEEK_HOLE on the file, as `qemu-img map` does): a
+//! preallocated cluster whose host bytes are a hole reads as zeros, and a 1 TiB image made
+//! with `preallocation=metadata` must not cost a 1 TiB read. Over a chain:
 //!
 //! ```text
 //! ranges(image) = data(image) ∪ (unallocated(image) ∩ ranges(backing))
@@ -12,9 +15,10 @@
 //! writes is a handful of ranges.
 
 use super::image::Image;
-use super::ranges::{intersect, push, union};
+use super::ranges::{intersect, push, push_mapped, union};
 use super::tables::{for_each_run, Cluster, Unit};
 use crate::error::Result;
+use crate::source::{RawFile, Source};
 use std::ops::Range;
 
 impl Image {
@@ -35,6 +39,8 @@ impl Image {
         let geo = &self.header.geo;
         let size = self.header.size;
         let cluster_size = geo.cluster_size();
+        // The file's own data extents, in host offsets.
+        let host = RawFile::open(&self.path)?.data_ranges()?;
         let (mut data, mut unallocated) = (Vec::new(), Vec::new());
         for (l1_index, &l2_offset) in self.l1.iter().enumerate() {
             let base = (l1_index as u64) << geo.l1_span_bits();
@@ -54,11 +60,16 @@ impl Image {
                 let len = cluster_size.min(size - start);
                 match table.cluster(geo, index, &self.path)? {
                     Cluster::Compressed { .. } => push(&mut data, start..start + len),
-                    Cluster::Standard { alloc, zero, .. } => {
+                    Cluster::Standard {
+                        host: cluster,
+                        alloc,
+                        zero,
+                    } => {
                         for_each_run(geo, alloc, zero, 0, len, |run, unit| {
+                            let at = cluster + run.start;
                             let run = start + run.start..start + run.end;
                             match unit {
-                                Unit::Data => push(&mut data, run),
+                                Unit::Data => push_mapped(&mut data, run, at, &host),
                                 Unit::Unallocated => push(&mut unallocated, run),
                                 Unit::Zero => {}
                             }

@@ -54,6 +54,25 @@ pub(super) fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
     out
 }
 
+/// Push the parts of guest range `guest`, stored from host offset `host_start` on, that lie
+/// in the host extents `host` (sorted, merged): each mapped back to its guest offsets.
+pub(super) fn push_mapped(
+    list: &mut Vec<Range<u64>>,
+    guest: Range<u64>,
+    host_start: u64,
+    host: &[Range<u64>],
+) {
+    let host_end = host_start + (guest.end - guest.start);
+    let first = host.partition_point(|e| e.end <= host_start);
+    for e in host[first..].iter().take_while(|e| e.start < host_end) {
+        let (from, to) = (e.start.max(host_start), e.end.min(host_end));
+        push(
+            list,
+            guest.start + (from - host_start)..guest.start + (to - host_start),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +94,22 @@ mod tests {
         assert_eq!(intersect(&a, &b), vec![5..10, 20..25]);
         assert_eq!(union(&a, &[]), a.to_vec());
         assert!(intersect(&a, &[]).is_empty());
+    }
+
+    #[test]
+    fn mapped_runs_keep_only_what_the_host_holds() {
+        let host = [0..100, 200..300, 1000..1100];
+        let mut v = Vec::new();
+        // Guest 5000..5400 stored at host 50..450: host data 50..100 and 200..300.
+        push_mapped(&mut v, 5000..5400, 50, &host);
+        assert_eq!(v, vec![5000..5050, 5150..5250]);
+        // Stored in a hole: nothing. Stored inside one extent: all of it.
+        push_mapped(&mut v, 6000..6050, 400, &host);
+        push_mapped(&mut v, 7000..7050, 1010, &host);
+        assert_eq!(v, vec![5000..5050, 5150..5250, 7000..7050]);
+        // A run ending exactly where an extent starts takes nothing from it.
+        let mut w = Vec::new();
+        push_mapped(&mut w, 0..100, 100, &host);
+        assert!(w.is_empty(), "{w:?}");
     }
 }
