@@ -495,6 +495,15 @@ fn a_server_slower_than_the_timeout_fails_in_time() {
             .contains("no reply within 1 s to the read at offset 0"),
         "{e}"
     );
+
+    // The same timeout from the command line, and nothing stored.
+    let bv = Bv::new();
+    let t = Instant::now();
+    bv.run(&["backup", &read.url, "--disk", "d", "--nbd-timeout", "1"])
+        .failed()
+        .stderr_has(&["no reply within 1 s"]);
+    within(t);
+    assert!(bv.snapshots().is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -41,6 +41,10 @@ pub struct Args {
     /// Do not use O_DIRECT on block devices.
     #[arg(long)]
     no_direct: bool,
+    /// Seconds to wait for an NBD server (connecting, each handshake step, each reply)
+    /// before failing the backup.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    nbd_timeout: u64,
     /// Worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -100,6 +104,10 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         &a.source,
         &OpenOptions {
             no_direct: a.no_direct,
+            nbd: source::NbdOptions {
+                timeout: std::time::Duration::from_secs(a.nbd_timeout),
+                bitmap: a.bitmap.clone(),
+            },
         },
     )?;
     let changes = change_claim(&a, src.as_ref())?;

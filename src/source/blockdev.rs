@@ -236,7 +236,14 @@ pub(crate) mod tests {
         );
         assert_eq!(src.data_ranges().expect("ranges"), vec![0..3 << 20]);
 
-        let buffered = open(&dev.path, &OpenOptions { no_direct: true }).expect("open");
+        let buffered = open(
+            &dev.path,
+            &OpenOptions {
+                no_direct: true,
+                ..Default::default()
+            },
+        )
+        .expect("open");
         assert_eq!(buffered.alignment(), 1);
     }
 

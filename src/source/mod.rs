@@ -132,19 +132,21 @@ pub trait Source: Send + Sync {
 pub struct OpenOptions {
     /// Do not use O_DIRECT even on block devices.
     pub no_direct: bool,
+    /// How to open an `nbd://` source (its timeout).
+    pub nbd: NbdOptions,
 }
 
 /// Probe `path` and open the right implementation (symlinks are followed, so
 /// `/dev/disk/by-id/...` works). An `nbd://` or `nbd+unix://` URL (any `nbd*://`, so that
-/// TLS and vsock get a clear Unsupported error) opens an [`NbdSource`] with default
-/// [`NbdOptions`], before any file is looked for.
+/// TLS and vsock get a clear Unsupported error) opens an [`NbdSource`] with `opts.nbd`,
+/// before any file is looked for.
 ///
 /// Errors: path missing -> [`ErrorKind::NotFound`]; a directory or any other non-regular,
 /// non-block file -> [`ErrorKind::Usage`]; permission and other OS errors -> [`ErrorKind::Io`]
 /// naming the path; a damaged or unsupported qcow2 image -> see [`Qcow2::open`].
 pub fn open(path: &str, opts: &OpenOptions) -> Result<Box<dyn Source>> {
     if nbd::is_nbd_url(path) {
-        return Ok(Box::new(NbdSource::open(path, &NbdOptions::default())?));
+        return Ok(Box::new(NbdSource::open(path, &opts.nbd)?));
     }
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,

@@ -85,7 +85,10 @@ pub(super) fn open(
             Image::open(&path, depth).map_err(within)?,
         ))),
         "raw" if device => {
-            let opts = OpenOptions { no_direct: true };
+            let opts = OpenOptions {
+                no_direct: true,
+                ..Default::default()
+            };
             Ok(Backing::Raw(Box::new(
                 BlockDevice::open(&path, &opts).map_err(within)?,
             )))
