@@ -16,7 +16,7 @@ use blockvault::source::{
     self, Access, NbdOptions, NbdSource, OpenOptions, ReadAt, Source, SourceKind,
 };
 use blockvault::ErrorKind;
-use common::qemu::{qemu_io, Listen, QemuNbd, QEMU_NBD};
+use common::qemu::{converted, qemu_io, Listen, QemuNbd, QEMU_NBD};
 use common::tools::{run_tool, tools};
 use common::*;
 
@@ -52,16 +52,6 @@ fn mixed_qcow2(dir: &Path, seed: u64) -> (PathBuf, Vec<u8>) {
         &["write -z 5M 1M", "write -P 0x5a 7340033 1000"],
     );
     (img.clone(), converted(dir, &img, "qcow2"))
-}
-
-/// The image's contents as `qemu-img convert -O raw` gives them.
-fn converted(dir: &Path, img: &Path, fmt: &str) -> Vec<u8> {
-    let out = dir.join(format!("expect-{}.raw", unique()));
-    run(
-        "qemu-img",
-        &["convert", "-f", fmt, "-O", "raw", s(img), s(&out)],
-    );
-    read_file(&out)
 }
 
 fn reader(src: &dyn Source) -> &dyn ReadAt {

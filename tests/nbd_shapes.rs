@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::qemu::{qemu_io, QEMU_NBD};
+use common::qemu::{converted, qemu_io, QEMU_NBD};
 use common::tools::{run_tool, tools};
 use common::*;
 
@@ -141,16 +141,6 @@ fn backup(bv: &Bv, url: &str, disk: &str, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["backup", url, "--disk", disk];
     args.extend(extra);
     bv.json(&args)
-}
-
-/// The content `qemu-img convert` reads from an image.
-fn converted(dir: &Path, img: &Path, fmt: &str) -> Vec<u8> {
-    let out = dir.join(format!("expect-{}.raw", unique()));
-    run(
-        "qemu-img",
-        &["convert", "-f", fmt, "-O", "raw", s(img), s(&out)],
-    );
-    read_file(&out)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use blockvault::source::{self, Access, OpenOptions, Qcow2, Source, SourceKind};
 use blockvault::ErrorKind;
-use common::qemu::QEMU;
+use common::qemu::{run_in, QEMU};
 use common::tools::tools;
 use common::*;
 
@@ -40,23 +40,7 @@ impl Qemu {
 
     /// Run `tool args...` in the folder; panic with its output if it fails.
     fn run(&self, tool: &str, args: &[&str]) -> String {
-        let out = Command::new(tool)
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // qemu-io reports a failed command in its output, not always in its exit code.
-        assert!(
-            out.status.success() && !text.contains("failed"),
-            "{tool} {args:?}: {}\n{text}",
-            out.status
-        );
-        text
+        run_in(self.dir.path(), tool, args)
     }
 
     fn img(&self, args: &[&str]) -> String {

@@ -20,7 +20,7 @@ use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 
-use common::qemu::QEMU;
+use common::qemu::{run_in, QEMU};
 use common::tools::tools;
 use common::*;
 use serde_json::Value;
@@ -43,22 +43,7 @@ impl Shapes {
     /// Run `tool args...` in the folder; panic with its output if it fails (qemu-io reports a
     /// failed command in its output, not always in its exit code).
     fn run(&self, tool: &str, args: &[&str]) -> String {
-        let out = Command::new(tool)
-            .args(args)
-            .current_dir(self.bv.dir.path())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && !text.contains("failed"),
-            "{tool} {args:?}: {}\n{text}",
-            out.status
-        );
-        text
+        run_in(self.bv.dir.path(), tool, args)
     }
 
     fn img(&self, args: &[&str]) -> String {

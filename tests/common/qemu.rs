@@ -19,6 +19,43 @@ pub const QEMU_NBD: &[(&str, &str)] = &[
     ("qemu-nbd", "qemu-utils"),
 ];
 
+/// Run a QEMU tool (`qemu-img`, `qemu-io`) with `args` in folder `dir`; returns its stdout
+/// and stderr. Panics with that output if it fails, also when it only says so in its output:
+/// qemu-io reports a failed command there, not always in its exit code.
+pub fn run_in(dir: &Path, tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "{tool} {args:?}: {}\n{text}",
+        out.status
+    );
+    text
+}
+
+/// The content `qemu-img convert -O raw` reads from image `img` of format `fmt` (written to a
+/// scratch file in `dir`).
+pub fn converted(dir: &Path, img: &Path, fmt: &str) -> Vec<u8> {
+    let out = dir.join(format!("expect-{}.raw", unique()));
+    let (img, out_s) = (
+        img.to_str().expect("UTF-8 path"),
+        out.to_str().expect("UTF-8 path"),
+    );
+    run_tool(
+        Command::new("qemu-img").args(["convert", "-f", fmt, "-O", "raw", img, out_s]),
+        "",
+    );
+    std::fs::read(&out).expect("read converted image")
+}
+
 /// Run qemu-io commands (`write -P 0xab 0 4k`, `write -z 1M 64k`, ...) on `target`: an image
 /// file (`fmt` its format) or an NBD URL (`fmt` "raw"). Panics if qemu-io fails, also when it
 /// only says so in its output: a failed command does not always change its exit code.
