@@ -15,13 +15,7 @@ fn start(bv: &Bv, src: &Path, disk: &str) -> (Child, String) {
 }
 
 fn finish((child, what): (Child, String)) -> Run {
-    let out = child.wait_with_output().expect("wait");
-    Run {
-        what,
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::wait(child, what)
 }
 
 #[test]

@@ -80,22 +80,11 @@ fn kill_when(bv: &Bv, args: &[String], seen: impl Fn() -> bool, delay: Duration)
     if !finished {
         child.kill().expect("SIGKILL");
     }
-    let run = wait(child, what);
+    let run = Run::wait(child, what);
     if !finished {
         return Ended::Killed;
     }
     Ended::Finished(run)
-}
-
-/// Wait for a process started by [`Bv::spawn`] and collect what it printed.
-fn wait(child: std::process::Child, what: String) -> Run {
-    let out = child.wait_with_output().expect("wait");
-    Run {
-        what,
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 /// Run `args` to completion; it must succeed. Returns how long it took.
@@ -332,7 +321,7 @@ fn platform_rotation_killed_midway() {
             Ended::Killed => landed.record(&before, &key_show(&bv), &new_id),
         }
         if let Some((disk, data, (child, what))) = backup {
-            let r = wait(child, what);
+            let r = Run::wait(child, what);
             if r.code == 0 {
                 backups_ok += 1;
                 book.snaps.push((disk, text(&r.json(), "snapshot"), data));

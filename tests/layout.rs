@@ -426,13 +426,6 @@ fn write_bitlocker(
     bde.blocks
 }
 
-fn bitlocker_info(v: &EncryptedVolume) -> &layout::BitLockerInfo {
-    match &v.format {
-        VolumeFormat::BitLocker(b) => b,
-        f => panic!("expected BitLocker, found {f:?}"),
-    }
-}
-
 #[test]
 fn bitlocker_variants_in_mbr_partitions() {
     let test = "bitlocker_variants_in_mbr_partitions";

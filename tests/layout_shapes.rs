@@ -553,13 +553,6 @@ fn partition_start(sf: &Value, index: u32) -> u64 {
 // BitLocker, from libbde's format document (fields: `common::layout_tools::Bde`)
 // ---------------------------------------------------------------------------------------------
 
-fn bitlocker(v: &blockvault::layout::EncryptedVolume) -> &blockvault::layout::BitLockerInfo {
-    match &v.format {
-        VolumeFormat::BitLocker(b) => b,
-        f => panic!("expected BitLocker, found {f:?}"),
-    }
-}
-
 #[test]
 fn bitlocker_conversion_states_and_header_variants() {
     let test = "bitlocker_conversion_states_and_header_variants";
@@ -621,23 +614,23 @@ fn bitlocker_conversion_states_and_header_variants() {
     let v: Vec<_> = layout.volumes.iter().collect();
     let (s1, s3, s4) = (start(1), start(3), start(4));
 
-    assert_eq!(bitlocker(v[0]).state, "converting");
-    assert_eq!(bitlocker(v[0]).encrypted_size, Some(3 * MIB));
+    assert_eq!(bitlocker_info(v[0]).state, "converting");
+    assert_eq!(bitlocker_info(v[0]).encrypted_size, Some(3 * MIB));
     assert_eq!(v[0].payload, Some(s1 + 8192..s1 + 3 * MIB));
     assert_eq!(
-        bitlocker(v[0]).volume_header_offset,
+        bitlocker_info(v[0]).volume_header_offset,
         Some(s1 + converting.header_offset)
     );
 
-    assert_eq!(bitlocker(v[1]).state, "decrypted");
+    assert_eq!(bitlocker_info(v[1]).state, "decrypted");
     assert!(
         v[1].payload.as_ref().is_some_and(|p| p.is_empty()),
         "{:?}",
         v[1]
     );
-    assert_eq!(bitlocker(v[1]).method, "XTS-AES-256");
+    assert_eq!(bitlocker_info(v[1]).method, "XTS-AES-256");
 
-    let b = bitlocker(v[2]);
+    let b = bitlocker_info(v[2]);
     assert_eq!(
         (b.variant, b.used_space_only),
         (BitLockerVariant::ToGo, true)
@@ -720,22 +713,22 @@ fn bitlocker_on_4096_byte_sectors_in_a_gpt() {
     assert_same_partitions(&layout, &sf);
     assert_eq!(layout.volumes.len(), 2, "{}", layout.render());
     let (w, v) = (&layout.volumes[0], &layout.volumes[1]);
-    assert_eq!(bitlocker(w).bytes_per_sector, 4096);
-    assert_eq!(bitlocker(w).volume_header_size, Some(8192));
+    assert_eq!(bitlocker_info(w).bytes_per_sector, 4096);
+    assert_eq!(bitlocker_info(w).volume_header_size, Some(8192));
     assert_eq!(w.payload, Some(s1 + 8192..s1 + len));
-    let offsets: Vec<u64> = bitlocker(v)
+    let offsets: Vec<u64> = bitlocker_info(v)
         .metadata_blocks
         .iter()
         .map(|b| b.offset)
         .collect();
     assert_eq!(offsets, vista.blocks.map(|o| s2 + o));
-    assert!(bitlocker(v)
+    assert!(bitlocker_info(v)
         .metadata_blocks
         .iter()
         .all(|b| b.state == CopyState::Ok));
     assert_eq!(v.payload, Some(s2 + 16 * 4096..s2 + len));
     assert_eq!(v.volume_size, Some(len));
-    assert_eq!(bitlocker(v).method, "AES-256-CBC-diffuser");
+    assert_eq!(bitlocker_info(v).method, "AES-256-CBC-diffuser");
     assert!(layout.problems.is_empty(), "{:?}", layout.problems);
 }
 

@@ -129,6 +129,14 @@ pub fn copy(from: &Path, dir: &Path, name: &str) -> PathBuf {
 }
 
 /// GPT attribute bits from sfdisk's `attrs` text.
+/// The BitLocker details of a volume the scan found, panicking if it found another format.
+pub fn bitlocker_info(v: &EncryptedVolume) -> &layout::BitLockerInfo {
+    match &v.format {
+        VolumeFormat::BitLocker(b) => b,
+        f => panic!("expected BitLocker, found {f:?}"),
+    }
+}
+
 pub fn sfdisk_attrs(text: &str) -> u64 {
     let mut bits = 0u64;
     for word in text.split_whitespace() {

@@ -306,6 +306,11 @@ pub struct Run {
 }
 
 impl Run {
+    /// Wait for a process started by [`Bv::spawn`] and collect what it printed.
+    pub fn wait(child: std::process::Child, what: String) -> Run {
+        Run::from_output(what, child.wait_with_output().expect("wait"))
+    }
+
     fn from_output(what: String, o: Output) -> Run {
         Run {
             what,
