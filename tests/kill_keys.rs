@@ -242,6 +242,16 @@ impl Landed {
             _ => self.midway += 1,
         }
     }
+
+    /// Fail unless at least a third of `trials` rotations were killed rather than finished:
+    /// a loop whose kills all come too late tests nothing.
+    fn assert_enough_killed(&self, trials: usize) {
+        assert!(
+            self.finished <= trials * 2 / 3,
+            "only {} of {trials} rotations were killed",
+            trials - self.finished
+        );
+    }
 }
 
 /// Every key record wrapped by exactly `ids` (the newest primary KEK, then the recovery key's).
@@ -352,11 +362,7 @@ fn platform_rotation_killed_midway() {
     }
     book.restore_all(&bv);
     eprintln!("{TEST}: {landed:?}; concurrent backups: {backups_ok} ok, {backups_failed} failed");
-    assert!(
-        landed.finished <= TRIALS * 2 / 3,
-        "only {} of {TRIALS} rotations were killed",
-        TRIALS - landed.finished
-    );
+    landed.assert_enough_killed(TRIALS);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,11 +469,7 @@ fn cmk_rotation_killed_midway() {
     }
     book.restore_all(&bv);
     eprintln!("{TEST}: {landed:?}");
-    assert!(
-        landed.finished <= TRIALS * 2 / 3,
-        "only {} of {TRIALS} rotations were killed",
-        TRIALS - landed.finished
-    );
+    landed.assert_enough_killed(TRIALS);
 }
 
 /// Regression: `key rotate --new-cmk B --new-dek`, killed while re-wrapping, could not be
