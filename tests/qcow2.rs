@@ -8,12 +8,11 @@ mod common;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use blockvault::source::{self, Access, OpenOptions, Qcow2, Source, SourceKind};
 use blockvault::ErrorKind;
-use common::qemu::{run_in, QEMU};
+use common::qemu::{run_in, QemuIoSession, QEMU};
 use common::tools::tools;
 use common::*;
 
@@ -559,34 +558,13 @@ fn bitmap_left_in_use_by_a_killed_qemu_is_refused() {
     q.img(&["bitmap", "--add", "--enable", "crash.qcow2", "b0"]);
     // qemu-io opened read-write marks the bitmap in use at open and clears the flag when it
     // closes; SIGKILL after a write keeps it from closing.
-    let mut child = Command::new("qemu-io")
-        .args(["-f", "qcow2", "crash.qcow2"])
-        .current_dir(q.dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io");
-    let mut stdin = child.stdin.take().expect("stdin");
-    std::io::Write::write_all(
-        &mut stdin,
-        format!("{}\n", write(0x33, 0, 64 * KIB)).as_bytes(),
+    QemuIoSession::start(
+        q.dir.path(),
+        &["-f", "qcow2", "crash.qcow2"],
+        &write(0x33, 0, 64 * KIB),
+        "wrote 65536/65536",
     )
-    .expect("command qemu-io");
-    let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    // qemu-io answers each command with "wrote ..." or "... failed ...".
-    let answer = std::io::BufRead::lines(stdout)
-        .map_while(Result::ok)
-        .find(|line| line.contains("wrote") || line.contains("failed"));
-    child.kill().expect("SIGKILL qemu-io");
-    child.wait().expect("reap qemu-io");
-    drop(stdin);
-    assert!(
-        answer
-            .as_ref()
-            .is_some_and(|a| a.contains("wrote 65536/65536")),
-        "qemu-io answered {answer:?}"
-    );
+    .kill();
     assert_eq!(
         read_at(&img, 79, 1)[0] & 1,
         1,

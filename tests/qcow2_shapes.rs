@@ -16,11 +16,11 @@
 mod common;
 
 use std::fs::File;
-use std::io::{BufRead, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::Command;
 
-use common::qemu::{run_in, QEMU};
+use common::qemu::{run_in, QemuIoSession, QEMU};
 use common::tools::tools;
 use common::*;
 use serde_json::Value;
@@ -398,47 +398,14 @@ fn a_metadata_preallocated_image_reads_only_what_was_written() {
 // Images other processes had open
 // ---------------------------------------------------------------------------------------------
 
-/// `qemu-io -f qcow2 [-r] NAME` in the shapes folder, reading commands from its stdin;
-/// returns once it answered `cmd` with `answer` (so it has the image open, and locked).
-fn session(
-    t: &Shapes,
-    name: &str,
-    read_only: bool,
-    cmd: &str,
-    answer: &str,
-) -> (Child, ChildStdin) {
+/// `qemu-io -f qcow2 [-r] NAME` in the shapes folder, once it answered `cmd` with `answer`
+/// (so it has the image open, and locked).
+fn session(t: &Shapes, name: &str, read_only: bool, cmd: &str, answer: &str) -> QemuIoSession {
     let mut args = vec!["-f", "qcow2", name];
     if read_only {
         args.insert(0, "-r");
     }
-    let mut child = Command::new("qemu-io")
-        .args(&args)
-        .current_dir(t.bv.dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io");
-    let mut stdin = child.stdin.take().expect("stdin");
-    writeln!(stdin, "{cmd}").expect("command qemu-io");
-    let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let got = stdout
-        .lines()
-        .map_while(Result::ok)
-        .find(|line| line.contains(answer) || line.contains("failed"));
-    assert!(
-        got.as_ref().is_some_and(|a| a.contains(answer)),
-        "qemu-io answered {got:?} to {cmd}"
-    );
-    (child, stdin)
-}
-
-/// SIGKILL a [`session`] and reap it.
-fn kill(session: (Child, ChildStdin)) {
-    let (mut child, stdin) = session;
-    child.kill().expect("SIGKILL qemu-io");
-    child.wait().expect("reap qemu-io");
-    drop(stdin);
+    QemuIoSession::start(t.bv.dir.path(), &args, cmd, answer)
 }
 
 /// Decision: an image whose writer died (the dirty bit of lazy refcounts set) is read as
@@ -453,7 +420,7 @@ fn a_dirty_image_left_by_a_killed_writer_reads_as_qemu_reads_it() {
     t.create("lazy.qcow2", 16 * MIB, "lazy_refcounts=on");
     t.io("lazy.qcow2", &[write(0x31, 0, MIB)]);
     let cmd = write(0x32, 5 * MIB + 512, 100 * KIB);
-    kill(session(&t, "lazy.qcow2", false, &cmd, "wrote"));
+    session(&t, "lazy.qcow2", false, &cmd, "wrote").kill();
     // Incompatible feature bit 0 (dirty): the last byte of header bytes 72..80.
     assert_eq!(read_at(&t.path("lazy.qcow2"), 79, 1)[0] & 1, 1, "dirty bit");
     t.round_trip("lazy.qcow2");
@@ -488,12 +455,12 @@ fn an_image_open_for_writing_is_refused() {
             "QEMU's write lock",
         ]);
     }
-    kill(writer);
+    writer.kill();
     assert!(t.bv.snapshots().is_empty(), "no snapshot while it was open");
 
     let reader = session(&t, "live.qcow2", true, "read 0 512", "read 512/512");
     t.round_trip("live.qcow2");
-    kill(reader);
+    reader.kill();
     assert_eq!(t.bv.snapshots().len(), 1);
 
     // While the reader has the image open, no QEMU process may start writing it; once it is

@@ -56,6 +56,49 @@ pub fn converted(dir: &Path, img: &Path, fmt: &str) -> Vec<u8> {
     std::fs::read(&out).expect("read converted image")
 }
 
+/// An interactive `qemu-io` holding an image open (and QEMU's locks on it), to be killed.
+pub struct QemuIoSession {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+}
+
+impl QemuIoSession {
+    /// `qemu-io ARGS` (e.g. `-f qcow2 [-r] NAME`) run in `dir`, given `cmd` on its stdin;
+    /// returns once it answered with a line containing `answer` (it then has the image open),
+    /// panicking if it says "failed" or ends first.
+    pub fn start(dir: &Path, args: &[&str], cmd: &str, answer: &str) -> QemuIoSession {
+        use std::io::{BufRead, Write};
+        let mut child = Command::new("qemu-io")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-io");
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "{cmd}").expect("command qemu-io");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let got = stdout
+            .lines()
+            .map_while(Result::ok)
+            .find(|line| line.contains(answer) || line.contains("failed"));
+        assert!(
+            got.as_ref().is_some_and(|a| a.contains(answer)),
+            "qemu-io answered {got:?} to {cmd}"
+        );
+        QemuIoSession { child, stdin }
+    }
+
+    /// SIGKILL it (it never closes the image) and reap it.
+    pub fn kill(self) {
+        let QemuIoSession { mut child, stdin } = self;
+        child.kill().expect("SIGKILL qemu-io");
+        child.wait().expect("reap qemu-io");
+        drop(stdin);
+    }
+}
+
 /// Run qemu-io commands (`write -P 0xab 0 4k`, `write -z 1M 64k`, ...) on `target`: an image
 /// file (`fmt` its format) or an NBD URL (`fmt` "raw"). Panics if qemu-io fails, also when it
 /// only says so in its output: a failed command does not always change its exit code.
