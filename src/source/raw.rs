@@ -63,18 +63,25 @@ impl Source for RawFile {
     }
 
     fn data_ranges(&self) -> Result<Vec<Range<u64>>> {
-        // lseek moves the shared file offset, which no reader uses (they all read by
-        // offset), and its return value is per call, so concurrent walks are fine.
-        walk_data(&self.name, self.size, |pos, whence| {
-            let pos = i64::try_from(pos).map_err(|_| Errno::EOVERFLOW)?;
-            let found = lseek(self.file.as_fd(), pos, whence)?;
-            u64::try_from(found).map_err(|_| Errno::EOVERFLOW)
-        })
+        file_data_ranges(&self.file, &self.name, self.size)
     }
 
     fn access(&self) -> Access<'_> {
         Access::Fd(self.file.as_fd())
     }
+}
+
+/// The data extents of the first `size` bytes of `file` (named `name` in errors), by
+/// SEEK_DATA/SEEK_HOLE; everything if the filesystem cannot tell. Also used for the host
+/// extents of a qcow2 image file.
+pub(crate) fn file_data_ranges(file: &File, name: &str, size: u64) -> Result<Vec<Range<u64>>> {
+    // lseek moves the shared file offset, which no reader uses (they all read by offset),
+    // and its return value is per call, so concurrent walks are fine.
+    walk_data(name, size, |pos, whence| {
+        let pos = i64::try_from(pos).map_err(|_| Errno::EOVERFLOW)?;
+        let found = lseek(file.as_fd(), pos, whence)?;
+        u64::try_from(found).map_err(|_| Errno::EOVERFLOW)
+    })
 }
 
 /// Walk the data extents of a file of `size` bytes with `seek` (an `lseek` returning the

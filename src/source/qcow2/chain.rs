@@ -14,7 +14,7 @@ use super::unsupported;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::source::{Access, BlockDevice, OpenOptions, RawFile, Source};
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 /// Most images a chain may hold, the top one included.
@@ -72,7 +72,7 @@ pub(super) fn open(
     let device = is_block_device(&path);
     let format = match format {
         Some(f) => f.to_owned(),
-        None if device && starts_with_magic(&path).map_err(within)? => "qcow2".to_owned(),
+        None if device && device_is_qcow2(&path).map_err(within)? => "qcow2".to_owned(),
         None if !device && super::is_qcow2(&path).map_err(within)? => "qcow2".to_owned(),
         None => "raw".to_owned(),
     };
@@ -114,13 +114,9 @@ fn is_block_device(path: &str) -> bool {
 }
 
 /// Whether the block device at `path` starts with the qcow2 magic (QEMU probes it too).
-fn starts_with_magic(path: &str) -> Result<bool> {
+fn device_is_qcow2(path: &str) -> Result<bool> {
     let device = std::fs::File::open(path).ctx(|| format!("cannot open block device {path}"))?;
-    let mut magic = [0; 4];
-    let n = device
-        .read_at(&mut magic, 0)
-        .ctx(|| format!("cannot read the first bytes of block device {path}"))?;
-    Ok(n == magic.len() && magic == super::header::MAGIC)
+    super::starts_with_magic(&device, path)
 }
 
 impl Backing {

@@ -18,7 +18,7 @@ use super::image::Image;
 use super::ranges::{intersect, push, push_mapped, union};
 use super::tables::{for_each_run, Cluster, Unit};
 use crate::error::Result;
-use crate::source::{RawFile, Source};
+use crate::source::raw::file_data_ranges;
 use std::ops::Range;
 
 impl Image {
@@ -39,8 +39,9 @@ impl Image {
         let geo = &self.header.geo;
         let size = self.header.size;
         let cluster_size = geo.cluster_size();
-        // The file's own data extents, in host offsets.
-        let host = RawFile::open(&self.path)?.data_ranges()?;
+        // The file's own data extents, in host offsets (through the descriptor already open:
+        // the same file whatever became of the path).
+        let host = file_data_ranges(&self.file, &self.path, self.header.geo.file_size)?;
         let (mut data, mut unallocated) = (Vec::new(), Vec::new());
         for (l1_index, &l2_offset) in self.l1.iter().enumerate() {
             let base = (l1_index as u64) << geo.l1_span_bits();

@@ -72,7 +72,11 @@ impl std::fmt::Debug for Qcow2 {
 
 /// Whether the file at `path` starts with the qcow2 magic (`QFI\xfb`); shorter files do not.
 pub fn is_qcow2(path: &str) -> Result<bool> {
-    let file = image::open_regular(path, "file")?;
+    starts_with_magic(&image::open_regular(path, "file")?, path)
+}
+
+/// Whether `file` (at `path`, for messages) starts with the qcow2 magic.
+fn starts_with_magic(file: &std::fs::File, path: &str) -> Result<bool> {
     let mut magic = [0; 4];
     let n = file
         .read_at(&mut magic, 0)
