@@ -42,6 +42,7 @@ pub mod engine;
 pub mod error;
 pub mod io;
 pub mod layout;
+mod ranges;
 pub mod restore;
 pub mod source;
 pub mod util;

@@ -6,6 +6,7 @@
 //! JSON needs no sector size to use them. Ranges are half-open `[start, end)` except the
 //! partitions' `first_byte`/`last_byte`, which are inclusive as partition tables store them.
 
+use crate::ranges::{merged, subtract};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -306,44 +307,16 @@ impl Layout {
     /// contributes its whole range: better to skip compressing a few header bytes than to
     /// spend CPU on megabytes of random data. A volume's listed plaintext is left out.
     pub fn ciphertext_ranges(&self) -> Vec<Range<u64>> {
-        let mut ranges: Vec<Range<u64>> = self
-            .volumes
-            .iter()
-            .flat_map(|v| {
-                let payload = v.payload.clone().unwrap_or_else(|| v.volume.clone());
-                subtract(payload, &v.plaintext)
-            })
-            .filter(|r| r.start < r.end)
-            .collect();
-        ranges.sort_by_key(|r| (r.start, r.end));
-        let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            match merged.last_mut() {
-                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-                _ => merged.push(r),
-            }
-        }
-        merged
+        merged(
+            self.volumes
+                .iter()
+                .flat_map(|v| {
+                    let payload = v.payload.clone().unwrap_or_else(|| v.volume.clone());
+                    subtract(payload, &v.plaintext)
+                })
+                .collect(),
+        )
     }
-}
-
-/// `range` without the bytes of `holes`.
-fn subtract(range: Range<u64>, holes: &[Range<u64>]) -> Vec<Range<u64>> {
-    let mut holes: Vec<&Range<u64>> = holes.iter().filter(|h| h.start < h.end).collect();
-    holes.sort_by_key(|h| h.start);
-    let mut out = Vec::new();
-    let mut at = range.start;
-    for h in holes {
-        if h.start > at {
-            out.push(at..h.start.min(range.end));
-        }
-        at = at.max(h.end);
-    }
-    if at < range.end {
-        out.push(at..range.end);
-    }
-    out.retain(|r| r.start < r.end);
-    out
 }
 
 #[cfg(test)]

@@ -18,10 +18,10 @@
 use super::be::{words, Fields};
 use super::header::{BitmapDirectory, Bitmaps};
 use super::image::Image;
-use super::ranges::push;
 use super::{integrity, unsupported};
 use crate::changes::ChangeList;
 use crate::error::{Error, Result};
+use crate::ranges::push;
 use crate::source::BitmapInfo;
 use std::ops::Range;
 

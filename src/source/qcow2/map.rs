@@ -15,9 +15,9 @@
 //! writes is a handful of ranges.
 
 use super::image::Image;
-use super::ranges::{intersect, push, push_mapped, union};
 use super::tables::{for_each_run, Cluster, Unit};
 use crate::error::Result;
+use crate::ranges::{intersect, push, push_mapped, union};
 use crate::source::raw::file_data_ranges;
 use std::ops::Range;
 

@@ -30,7 +30,6 @@ mod header;
 mod image;
 mod lock;
 mod map;
-mod ranges;
 mod read;
 mod tables;
 

@@ -1,11 +1,12 @@
-//! Sorted lists of byte ranges, built run by run: how the allocation map and dirty bitmaps
-//! stay compact (one range per run of clusters or bits, never one entry per cluster).
+//! Sorted, merged lists of byte ranges, built run by run: how a qcow2 allocation map and
+//! dirty bitmaps stay compact (one range per run of clusters or bits, never one entry per
+//! cluster), and how a layout's ciphertext is listed.
 
 use std::ops::Range;
 
 /// Append `r` (starting at or after the start of the last range) to a sorted, merged list,
 /// extending the last range when they touch or overlap; empty ranges are dropped.
-pub(super) fn push(list: &mut Vec<Range<u64>>, r: Range<u64>) {
+pub(crate) fn push(list: &mut Vec<Range<u64>>, r: Range<u64>) {
     if r.is_empty() {
         return;
     }
@@ -16,7 +17,7 @@ pub(super) fn push(list: &mut Vec<Range<u64>>, r: Range<u64>) {
 }
 
 /// The union of two sorted, merged lists, sorted and merged.
-pub(super) fn union(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+pub(crate) fn union(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
     let mut out = Vec::with_capacity(a.len() + b.len());
     let (mut i, mut j) = (0, 0);
     while let Some(r) = match (a.get(i), b.get(j)) {
@@ -40,7 +41,7 @@ pub(super) fn union(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
 }
 
 /// The intersection of two sorted, merged lists.
-pub(super) fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+pub(crate) fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
     let mut out = Vec::new();
     let (mut i, mut j) = (0, 0);
     while let (Some(x), Some(y)) = (a.get(i), b.get(j)) {
@@ -54,9 +55,31 @@ pub(super) fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
     out
 }
 
+/// `ranges` in any order, possibly overlapping, as a sorted, merged list.
+pub(crate) fn merged(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        push(&mut out, r);
+    }
+    out
+}
+
+/// `range` without the bytes of `holes` (any order, possibly overlapping), sorted.
+pub(crate) fn subtract(range: Range<u64>, holes: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut at = range.start;
+    for h in merged(holes.to_vec()) {
+        push(&mut out, at..h.start.min(range.end));
+        at = at.max(h.end);
+    }
+    push(&mut out, at..range.end);
+    out
+}
+
 /// Push the parts of guest range `guest`, stored from host offset `host_start` on, that lie
 /// in the host extents `host` (sorted, merged): each mapped back to its guest offsets.
-pub(super) fn push_mapped(
+pub(crate) fn push_mapped(
     list: &mut Vec<Range<u64>>,
     guest: Range<u64>,
     host_start: u64,
@@ -94,6 +117,21 @@ mod tests {
         assert_eq!(intersect(&a, &b), vec![5..10, 20..25]);
         assert_eq!(union(&a, &[]), a.to_vec());
         assert!(intersect(&a, &[]).is_empty());
+    }
+
+    #[test]
+    fn merged_and_subtract() {
+        assert_eq!(
+            merged(vec![5..9, 0..2, 1..3, 9..9, 8..12]),
+            vec![0..3, 5..12]
+        );
+        // Holes in any order, overlapping, and reaching outside the range.
+        assert_eq!(
+            subtract(10..100, &[60..70, 0..20, 65..80, 95..200]),
+            vec![20..60, 80..95]
+        );
+        assert_eq!(subtract(10..100, &[]), vec![10..100]);
+        assert!(subtract(10..100, &[0..50, 40..200]).is_empty());
     }
 
     #[test]
