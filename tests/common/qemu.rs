@@ -256,8 +256,11 @@ impl QemuNbd {
         );
     }
 
-    /// Signal the server once and wait until it is gone, or a zombie: it was forked away from
-    /// us, and its image is closed either way. False if it still runs after 10 s.
+    /// Signal the server once and wait until it is gone, or a zombie whose files are closed:
+    /// it was forked away from us, so it may stay a zombie. The leader thread turns zombie
+    /// while qemu-nbd's other threads may still hold the image (and QEMU's locks on it) open,
+    /// so an empty `/proc/PID/fd` is what says the image is closed. False if it still runs
+    /// after 10 s.
     fn signal_and_wait(&mut self, signal: &str) -> bool {
         if self.pid.is_empty() {
             return true;
@@ -265,6 +268,10 @@ impl QemuNbd {
         self.signal(signal);
         let pid = std::mem::take(&mut self.pid);
         let stat = format!("/proc/{pid}/stat");
+        let files_closed = || {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .map_or(true, |mut fds| fds.next().is_none())
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             match std::fs::read_to_string(&stat) {
@@ -274,7 +281,8 @@ impl QemuNbd {
                     if st
                         .rsplit(')')
                         .next()
-                        .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+                        .is_some_and(|r| r.trim_start().starts_with('Z'))
+                        && files_closed() =>
                 {
                     return true
                 }
