@@ -2,7 +2,9 @@
 //!
 //! Policy (one error type for the whole library, as callers see it):
 //! - every error carries a [`ErrorKind`] a caller can match on (the CLI maps kinds to exit
-//!   codes: [`ErrorKind::Integrity`] is exit 3, [`ErrorKind::Usage`] exit 2, the rest exit 1);
+//!   codes: [`ErrorKind::Integrity`] is exit 3, [`ErrorKind::Usage`] exit 2,
+//!   [`ErrorKind::Interrupted`] 128 + the signal (130 for SIGINT, 143 for SIGTERM), the rest
+//!   exit 1);
 //! - a `context` naming *what* and *where*: the disk, snapshot, object key, byte offset;
 //! - the underlying `source` error, if any, kept as a cause rather than repeated in the text.
 //!
@@ -29,6 +31,9 @@ pub enum ErrorKind {
     Unsupported,
     /// The source changed while it was being read (shrank, vanished).
     SourceChanged,
+    /// SIGINT or SIGTERM asked the process to stop ([`crate::interrupt`]); the work was
+    /// abandoned and cleaned up as after any other failure.
+    Interrupted,
 }
 
 /// The library's error: a kind to match, context that names what and where, and a cause.

@@ -40,6 +40,7 @@ pub mod changes;
 pub mod crypto;
 pub mod engine;
 pub mod error;
+pub mod interrupt;
 pub mod io;
 pub mod layout;
 mod ranges;

@@ -2,10 +2,11 @@
 //! above all, `decode_body` on arbitrary bodies.
 //!
 //! The first input byte picks a mode (the rest of the input is `rest`):
-//! - 0, 1 (half the runs): `rest` is a raw manifest body for `decode_body`, and a raw object
-//!   for `peek`. A body that decodes is then used the way restore uses it (`slot_len` of every
-//!   slot, `compute_digest`) and must survive `encode` → `decode` unchanged. With
-//!   `BLOCKVAULT_FUZZ_STRICT` set it must also re-encode to exactly `rest` (canonical form).
+//! - 0, 1 (half the runs): `rest` is a raw manifest body for `decode_body` (as manifest version
+//!   1 for 0, version 2 for 1), and a raw object for `peek`. A body that decodes is then used
+//!   the way restore uses it (`slot_len` of every slot, `compute_digest`) and must survive
+//!   `encode` → `decode` unchanged. With `BLOCKVAULT_FUZZ_STRICT` set a version 2 body whose
+//!   info JSON is in the writer's own form must also re-encode to exactly `rest`.
 //! - 2: `rest` sealed as a manifest object by us (outer header ‖ nonce ‖ GCM(manifest key,
 //!   body) ‖ tag, AAD = outer header, as in docs/FORMAT.md): its first byte says whether the
 //!   remainder is zstd-compressed by us (then `decode` parses it as a body) or passed as is
@@ -17,6 +18,7 @@
 
 use blockvault::crypto::ExtentId;
 use blockvault::vault::frame::OVERHEAD;
+use blockvault::vault::info::{BitmapRecord, SnapshotInfo};
 use blockvault::vault::manifest::{
     slot_count, ChangeSource, ExtentLoc, Manifest, Overlay, Slot, SnapshotId, Stats, MAX_SLOT_SIZE,
     MIN_SLOT_SIZE, OUTER_LEN, ZERO,
@@ -34,7 +36,7 @@ const SNAP: SnapshotId = SnapshotId(*b"fuzz-snapshot-id");
 fn outer(id: &SnapshotId, generation: u32) -> Vec<u8> {
     let mut o = Vec::with_capacity(OUTER_LEN);
     o.extend_from_slice(b"BVSN");
-    o.extend_from_slice(&1u16.to_le_bytes());
+    o.extend_from_slice(&2u16.to_le_bytes());
     o.extend_from_slice(&0u16.to_le_bytes());
     o.extend_from_slice(&VAULT_ID);
     o.extend_from_slice(&DISK_ID);
@@ -88,14 +90,14 @@ fn use_like_restore(m: &Manifest) {
     let _ = m.compute_digest(&identity().digest);
 }
 
-fn raw(rest: &[u8]) {
+fn raw(rest: &[u8], version: u16) {
     outcome("peek", &Manifest::peek(rest, &binding(), WHAT));
-    let r = Manifest::decode_body(rest, SNAP, 0, WHAT);
+    let r = Manifest::decode_body(rest, SNAP, 0, version, WHAT);
     outcome("decode_body", &r);
     let Ok(m) = r else { return };
     use_like_restore(&m);
     check_round_trip(&m);
-    if strict() {
+    if strict() && version == 2 && rest.ends_with(m.info.to_json().as_bytes()) {
         let enc = m.encode(&binding(), &generation_keys(0).unwrap()).unwrap();
         assert!(
             body_of(&enc, 0) == rest,
@@ -233,6 +235,25 @@ fn build(u: &mut Unstructured) -> arbitrary::Result<Manifest> {
         extents,
         slots,
         layout: short_string(u, 300)?,
+        info: SnapshotInfo {
+            bitmaps: (0..u.int_in_range(0..=3u8)?)
+                .map(|_| {
+                    Ok(BitmapRecord {
+                        name: short_string(u, 40)?,
+                        granularity: u.arbitrary()?,
+                        enabled: u.arbitrary()?,
+                        in_use: u.arbitrary()?,
+                        dirty_bytes: u.arbitrary()?,
+                    })
+                })
+                .collect::<arbitrary::Result<_>>()?,
+            bitmap_created: if u.arbitrary()? {
+                Some(short_string(u, 40)?)
+            } else {
+                None
+            },
+            notes: vec![short_string(u, 100)?],
+        },
     })
 }
 
@@ -291,6 +312,17 @@ fn sample() -> Manifest {
             Slot::overlaid(ExtentId([0x0d; 32]), 1, vec![]),
         ],
         layout: String::new(),
+        info: SnapshotInfo {
+            bitmaps: vec![BitmapRecord {
+                name: "bv-1".into(),
+                granularity: Some(65536),
+                enabled: Some(true),
+                in_use: false,
+                dirty_bytes: Some(1 << 20),
+            }],
+            bitmap_created: Some("bv-2".into()),
+            notes: Vec::new(),
+        },
     }
 }
 
@@ -331,7 +363,8 @@ fuzz_target!(
     |data: &[u8]| {
         let Some((&sel, rest)) = data.split_first() else { return };
         match sel & 3 {
-            0 | 1 => raw(rest),
+            0 => raw(rest, 1),
+            1 => raw(rest, 2),
             2 => sealed(rest),
             _ => {
                 if let Ok(m) = build(&mut Unstructured::new(rest)) {

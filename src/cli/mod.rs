@@ -149,6 +149,9 @@ impl Context {
 /// Parse arguments, run the command, and map the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = blockvault::interrupt::install() {
+        tracing::warn!(error = %e, "Ctrl-C will stop blockvault without cleaning up");
+    }
     let ctx = Context {
         vault_url: cli.vault,
         keystore: cli.keystore,
@@ -173,11 +176,16 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The exit code for a failure of `kind`.
+/// The exit code for a failure of `kind`: a stop asked for by a signal is 128 + its number,
+/// as a shell reports a process the signal killed.
 fn exit_code(kind: Option<ErrorKind>) -> ExitCode {
     match kind {
         Some(ErrorKind::Usage) => ExitCode::from(2),
         Some(ErrorKind::Integrity) => ExitCode::from(3),
+        Some(ErrorKind::Interrupted) => {
+            let signal = blockvault::interrupt::requested().unwrap_or(libc::SIGINT);
+            ExitCode::from((128 + signal) as u8)
+        }
         _ => ExitCode::from(1),
     }
 }

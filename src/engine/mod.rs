@@ -351,6 +351,7 @@ pub fn backup(
             .as_ref()
             .and_then(|l| serde_json::to_string(l).ok())
             .unwrap_or_default(),
+        info: Default::default(),
     };
     m.digest = m.compute_digest(&disk.identity.digest);
     vault.put_manifest(disk, &m)?;

@@ -209,6 +209,7 @@ mod tests {
             extents: Vec::new(),
             slots: vec![Slot::Zero; n],
             layout: String::new(),
+            info: Default::default(),
         }
     }
 

@@ -131,18 +131,35 @@ impl<'a> Dec<'a> {
     /// The prologue every versioned object starts with: magic, u16 version (exactly
     /// `version`: another one is [`ErrorKind::Unsupported`], naming `kind`), u16 reserved.
     pub fn prologue(&mut self, magic: &[u8; 4], version: u16, kind: &str) -> Result<()> {
+        self.prologue_in(magic, version..=version, kind).map(|_| ())
+    }
+
+    /// [`Dec::prologue`] for an object this build reads in several versions: returns the
+    /// version found, or fails with [`ErrorKind::Unsupported`] outside `versions`.
+    pub fn prologue_in(
+        &mut self,
+        magic: &[u8; 4],
+        versions: std::ops::RangeInclusive<u16>,
+        kind: &str,
+    ) -> Result<u16> {
         self.magic(magic)?;
         let v = self.u16()?;
-        if v != version {
+        if !versions.contains(&v) {
+            let reads = if versions.start() == versions.end() {
+                versions.start().to_string()
+            } else {
+                format!("{} to {}", versions.start(), versions.end())
+            };
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "{}: {kind} version {v}, this build reads {version}",
+                    "{}: {kind} version {v}, this build reads {reads}",
                     self.what
                 ),
             ));
         }
-        self.reserved(2)
+        self.reserved(2)?;
+        Ok(v)
     }
 
     /// Reserved bytes: must be zero, so that a future meaning cannot be misread by this build.

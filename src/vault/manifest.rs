@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! outer (60 bytes, plaintext, also the AAD):
-//!   "BVSN" | u16 version=1 | u16 0 | vault id [16] | disk id [16] | snapshot id [16] | u32 DEK generation
+//!   "BVSN" | u16 version (2; 1 is read too) | u16 0 | vault id [16] | disk id [16] | snapshot id [16] | u32 DEK generation
 //! then nonce ‖ AES-256-GCM(manifest key, zstd(body)) ‖ tag
 //! body: see docs/FORMAT.md ("Manifest body"); the slot table maps every slot to
 //!   0 zero | 1 one extent | 2 a base (extent or zero) plus overlays (offset, length, extent or zero)
@@ -13,12 +13,16 @@
 
 use super::codec::{Dec, Enc};
 use super::frame::Binding;
+use super::info::SnapshotInfo;
 use super::pack::PackId;
 use crate::crypto::{ExtentId, GenerationKeys, IdKey};
 use crate::error::{Error, ErrorKind, Result};
 
 const MAGIC: &[u8; 4] = b"BVSN";
-const VERSION: u16 = 1;
+/// The version this build writes: 2 adds the snapshot info (docs/FORMAT.md, "Manifest info").
+const VERSION: u16 = 2;
+/// The oldest version this build reads (version 1 has no snapshot info: it reads as empty).
+const OLDEST_VERSION: u16 = 1;
 /// Plaintext header length.
 pub const OUTER_LEN: usize = 60;
 /// Marks "zeros" where an extent index is expected.
@@ -206,6 +210,8 @@ pub struct Manifest {
     /// The disk's partition table and encrypted volumes as `inspect --json` prints them
     /// (JSON), or empty when not scanned.
     pub layout: String,
+    /// How the snapshot was made beyond its slots: the source's bitmaps, warnings.
+    pub info: SnapshotInfo,
 }
 
 /// Number of slots for a disk.
@@ -335,6 +341,8 @@ impl Manifest {
         }
         e.u32(self.layout.len() as u32)
             .bytes(self.layout.as_bytes());
+        let info = self.info.to_json();
+        e.u32(info.len() as u32).bytes(info.as_bytes());
         e.finish()
     }
 
@@ -350,8 +358,13 @@ impl Manifest {
     /// Parse the plaintext outer header: (snapshot id, DEK generation). Checks that it names
     /// the vault and disk it was found under.
     pub fn peek(b: &[u8], binding: &Binding, what: &str) -> Result<(SnapshotId, u32)> {
+        Self::peek_versioned(b, binding, what).map(|(id, generation, _)| (id, generation))
+    }
+
+    /// [`Manifest::peek`], also returning the manifest's version.
+    fn peek_versioned(b: &[u8], binding: &Binding, what: &str) -> Result<(SnapshotId, u32, u16)> {
         let mut d = Dec::new(b, what);
-        d.prologue(MAGIC, VERSION, "manifest")?;
+        let version = d.prologue_in(MAGIC, OLDEST_VERSION..=VERSION, "manifest")?;
         let vault: [u8; 16] = d.array()?;
         let disk: [u8; 16] = d.array()?;
         if vault != binding.vault_id || disk != binding.disk_id {
@@ -359,7 +372,7 @@ impl Manifest {
                 "{what}: manifest belongs to another vault or disk"
             )));
         }
-        Ok((SnapshotId(d.array()?), d.u32()?))
+        Ok((SnapshotId(d.array()?), d.u32()?, version))
     }
 
     /// Authenticate, decrypt and parse. `keys` must be those of the generation [`Manifest::peek`] returned.
@@ -369,19 +382,21 @@ impl Manifest {
         keys: &GenerationKeys,
         what: &str,
     ) -> Result<Manifest> {
-        let (id, generation) = Self::peek(b, binding, what)?;
+        let (id, generation, version) = Self::peek_versioned(b, binding, what)?;
         let compressed = keys
             .manifest
             .open_vec(&b[..OUTER_LEN], &b[OUTER_LEN..], &|| what.to_string())?;
         let body = decompress_bounded(&compressed, what)?;
-        Self::decode_body(&body, id, generation, what)
+        Self::decode_body(&body, id, generation, version, what)
     }
 
-    /// Parse a decrypted body, checking every index against the tables it points into.
+    /// Parse a decrypted body of manifest `version`, checking every index against the tables
+    /// it points into.
     pub fn decode_body(
         body: &[u8],
         id: SnapshotId,
         generation: u32,
+        version: u16,
         what: &str,
     ) -> Result<Manifest> {
         let mut d = Dec::new(body, what);
@@ -511,6 +526,14 @@ impl Manifest {
         let layout_len = d.u32()? as usize;
         let layout = String::from_utf8(d.take(layout_len)?.to_vec())
             .map_err(|_| d.error("disk layout is not UTF-8"))?;
+        let info = if version >= 2 {
+            let len = d.u32()? as usize;
+            let json = std::str::from_utf8(d.take(len)?)
+                .map_err(|_| d.error("snapshot info is not UTF-8"))?;
+            SnapshotInfo::from_json(json, what)?
+        } else {
+            SnapshotInfo::default()
+        };
         d.end()?;
         Ok(Manifest {
             id,
@@ -531,6 +554,7 @@ impl Manifest {
             extents,
             slots,
             layout,
+            info,
         })
     }
 }
@@ -598,6 +622,10 @@ mod tests {
                 Slot::Zero,
             ],
             layout: r#"{"disk_size":1}"#.into(),
+            info: SnapshotInfo {
+                bitmap_created: Some("bv-x".into()),
+                ..SnapshotInfo::default()
+            },
         }
     }
 
@@ -622,6 +650,19 @@ mod tests {
     fn bad_indices_are_rejected() {
         let mut m = sample();
         m.slots[1] = Slot::Extent(7);
-        assert!(Manifest::decode_body(&m.body(), m.id, 0, "m").is_err());
+        assert!(Manifest::decode_body(&m.body(), m.id, 0, VERSION, "m").is_err());
+    }
+
+    #[test]
+    fn version_1_body_has_no_info() {
+        let mut m = sample();
+        m.info = SnapshotInfo::default();
+        let body = m.body();
+        // A version 1 body is a version 2 body without the info at its end.
+        let info_len = 4 + m.info.to_json().len();
+        let v1 = &body[..body.len() - info_len];
+        assert_eq!(Manifest::decode_body(v1, m.id, 0, 1, "m").unwrap(), m);
+        assert!(Manifest::decode_body(v1, m.id, 0, 2, "m").is_err());
+        assert!(Manifest::decode_body(&body, m.id, 0, 1, "m").is_err());
     }
 }
