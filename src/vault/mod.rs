@@ -19,6 +19,7 @@ pub mod codec;
 pub mod config;
 pub mod escrow;
 pub mod frame;
+pub mod head;
 pub mod info;
 pub mod infra_recovery;
 pub mod kekdesc;

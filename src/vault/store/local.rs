@@ -14,7 +14,12 @@ use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::io::AlignedBuf;
 
-use super::Store;
+use super::{Precondition, Store, Tag};
+
+/// The local tag of an object: the BLAKE3 of its bytes (an ETag that changes with content).
+fn tag_of(bytes: &[u8]) -> Tag {
+    Tag(blake3::hash(bytes).to_hex().to_string())
+}
 
 /// A store rooted at a folder.
 pub struct LocalStore {
@@ -189,6 +194,40 @@ impl Store for LocalStore {
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let path = self.path(key)?;
         fs::read(&path).ctx(|| format!("reading object {key} in vault {}", self.root.display()))
+    }
+
+    fn get_tagged(&self, key: &str) -> Result<(Vec<u8>, Tag)> {
+        let bytes = self.get(key)?;
+        let tag = tag_of(&bytes);
+        Ok((bytes, tag))
+    }
+
+    /// Compare and swap under an exclusive `flock` on `locks/cas`, which every `put_if` of
+    /// this folder takes (from any process on any host that mounts it with working locks):
+    /// the comparison and the atomic rename cannot interleave with another writer's.
+    fn put_if(&self, key: &str, data: &[u8], pre: &Precondition) -> Result<Tag> {
+        let _lock = self.lock("cas", Duration::from_secs(60))?;
+        let current = match self.get(key) {
+            Ok(b) => Some(tag_of(&b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let holds = match (pre, &current) {
+            (Precondition::Absent, None) => true,
+            (Precondition::Matches(want), Some(have)) => want == have,
+            _ => false,
+        };
+        if !holds {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "object {key} in vault {} changed since it was read",
+                    self.root.display()
+                ),
+            ));
+        }
+        self.put(key, data)?;
+        Ok(tag_of(data))
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {

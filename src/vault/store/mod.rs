@@ -21,6 +21,11 @@ pub use local::LocalStore;
 /// - `list(prefix)` returns every key under the folder `prefix`, recursively, sorted; names of
 ///   unfinished writes are never listed.
 /// - `delete` of a missing key succeeds (idempotent).
+/// - `get_tagged` returns the object with its [`Tag`]; `put_if` replaces (or creates) it only
+///   if the stored object is still the one `Precondition` names, atomically with respect to
+///   every other `put_if` of the key, from any process or host: of two writers that read the
+///   same tag, exactly one succeeds and the other gets [`ErrorKind::Conflict`] and changes
+///   nothing. This is how the vault head is updated by many hosts with no lock.
 pub trait Store: Send + Sync {
     /// Write a whole object.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
@@ -30,6 +35,11 @@ pub trait Store: Send + Sync {
     fn put_new(&self, key: &str, data: &[u8]) -> Result<()>;
     /// Read a whole object.
     fn get(&self, key: &str) -> Result<Vec<u8>>;
+    /// Read a whole object and the tag that names this version of it.
+    fn get_tagged(&self, key: &str) -> Result<(Vec<u8>, Tag)>;
+    /// Write a whole object if `pre` holds for what is stored now (compare-and-swap); returns
+    /// the new object's tag. Fails with [`ErrorKind::Conflict`], changing nothing, if not.
+    fn put_if(&self, key: &str, data: &[u8], pre: &Precondition) -> Result<Tag>;
     /// Read `len` bytes at `offset`.
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
     /// Keys under a folder.
@@ -44,6 +54,20 @@ pub trait Store: Send + Sync {
     fn lock(&self, name: &str, wait: std::time::Duration) -> Result<Box<dyn Send>>;
     /// Where the store is, for messages.
     fn location(&self) -> String;
+}
+
+/// The version of an object as its store names it: an ETag on object storage, the BLAKE3 of
+/// the bytes in a local folder. Opaque: only compared for equality.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag(pub String);
+
+/// What [`Store::put_if`] requires of the object stored under the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// No object exists (create).
+    Absent,
+    /// The object is exactly the version read with this tag (replace).
+    Matches(Tag),
 }
 
 /// Open a store from a vault URL: a path or `file://path`. Object storage URLs are recognised

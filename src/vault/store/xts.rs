@@ -30,7 +30,7 @@ use aes::Aes256;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::xts_unit::Xts;
-use super::Store;
+use super::{Precondition, Store, Tag};
 use crate::crypto::secret::fill_random;
 use crate::crypto::Secret32;
 use crate::error::{Error, ErrorKind, Result};
@@ -261,6 +261,21 @@ impl Store for XtsStore {
         let mut buf = self.inner.get(key)?;
         self.cipher.decrypt(key, &mut buf)?;
         Ok(buf)
+    }
+
+    fn get_tagged(&self, key: &str) -> Result<(Vec<u8>, Tag)> {
+        let (mut buf, tag) = self.inner.get_tagged(key)?;
+        self.cipher.decrypt(key, &mut buf)?;
+        Ok((buf, tag))
+    }
+
+    fn put_if(&self, key: &str, data: &[u8], pre: &Precondition) -> Result<Tag> {
+        let mut tag = None;
+        self.sealed(key, data, |b| {
+            tag = Some(self.inner.put_if(key, b, pre)?);
+            Ok(())
+        })?;
+        Ok(tag.expect("sealed calls its writer once or fails"))
     }
 
     /// Reads and decrypts only the units covering the range. The unit layout depends on the
