@@ -285,7 +285,7 @@ fn describe(k: &Value) -> String {
 /// only then store the new key and re-wrap (see `vault::rotation`).
 fn rotate(ctx: &Context, new_cmk: Option<&str>, new_dek: bool) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
-    let (vault, mut keys) = platform_keys(ctx)?;
+    let (vault, keys) = platform_keys(ctx)?;
     let kind = vault.keyring().primary_kind();
     // The new key, read but not stored yet: `None` when a customer key names the newest
     // descriptor already (a rotation run again after an interruption).
@@ -335,17 +335,20 @@ fn rotate(ctx: &Context, new_cmk: Option<&str>, new_dek: bool) -> anyhow::Result
     }
     let pending = vault.unwrap_pending(&target)?;
     match new_key {
-        Some(key) => vault.add_kek_descriptor(&key, &keys.auth)?,
+        Some(key) => vault.add_kek_descriptor(&key, &keys.newest_auth().key)?,
         None if kind == KekKind::Platform => {
-            let mut versions = keys.kek.into_versions();
-            versions.push(PlatformKeyVersion {
-                version: new_id.version,
-                state: KekState::Enabled,
-                created: blockvault::util::now_unix(),
-                key: Secret32::random()?,
-            });
-            keys.kek = PlatformKek::new(versions);
-            ctx.keystore()?.save(&vault.config().vault_id, &keys)?;
+            ctx.keystore()?.update(&vault.config().vault_id, |keys| {
+                let mut versions =
+                    std::mem::replace(&mut keys.kek, PlatformKek::new(Vec::new())).into_versions();
+                versions.push(PlatformKeyVersion {
+                    version: new_id.version,
+                    state: KekState::Enabled,
+                    created: blockvault::util::now_unix(),
+                    key: Secret32::random()?,
+                });
+                keys.kek = PlatformKek::new(versions);
+                Ok(())
+            })?;
         }
         None => {}
     }
@@ -360,7 +363,7 @@ fn rotate(ctx: &Context, new_cmk: Option<&str>, new_dek: bool) -> anyhow::Result
 }
 
 fn set_state(ctx: &Context, version: Option<u32>, state: KekState) -> anyhow::Result<ExitCode> {
-    let (vault, mut keys) = platform_keys(ctx)?;
+    let vault = ctx.open_vault()?;
     if vault.keyring().primary_kind() != KekKind::Platform {
         return Err(Error::usage(format!(
             "this vault's DEKs are wrapped by a customer-managed key ({}): revoke or enable it where it lives — disable it in the HSM, or withhold its private key",
@@ -368,24 +371,26 @@ fn set_state(ctx: &Context, version: Option<u32>, state: KekState) -> anyhow::Re
         ))
         .into());
     }
-    let mut versions = keys.kek.into_versions();
-    let mut changed = Vec::new();
-    for v in versions
-        .iter_mut()
-        .filter(|v| version.is_none_or(|n| n == v.version))
-    {
-        v.state = state;
-        changed.push(v.version);
-    }
-    if changed.is_empty() {
-        return Err(Error::usage(format!(
-            "the keystore has no platform KEK version {}",
-            version.unwrap_or(0)
-        ))
-        .into());
-    }
-    keys.kek = PlatformKek::new(versions);
-    ctx.keystore()?.save(&vault.config().vault_id, &keys)?;
+    let changed = ctx.keystore()?.update(&vault.config().vault_id, |keys| {
+        let mut versions =
+            std::mem::replace(&mut keys.kek, PlatformKek::new(Vec::new())).into_versions();
+        let mut changed = Vec::new();
+        for v in versions
+            .iter_mut()
+            .filter(|v| version.is_none_or(|n| n == v.version))
+        {
+            v.state = state;
+            changed.push(v.version);
+        }
+        keys.kek = PlatformKek::new(versions);
+        if changed.is_empty() {
+            return Err(Error::usage(format!(
+                "the keystore has no platform KEK version {}",
+                version.unwrap_or(0)
+            )));
+        }
+        Ok(changed)
+    })?;
     let what = if state == KekState::Enabled {
         "enabled"
     } else {
@@ -491,9 +496,10 @@ fn import_keys(
         std::fs::read(&file).map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
     let pass = export::read_passphrase(passphrase.as_deref(), EXPORT_PASSPHRASE_ENV)?;
     let (vault_id, plain) = export::import(&bytes, &pass)?;
-    let keys = keystore::decode(&plain, &vault_id)?;
+    let keys = keystore::VaultKeys::decode(&plain, &vault_id)?;
     let ks = ctx.keystore()?;
-    if ks.path_for(&vault_id).exists() && !force {
+    let lock = ks.lock(&vault_id)?;
+    if ks.has(&vault_id) && !force {
         return Err(Error::new(
             ErrorKind::AlreadyExists,
             format!(
@@ -504,7 +510,7 @@ fn import_keys(
         )
         .into());
     }
-    let path = ks.save(&vault_id, &keys)?;
+    let path = ks.replace(&lock, &vault_id, &keys)?;
     ctx.out.result(json!({"command": "key import", "vault_id": hex::encode(vault_id), "keystore": path.display().to_string()}), || {
         format!("keys of vault {} imported into {}\n", hex::encode(vault_id), path.display())
     });

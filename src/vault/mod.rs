@@ -133,16 +133,17 @@ impl Vault {
         }
         take_over_interrupted_init(&*store, url)?;
         let vault_id = random_bytes::<16>()?;
-        let (keys, keystore_file) = keystore.create(&vault_id, opts.infrastructure)?;
+        let keys = VaultKeys::generate(opts.infrastructure)?;
+        let keystore_file = keystore.create(&vault_id, &keys)?;
         let layered_store = layered(store.clone(), opts.infrastructure, &keys)?;
         // Descriptors first, config last: a vault without its config is no vault, so a
         // crash here leaves nothing anyone would use, and the next init takes it over.
-        let mac = kekdesc::mac_key(&keys.auth);
+        let mac = kekdesc::mac_key(&keys.newest_auth().key);
         for key in opts.cmk.iter().chain(&opts.recovery) {
             layered_store.put_new(&kekdesc::object_key(key.id()), &kekdesc::encode(key, &mac))?;
         }
-        if let (Some(recovery), Some(infra)) = (&opts.recovery, &keys.infra) {
-            infra_recovery::write(&*store, &vault_id, recovery, infra)?;
+        if let (Some(recovery), Some(infra)) = (&opts.recovery, keys.infra.last()) {
+            infra_recovery::write(&*store, &vault_id, recovery, &infra.key)?;
         }
         let config = Config {
             vault_id,
@@ -154,7 +155,7 @@ impl Vault {
                 config::INFRA_NONE
             },
         };
-        store.put_new(config::KEY, &config.encode(&keys.auth))?;
+        store.put_new(config::KEY, &config.encode(&keys.newest_auth().key))?;
         tracing::info!(vault = %url, keystore = %keystore_file.display(), "vault created");
         Vault::assemble(layered_store, config, keys, keystore_file, &opts.access)
     }
@@ -168,7 +169,8 @@ impl Vault {
         keystore_file: PathBuf,
         access: &KeyAccess,
     ) -> Result<Vault> {
-        let descriptor_mac = kekdesc::mac_key(&keys.auth);
+        let descriptor_mac = kekdesc::mac_key(&keys.newest_auth().key);
+        let record_mac = keyrecord::mac_key(&keys.newest_auth().key);
         let descriptors = load_descriptors(&*store, Some(&descriptor_mac))?;
         let keyring = keyring_for(config.kek_kind, keys.kek, descriptors, access)?;
         Ok(Vault {
@@ -176,7 +178,7 @@ impl Vault {
             config,
             keyring,
             descriptor_mac,
-            record_mac: keyrecord::mac_key(&keys.auth),
+            record_mac,
             keystore_file,
         })
     }
@@ -199,7 +201,8 @@ impl Vault {
         let config =
             Config::decode_unverified(&raw).map_err(|e| e.within(format!("vault {url}")))?;
         let keys = keystore.load(&config.vault_id)?;
-        Config::verify(&raw, &keys.auth).map_err(|e| e.within(format!("vault {url}")))?;
+        Config::verify(&raw, &keys.newest_auth().key)
+            .map_err(|e| e.within(format!("vault {url}")))?;
         let keystore_file = keystore.path_for(&config.vault_id);
         let store = layered(store, config.infrastructure != config::INFRA_NONE, &keys)?;
         Vault::assemble(store, config, keys, keystore_file, access)
@@ -519,7 +522,7 @@ fn layered(raw: Arc<dyn Store>, infrastructure: bool, keys: &VaultKeys) -> Resul
     if !infrastructure {
         return Ok(raw);
     }
-    let key = keys.infra.as_ref().ok_or_else(|| {
+    let key = keys.infra.last().map(|v| &v.key).ok_or_else(|| {
         Error::new(
             ErrorKind::Key,
             "the vault has an infrastructure encryption layer but the keystore holds no key for it",

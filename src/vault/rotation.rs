@@ -148,16 +148,20 @@ impl Vault {
         let config = Config::decode_unverified(&raw.get(config::KEY)?)?;
         let vault_id = config.vault_id;
         let infra = config.infrastructure != config::INFRA_NONE;
-        let lost = !keystore.path_for(&vault_id).exists();
+        let lost = !keystore.has(&vault_id);
         let mut keys = if lost {
             VaultKeys::generate(false)?
         } else {
             keystore.load(&vault_id)?
         };
         // The layer's key comes first: the descriptors and records lie inside the layer.
-        let save_keys = lost || (infra && keys.infra.is_none());
-        if infra && keys.infra.is_none() {
-            keys.infra = Some(super::infra_recovery::open(&*raw, &vault_id, access)?);
+        let save_keys = lost || (infra && keys.infra.is_empty());
+        if infra && keys.infra.is_empty() {
+            keys.infra.push(crate::crypto::keystore::Versioned {
+                version: 1,
+                created: crate::util::now_unix(),
+                key: super::infra_recovery::open(&*raw, &vault_id, access)?,
+            });
         }
         let store = super::layered(raw.clone(), infra, &keys)?;
         // Nothing stored can be authenticated without the lost keys: trust the vault's
@@ -203,16 +207,17 @@ impl Vault {
         // Every key is in hand: write the keystore file, then re-authenticate descriptors and
         // config under it, then re-wrap.
         if save_keys {
-            keystore.save(&vault_id, &keys)?;
+            let lock = keystore.lock(&vault_id)?;
+            keystore.replace(&lock, &vault_id, &keys)?;
         }
-        let desc_mac = kekdesc::mac_key(&keys.auth);
+        let desc_mac = kekdesc::mac_key(&keys.newest_auth().key);
         for key in descriptors.iter().chain(std::iter::once(&recovery)) {
             store.put(
                 &kekdesc::object_key(key.id()),
                 &kekdesc::encode(key, &desc_mac),
             )?;
         }
-        raw.put(config::KEY, &config.encode(&keys.auth))?;
+        raw.put(config::KEY, &config.encode(&keys.newest_auth().key))?;
         let keystore_file = keystore.path_for(&vault_id);
         let vault = Vault::assemble(store, config, keys, keystore_file, access)?;
         let changed = vault.rewrap(pending)?;
