@@ -42,6 +42,7 @@ pub mod engine;
 pub mod error;
 pub mod interrupt;
 pub mod io;
+pub mod keys;
 pub mod layout;
 mod ranges;
 pub mod restore;

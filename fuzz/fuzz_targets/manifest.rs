@@ -253,6 +253,7 @@ fn build(u: &mut Unstructured) -> arbitrary::Result<Manifest> {
                 None
             },
             notes: vec![short_string(u, 100)?],
+            identity_generation: u.arbitrary()?,
         },
     })
 }
@@ -322,6 +323,7 @@ fn sample() -> Manifest {
             }],
             bitmap_created: Some("bv-2".into()),
             notes: Vec::new(),
+            identity_generation: 0,
         },
     }
 }

@@ -23,6 +23,9 @@ pub struct Args {
     /// Name of the disk in the vault.
     #[arg(long)]
     disk: String,
+    /// Create a vault (platform-managed key) if the location holds none.
+    #[arg(long)]
+    init: bool,
     /// Snapshot to compare with: an id, `latest` (default) or `none` for a full read.
     #[arg(long, default_value = "latest")]
     parent: String,
@@ -111,7 +114,21 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         },
     )?;
     let changes = change_claim(&a, src.as_ref())?;
-    let (vault, created) = Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?;
+    let keystore = ctx.keystore()?;
+    let (vault, created) = match Vault::open_with(url, &keystore, &ctx.key_access()) {
+        Ok(v) => (v, false),
+        Err(e) if e.kind() == blockvault::ErrorKind::NotFound && a.init => {
+            let opts = blockvault::keys::init::InitOptions {
+                access: ctx.key_access(),
+                ..Default::default()
+            };
+            (
+                blockvault::keys::init::init(url, &keystore, &opts)?.vault,
+                true,
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
     // Nothing is written with a key that cannot unwrap: no backups nobody could read.
     vault.check_keys()?;
     let opts = BackupOptions {

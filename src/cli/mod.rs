@@ -9,6 +9,7 @@ mod key;
 mod output;
 mod restore;
 mod snapshots;
+mod upgrade;
 mod verify;
 
 use std::path::PathBuf;
@@ -59,6 +60,8 @@ enum Command {
     /// Show what a backup of SOURCE would see: size, format, allocation, dirty bitmaps,
     /// partition table and encrypted volumes.
     Inspect(inspect::Args),
+    /// Bring a vault of an older format to the current one, in place (needs its keys).
+    Upgrade(upgrade::Args),
 }
 
 /// Where this host finds the private halves of customer-managed keys. Secrets (passphrases,
@@ -166,6 +169,7 @@ pub fn main() -> ExitCode {
         Command::Verify(a) => verify::run(&ctx, a),
         Command::Key(a) => key::run(&ctx, a),
         Command::Inspect(a) => inspect::run(&ctx, a),
+        Command::Upgrade(a) => upgrade::run(&ctx, a),
     };
     match result {
         Ok(code) => code,

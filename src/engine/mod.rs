@@ -35,10 +35,6 @@ use writer::Writer;
 
 /// Default slot size.
 pub const DEFAULT_SLOT_SIZE: u32 = 1 << 20;
-/// Seals one DEK generation may make before a new generation starts. Random 96-bit nonces
-/// stay far inside NIST SP 800-38D's 2^32 limit: at 2^30 seals the chance of any nonce
-/// collision is below 2^-35.
-pub const GENERATION_SEAL_LIMIT: u64 = 1 << 30;
 /// Bytes of slot buffers in flight.
 pub(crate) const BUFFER_BUDGET: usize = 32 << 20;
 
@@ -156,24 +152,23 @@ fn check_slot_size(s: u32) -> Result<()> {
     Ok(())
 }
 
-/// Everything a backup settles before reading: the disk and its lock, the parent, the slot
-/// size and the DEK generation that will seal.
+/// Everything a backup settles before planning: the disk and its lock, the parent and the
+/// slot size.
 struct Job {
     disk: Disk,
     new_disk: bool,
     _lock: Box<dyn Send>,
     parent: Option<Manifest>,
     slot_size: u32,
-    generation: u32,
-    seals_before: u64,
-    /// Sequence number of the snapshot this job writes.
-    next_sequence: u64,
+    /// Why the parent was not used for dedup, when it could not be.
+    note: Option<String>,
 }
 
 impl Job {
-    fn prepare(vault: &Vault, opts: &BackupOptions, disk_size: u64) -> Result<Job> {
-        let (mut disk, new_disk) = {
-            // Registering a disk takes moments: wait for another registration rather than fail.
+    fn prepare(vault: &Vault, opts: &BackupOptions) -> Result<Job> {
+        let (disk, new_disk) = {
+            // Registering a disk takes moments: wait for another registration on this host
+            // rather than fail (across hosts the head's compare-and-swap refuses a duplicate).
             let _lock = vault.store().lock("new-disk", Duration::from_secs(60))?;
             match vault.find_disk(&opts.disk)? {
                 Some(d) => (d, false),
@@ -184,46 +179,45 @@ impl Job {
             .store()
             .lock(&disk.id_hex(), Duration::ZERO)
             .map_err(|e| e.within(format!("disk {}", opts.disk)))?;
-        let history = vault.snapshots(&disk)?;
-        let next_sequence = history.last().map_or(0, |m| m.sequence + 1);
-        let parent = match &opts.parent {
+        let mut parent = match &opts.parent {
             ParentSpec::None => None,
-            ParentSpec::Latest => history.last().cloned(),
+            ParentSpec::Latest => vault.latest_snapshot(&disk)?,
             ParentSpec::Id(id) => Some(vault.resolve_snapshot(&disk, id)?),
         };
-        // The slot size is fixed by the disk's first backup, so snapshots compare slot by slot.
-        let slot_size = history.first().map_or(opts.slot_size, |m| m.slot_size);
-
-        // Nonce budget: count this job's worst case (a frame per slot, a pack index per
-        // frame, the manifest) before sealing anything with the current generation.
-        let mut generation = disk.current_generation();
-        let mut seals_before = history
-            .iter()
-            .filter(|m| m.generation == generation)
-            .map(|m| m.seals_in_generation)
-            .max()
-            .unwrap_or(0);
-        let worst_case = manifest::slot_count(disk_size, slot_size) * 2 + 16;
-        if seals_before + worst_case >= GENERATION_SEAL_LIMIT {
-            disk = vault.new_generation(&disk)?;
-            generation = disk.current_generation();
-            seals_before = 0;
-            tracing::info!(
-                generation,
-                "nonce budget of the DEK generation spent: started a new DEK generation"
+        let mut note = None;
+        if let Some(p) = parent.take_if(|p| p.info.identity_generation != disk.identity_generation)
+        {
+            let why = format!(
+                "the disk's content-identity key was rotated after parent {} (key rotate --new-dek): reading the whole disk, dedup with earlier snapshots stops here",
+                p.id.short()
             );
+            tracing::warn!(disk = %disk.name, "{why}");
+            note = Some(why);
         }
+        // The slot size is fixed by the disk's first backup, so snapshots compare slot by slot.
+        let slot_size = match vault.cached_head().disk(&disk.id)?.slot_size {
+            0 => opts.slot_size,
+            fixed => fixed,
+        };
         Ok(Job {
-            next_sequence,
             disk,
             new_disk,
             _lock: lock,
             parent,
             slot_size,
-            generation,
-            seals_before,
+            note,
         })
     }
+}
+
+/// The most AES-GCM seals a job that reads `slots` slots can make: a slot stored whole is at
+/// most two frames (the compression trial's and the rest), a slot stored as overlays at most
+/// [`overlay::MAX_OVERLAYS`] pieces; a pack holds at least one frame, so there are at most as
+/// many pack indexes as frames; and the manifest. Reserved in the head before anything is
+/// sealed, and settled to the seals really made at commit.
+fn worst_case_seals(slots: u64) -> u64 {
+    let per_slot = (overlay::MAX_OVERLAYS as u64).max(2);
+    slots.saturating_mul(per_slot * 2).saturating_add(16)
 }
 
 /// Back up `source` into `vault` as a new snapshot of `opts.disk`.
@@ -239,7 +233,7 @@ pub fn backup(
     let _g = span.enter();
 
     let disk_size = source.size();
-    let job = Job::prepare(vault, opts, disk_size)?;
+    let job = Job::prepare(vault, opts)?;
     if manifest::slot_count(disk_size, job.slot_size) > manifest::MAX_SLOTS {
         return Err(Error::usage(format!(
             "a {disk_size}-byte disk has more than {} slots of {} bytes: choose a larger --slot-size for its first backup",
@@ -247,43 +241,19 @@ pub fn backup(
         )));
     }
     let Job {
-        ref disk,
+        disk,
         new_disk,
         ref parent,
         slot_size,
-        generation,
-        seals_before,
+        note,
         ..
     } = job;
     let nslots = manifest::slot_count(disk_size, slot_size);
-    let keys = disk.generation(generation)?;
     let layout = scan_layout(source);
-
-    let parent_extents: HashMap<_, _> = parent
-        .iter()
-        .flat_map(|p| p.extents.iter().map(|x| (x.id, *x)))
-        .collect();
-    let ctx = WorkerContext {
-        binding: disk.binding,
-        identity: &disk.identity,
-        keys: &keys,
-        generation,
-        known: &parent_extents,
-        compression: opts.compression,
-        buffers: Recycler::new(64),
-        parent: parent
-            .as_ref()
-            .map(|manifest| overlay::ParentView::new(vault, disk, manifest)),
-        slot_size,
-        ciphertext: layout
-            .as_ref()
-            .map(|l| l.ciphertext_ranges())
-            .unwrap_or_default(),
-    };
 
     let data = source.data_ranges()?;
     let (plan, change_source, change_detail) = match (&opts.changes, parent) {
-        (Some(claim), Some(p)) => plan_from_claim(vault, disk, p, source, claim, &data, opts)?,
+        (Some(claim), Some(p)) => plan_from_claim(vault, &disk, p, source, claim, &data, opts)?,
         (Some(claim), None) => {
             tracing::info!(change_source = %claim.detail, "no parent snapshot: reading the whole disk");
             let plan = Plan::whole(&data, disk_size, slot_size);
@@ -299,6 +269,33 @@ pub fn backup(
             ChangeSource::Full,
             String::new(),
         ),
+    };
+    // Sequence and nonce budget, before anything is sealed (a new DEK generation may start).
+    let (disk, reservation) = vault.reserve(disk, worst_case_seals(plan.slots_read()))?;
+    let generation = reservation.generation;
+    let keys = disk.generation(generation)?;
+    let seals_before = keys.seals();
+
+    let parent_extents: HashMap<_, _> = parent
+        .iter()
+        .flat_map(|p| p.extents.iter().map(|x| (x.id, *x)))
+        .collect();
+    let ctx = WorkerContext {
+        binding: disk.binding,
+        identity: &disk.identity,
+        keys: &keys,
+        generation,
+        known: &parent_extents,
+        compression: opts.compression,
+        buffers: Recycler::new(64),
+        parent: parent
+            .as_ref()
+            .map(|manifest| overlay::ParentView::new(vault, &disk, manifest)),
+        slot_size,
+        ciphertext: layout
+            .as_ref()
+            .map(|l| l.ciphertext_ranges())
+            .unwrap_or_default(),
     };
     let mut stats = Stats {
         slots_zero: nslots - plan.slots_read() - plan.carried.len() as u64,
@@ -317,9 +314,6 @@ pub fn backup(
         &parent_extents,
     )?;
     let (writer, local, reader) = pipeline::run(source, plan, &ctx, writer, opts, progress)?;
-    // Every frame a worker sealed spent a nonce, even one the writer then dropped as a
-    // duplicate; add the pack indexes and the manifest.
-    let seals_in_job = local.slots_new + writer.seals + 1;
     let bytes_stored = writer.bytes_stored;
     let tables = writer.finish()?;
     stats.bytes_read = local.bytes_read;
@@ -333,7 +327,7 @@ pub fn backup(
         id: SnapshotId(random_bytes()?),
         generation,
         created: crate::util::now_unix(),
-        sequence: job.next_sequence,
+        sequence: reservation.sequence,
         disk_name: disk.name.clone(),
         source: source.name().to_string(),
         parent: parent.as_ref().map(|p| p.id),
@@ -341,7 +335,8 @@ pub fn backup(
         slot_size,
         change_source,
         change_detail,
-        seals_in_generation: seals_before + seals_in_job,
+        // The frames and pack indexes this job sealed, and its manifest.
+        seals_in_generation: keys.seals() - seals_before + 1,
         stats,
         digest: [0; 32],
         packs: tables.packs,
@@ -351,10 +346,14 @@ pub fn backup(
             .as_ref()
             .and_then(|l| serde_json::to_string(l).ok())
             .unwrap_or_default(),
-        info: Default::default(),
+        info: crate::vault::info::SnapshotInfo {
+            identity_generation: disk.identity_generation,
+            notes: note.into_iter().collect(),
+            ..Default::default()
+        },
     };
     m.digest = m.compute_digest(&disk.identity.digest);
-    vault.put_manifest(disk, &m)?;
+    vault.commit_snapshot(&disk, &m, &reservation, seals_before)?;
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {
         snapshot: m.id,

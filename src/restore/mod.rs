@@ -52,7 +52,7 @@ pub fn fetch_extent(vault: &Vault, disk: &Disk, m: &Manifest, e: u32) -> Result<
         raw,
         &disk.binding,
         &|g| disk.generation(g),
-        &disk.identity,
+        &*disk.identity_for(m)?,
         &loc.id,
         &what,
     )?;
@@ -128,7 +128,9 @@ pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Resul
             // Every piece was checked against its id; this checks the assembly (slots made
             // from a change list have no assembled id: their pieces and the manifest's
             // digest are what is checked).
-            if s.content != CONTENT_UNHASHED && disk.identity.extent_id.id(&buf) != s.content {
+            if s.content != CONTENT_UNHASHED
+                && disk.identity_for(m)?.extent_id.id(&buf) != s.content
+            {
                 return Err(Error::integrity(format!(
                     "snapshot {}: slot {i} assembled from its overlays does not match its content id",
                     m.id.short()
@@ -176,7 +178,7 @@ pub fn restore(
     let started = Instant::now();
     let span = tracing::info_span!("restore", disk = %disk.name, snapshot = %m.id.short());
     let _g = span.enter();
-    if m.compute_digest(&disk.identity.digest) != m.digest {
+    if m.compute_digest(&disk.identity_for(m)?.digest) != m.digest {
         return Err(Error::integrity(format!(
             "snapshot {}: slot table does not match its recorded disk digest",
             m.id.short()

@@ -57,6 +57,9 @@ pub struct VerifyReport {
 struct PackUse {
     size: u64,
     disk: usize,
+    /// The identity generation of the snapshots using it (a pack is written by one job, and a
+    /// new identity never carries a parent's packs over).
+    identity_generation: u32,
     /// (offset, len, id) → extent, for frames snapshots reference.
     frames: BTreeMap<(u32, u32), crate::crypto::ExtentId>,
     snapshots: BTreeSet<String>,
@@ -122,7 +125,7 @@ pub fn verify(
             };
             report.snapshots += 1;
             let label = format!("{}@{}", disk.name, m.id.short());
-            if m.compute_digest(&disk.identity.digest) != m.digest {
+            if m.compute_digest(&disk.identity_for(&m)?.digest) != m.digest {
                 report.problems.push(Problem {
                     object: key,
                     problem: "slot table does not match the disk digest".into(),
@@ -194,6 +197,7 @@ fn collect_packs(m: &Manifest, disk: usize, label: &str, packs: &mut BTreeMap<Pa
         let u = packs.entry(pid).or_insert_with(|| PackUse {
             size,
             disk,
+            identity_generation: m.info.identity_generation,
             frames: BTreeMap::new(),
             snapshots: BTreeSet::new(),
         });
@@ -229,6 +233,10 @@ fn check_pack_data(
     if let Err(e) = pack::read_index(&bytes, &disk.binding, &|g| disk.generation(g), &key) {
         problems.push(problem(format!("pack index: {e}")));
     }
+    let identity = match disk.identity_of(u.identity_generation) {
+        Ok(i) => i,
+        Err(e) => return (vec![problem(e.to_string())], 0, n),
+    };
     let mut checked = 0;
     for (&(o, l), xid) in &u.frames {
         let Some(raw) = bytes.get(o as usize..o as usize + l as usize) else {
@@ -240,7 +248,7 @@ fn check_pack_data(
             raw.to_vec(),
             &disk.binding,
             &|g| disk.generation(g),
-            &disk.identity,
+            &identity,
             xid,
             &what,
         ) {

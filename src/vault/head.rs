@@ -76,6 +76,10 @@ pub enum KeyOp {
     Destroy = 3,
     /// `upgrade`.
     Upgrade = 4,
+    /// `key revoke` or `key enable`.
+    Revoke = 5,
+    /// `key import`.
+    Import = 6,
 }
 
 impl KeyOp {
@@ -85,6 +89,8 @@ impl KeyOp {
             2 => KeyOp::Recover,
             3 => KeyOp::Destroy,
             4 => KeyOp::Upgrade,
+            5 => KeyOp::Revoke,
+            6 => KeyOp::Import,
             _ => return Err(d.error(format_args!("unknown key operation {b}"))),
         })
     }
@@ -97,6 +103,8 @@ impl std::fmt::Display for KeyOp {
             KeyOp::Recover => "key recover",
             KeyOp::Destroy => "key destroy",
             KeyOp::Upgrade => "upgrade",
+            KeyOp::Revoke => "key revoke/enable",
+            KeyOp::Import => "key import",
         })
     }
 }
@@ -231,6 +239,18 @@ impl Head {
         self.disks.get_mut(id).ok_or_else(|| {
             Error::integrity(format!("the vault head lists no disk {}", hex::encode(id)))
         })
+    }
+
+    /// The KEKs every key record must be wrapped by now: the primary, then the recovery key
+    /// if the vault has one.
+    pub fn wrapping_ids(&self) -> Vec<KekId> {
+        let recovery = self
+            .descriptors
+            .iter()
+            .filter(|d| d.id.kind == KekKind::Recovery)
+            .map(|d| d.id)
+            .max_by_key(|id| id.version);
+        std::iter::once(self.primary).chain(recovery).collect()
     }
 
     /// The descriptor entry of `id`, if the head lists it.

@@ -27,6 +27,14 @@ pub struct SnapshotInfo {
     /// disk's name, a change source not trusted, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// The DEK generation whose keys made this snapshot's extent ids and digest (0 until
+    /// `key rotate --new-dek` starts a new identity).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub identity_generation: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A dirty bitmap as the source showed it when read.
@@ -84,6 +92,7 @@ mod tests {
             }],
             bitmap_created: Some("bv-2".into()),
             notes: vec!["a note".into()],
+            identity_generation: 2,
         };
         assert_eq!(SnapshotInfo::from_json(&info.to_json(), "m").unwrap(), info);
         // Unknown fields are ignored, missing ones default.

@@ -39,6 +39,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(60);
 const SUBFOLDER: &str = "blockvault";
 
 /// Where key files live.
+#[derive(Clone)]
 pub struct Keystore {
     requested: PathBuf,
 }
