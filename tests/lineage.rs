@@ -184,17 +184,24 @@ fn d1_a_rotation_broken_by_a_failed_backup_falls_back_and_restores_exactly() {
         )
     );
     assert_restores(&bv, "d@latest", &d, "qcow2");
+    // What each snapshot recorded, as `snapshots --json` shows it.
+    let listed = bv.snapshots();
+    assert_eq!(listed[0]["bitmaps"], full["bitmaps"]);
+    assert_eq!(listed[1]["bitmaps"], doc["bitmaps"]);
+    assert_eq!(recorded(&listed[1], "bv-2")["enabled"], true);
+    assert_eq!(listed[1]["notes"], json!([text(&doc, "change_detail")]));
     bv.verify_ok();
 }
 
-/// A bitmap added only after the full backup misses the writes made in between.
+/// A bitmap added only after the full backup misses the writes made in between; so it does
+/// against that snapshot named with `--parent ID`, even once a later snapshot vouches for it.
 #[test]
 fn a_bitmap_added_after_the_full_backup_is_not_trusted() {
     let Some(bv) = vault("a_bitmap_added_after_the_full_backup_is_not_trusted", QEMU) else {
         return;
     };
     let d = full_image(bv.dir.path(), "late.qcow2", 32 * MIB);
-    bv.backup(&d, "late", &[]);
+    let full = bv.backup(&d, "late", &[]);
     write(&d, 0x31, &[(5 * MIB, 4 * KIB)]);
     bitmap(&d, &["--add", "--enable"], "b");
     write(&d, 0x32, &[(9 * MIB, 4 * KIB)]);
@@ -205,6 +212,19 @@ fn a_bitmap_added_after_the_full_backup_is_not_trusted() {
         "b",
         "recorded no dirty bitmaps (its source had none when it was read",
     );
+    assert_restores(&bv, "late", &d, "qcow2");
+
+    // The latest snapshot recorded it: trusted against that one, not against the full.
+    write(&d, 0x33, &[(13 * MIB, 4 * KIB)]);
+    let doc = bv.backup(&d, "late", &["--bitmap", "b"]);
+    assert_eq!(doc["change_source"], "bitmap", "{doc}");
+    assert_restores(&bv, "late", &d, "qcow2");
+    let id = text(&full, "snapshot");
+    let r = backup_run(&bv, s(&d), "late", &["--bitmap", "b", "--parent", &id]);
+    r.ok().stderr_has(&["bitmap b not trusted"]);
+    let doc = r.json();
+    assert_eq!(text(&doc, "parent"), id);
+    assert_eq!(doc["change_source"], "hash-compare", "{doc}");
     assert_restores(&bv, "late", &d, "qcow2");
 }
 
