@@ -9,7 +9,8 @@
 //!        that are not the parent's              (left by a killed run)
 //! add:   blockvault-<new snapshot id>           (qemu-img bitmap --add --enable)
 //! back up, reading the bitmap the parent created (info.bitmap_created); the new snapshot
-//!        records the one just added         ──failure──▶ remove the bitmap just added
+//!        records the one just added         ──failure or interrupt──▶ remove the bitmap
+//!                                                                     just added
 //! commit ──▶ remove the parent's bitmap         (a failure is a warning)
 //! ```
 //! Every step before the commit leaves the chain as it was: the parent's bitmap stays until
@@ -150,6 +151,8 @@ pub fn backup(
         (None, _) => None,
     };
     let result = (|| {
+        // Interrupted (SIGINT/SIGTERM) so far: unwind like any failure, removing the bitmap.
+        crate::interrupt::check()?;
         let src = source::open(path, open)?;
         o.changes = match reading {
             Some(b) => Some(ChangeClaim {
