@@ -750,9 +750,10 @@ fn bitmaps_of_every_granularity_drive_exact_incrementals() {
         let name = format!("bm{i}.qcow2");
         t.create(&name, size, &format!("cluster_size={cluster}"));
         t.io(&name, &[write(0x81, 0, size)]);
-        let disk = t.round_trip(&name);
+        // The bitmap before the full backup: it records every write after it.
         let g = granularity.to_string();
         t.img(&["bitmap", "--add", "--enable", "-g", &g, &name, "b"]);
+        let disk = t.round_trip(&name);
         let cmds: Vec<String> = writes
             .iter()
             .enumerate()
@@ -805,6 +806,8 @@ fn several_disabled_and_merged_bitmaps_in_one_image() {
     .code(2)
     .stderr_has(&["bitmap merged", "is disabled"]);
     t.img(&["bitmap", "--enable", img, "merged"]);
+    // A backup that records all four as recording, so each has its lineage to it.
+    t.bv.backup(&t.path(img), &disk, &[]);
     let second = [(17 * MIB + 100, 5000)];
     t.io(img, &[write(0xc5, second[0].0, second[0].1)]);
     let all: Vec<(u64, u64)> = first.iter().chain(&second).copied().collect();

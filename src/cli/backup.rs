@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use blockvault::changes;
-use blockvault::engine::{self, BackupOptions, ChangeClaim, Compression, ParentSpec};
+use blockvault::engine::{self, auto_bitmap, BackupOptions, ChangeClaim, Compression, ParentSpec};
 use blockvault::source::{self, OpenOptions, Source};
 use blockvault::util::human_bytes;
 use blockvault::vault::manifest::ChangeSource;
@@ -52,15 +52,19 @@ pub struct Args {
     #[arg(long, default_value_t = 8)]
     queue_depth: usize,
     /// Read only what this dirty bitmap of the source (qcow2 image or NBD export) marks as
-    /// written; carry every other slot over from the parent.
-    #[arg(long, value_name = "NAME", conflicts_with = "changed")]
+    /// written; carry every other slot over from the parent. Trusted only if the parent
+    /// snapshot recorded it as present and recording; otherwise every slot is compared by
+    /// hash. `auto` (qcow2 files): blockvault adds the next bitmap itself before reading,
+    /// reads the one the parent added, and removes that one once the snapshot is committed.
+    #[arg(long, value_name = "NAME|auto", conflicts_with = "changed")]
     bitmap: Option<String>,
     /// Read only the byte ranges this JSON file lists as changed (plain, AWS EBS, Azure page
     /// ranges or VMware CBT shapes; see README); carry every other slot over from the parent.
     #[arg(long, value_name = "FILE")]
     changed: Option<String>,
-    /// With --bitmap or --changed: re-read this many random slots the change source calls
-    /// unchanged and, if any differs from the parent, compare every slot by hash instead.
+    /// With --bitmap or --changed: re-read at least this many random slots the change source
+    /// calls unchanged (more for larger claims, at least 32 MiB of slots; 0: none) and, if
+    /// any differs from the parent, compare every slot by hash instead.
     #[arg(long, value_name = "N", default_value_t = 8)]
     verify_unchanged: usize,
 }
@@ -78,6 +82,7 @@ fn change_claim(a: &Args, src: &dyn Source) -> anyhow::Result<Option<ChangeClaim
             detail: format!("bitmap {name}"),
             list: src.dirty_ranges(name)?,
             covers: None,
+            bitmap: Some(name.clone()),
         }));
     }
     if let Some(path) = &a.changed {
@@ -87,10 +92,14 @@ fn change_claim(a: &Args, src: &dyn Source) -> anyhow::Result<Option<ChangeClaim
             detail: format!("change list {path} ({})", loaded.format),
             list: loaded.list,
             covers: loaded.covers,
+            bitmap: None,
         }));
     }
     Ok(None)
 }
+
+/// The `--bitmap` value that asks blockvault to rotate the image's bitmaps itself.
+const AUTO: &str = "auto";
 
 fn parse_slot_size(s: &str) -> Result<u32, String> {
     u32::try_from(super::parse_size(s)?).map_err(|_| format!("{s} is too large"))
@@ -99,18 +108,27 @@ fn parse_slot_size(s: &str) -> Result<u32, String> {
 /// Run a backup, creating the vault first if the location holds none.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let url = ctx.vault_url()?;
-    // The source first: a typo in its path must not leave a new, empty vault behind.
-    let src = source::open(
-        &a.source,
-        &OpenOptions {
-            no_direct: a.no_direct,
-            nbd: source::NbdOptions {
-                timeout: std::time::Duration::from_secs(a.nbd_timeout),
-                bitmap: a.bitmap.clone(),
-            },
+    let auto = a.bitmap.as_deref() == Some(AUTO);
+    let open = OpenOptions {
+        no_direct: a.no_direct,
+        nbd: source::NbdOptions {
+            timeout: std::time::Duration::from_secs(a.nbd_timeout),
+            bitmap: a.bitmap.clone().filter(|_| !auto),
         },
-    )?;
-    let changes = change_claim(&a, src.as_ref())?;
+    };
+    // The source first: a typo in its path must not leave a new, empty vault behind. An auto
+    // backup opens it itself, around the qemu-img runs; here it is only checked.
+    let src = match auto {
+        true => {
+            auto_bitmap::probe(&a.source, &open)?;
+            None
+        }
+        false => Some(source::open(&a.source, &open)?),
+    };
+    let changes = match &src {
+        Some(src) => change_claim(&a, src.as_ref())?,
+        None => None,
+    };
     let (vault, created) = Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?;
     // Nothing is written with a key that cannot unwrap: no backups nobody could read.
     vault.check_keys()?;
@@ -130,9 +148,16 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         threads: a.threads,
         changes,
         verify_unchanged: a.verify_unchanged,
+        ..BackupOptions::default()
     };
     let bar = ctx.out.progress("backup");
-    let r = engine::backup(&vault, src.as_ref(), &opts, &bar)?;
+    let (r, removed) = match src {
+        Some(src) => (engine::backup(&vault, src.as_ref(), &opts, &bar)?, None),
+        None => {
+            let done = auto_bitmap::backup(&vault, &a.source, &open, &opts, &bar)?;
+            (done.backup, Some(done.removed))
+        }
+    };
     drop(bar);
     let s = r.stats;
     let secs = s.duration_ms as f64 / 1000.0;
@@ -157,6 +182,11 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "slots_new": s.slots_new,
         "slots_reused": s.slots_reused,
         "slots_zero": s.slots_zero,
+        "verify_unchanged": r.verify_unchanged,
+        "bitmaps": r.info.bitmaps,
+        "bitmap_created": r.info.bitmap_created,
+        "bitmaps_removed": removed,
+        "notes": r.info.notes,
         "seconds": secs,
         "mb_per_s": mb_per_s(r.disk_size, secs),
     });
@@ -167,6 +197,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         }
         if !r.change_detail.is_empty() {
             t += &format!("changes from {}\n", r.change_detail);
+        }
+        for note in r.info.notes.iter().filter(|n| **n != r.change_detail) {
+            t += &format!("note: {note}\n");
         }
         t += &format!(
             "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, {} MB/s\n",
@@ -183,6 +216,12 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             secs,
             mb_per_s(r.disk_size, secs),
         );
+        if let Some(b) = &r.info.bitmap_created {
+            t += &format!("  bitmap {b} added: the next --bitmap auto backup reads it\n");
+        }
+        for b in removed.iter().flatten() {
+            t += &format!("  bitmap {b} removed\n");
+        }
         t
     });
     Ok(ExitCode::SUCCESS)

@@ -10,6 +10,8 @@
 //! Memory is bounded by the buffer pool, the result channel and two packs, never by the disk
 //! size: a 1 TiB disk uses the same buffers as a 1 GiB one (plus its slot table).
 
+pub mod auto_bitmap;
+pub mod claim;
 pub mod overlay;
 pub mod pipeline;
 pub mod plan;
@@ -25,9 +27,9 @@ use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io;
 use crate::source::Source;
+use crate::vault::info::SnapshotInfo;
 use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
 use crate::vault::{Disk, Vault};
-use plan::Plan;
 
 pub use worker::Compression;
 use worker::{Recycler, WorkerContext};
@@ -74,8 +76,13 @@ pub struct BackupOptions {
     /// compares every slot's keyed hash with the parent's.
     pub changes: Option<ChangeClaim>,
     /// Slots the change claim says are unchanged to re-read and compare with the parent
-    /// before trusting it.
+    /// before trusting it, at least (spotcheck.rs samples more for larger claims).
     pub verify_unchanged: usize,
+    /// The new snapshot's id, when it must be known before reading (`--bitmap auto` names
+    /// its bitmap after it); random otherwise.
+    pub snapshot_id: Option<SnapshotId>,
+    /// What to record besides what the backup learns itself: the bitmap it created, notes.
+    pub info: SnapshotInfo,
 }
 
 /// A change source's claim, as the manifest will record it.
@@ -87,6 +94,9 @@ pub struct ChangeClaim {
     pub detail: String,
     /// The changed ranges.
     pub list: ChangeList,
+    /// The dirty bitmap's name when the claim is one: trusted only with a lineage to the
+    /// parent (`changes::lineage`).
+    pub bitmap: Option<String>,
     /// Bytes from 0 the claim speaks for, if it says; a larger disk is refused.
     pub covers: Option<u64>,
 }
@@ -103,6 +113,8 @@ impl Default for BackupOptions {
             threads: 0,
             changes: None,
             verify_unchanged: 8,
+            snapshot_id: None,
+            info: SnapshotInfo::default(),
         }
     }
 }
@@ -145,6 +157,10 @@ pub struct BackupReport {
     pub reader: io::ReaderKind,
     /// Figures.
     pub stats: Stats,
+    /// What `--verify-unchanged` re-read, when a change claim was checked.
+    pub verify_unchanged: Option<spotcheck::Sampled>,
+    /// What the snapshot records about how it was made (bitmaps, notes).
+    pub info: SnapshotInfo,
 }
 
 fn check_slot_size(s: u32) -> Result<()> {
@@ -281,25 +297,20 @@ pub fn backup(
             .unwrap_or_default(),
     };
 
+    // The bitmaps as they are before any data is read (changes::lineage::record).
+    let bitmaps = crate::changes::lineage::record(source)?;
     let data = source.data_ranges()?;
-    let (plan, change_source, change_detail) = match (&opts.changes, parent) {
-        (Some(claim), Some(p)) => plan_from_claim(vault, disk, p, source, claim, &data, opts)?,
-        (Some(claim), None) => {
-            tracing::info!(change_source = %claim.detail, "no parent snapshot: reading the whole disk");
-            let plan = Plan::whole(&data, disk_size, slot_size);
-            (plan, ChangeSource::Full, String::new())
-        }
-        (None, Some(_)) => (
-            Plan::whole(&data, disk_size, slot_size),
-            ChangeSource::HashCompare,
-            String::new(),
-        ),
-        (None, None) => (
-            Plan::whole(&data, disk_size, slot_size),
-            ChangeSource::Full,
-            String::new(),
-        ),
-    };
+    let decided = claim::decide(
+        vault,
+        disk,
+        parent.as_ref(),
+        source,
+        opts,
+        &data,
+        &bitmaps,
+        slot_size,
+    )?;
+    let plan = decided.plan;
     let mut stats = Stats {
         slots_zero: nslots - plan.slots_read() - plan.carried.len() as u64,
         ..Stats::default()
@@ -329,8 +340,14 @@ pub fn backup(
     stats.slots_zero += local.slots_zero;
     stats.duration_ms = started.elapsed().as_millis() as u64;
 
+    let mut info = opts.info.clone();
+    info.bitmaps = bitmaps;
+    info.notes.extend(decided.notes);
     let mut m = Manifest {
-        id: SnapshotId(random_bytes()?),
+        id: match opts.snapshot_id {
+            Some(id) => id,
+            None => SnapshotId(random_bytes()?),
+        },
         generation,
         created: crate::util::now_unix(),
         sequence: job.next_sequence,
@@ -339,8 +356,8 @@ pub fn backup(
         parent: parent.as_ref().map(|p| p.id),
         disk_size,
         slot_size,
-        change_source,
-        change_detail,
+        change_source: decided.change_source,
+        change_detail: decided.change_detail,
         seals_in_generation: seals_before + seals_in_job,
         stats,
         digest: [0; 32],
@@ -351,7 +368,7 @@ pub fn backup(
             .as_ref()
             .and_then(|l| serde_json::to_string(l).ok())
             .unwrap_or_default(),
-        info: Default::default(),
+        info,
     };
     m.digest = m.compute_digest(&disk.identity.digest);
     vault.put_manifest(disk, &m)?;
@@ -367,6 +384,8 @@ pub fn backup(
         slot_size,
         reader,
         stats,
+        verify_unchanged: decided.verify_unchanged,
+        info: m.info,
     })
 }
 
@@ -385,54 +404,6 @@ pub fn scan_layout(source: &dyn Source) -> Option<crate::layout::Layout> {
             None
         }
     }
-}
-
-/// The plan of an incremental that a change source drives, after checking the claim: it must
-/// cover the disk, and the slots it calls unchanged that `--verify-unchanged` re-reads must
-/// match the parent. A failed check falls back to hash comparison of every slot.
-fn plan_from_claim(
-    vault: &Vault,
-    disk: &Disk,
-    parent: &Manifest,
-    source: &dyn Source,
-    claim: &ChangeClaim,
-    data: &[std::ops::Range<u64>],
-    opts: &BackupOptions,
-) -> Result<(Plan, ChangeSource, String)> {
-    let disk_size = source.size();
-    if let Some(covers) = claim.covers.filter(|&c| c < disk_size) {
-        return Err(Error::usage(format!(
-            "{} speaks for the first {covers} bytes only, but {} holds {disk_size}",
-            claim.detail,
-            source.name()
-        )));
-    }
-    let plan = Plan::changed(&claim.list, parent, data, disk_size);
-    let differs = spotcheck::first_difference(
-        vault,
-        disk,
-        parent,
-        source,
-        &plan.carried,
-        opts.verify_unchanged,
-    )?;
-    let Some(slot) = differs else {
-        return Ok((plan, claim.source, claim.detail.clone()));
-    };
-    tracing::warn!(
-        slot,
-        change_source = %claim.detail,
-        "the change source says slot {slot} is unchanged, but it differs from the parent: \
-         not trusting it, comparing every slot by hash instead"
-    );
-    Ok((
-        Plan::whole(data, disk_size, parent.slot_size),
-        ChangeSource::HashCompare,
-        format!(
-            "{} missed a change in slot {slot}: fell back to hash comparison",
-            claim.detail
-        ),
-    ))
 }
 
 /// Shared with restore: find a disk by name or fail with a clear message.
