@@ -21,6 +21,10 @@ pub use local::LocalStore;
 /// - `list(prefix)` returns every key under the folder `prefix`, recursively, sorted; names of
 ///   unfinished writes are never listed.
 /// - `delete` of a missing key succeeds (idempotent).
+/// - `unfinished` reports what writes that never completed (their process was killed) left
+///   in the backend, in any folder: nothing `list` shows, `get` reads or the vault counts on,
+///   yet it takes space until removed. A write still running may show up too (its process
+///   is alive): callers report these, they do not delete them.
 pub trait Store: Send + Sync {
     /// Write a whole object.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
@@ -38,12 +42,24 @@ pub trait Store: Send + Sync {
     fn delete(&self, key: &str) -> Result<()>;
     /// Size of an object.
     fn size(&self, key: &str) -> Result<u64>;
+    /// Leftovers of unfinished writes (see the contract), sorted by name.
+    fn unfinished(&self) -> Result<Vec<Unfinished>>;
     /// Take an exclusive lock named `name`, held until the guard drops, waiting up to `wait`
     /// for another holder; then fails with [`ErrorKind::AlreadyExists`]. A holder that dies
     /// releases its locks.
     fn lock(&self, name: &str, wait: std::time::Duration) -> Result<Box<dyn Send>>;
     /// Where the store is, for messages.
     fn location(&self) -> String;
+}
+
+/// What an unfinished write left behind: a local `.tmp-*` file, an abandoned multipart
+/// upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unfinished {
+    /// Where it is, relative to the store's root (`packs/ab/.tmp-0123…`).
+    pub name: String,
+    /// Bytes it holds.
+    pub size: u64,
 }
 
 /// Open a store from a vault URL: a path or `file://path`. Object storage URLs are recognised
