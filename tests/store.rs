@@ -442,6 +442,12 @@ fn store_urls() {
         assert_eq!(e.kind(), ErrorKind::Unsupported, "{url}");
         assert!(e.to_string().contains(url), "{e}");
     }
+    // Other schemes and remote specs are no folder names (tests/vault_url.rs has them all).
+    for url in ["sftp://host/x", "gs://bucket/x", "b2:bucket"] {
+        let e = store::open(url).err().expect("refused");
+        assert_eq!(e.kind(), ErrorKind::Usage, "{url}");
+        assert!(e.to_string().contains(url), "{e}");
+    }
 }
 
 proptest! {

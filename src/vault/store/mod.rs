@@ -4,12 +4,16 @@
 //! Keys are `/`-separated relative names (`packs/ab/ab12…`, `snapshots/<disk>/<id>`).
 
 pub mod local;
+pub mod url;
 pub mod xts;
 mod xts_unit;
 
-use crate::error::{Error, ErrorKind, Result};
+#[cfg(doc)]
+use crate::error::ErrorKind;
+use crate::error::Result;
 
 pub use local::LocalStore;
+pub use url::VaultUrl;
 
 /// Object storage as the vault needs it.
 ///
@@ -62,21 +66,12 @@ pub struct Unfinished {
     pub size: u64,
 }
 
-/// Open a store from a vault URL: a path or `file://path`. Object storage URLs are recognised
-/// and refused with a clear message until their backend lands.
+/// Open a store from a vault URL (see [`VaultUrl`]): a path or `file://path`. Object
+/// storage URLs are recognised and refused with a clear message until their backend lands;
+/// other schemes and remote specs are refused as usage errors.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
-    if let Some(path) = url.strip_prefix("file://") {
-        return Ok(Box::new(LocalStore::new(path)));
+    match VaultUrl::parse(url)? {
+        VaultUrl::Local(path) => Ok(Box::new(LocalStore::new(path))),
+        VaultUrl::ObjectStorage(scheme) => Err(url::not_in_this_build(url, scheme)),
     }
-    for scheme in ["s3://", "az://", "gs://", "http://", "https://"] {
-        if url.starts_with(scheme) {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "vault URL {url}: object storage ({scheme}) is not supported by this build yet"
-                ),
-            ));
-        }
-    }
-    Ok(Box::new(LocalStore::new(url)))
 }
