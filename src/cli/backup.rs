@@ -63,6 +63,10 @@ pub struct Args {
     /// unchanged and, if any differs from the parent, compare every slot by hash instead.
     #[arg(long, value_name = "N", default_value_t = 8)]
     verify_unchanged: usize,
+    /// Create a vault with a platform-managed key if the location holds none (otherwise
+    /// only `init` creates one, so a mistyped --vault fails instead).
+    #[arg(long)]
+    init: bool,
 }
 
 /// The change source named on the command line, loaded.
@@ -96,7 +100,7 @@ fn parse_slot_size(s: &str) -> Result<u32, String> {
     u32::try_from(super::parse_size(s)?).map_err(|_| format!("{s} is too large"))
 }
 
-/// Run a backup, creating the vault first if the location holds none.
+/// Run a backup (with `--init`, creating the vault first if the location holds none).
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let url = ctx.vault_url()?;
     // The source first: a typo in its path must not leave a new, empty vault behind.
@@ -111,7 +115,11 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         },
     )?;
     let changes = change_claim(&a, src.as_ref())?;
-    let (vault, created) = Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?;
+    let (vault, created) = if a.init {
+        Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?
+    } else {
+        (ctx.open_vault()?, false)
+    };
     // Nothing is written with a key that cannot unwrap: no backups nobody could read.
     vault.check_keys()?;
     let opts = BackupOptions {
@@ -131,12 +139,21 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         changes,
         verify_unchanged: a.verify_unchanged,
     };
+    let ks = vault.keystore_file().display().to_string();
     let bar = ctx.out.progress("backup");
-    let r = engine::backup(&vault, src.as_ref(), &opts, &bar)?;
+    let r = engine::backup(&vault, src.as_ref(), &opts, &bar).map_err(|e| {
+        let e = anyhow::Error::from(e);
+        if !created {
+            return e;
+        }
+        // The vault stays: say where its key is even though the backup failed.
+        e.context(format!(
+            "created vault at {url} (platform key in {ks}: keep a copy; `blockvault key export`), but its first backup failed"
+        ))
+    })?;
     drop(bar);
     let s = r.stats;
     let secs = s.duration_ms as f64 / 1000.0;
-    let ks = vault.keystore_file().display().to_string();
     let doc = json!({
         "command": "backup",
         "vault": url,
@@ -163,7 +180,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     ctx.out.result(doc, || {
         let mut t = String::new();
         if created {
-            t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read)\n");
+            t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read; `blockvault key export`)\n");
         }
         if !r.change_detail.is_empty() {
             t += &format!("changes from {}\n", r.change_detail);
