@@ -14,6 +14,7 @@ pub mod overlay;
 pub mod pipeline;
 pub mod plan;
 pub mod spotcheck;
+pub mod uncommitted;
 pub mod worker;
 pub mod writer;
 
@@ -28,6 +29,7 @@ use crate::source::Source;
 use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
 use crate::vault::{Disk, Vault};
 use plan::Plan;
+use uncommitted::UncommittedPacks;
 
 pub use worker::Compression;
 use worker::{Recycler, WorkerContext};
@@ -226,12 +228,32 @@ impl Job {
     }
 }
 
-/// Back up `source` into `vault` as a new snapshot of `opts.disk`.
+/// Back up `source` into `vault` as a new snapshot of `opts.disk`. A run that fails or is
+/// stopped by SIGINT/SIGTERM writes no snapshot and removes the packs it stored; its error
+/// says so ([`uncommitted`]).
 pub fn backup(
     vault: &Vault,
     source: &dyn Source,
     opts: &BackupOptions,
     progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let packs = UncommittedPacks::new(vault.store().clone());
+    match write_snapshot(vault, source, opts, progress, &packs) {
+        Ok(report) => {
+            packs.commit();
+            Ok(report)
+        }
+        Err(e) => Err(uncommitted::explain(e, &opts.disk, &packs.discard())),
+    }
+}
+
+/// The backup itself; every pack it stores is in `packs` until the manifest is written.
+fn write_snapshot(
+    vault: &Vault,
+    source: &dyn Source,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    packs: &UncommittedPacks,
 ) -> Result<BackupReport> {
     let started = Instant::now();
     check_slot_size(opts.slot_size)?;
@@ -307,8 +329,9 @@ pub fn backup(
     progress.start(disk_size);
     progress.advance(disk_size - plan.bytes_to_read());
 
+    crate::interrupt::check()?;
     let writer = Writer::new(
-        vault.store().clone(),
+        packs,
         disk.binding,
         keys.clone(),
         generation,
@@ -354,6 +377,8 @@ pub fn backup(
         info: Default::default(),
     };
     m.digest = m.compute_digest(&disk.identity.digest);
+    // The last moment a stop asked for by a signal is honoured: after this, the backup is done.
+    crate::interrupt::check()?;
     vault.put_manifest(disk, &m)?;
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {

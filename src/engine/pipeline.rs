@@ -76,6 +76,8 @@ pub fn run<'a>(
                 if failed.is_some() {
                     continue; // keep draining so no worker blocks on a full channel
                 }
+                // A stop asked for by a signal: apply nothing more, so no pack is flushed.
+                let msg = crate::interrupt::check().and(msg);
                 let applied = msg.and_then(|(slot, len, outcome)| {
                     local.bytes_read += len as u64;
                     progress.advance(len as u64);
@@ -118,6 +120,7 @@ pub fn run<'a>(
                 reader,
                 opts.queue_depth,
                 |tag, buf| {
+                    crate::interrupt::check()?;
                     if abort.load(Ordering::Relaxed) {
                         return Err(Error::new(
                             ErrorKind::Io,
@@ -126,7 +129,8 @@ pub fn run<'a>(
                     }
                     let tx = tx.clone();
                     scope.spawn(move |_| {
-                        let r = process(ctx, work[tag as usize], &buf);
+                        let r = crate::interrupt::check()
+                            .and_then(|()| process(ctx, work[tag as usize], &buf));
                         drop(buf);
                         let _ = tx.send(r);
                     });
