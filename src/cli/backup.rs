@@ -67,6 +67,10 @@ pub struct Args {
     /// only `init` creates one, so a mistyped --vault fails instead).
     #[arg(long)]
     init: bool,
+    /// Back up a source whose partition table identity (GPT disk GUID, MBR disk signature)
+    /// differs from the disk's latest snapshot.
+    #[arg(long)]
+    force: bool,
 }
 
 /// The change source named on the command line, loaded.
@@ -138,6 +142,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         threads: a.threads,
         changes,
         verify_unchanged: a.verify_unchanged,
+        force: a.force,
     };
     let ks = vault.keystore_file().display().to_string();
     let bar = ctx.out.progress("backup");
@@ -152,6 +157,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         ))
     })?;
     drop(bar);
+    for line in r.remarks.recorded() {
+        eprintln!("{line}");
+    }
     let s = r.stats;
     let secs = s.duration_ms as f64 / 1000.0;
     let doc = json!({
@@ -176,6 +184,8 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "slots_zero": s.slots_zero,
         "seconds": secs,
         "mb_per_s": mb_per_s(r.disk_size, secs),
+        "warnings": r.remarks.warnings,
+        "notes": r.remarks.notes,
     });
     ctx.out.result(doc, || {
         let mut t = String::new();

@@ -10,6 +10,7 @@
 //! Memory is bounded by the buffer pool, the result channel and two packs, never by the disk
 //! size: a 1 TiB disk uses the same buffers as a 1 GiB one (plus its slot table).
 
+pub mod identity;
 pub mod overlay;
 pub mod pipeline;
 pub mod plan;
@@ -26,6 +27,7 @@ use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io;
 use crate::source::Source;
+use crate::vault::info::SnapshotInfo;
 use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
 use crate::vault::{Disk, Vault};
 use plan::Plan;
@@ -78,6 +80,9 @@ pub struct BackupOptions {
     /// Slots the change claim says are unchanged to re-read and compare with the parent
     /// before trusting it.
     pub verify_unchanged: usize,
+    /// Back up a source whose partition table identity differs from the disk's latest
+    /// snapshot ([`identity`]).
+    pub force: bool,
 }
 
 /// A change source's claim, as the manifest will record it.
@@ -105,6 +110,7 @@ impl Default for BackupOptions {
             threads: 0,
             changes: None,
             verify_unchanged: 8,
+            force: false,
         }
     }
 }
@@ -147,6 +153,8 @@ pub struct BackupReport {
     pub reader: io::ReaderKind,
     /// Figures.
     pub stats: Stats,
+    /// What differs from the disk's latest snapshot, also kept in the snapshot's notes.
+    pub remarks: identity::Remarks,
 }
 
 fn check_slot_size(s: u32) -> Result<()> {
@@ -165,6 +173,8 @@ struct Job {
     new_disk: bool,
     _lock: Box<dyn Send>,
     parent: Option<Manifest>,
+    /// What the disk's latest snapshot recorded of its source.
+    latest: Option<identity::Recorded>,
     slot_size: u32,
     generation: u32,
     seals_before: u64,
@@ -221,6 +231,7 @@ impl Job {
             new_disk,
             _lock: lock,
             parent,
+            latest: history.last().map(identity::Recorded::of),
             slot_size,
             generation,
             seals_before,
@@ -280,6 +291,7 @@ fn write_snapshot(
     let nslots = manifest::slot_count(disk_size, slot_size);
     let keys = disk.generation(generation)?;
     let layout = scan_layout(source);
+    let remarks = identity::compare(job.latest.as_ref(), source, layout.as_ref(), opts.force)?;
 
     let parent_extents: HashMap<_, _> = parent
         .iter()
@@ -374,7 +386,10 @@ fn write_snapshot(
             .as_ref()
             .and_then(|l| serde_json::to_string(l).ok())
             .unwrap_or_default(),
-        info: Default::default(),
+        info: SnapshotInfo {
+            notes: remarks.recorded(),
+            ..Default::default()
+        },
     };
     m.digest = m.compute_digest(&disk.identity.digest);
     // The last moment a stop asked for by a signal is honoured: after this, the backup is done.
@@ -392,6 +407,7 @@ fn write_snapshot(
         slot_size,
         reader,
         stats,
+        remarks,
     })
 }
 
