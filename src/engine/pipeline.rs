@@ -1,5 +1,7 @@
 //! Running the pipeline threads of one backup: the reader on this thread, workers on a rayon
 //! pool, the writer on its own thread, joined by bounded channels (see the module above).
+//! Each checks [`crate::interrupt::check`] between units of work; after a failure the writer
+//! keeps draining its channel, so a stop leaves no thread blocked.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
