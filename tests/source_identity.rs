@@ -22,7 +22,7 @@ use std::process::Command;
 use blockvault::crypto::Keystore;
 use blockvault::vault::Vault;
 use common::layout_tools::{sfdisk, SFDISK};
-use common::qemu::{Listen, QemuNbd, QEMU_NBD};
+use common::qemu::{assert_write_locked, Listen, QemuNbd, QEMU_NBD};
 use common::tools::{run_tool, tools};
 use common::*;
 use serde_json::Value;
@@ -300,16 +300,7 @@ fn a_raw_image_held_writable_is_refused_as_a_qcow2_one_is() {
     // While blockvault has the image open, no QEMU process may open it for writing; once
     // it is closed, one may.
     let open = blockvault::source::RawFile::open(s(&img)).expect("open");
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write 0 512", s(&img)])
-        .output()
-        .expect("qemu-io");
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && said.contains("lock"),
-        "qemu-io wrote an image blockvault holds: {}\n{said}",
-        out.status
-    );
+    assert_write_locked("raw", &img);
     drop(open);
     common::qemu::qemu_io("raw", s(&img), &["write -P 0x5a 0 512"]);
 }
