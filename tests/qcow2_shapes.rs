@@ -18,9 +18,8 @@ mod common;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::qemu::{run_in, QemuIoSession, QEMU};
+use common::qemu::{assert_write_locked, run_in, QemuIoSession, QEMU};
 use common::tools::tools;
 use common::*;
 use serde_json::Value;
@@ -466,16 +465,7 @@ fn an_image_open_for_writing_is_refused() {
     // While the reader has the image open, no QEMU process may start writing it; once it is
     // closed, one may.
     let open = blockvault::source::Qcow2::open(s(&img)).expect("open");
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write 0 512", s(&img)])
-        .output()
-        .expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && text.contains("lock"),
-        "qemu-io wrote an image the reader holds: {}\n{text}",
-        out.status
-    );
+    assert_write_locked("qcow2", &img);
     drop(open);
     t.io("live.qcow2", &[write(0x43, 0, 512)]);
 }

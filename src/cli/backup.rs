@@ -67,6 +67,14 @@ pub struct Args {
     /// any differs from the parent, compare every slot by hash instead.
     #[arg(long, value_name = "N", default_value_t = 8)]
     verify_unchanged: usize,
+    /// Create a vault with a platform-managed key if the location holds none (otherwise
+    /// only `init` creates one, so a mistyped --vault fails instead).
+    #[arg(long)]
+    init: bool,
+    /// Back up a source whose partition table identity (GPT disk GUID, MBR disk signature)
+    /// differs from the disk's latest snapshot.
+    #[arg(long)]
+    force: bool,
 }
 
 /// The change source named on the command line, loaded.
@@ -105,7 +113,7 @@ fn parse_slot_size(s: &str) -> Result<u32, String> {
     u32::try_from(super::parse_size(s)?).map_err(|_| format!("{s} is too large"))
 }
 
-/// Run a backup, creating the vault first if the location holds none.
+/// Run a backup (with `--init`, creating the vault first if the location holds none).
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let url = ctx.vault_url()?;
     let auto = a.bitmap.as_deref() == Some(AUTO);
@@ -129,7 +137,11 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         Some(src) => change_claim(&a, src.as_ref())?,
         None => None,
     };
-    let (vault, created) = Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?;
+    let (vault, created) = if a.init {
+        Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?
+    } else {
+        (ctx.open_vault()?, false)
+    };
     // Nothing is written with a key that cannot unwrap: no backups nobody could read.
     vault.check_keys()?;
     let opts = BackupOptions {
@@ -148,20 +160,32 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         threads: a.threads,
         changes,
         verify_unchanged: a.verify_unchanged,
+        force: a.force,
         ..BackupOptions::default()
     };
+    let ks = vault.keystore_file().display().to_string();
     let bar = ctx.out.progress("backup");
-    let (r, removed) = match src {
-        Some(src) => (engine::backup(&vault, src.as_ref(), &opts, &bar)?, None),
-        None => {
-            let done = auto_bitmap::backup(&vault, &a.source, &open, &opts, &bar)?;
-            (done.backup, Some(done.removed))
-        }
+    let done = match src {
+        Some(src) => engine::backup(&vault, src.as_ref(), &opts, &bar).map(|r| (r, None)),
+        None => auto_bitmap::backup(&vault, &a.source, &open, &opts, &bar)
+            .map(|done| (done.backup, Some(done.removed))),
     };
+    let (r, removed) = done.map_err(|e| {
+        let e = anyhow::Error::from(e);
+        if !created {
+            return e;
+        }
+        // The vault stays: say where its key is even though the backup failed.
+        e.context(format!(
+            "created vault at {url} (platform key in {ks}: keep a copy; `blockvault key export`), but its first backup failed"
+        ))
+    })?;
     drop(bar);
+    for line in r.remarks.recorded() {
+        eprintln!("{line}");
+    }
     let s = r.stats;
     let secs = s.duration_ms as f64 / 1000.0;
-    let ks = vault.keystore_file().display().to_string();
     let doc = json!({
         "command": "backup",
         "vault": url,
@@ -186,19 +210,22 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "bitmaps": r.info.bitmaps,
         "bitmap_created": r.info.bitmap_created,
         "bitmaps_removed": removed,
-        "notes": r.info.notes,
         "seconds": secs,
         "mb_per_s": mb_per_s(r.disk_size, secs),
+        "warnings": r.remarks.warnings,
+        "notes": r.notes,
     });
     ctx.out.result(doc, || {
         let mut t = String::new();
         if created {
-            t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read)\n");
+            t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read; `blockvault key export`)\n");
         }
         if !r.change_detail.is_empty() {
             t += &format!("changes from {}\n", r.change_detail);
         }
-        for note in r.info.notes.iter().filter(|n| **n != r.change_detail) {
+        // Notes about the source were printed on stderr already.
+        let about_source = |n: &String| r.remarks.notes.contains(n);
+        for note in r.notes.iter().filter(|n| **n != r.change_detail && !about_source(n)) {
             t += &format!("note: {note}\n");
         }
         t += &format!(

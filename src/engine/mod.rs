@@ -12,10 +12,12 @@
 
 pub mod auto_bitmap;
 pub mod claim;
+pub mod identity;
 pub mod overlay;
 pub mod pipeline;
 pub mod plan;
 pub mod spotcheck;
+pub mod uncommitted;
 pub mod worker;
 pub mod writer;
 
@@ -30,6 +32,7 @@ use crate::source::Source;
 use crate::vault::info::SnapshotInfo;
 use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
 use crate::vault::{Disk, Vault};
+use uncommitted::UncommittedPacks;
 
 pub use worker::Compression;
 use worker::{Recycler, WorkerContext};
@@ -83,6 +86,9 @@ pub struct BackupOptions {
     pub snapshot_id: Option<SnapshotId>,
     /// What to record besides what the backup learns itself: the bitmap it created, notes.
     pub info: SnapshotInfo,
+    /// Back up a source whose partition table identity differs from the disk's latest
+    /// snapshot ([`identity`]).
+    pub force: bool,
 }
 
 /// A change source's claim, as the manifest will record it.
@@ -115,6 +121,7 @@ impl Default for BackupOptions {
             verify_unchanged: 8,
             snapshot_id: None,
             info: SnapshotInfo::default(),
+            force: false,
         }
     }
 }
@@ -161,6 +168,11 @@ pub struct BackupReport {
     pub verify_unchanged: Option<spotcheck::Sampled>,
     /// What the snapshot records about how it was made (bitmaps, notes).
     pub info: SnapshotInfo,
+    /// What differs from the disk's latest snapshot, also kept in the snapshot's notes.
+    pub remarks: identity::Remarks,
+    /// Notes on this backup, for people: why a change source was not trusted, what differs
+    /// from the latest snapshot (the snapshot keeps them in its info, warnings marked).
+    pub notes: Vec<String>,
 }
 
 fn check_slot_size(s: u32) -> Result<()> {
@@ -179,6 +191,8 @@ struct Job {
     new_disk: bool,
     _lock: Box<dyn Send>,
     parent: Option<Manifest>,
+    /// What the disk's latest snapshot recorded of its source.
+    latest: Option<identity::Recorded>,
     slot_size: u32,
     generation: u32,
     seals_before: u64,
@@ -235,6 +249,7 @@ impl Job {
             new_disk,
             _lock: lock,
             parent,
+            latest: history.last().map(identity::Recorded::of),
             slot_size,
             generation,
             seals_before,
@@ -242,12 +257,32 @@ impl Job {
     }
 }
 
-/// Back up `source` into `vault` as a new snapshot of `opts.disk`.
+/// Back up `source` into `vault` as a new snapshot of `opts.disk`. A run that fails or is
+/// stopped by SIGINT/SIGTERM writes no snapshot and removes the packs it stored; its error
+/// says so ([`uncommitted`]).
 pub fn backup(
     vault: &Vault,
     source: &dyn Source,
     opts: &BackupOptions,
     progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let packs = UncommittedPacks::new(vault.store().clone());
+    match write_snapshot(vault, source, opts, progress, &packs) {
+        Ok(report) => {
+            packs.commit();
+            Ok(report)
+        }
+        Err(e) => Err(uncommitted::explain(e, &opts.disk, &packs.discard())),
+    }
+}
+
+/// The backup itself; every pack it stores is in `packs` until the manifest is written.
+fn write_snapshot(
+    vault: &Vault,
+    source: &dyn Source,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    packs: &UncommittedPacks,
 ) -> Result<BackupReport> {
     let started = Instant::now();
     check_slot_size(opts.slot_size)?;
@@ -274,6 +309,7 @@ pub fn backup(
     let nslots = manifest::slot_count(disk_size, slot_size);
     let keys = disk.generation(generation)?;
     let layout = scan_layout(source);
+    let remarks = identity::compare(job.latest.as_ref(), source, layout.as_ref(), opts.force)?;
 
     let parent_extents: HashMap<_, _> = parent
         .iter()
@@ -318,8 +354,9 @@ pub fn backup(
     progress.start(disk_size);
     progress.advance(disk_size - plan.bytes_to_read());
 
+    crate::interrupt::check()?;
     let writer = Writer::new(
-        vault.store().clone(),
+        packs,
         disk.binding,
         keys.clone(),
         generation,
@@ -342,7 +379,9 @@ pub fn backup(
 
     let mut info = opts.info.clone();
     info.bitmaps = bitmaps;
+    let notes: Vec<String> = decided.notes.iter().chain(&remarks.notes).cloned().collect();
     info.notes.extend(decided.notes);
+    info.notes.extend(remarks.recorded());
     let mut m = Manifest {
         id: match opts.snapshot_id {
             Some(id) => id,
@@ -371,6 +410,8 @@ pub fn backup(
         info,
     };
     m.digest = m.compute_digest(&disk.identity.digest);
+    // The last moment a stop asked for by a signal is honoured: after this, the backup is done.
+    crate::interrupt::check()?;
     vault.put_manifest(disk, &m)?;
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {
@@ -386,6 +427,8 @@ pub fn backup(
         stats,
         verify_unchanged: decided.verify_unchanged,
         info: m.info,
+        remarks,
+        notes,
     })
 }
 

@@ -19,6 +19,7 @@
 //! a raw image.
 
 pub mod blockdev;
+mod lock;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;

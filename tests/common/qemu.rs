@@ -153,6 +153,23 @@ pub fn qemu_io<S: AsRef<str>>(fmt: &str, target: &str, cmds: &[S]) {
     assert!(!out.contains("failed"), "qemu-io on {target}:\n{out}");
 }
 
+/// Assert that no QEMU process can open `image` (of format `fmt`) for writing now: qemu-io's
+/// write fails on QEMU's image locks (while blockvault holds the image open for reading).
+pub fn assert_write_locked(fmt: &str, image: &Path) {
+    let out = Command::new("qemu-io")
+        .args(["-f", fmt, "-c", "write 0 512"])
+        .arg(image)
+        .output()
+        .expect("qemu-io");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("lock"),
+        "qemu-io wrote {}, which a reader holds: {}\n{said}",
+        image.display(),
+        out.status
+    );
+}
+
 /// Where a qemu-nbd server listens.
 pub enum Listen<'a> {
     /// 127.0.0.1, a free port.
