@@ -76,6 +76,14 @@ impl Disk {
     }
 }
 
+/// One key record as the head lists it, for `key show`, rotation and tests.
+pub struct StoredRecord {
+    /// Its object key.
+    pub key: String,
+    /// The decoded record.
+    pub record: KeyRecord,
+}
+
 /// Disk names are 1 to 200 bytes of printable text.
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
@@ -116,6 +124,20 @@ impl Vault {
             )));
         }
         Ok((key, rec))
+    }
+
+    /// Every key record the current head lists, checked against its digest but not unwrapped
+    /// (so it works with a revoked KEK).
+    pub fn key_records(&self) -> Result<Vec<StoredRecord>> {
+        let head = self.cached_head();
+        let mut out = Vec::new();
+        for (disk_id, entry) in &head.disks {
+            for (&g, ge) in &entry.generations {
+                let (key, record) = self.key_record(disk_id, g, ge)?;
+                out.push(StoredRecord { key, record });
+            }
+        }
+        Ok(out)
     }
 
     /// Load a disk's key records as the current head lists them and unwrap every DEK
