@@ -676,7 +676,7 @@ fn commands_holding_keys_are_not_dumpable() {
                     let r = Run::wait(child, format!("key export ({status})"));
                     panic!("key export ended before reading its passphrase: {r:?}");
                 }
-                std::thread::yield_now();
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
             Err(e) => panic!("opening {}: {e}", fifo.display()),
         }
@@ -698,7 +698,7 @@ fn commands_holding_keys_are_not_dumpable() {
     let control = loop {
         match proc_owner_and_uid(sleeper.id()) {
             Some((owner, uid)) if uid == NOBODY => break owner,
-            _ => std::thread::yield_now(),
+            _ => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
     };
     sleeper.kill().unwrap();
