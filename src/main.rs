@@ -6,11 +6,19 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Every command may hold key material (keystore keys, DEKs, PINs, passphrases), so every
+    // command, from its first instruction, is not dumpable: no core file, and no ptrace or
+    // /proc/<pid>/mem read by another process of the same user (docs/CRYPTO.md, "Memory and
+    // core dumps").
+    let dumpable = nix::sys::prctl::set_dumpable(false);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = dumpable {
+        tracing::warn!(error = %e, "cannot disable core dumps; key material may reach one");
+    }
     cli::main()
 }

@@ -13,7 +13,7 @@ use blockvault::keys::{destroy, recover, rotate, show, state, transfer};
 use blockvault::vault::kekdesc;
 use blockvault::Error;
 
-use super::init::read_key_spec;
+use super::init::{read_key_spec, EnrolArgs};
 use super::Context;
 
 /// Arguments of `key`.
@@ -43,6 +43,8 @@ enum KeyCommand {
         /// other copy of the keystore stops working until it imports a new export.
         #[arg(long, conflicts_with_all = ["new_cmk", "new_dek"])]
         auth: bool,
+        #[command(flatten)]
+        enrol: EnrolArgs,
     },
     /// Revoke the platform KEK (every version, or one): backups, restores and verify
     /// --read-data fail until it is enabled again. An administrative lock: see `destroy`.
@@ -93,6 +95,8 @@ enum KeyCommand {
         /// Recover although the vault records revoked platform KEK versions.
         #[arg(long)]
         lift_revocation: bool,
+        #[command(flatten)]
+        enrol: EnrolArgs,
     },
     /// Write the vault's keystore file, sealed under a passphrase, to FILE.
     Export {
@@ -137,7 +141,8 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             new_cmk,
             new_dek,
             auth,
-        } => rotate_keys(ctx, new_cmk.as_deref(), new_dek, auth),
+            enrol,
+        } => rotate_keys(ctx, new_cmk.as_deref(), new_dek, auth, &enrol),
         KeyCommand::Revoke { version } => set_state(ctx, version, true),
         KeyCommand::Enable { version } => set_state(ctx, version, false),
         KeyCommand::Destroy { version } => destroy_key(ctx, version),
@@ -150,6 +155,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             anchor_fingerprint,
             unverified_anchor,
             lift_revocation,
+            enrol,
         } => {
             let private = |path: PathBuf| PrivateKeyFile {
                 path,
@@ -163,7 +169,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
                 infra_recovery_private: infra_recovery_private.map(private),
                 new_cmk: new_cmk
                     .as_deref()
-                    .map(|spec| read_key_spec(ctx, spec, false, next_cmk_version(ctx)?))
+                    .map(|spec| read_key_spec(ctx, spec, false, next_cmk_version(ctx)?, &enrol))
                     .transpose()?,
                 take_over,
                 anchor_fingerprint,
@@ -261,6 +267,7 @@ fn rotate_keys(
     new_cmk: Option<&str>,
     new_dek: bool,
     auth: bool,
+    enrol: &EnrolArgs,
 ) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let new_cmk = match new_cmk {
@@ -271,6 +278,7 @@ fn rotate_keys(
                 spec,
                 false,
                 rotate::next_cmk_version(&vault),
+                enrol,
             )?)
         }
         None => None,

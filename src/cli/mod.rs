@@ -83,8 +83,8 @@ pub struct KeyArgs {
     /// File holding the user PIN of the PKCS#11 token (or set BLOCKVAULT_PKCS11_PIN).
     #[arg(long, global = true, value_name = "FILE")]
     pin_file: Option<PathBuf>,
-    /// PKCS#11 module to load (default: the URI's module-path, BLOCKVAULT_PKCS11_MODULE, or
-    /// SoftHSM's).
+    /// PKCS#11 module to load, an absolute path (default: BLOCKVAULT_PKCS11_MODULE, else the
+    /// first installed of SoftHSM2's and OpenSC's; never a path stored in the vault).
     #[arg(long, global = true, value_name = "SO")]
     pkcs11_module: Option<PathBuf>,
 }
