@@ -234,13 +234,21 @@ fn show_keys(ctx: &Context) -> anyhow::Result<ExitCode> {
             t += &format!("unfinished: {op} — run it again to finish\n");
         }
         for k in &r.keks {
-            t += &format!(
-                "  {:<16} {}{}{}\n",
-                k.id,
-                k.state.as_deref().map(|s| format!("{s} ")).unwrap_or_default(),
-                k.rsa.as_deref().map(|s| format!("{s} ")).unwrap_or_default(),
-                k.fingerprint
-            );
+            t += &match (&k.fingerprint, &k.fingerprint_sha256) {
+                (Some(fp), _) => format!(
+                    "  {:<16} {} fingerprint {fp}\n",
+                    k.id,
+                    k.state.as_deref().unwrap_or_default()
+                ),
+                (None, Some(fp)) => format!(
+                    "  {:<16} RSA-{} {} sha256:{fp} ({})\n",
+                    k.id,
+                    k.bits.unwrap_or_default(),
+                    k.oaep.as_deref().unwrap_or_default(),
+                    k.source.as_deref().unwrap_or_default()
+                ),
+                (None, None) => format!("  {}\n", k.id),
+            };
         }
         for d in &r.destroyed {
             t += &format!("  destroyed: {d}\n");
