@@ -13,6 +13,7 @@
 pub mod overlay;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod spotcheck;
 pub mod worker;
 pub mod writer;
@@ -29,6 +30,7 @@ use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
 use crate::vault::{Disk, Vault};
 use plan::Plan;
 
+pub use progress::{NoProgress, Progress};
 pub use worker::Compression;
 use worker::{Recycler, WorkerContext};
 use writer::Writer;
@@ -105,21 +107,6 @@ impl Default for BackupOptions {
             verify_unchanged: 8,
         }
     }
-}
-
-/// Receives progress in bytes of the disk covered.
-pub trait Progress: Sync {
-    /// Total bytes to cover.
-    fn start(&self, total: u64);
-    /// `bytes` more covered.
-    fn advance(&self, bytes: u64);
-}
-
-/// No progress display.
-pub struct NoProgress;
-impl Progress for NoProgress {
-    fn start(&self, _: u64) {}
-    fn advance(&self, _: u64) {}
 }
 
 /// What a backup did.
@@ -304,8 +291,8 @@ pub fn backup(
         slots_zero: nslots - plan.slots_read() - plan.carried.len() as u64,
         ..Stats::default()
     };
-    progress.start(disk_size);
-    progress.advance(disk_size - plan.bytes_to_read());
+    tracing::debug!(disk_size, parent = ?parent.as_ref().map(|p| p.id.short()), slot_size, generation, change_source = ?change_source, slots_read = plan.slots_read(), slots_carried = plan.carried.len(), bytes_to_read = plan.bytes_to_read(), "plan");
+    progress.start(plan.bytes_to_read());
 
     let writer = Writer::new(
         vault.store().clone(),
@@ -354,6 +341,11 @@ pub fn backup(
         info: Default::default(),
     };
     m.digest = m.compute_digest(&disk.identity.digest);
+    tracing::debug!(
+        packs = m.packs.len(),
+        extents = m.extents.len(),
+        "commit: writing the manifest"
+    );
     vault.put_manifest(disk, &m)?;
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {
