@@ -109,46 +109,60 @@ pub struct PrivateKeyFile {
 impl PrivateKeyFile {
     /// Load and decrypt the key; its DER only ever lives in zeroized buffers.
     fn load(&self) -> Result<PrivateDecryptingKey> {
-        let path = self.path.display();
         let text = read_pem_file(&self.path, "private key file")?;
-        if is_legacy_encrypted(&text) {
-            return Err(key_error(format!(
-                "{path} is a PKCS#1 private key encrypted the legacy OpenSSL way \
-                 (Proc-Type: 4,ENCRYPTED), which blockvault does not read: convert it to \
-                 encrypted PKCS#8 with `openssl pkcs8 -topk8 -v2 aes-256-cbc -in {path} -out \
-                 NEW.pem` and give NEW.pem with its passphrase"
-            )));
+        private_key_from_pem(
+            &text,
+            &self.path.display().to_string(),
+            self.passphrase.as_ref(),
+        )
+    }
+}
+
+/// The RSA private key in `text`, the contents of a private key file (`name` in messages):
+/// PKCS#8, plain or encrypted under the passphrase from `passphrase`, or plain PKCS#1. Public
+/// for the fuzz target (`fuzz/fuzz_targets/cmk.rs`).
+pub fn private_key_from_pem(
+    text: &str,
+    name: &str,
+    passphrase: Option<&SecretSource>,
+) -> Result<PrivateDecryptingKey> {
+    if is_legacy_encrypted(text) {
+        return Err(key_error(format!(
+            "{name} is a PKCS#1 private key encrypted the legacy OpenSSL way \
+             (Proc-Type: 4,ENCRYPTED), which blockvault does not read: convert it to \
+             encrypted PKCS#8 with `openssl pkcs8 -topk8 -v2 aes-256-cbc -in {name} -out \
+             NEW.pem` and give NEW.pem with its passphrase"
+        )));
+    }
+    let (label, doc) = SecretDocument::from_pem(text)
+        .map_err(|e| key_error(format!("{name}: not a PEM file: {e}")))?;
+    let key = |pkcs8_der: &[u8]| {
+        PrivateDecryptingKey::from_pkcs8(pkcs8_der)
+            .map_err(|e| key_error(format!("{name}: not a usable RSA private key: {e}")))
+    };
+    match label {
+        "PRIVATE KEY" => key(doc.as_bytes()),
+        "ENCRYPTED PRIVATE KEY" => {
+            let pass = passphrase.ok_or_else(|| {
+                key_error(format!(
+                    "private key file {name} is encrypted and no passphrase was given"
+                ))
+            })?;
+            let pass = pass.read(&format!("passphrase of {name}"))?;
+            let info = EncryptedPrivateKeyInfoRef::try_from(doc.as_bytes())
+                .map_err(|e| key_error(format!("{name}: damaged encrypted PKCS#8: {e}")))?;
+            let plain = info.decrypt(&pass[..]).map_err(|_| {
+                key_error(format!(
+                    "{name}: cannot decrypt the private key (passphrase incorrect, or an unsupported cipher)"
+                ))
+            })?;
+            key(plain.as_bytes())
         }
-        let (label, doc) = SecretDocument::from_pem(&text)
-            .map_err(|e| key_error(format!("{path}: not a PEM file: {e}")))?;
-        let key = |pkcs8_der: &[u8]| {
-            PrivateDecryptingKey::from_pkcs8(pkcs8_der)
-                .map_err(|e| key_error(format!("{path}: not a usable RSA private key: {e}")))
-        };
-        match label {
-            "PRIVATE KEY" => key(doc.as_bytes()),
-            "ENCRYPTED PRIVATE KEY" => {
-                let pass = self.passphrase.as_ref().ok_or_else(|| {
-                    key_error(format!(
-                        "private key file {path} is encrypted and no passphrase was given"
-                    ))
-                })?;
-                let pass = pass.read(&format!("passphrase of {path}"))?;
-                let info = EncryptedPrivateKeyInfoRef::try_from(doc.as_bytes())
-                    .map_err(|e| key_error(format!("{path}: damaged encrypted PKCS#8: {e}")))?;
-                let plain = info.decrypt(&pass[..]).map_err(|_| {
-                    key_error(format!(
-                        "{path}: cannot decrypt the private key (passphrase incorrect, or an unsupported cipher)"
-                    ))
-                })?;
-                key(plain.as_bytes())
-            }
-            "RSA PRIVATE KEY" => key(&pkcs8_of_pkcs1(doc.as_bytes())
-                .map_err(|e| key_error(format!("{path}: damaged PKCS#1 RSA private key: {e}")))?),
-            other => Err(key_error(format!(
-                "{path}: PEM label \"{other}\" is not an RSA private key"
-            ))),
-        }
+        "RSA PRIVATE KEY" => key(&pkcs8_of_pkcs1(doc.as_bytes())
+            .map_err(|e| key_error(format!("{name}: damaged PKCS#1 RSA private key: {e}")))?),
+        other => Err(key_error(format!(
+            "{name}: PEM label \"{other}\" is not an RSA private key"
+        ))),
     }
 }
 
