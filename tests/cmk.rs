@@ -1,6 +1,7 @@
 //! Customer-managed RSA keys against the real tools: PEM keys made by `openssl genpkey` (plain
-//! and passphrase-protected PKCS#8, a 2048-bit key that must be refused) and RSA keys inside a
-//! SoftHSM2 token made by `softhsm2-util` and `pkcs11-tool`.
+//! and passphrase-protected PKCS#8, PKCS#1 by `openssl rsa -traditional`, a 2048-bit key that
+//! must be refused) and RSA keys inside a SoftHSM2 token made by `softhsm2-util` and
+//! `pkcs11-tool`.
 //!
 //! Keys are made once per test binary (tests/common/keys.rs). SoftHSM reads `SOFTHSM2_CONF` when the
 //! module is first initialised in the process, so every HSM test shares one token folder:
@@ -140,6 +141,57 @@ fn pkcs1_and_spki_public_keys_have_one_fingerprint() {
     let w = PemKek::new(pkcs1, None).unwrap();
     let u = PemKek::new(spki, private(k, "a.key", None)).unwrap();
     check_contract(&w, &u);
+}
+
+#[test]
+fn pkcs1_private_keys_unwrap_and_legacy_encrypted_ones_are_refused() {
+    let Some(k) = pem_keys("pkcs1_private_keys_unwrap_and_legacy_encrypted_ones_are_refused")
+    else {
+        return;
+    };
+    let text = std::fs::read_to_string(k.path("a.pkcs1.key")).unwrap();
+    assert!(
+        text.starts_with("-----BEGIN RSA PRIVATE KEY-----"),
+        "{text:.40}"
+    );
+    // Unwraps what the SPKI descriptor wrapped, and passes the fingerprint check.
+    let kek = PemKek::new(
+        public(k, KekKind::CustomerRsa, "a.pub"),
+        private(k, "a.pkcs1.key", None),
+    )
+    .unwrap();
+    kek.check_unwrap().unwrap();
+    let w = PemKek::new(public(k, KekKind::CustomerRsa, "a.pub"), None).unwrap();
+    check_contract(&w, &kek);
+    // The PKCS#1 form of another key is named as the wrong key, as a PKCS#8 one is.
+    let err = PemKek::new(
+        public(k, KekKind::CustomerRsa, "b.pub"),
+        private(k, "a.pkcs1.key", None),
+    )
+    .unwrap()
+    .check_unwrap()
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Key);
+    assert!(
+        err.to_string().contains("a.pkcs1.key holds key sha256:"),
+        "{err}"
+    );
+    // Legacy-encrypted PKCS#1: refused with the conversion, even with the right passphrase.
+    let err = PemKek::new(
+        public(k, KekKind::CustomerRsa, "a.pub"),
+        private(k, "a.pkcs1.enc.key", Some("pass")),
+    )
+    .unwrap()
+    .check_unwrap()
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Key);
+    for needle in [
+        "a.pkcs1.enc.key",
+        "Proc-Type: 4,ENCRYPTED",
+        "openssl pkcs8 -topk8",
+    ] {
+        assert!(err.to_string().contains(needle), "{needle:?} in {err}");
+    }
 }
 
 #[test]
