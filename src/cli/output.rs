@@ -82,7 +82,10 @@ impl Progress for Bar {
         }
     }
     fn advance(&self, bytes: u64) {
-        self.bar.inc(bytes);
+        // Nothing done (a zero slot left as a hole) is no reason to redraw.
+        if bytes > 0 {
+            self.bar.inc(bytes);
+        }
     }
 }
 
