@@ -269,21 +269,24 @@ fn usage_errors_are_json_under_json() {
     r.stdout_has(&["Usage: blockvault backup"]);
 }
 
-#[test]
-fn the_usage_line_does_not_show_options_that_come_from_the_environment() {
-    let bv = Bv::new();
+/// Run `args` with the vault, the keystore and a private key named only by `BLOCKVAULT_*`.
+fn run_from_env(bv: &Bv, args: &[&str]) -> Run {
     let mut c = Command::new(bin());
     c.env("BLOCKVAULT_VAULT", &bv.vault)
         .env("BLOCKVAULT_KEYSTORE", &bv.keystore)
         .env("BLOCKVAULT_CMK_PRIVATE", bv.path("k.pem"))
-        .args(["backup", "some.raw"]);
-    let r = Run::wait(
-        c.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        "backup some.raw".into(),
-    );
+        .env_remove("RUST_LOG")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Run::wait(c.spawn().expect("starting blockvault"), args.join(" "))
+}
+
+#[test]
+fn the_usage_line_does_not_show_options_that_come_from_the_environment() {
+    let bv = Bv::new();
+    let r = run_from_env(&bv, &["backup", "some.raw"]);
     r.code(2);
     let usage = r.stderr.lines().find(|l| l.starts_with("Usage:")).unwrap();
     assert_eq!(
@@ -292,18 +295,7 @@ fn the_usage_line_does_not_show_options_that_come_from_the_environment() {
         r.stderr
     );
     // And the variables do stand in for the options.
-    let mut c = Command::new(bin());
-    c.env("BLOCKVAULT_VAULT", &bv.vault)
-        .env("BLOCKVAULT_KEYSTORE", &bv.keystore)
-        .args(["--json", "init"]);
-    let r = Run::wait(
-        c.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        "init".into(),
-    );
-    r.ok();
+    run_from_env(&bv, &["--json", "init"]).ok();
     assert!(bv.vault.join("config").exists());
     assert!(bv.key_file().starts_with(&bv.keystore));
 }
@@ -487,16 +479,8 @@ fn completions_for_bash_zsh_and_fish() {
     bash.ok();
     let script = bv.path("blockvault.bash");
     write_file(&script, bash.stdout.as_bytes());
-    let syntax = Command::new("bash")
-        .arg("-n")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        syntax.status.success(),
-        "bash -n: {}",
-        String::from_utf8_lossy(&syntax.stderr)
-    );
+    // `bash -n`: the script parses (run_tool fails the test with bash's message otherwise).
+    run_tool(Command::new("bash").arg("-n").arg(&script), "");
     for shell in ["bash", "zsh", "fish"] {
         let r = bv.run(&["completions", shell]);
         r.ok();

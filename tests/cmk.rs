@@ -40,6 +40,26 @@ fn private(keys: &PemKeys, file: &str, pass: Option<&str>) -> Option<PrivateKeyF
     })
 }
 
+/// The unwrap check of customer key `public_file` through the private key file `private_file`
+/// (its passphrase in the file `pass`) fails with a `Key` error naming each of `needles`.
+fn refused(
+    keys: &PemKeys,
+    public_file: &str,
+    private_file: Option<&str>,
+    pass: Option<&str>,
+    needles: &[&str],
+) {
+    let private = private_file.and_then(|f| private(keys, f, pass));
+    let err = PemKek::new(public(keys, KekKind::CustomerRsa, public_file), private)
+        .unwrap()
+        .check_unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Key, "{err}");
+    for needle in needles {
+        assert!(err.to_string().contains(needle), "{needle:?} in {err}");
+    }
+}
+
 /// The contract every provider keeps: round trip; other AAD, swapped blobs, flipped bits and
 /// truncation refused.
 fn check_contract(wrapper: &dyn KekProvider, unwrapper: &dyn KekProvider) {
@@ -164,34 +184,26 @@ fn pkcs1_private_keys_unwrap_and_legacy_encrypted_ones_are_refused() {
     let w = PemKek::new(public(k, KekKind::CustomerRsa, "a.pub"), None).unwrap();
     check_contract(&w, &kek);
     // The PKCS#1 form of another key is named as the wrong key, as a PKCS#8 one is.
-    let err = PemKek::new(
-        public(k, KekKind::CustomerRsa, "b.pub"),
-        private(k, "a.pkcs1.key", None),
-    )
-    .unwrap()
-    .check_unwrap()
-    .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    assert!(
-        err.to_string().contains("a.pkcs1.key holds key sha256:"),
-        "{err}"
+    refused(
+        k,
+        "b.pub",
+        Some("a.pkcs1.key"),
+        None,
+        &["a.pkcs1.key holds key sha256:"],
     );
     // Legacy-encrypted PKCS#1: refused with the conversion, even with the right passphrase.
-    let err = PemKek::new(
-        public(k, KekKind::CustomerRsa, "a.pub"),
-        private(k, "a.pkcs1.enc.key", Some("pass")),
-    )
-    .unwrap()
-    .check_unwrap()
-    .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    for needle in [
+    let conversion = [
         "a.pkcs1.enc.key",
         "Proc-Type: 4,ENCRYPTED",
         "openssl pkcs8 -topk8",
-    ] {
-        assert!(err.to_string().contains(needle), "{needle:?} in {err}");
-    }
+    ];
+    refused(
+        k,
+        "a.pub",
+        Some("a.pkcs1.enc.key"),
+        Some("pass"),
+        &conversion,
+    );
 }
 
 #[test]
@@ -257,28 +269,15 @@ fn check_unwrap_names_a_missing_or_wrong_private_key() {
     let Some(k) = pem_keys("check_unwrap_names_a_missing_or_wrong_private_key") else {
         return;
     };
-    let key = || public(k, KekKind::CustomerRsa, "a.pub");
-    let err = PemKek::new(key(), None)
-        .unwrap()
-        .check_unwrap()
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    assert!(
-        err.to_string().contains("private key file missing"),
-        "{err}"
+    refused(k, "a.pub", None, None, &["private key file missing"]);
+    refused(k, "a.pub", Some("gone.key"), None, &["gone.key missing"]);
+    refused(
+        k,
+        "a.pub",
+        Some("b.key"),
+        None,
+        &["b.key holds key sha256:"],
     );
-    let err = PemKek::new(key(), private(k, "gone.key", None))
-        .unwrap()
-        .check_unwrap()
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    assert!(err.to_string().contains("gone.key missing"), "{err}");
-    let err = PemKek::new(key(), private(k, "b.key", None))
-        .unwrap()
-        .check_unwrap()
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    assert!(err.to_string().contains("b.key holds key sha256:"), "{err}");
 }
 
 #[test]

@@ -117,7 +117,7 @@ mod tests {
         assert_eq!(read, 5 * MIB, "holes are not work");
 
         // An incremental that a change list drives reads only the changed 4 KiB.
-        let changed = vec![9 * MIB + 4096..9 * MIB + 8192];
+        let changed = std::iter::once(9 * MIB + 4096..9 * MIB + 8192);
         let claim = ChangeClaim {
             source: ChangeSource::ChangedList,
             detail: "test".into(),
