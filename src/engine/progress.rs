@@ -122,6 +122,7 @@ mod tests {
             source: ChangeSource::ChangedList,
             detail: "test".into(),
             list: crate::changes::ChangeList::new(1, changed),
+            bitmap: None,
             covers: None,
         };
         let mut opts = options(ParentSpec::Latest, Some(claim));
