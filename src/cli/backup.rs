@@ -232,7 +232,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             t += &format!("note: {note}\n");
         }
         t += &format!(
-            "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, read at {} MiB/s\n",
+            "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, read at {:.1} MiB/s\n",
             r.snapshot.short(),
             r.disk,
             serde_json::to_value(r.change_source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),

@@ -125,7 +125,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     });
     ctx.out.result(doc, || {
         format!(
-            "restored {}@{} to {}: {} ({} data), digest verified, {:.2} s, written at {} MiB/s\n",
+            "restored {}@{} to {}: {} ({} data), digest verified, {:.2} s, written at {:.1} MiB/s\n",
             disk.name,
             m.id.short(),
             a.target.display(),
