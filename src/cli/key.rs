@@ -173,7 +173,7 @@ fn show(ctx: &Context) -> anyhow::Result<ExitCode> {
                 "kind": "platform",
                 "version": v.version,
                 "state": if v.state == KekState::Enabled { "enabled" } else { "revoked" },
-                "created": v.created,
+                "created": super::output::time(v.created),
                 "fingerprint": platform_fingerprint(&v.key),
             }));
         }
@@ -210,10 +210,13 @@ fn show(ctx: &Context) -> anyhow::Result<ExitCode> {
             *snapshots.entry((disk, generation)).or_default() += 1;
         }
     }
-    let names: BTreeMap<String, String> = vault
-        .disks()
-        .map(|ds| ds.into_iter().map(|d| (d.id_hex(), d.name)).collect())
-        .unwrap_or_default();
+    // Disk names are sealed under the DEKs: without the key they stay ids, and the note says
+    // why (the same sentence `snapshots` or `restore` would fail with).
+    let (names, names_note): (BTreeMap<String, String>, Option<String>) =
+        match super::key_access::require(&vault, &ctx.keys).and_then(|_| vault.disks()) {
+            Ok(ds) => (ds.into_iter().map(|d| (d.id_hex(), d.name)).collect(), None),
+            Err(e) => (BTreeMap::new(), Some(e.to_string())),
+        };
     let mut records = Vec::new();
     for r in vault.key_records()? {
         let disk = hex::encode(r.record.disk_id);
@@ -232,6 +235,7 @@ fn show(ctx: &Context) -> anyhow::Result<ExitCode> {
         "keystore": vault.keystore_file().display().to_string(),
         "keks": keks,
         "dek_generations": records,
+        "disk_names_unreadable": names_note,
     });
     ctx.out.result(doc.clone(), || {
         let mut t = format!(
@@ -251,6 +255,9 @@ fn show(ctx: &Context) -> anyhow::Result<ExitCode> {
             );
         }
         t += "DEK generations:\n";
+        if let Some(note) = &names_note {
+            t += &format!("  (disk names unreadable: {note})\n");
+        }
         for r in &records {
             t += &format!(
                 "  disk {} generation {}: wrapped by {}; {} snapshot(s)\n",
@@ -368,7 +375,7 @@ fn rotate(
     let rewrapped = ctx.open_vault()?.rewrap(pending)?;
     let secs = started.elapsed().as_secs_f64();
     ctx.out.result(
-        json!({"command": "key rotate", "kek": new_id.to_string(), "records_rewrapped": rewrapped, "new_dek_generations": new_generations, "resumed": resumed, "seconds": secs}),
+        json!({"command": "key rotate", "kek": new_id.to_string(), "records_rewrapped": rewrapped, "new_dek_generations": new_generations, "resumed": resumed, "seconds": super::output::seconds(secs)}),
         || format!("DEKs now wrapped by {new_id}: {rewrapped} key record(s) re-wrapped, {new_generations} new DEK generation(s){}, {secs:.2} s\n", if resumed { " (an interrupted rotation resumed)" } else { "" }),
     );
     Ok(ExitCode::SUCCESS)
