@@ -3,6 +3,7 @@
 
 mod cli;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -16,9 +17,16 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr())
         .init();
     if let Err(e) = dumpable {
         tracing::warn!(error = %e, "cannot disable core dumps; key material may reach one");
     }
     cli::main()
+}
+
+/// Colour only for a person at a terminal: never into a file or pipe (a log full of escape
+/// codes), and never when `NO_COLOR` is set to anything (no-color.org).
+fn colour_on_stderr() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

@@ -1,6 +1,7 @@
 //! Customer-managed RSA keys against the real tools: PEM keys made by `openssl genpkey` (plain
-//! and passphrase-protected PKCS#8, a 2048-bit key that must be refused) and RSA keys inside a
-//! SoftHSM2 token made by `softhsm2-util` and `pkcs11-tool`.
+//! and passphrase-protected PKCS#8, PKCS#1 by `openssl rsa -traditional`, a 2048-bit key that
+//! must be refused) and RSA keys inside a SoftHSM2 token made by `softhsm2-util` and
+//! `pkcs11-tool`.
 //!
 //! Keys are made once per test binary (tests/common/keys.rs). SoftHSM reads `SOFTHSM2_CONF` when the
 //! module is first initialised in the process, so every HSM test shares one token folder:
@@ -37,6 +38,26 @@ fn private(keys: &PemKeys, file: &str, pass: Option<&str>) -> Option<PrivateKeyF
         path: keys.path(file),
         passphrase: pass.map(|p| SecretSource::File(keys.path(p))),
     })
+}
+
+/// The unwrap check of customer key `public_file` through the private key file `private_file`
+/// (its passphrase in the file `pass`) fails with a `Key` error naming each of `needles`.
+fn refused(
+    keys: &PemKeys,
+    public_file: &str,
+    private_file: Option<&str>,
+    pass: Option<&str>,
+    needles: &[&str],
+) {
+    let private = private_file.and_then(|f| private(keys, f, pass));
+    let err = PemKek::new(public(keys, KekKind::CustomerRsa, public_file), private)
+        .unwrap()
+        .check_unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Key, "{err}");
+    for needle in needles {
+        assert!(err.to_string().contains(needle), "{needle:?} in {err}");
+    }
 }
 
 /// The contract every provider keeps: round trip; other AAD, swapped blobs, flipped bits and
@@ -143,6 +164,49 @@ fn pkcs1_and_spki_public_keys_have_one_fingerprint() {
 }
 
 #[test]
+fn pkcs1_private_keys_unwrap_and_legacy_encrypted_ones_are_refused() {
+    let Some(k) = pem_keys("pkcs1_private_keys_unwrap_and_legacy_encrypted_ones_are_refused")
+    else {
+        return;
+    };
+    let text = std::fs::read_to_string(k.path("a.pkcs1.key")).unwrap();
+    assert!(
+        text.starts_with("-----BEGIN RSA PRIVATE KEY-----"),
+        "{text:.40}"
+    );
+    // Unwraps what the SPKI descriptor wrapped, and passes the fingerprint check.
+    let kek = PemKek::new(
+        public(k, KekKind::CustomerRsa, "a.pub"),
+        private(k, "a.pkcs1.key", None),
+    )
+    .unwrap();
+    kek.check_unwrap().unwrap();
+    let w = PemKek::new(public(k, KekKind::CustomerRsa, "a.pub"), None).unwrap();
+    check_contract(&w, &kek);
+    // The PKCS#1 form of another key is named as the wrong key, as a PKCS#8 one is.
+    refused(
+        k,
+        "b.pub",
+        Some("a.pkcs1.key"),
+        None,
+        &["a.pkcs1.key holds key sha256:"],
+    );
+    // Legacy-encrypted PKCS#1: refused with the conversion, even with the right passphrase.
+    let conversion = [
+        "a.pkcs1.enc.key",
+        "Proc-Type: 4,ENCRYPTED",
+        "openssl pkcs8 -topk8",
+    ];
+    refused(
+        k,
+        "a.pub",
+        Some("a.pkcs1.enc.key"),
+        Some("pass"),
+        &conversion,
+    );
+}
+
+#[test]
 fn encrypted_pkcs8_needs_the_right_passphrase() {
     let Some(k) = pem_keys("encrypted_pkcs8_needs_the_right_passphrase") else {
         return;
@@ -205,28 +269,15 @@ fn check_unwrap_names_a_missing_or_wrong_private_key() {
     let Some(k) = pem_keys("check_unwrap_names_a_missing_or_wrong_private_key") else {
         return;
     };
-    let key = || public(k, KekKind::CustomerRsa, "a.pub");
-    let err = PemKek::new(key(), None)
-        .unwrap()
-        .check_unwrap()
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    assert!(
-        err.to_string().contains("private key file missing"),
-        "{err}"
+    refused(k, "a.pub", None, None, &["private key file missing"]);
+    refused(k, "a.pub", Some("gone.key"), None, &["gone.key missing"]);
+    refused(
+        k,
+        "a.pub",
+        Some("b.key"),
+        None,
+        &["b.key holds key sha256:"],
     );
-    let err = PemKek::new(key(), private(k, "gone.key", None))
-        .unwrap()
-        .check_unwrap()
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    assert!(err.to_string().contains("gone.key missing"), "{err}");
-    let err = PemKek::new(key(), private(k, "b.key", None))
-        .unwrap()
-        .check_unwrap()
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    assert!(err.to_string().contains("b.key holds key sha256:"), "{err}");
 }
 
 #[test]

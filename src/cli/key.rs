@@ -215,8 +215,14 @@ fn next_cmk_version(ctx: &Context) -> anyhow::Result<u32> {
 fn show_keys(ctx: &Context) -> anyhow::Result<ExitCode> {
     let vault = ctx.open_vault()?;
     let r = show::show(&vault)?;
+    // Disk names are sealed under the DEKs: without the key they stay ids, and the note says
+    // why (the same sentence `snapshots` or `restore` would fail with).
+    let names_note = super::key_access::require(&vault, &ctx.keys)
+        .err()
+        .map(|e| e.to_string());
     let mut doc = serde_json::to_value(&r)?;
     doc["command"] = "key show".into();
+    doc["disk_names_unreadable"] = names_note.clone().into();
     ctx.out.result(doc, || {
         let mut t = format!(
             "vault keys: {} (current {}){}\nauth key v{} fingerprint {} (keep it with the recovery key)\nkeystore file {}\n",
@@ -254,6 +260,9 @@ fn show_keys(ctx: &Context) -> anyhow::Result<ExitCode> {
             t += &format!("  destroyed: {d}\n");
         }
         t += "DEK generations:\n";
+        if let Some(note) = &names_note {
+            t += &format!("  (disk names unreadable: {note})\n");
+        }
         for g in &r.dek_generations {
             t += &format!(
                 "  disk {} generation {}{}{}: wrapped by {}; {} snapshot(s)\n",
@@ -311,7 +320,7 @@ fn rotate_keys(
         "retired_versions": r.retired,
         "auth_key_version": r.auth.as_ref().map(|a| a.0),
         "auth_fingerprint": r.auth.as_ref().map(|a| a.1.clone()),
-        "seconds": secs,
+        "seconds": super::output::seconds(secs),
     });
     ctx.out.result(doc, || match (&r.kek, &r.auth) {
         (_, Some((v, fp))) => format!("auth key rotated to version {v}, fingerprint {fp} (keep it with the recovery key); other copies of the keystore need a new `key import`, {secs:.2} s\n"),
