@@ -33,6 +33,10 @@ install_deps() {
     command -v pkcs11-tool >/dev/null 2>&1 || missing+=(opensc)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v pkill >/dev/null 2>&1 || missing+=(procps)
+    # Restore targets: a filesystem to mount on a loop device (e2fsprogs), a device-mapper
+    # holder where the kernel has one (dmsetup).
+    command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
+    command -v dmsetup >/dev/null 2>&1 || missing+=(dmsetup)
     if ((${#missing[@]})); then
         if is_root; then
             echo "test.sh: installing ${missing[*]}" >&2

@@ -119,10 +119,7 @@ impl Target for Device {
     }
 
     fn finish(&self, sync: bool) -> Result<()> {
-        if sync {
-            self.out.sync()?;
-        }
-        Ok(())
+        self.out.finish(sync)
     }
 
     fn abandon(&self) -> Abandoned {

@@ -86,8 +86,11 @@ impl DirectWriter {
         })
     }
 
-    /// Flush to stable storage.
-    pub(super) fn sync(&self) -> Result<()> {
+    /// Flush to stable storage if `sync` (the end of a restore without `--no-sync`).
+    pub(super) fn finish(&self, sync: bool) -> Result<()> {
+        if !sync {
+            return Ok(());
+        }
         self.file
             .sync_all()
             .ctx(|| format!("syncing {}", self.name))

@@ -129,10 +129,7 @@ impl Target for RawFile {
     }
 
     fn finish(&self, sync: bool) -> Result<()> {
-        if sync {
-            self.out.sync()?;
-        }
-        Ok(())
+        self.out.finish(sync)
     }
 
     fn abandon(&self) -> Abandoned {

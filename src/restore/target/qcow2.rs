@@ -143,10 +143,7 @@ impl Target for Qcow2Image {
                 .write(&plan.refcount_block(b), (plan.rb_first + b) * CLUSTER)?;
         }
         self.out.write(&plan.header(), 0)?;
-        if sync {
-            self.out.sync()?;
-        }
-        Ok(())
+        self.out.finish(sync)
     }
 
     fn abandon(&self) -> Abandoned {

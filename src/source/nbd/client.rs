@@ -554,17 +554,28 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn client(size: u64) -> (Client, UnixStream) {
+        client_with(size, BlockLimits::default())
+    }
+
+    fn client_with(size: u64, limits: BlockLimits) -> (Client, UnixStream) {
         let (a, b) = UnixStream::pair().expect("socket pair");
         let c = Client::start(
             Stream::Unix(a),
             "NBD export test".into(),
             Duration::from_secs(5),
             size,
-            BlockLimits::default(),
+            limits,
         )
         .expect("start");
         (c, b)
     }
+
+    /// 512-byte minimum, 1 MiB maximum requests.
+    const SPLIT: BlockLimits = BlockLimits {
+        min: 512,
+        preferred: 4096,
+        max: 1 << 20,
+    };
 
     /// Read one request: (command, cookie, offset, length).
     fn request(s: &mut UnixStream) -> (u16, u64, u64, u32) {
@@ -721,20 +732,7 @@ mod tests {
 
     #[test]
     fn writes_split_carry_their_data_and_fail_alone() {
-        let limits = BlockLimits {
-            min: 512,
-            preferred: 4096,
-            max: 1 << 20,
-        };
-        let (a, mut s) = UnixStream::pair().unwrap();
-        let c = Client::start(
-            Stream::Unix(a),
-            "NBD export test".into(),
-            Duration::from_secs(5),
-            4 << 20,
-            limits,
-        )
-        .unwrap();
+        let (c, mut s) = client_with(4 << 20, SPLIT);
         // 1.5 MiB: two requests, each followed by its own bytes, both sent at once.
         let bytes: Vec<u8> = (0..3 << 19).map(|i| (i % 251) as u8).collect();
         std::thread::scope(|scope| {
@@ -806,20 +804,7 @@ mod tests {
 
     #[test]
     fn block_status_keeps_its_context_and_reads_split_and_align() {
-        let limits = BlockLimits {
-            min: 512,
-            preferred: 4096,
-            max: 1 << 20,
-        };
-        let (a, mut s) = UnixStream::pair().unwrap();
-        let c = Client::start(
-            Stream::Unix(a),
-            "t".into(),
-            Duration::from_secs(5),
-            3 << 20,
-            limits,
-        )
-        .unwrap();
+        let (c, mut s) = client_with(3 << 20, SPLIT);
         std::thread::scope(|scope| {
             let st = scope.spawn(|| c.block_status(2, 0, 1 << 20));
             let r = request(&mut s);
