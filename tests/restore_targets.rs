@@ -749,6 +749,30 @@ fn skip_damaged_restores_everything_else_and_lists_the_damage() {
         !strict.exists(),
         "a failed restore removes the file it created"
     );
+
+    // A damaged manifest leaves nothing to trust: refused, best effort or not.
+    let id = text(&s2, "snapshot");
+    let manifest = bv
+        .objects("snapshots")
+        .into_iter()
+        .find(|p| p.ends_with(&id))
+        .expect("the manifest of the second snapshot");
+    flip_byte(
+        &manifest,
+        std::fs::metadata(&manifest).expect("stat").len() / 2,
+    );
+    let refused = bv.path("refused.raw");
+    bv.restore(
+        &format!("d@{}", text(&s2, "short_id")),
+        &refused,
+        &["--skip-damaged"],
+    )
+    .code(3)
+    .stderr_has(&[&bv.key_of(&manifest)]);
+    assert!(
+        !refused.exists(),
+        "nothing is written from a damaged manifest"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ mod direct;
 mod file;
 mod in_use;
 mod nbd;
-mod occupied;
+pub mod occupied;
 mod qcow2;
 mod qcow2_format;
 mod sparse;
