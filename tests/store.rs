@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockvault::vault::store::xts::{InfraKey, XtsStore, MIN_OBJECT_LEN};
-use blockvault::vault::store::{self, LocalStore, Store};
+use blockvault::vault::store::{self, LocalStore, Store, Unfinished};
 use blockvault::ErrorKind;
 use common::*;
 use proptest::prelude::*;
@@ -191,6 +191,51 @@ fn unfinished_writes_are_never_listed() {
             .unwrap();
     }
     assert_no_hidden_files(&root.join("packs/bb"));
+}
+
+/// What a writer killed in the middle of a `put` of `key` leaves in the store rooted at
+/// `dir` (as [`stores`] makes them), in the backend's own form, holding `len` bytes. The
+/// local store and the layer over it: a hidden temp file beside the target. A new backend
+/// adds its form here (an abandoned multipart upload, uncommitted blocks).
+fn abandon_write(dir: &std::path::Path, key: &str, len: usize) -> Unfinished {
+    let temp = format!(".tmp-{:016x}", unique() + 0xabc0);
+    let name = match key.rsplit_once('/') {
+        Some((folder, _)) => format!("{folder}/{temp}"),
+        None => temp,
+    };
+    let path = dir.join("vault").join(&name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, random_data(len as u64, len)).unwrap();
+    Unfinished {
+        name,
+        size: len as u64,
+    }
+}
+
+#[test]
+fn unfinished_writes_are_reported_with_their_sizes() {
+    for (d, s, min_len) in stores() {
+        // A store nothing was written to yet (its folder does not exist) has none.
+        assert_eq!(s.unfinished().unwrap(), vec![], "{}", s.location());
+        let object = random_data(7, 5000.max(min_len));
+        s.put("packs/ab/abcdef", &object).unwrap();
+        s.put_new("keys/k/0", &object).unwrap();
+        assert_eq!(
+            s.unfinished().unwrap(),
+            vec![],
+            "finished writes leave none"
+        );
+        let mut left = vec![
+            abandon_write(d.path(), "packs/ab/abcdef", 3 << 20),
+            abandon_write(d.path(), "snapshots/x/y", 0),
+            abandon_write(d.path(), "config", 100),
+        ];
+        left.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(s.unfinished().unwrap(), left, "{}", s.location());
+        // Still invisible to everything else, and the objects are untouched.
+        assert_eq!(s.list("").unwrap(), vec!["keys/k/0", "packs/ab/abcdef"]);
+        assert_eq!(s.get("packs/ab/abcdef").unwrap(), object);
+    }
 }
 
 #[test]
@@ -395,6 +440,12 @@ fn store_urls() {
     for url in ["s3://bucket/prefix", "az://container/prefix"] {
         let e = store::open(url).err().expect("not supported yet");
         assert_eq!(e.kind(), ErrorKind::Unsupported, "{url}");
+        assert!(e.to_string().contains(url), "{e}");
+    }
+    // Other schemes and remote specs are no folder names (tests/vault_url.rs has them all).
+    for url in ["sftp://host/x", "gs://bucket/x", "b2:bucket"] {
+        let e = store::open(url).err().expect("refused");
+        assert_eq!(e.kind(), ErrorKind::Usage, "{url}");
         assert!(e.to_string().contains(url), "{e}");
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use blockvault::changes;
-use blockvault::engine::{self, BackupOptions, ChangeClaim, Compression, ParentSpec};
+use blockvault::engine::{self, auto_bitmap, BackupOptions, ChangeClaim, Compression, ParentSpec};
 use blockvault::source::{self, OpenOptions, Source};
 use blockvault::util::human_bytes;
 use blockvault::vault::manifest::ChangeSource;
@@ -52,17 +52,29 @@ pub struct Args {
     #[arg(long, default_value_t = 8)]
     queue_depth: usize,
     /// Read only what this dirty bitmap of the source (qcow2 image or NBD export) marks as
-    /// written; carry every other slot over from the parent.
-    #[arg(long, value_name = "NAME", conflicts_with = "changed")]
+    /// written; carry every other slot over from the parent. Trusted only if the parent
+    /// snapshot recorded it as present and recording; otherwise every slot is compared by
+    /// hash. `auto` (qcow2 files): blockvault adds the next bitmap itself before reading,
+    /// reads the one the parent added, and removes that one once the snapshot is committed.
+    #[arg(long, value_name = "NAME|auto", conflicts_with = "changed")]
     bitmap: Option<String>,
     /// Read only the byte ranges this JSON file lists as changed (plain, AWS EBS, Azure page
     /// ranges or VMware CBT shapes; see README); carry every other slot over from the parent.
     #[arg(long, value_name = "FILE")]
     changed: Option<String>,
-    /// With --bitmap or --changed: re-read this many random slots the change source calls
-    /// unchanged and, if any differs from the parent, compare every slot by hash instead.
+    /// With --bitmap or --changed: re-read at least this many random slots the change source
+    /// calls unchanged (more for larger claims, at least 32 MiB of slots; 0: none) and, if
+    /// any differs from the parent, compare every slot by hash instead.
     #[arg(long, value_name = "N", default_value_t = 8)]
     verify_unchanged: usize,
+    /// Create a vault with a platform-managed key if the location holds none (otherwise
+    /// only `init` creates one, so a mistyped --vault fails instead).
+    #[arg(long)]
+    init: bool,
+    /// Back up a source whose partition table identity (GPT disk GUID, MBR disk signature)
+    /// differs from the disk's latest snapshot.
+    #[arg(long)]
+    force: bool,
 }
 
 /// The change source named on the command line, loaded.
@@ -78,6 +90,7 @@ fn change_claim(a: &Args, src: &dyn Source) -> anyhow::Result<Option<ChangeClaim
             detail: format!("bitmap {name}"),
             list: src.dirty_ranges(name)?,
             covers: None,
+            bitmap: Some(name.clone()),
         }));
     }
     if let Some(path) = &a.changed {
@@ -87,31 +100,48 @@ fn change_claim(a: &Args, src: &dyn Source) -> anyhow::Result<Option<ChangeClaim
             detail: format!("change list {path} ({})", loaded.format),
             list: loaded.list,
             covers: loaded.covers,
+            bitmap: None,
         }));
     }
     Ok(None)
 }
 
+/// The `--bitmap` value that asks blockvault to rotate the image's bitmaps itself.
+const AUTO: &str = "auto";
+
 fn parse_slot_size(s: &str) -> Result<u32, String> {
     u32::try_from(super::parse_size(s)?).map_err(|_| format!("{s} is too large"))
 }
 
-/// Run a backup, creating the vault first if the location holds none.
+/// Run a backup (with `--init`, creating the vault first if the location holds none).
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let url = ctx.vault_url()?;
-    // The source first: a typo in its path must not leave a new, empty vault behind.
-    let src = source::open(
-        &a.source,
-        &OpenOptions {
-            no_direct: a.no_direct,
-            nbd: source::NbdOptions {
-                timeout: std::time::Duration::from_secs(a.nbd_timeout),
-                bitmap: a.bitmap.clone(),
-            },
+    let auto = a.bitmap.as_deref() == Some(AUTO);
+    let open = OpenOptions {
+        no_direct: a.no_direct,
+        nbd: source::NbdOptions {
+            timeout: std::time::Duration::from_secs(a.nbd_timeout),
+            bitmap: a.bitmap.clone().filter(|_| !auto),
         },
-    )?;
-    let changes = change_claim(&a, src.as_ref())?;
-    let (vault, created) = Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?;
+    };
+    // The source first: a typo in its path must not leave a new, empty vault behind. An auto
+    // backup opens it itself, around the qemu-img runs; here it is only checked.
+    let src = match auto {
+        true => {
+            auto_bitmap::probe(&a.source, &open)?;
+            None
+        }
+        false => Some(source::open(&a.source, &open)?),
+    };
+    let changes = match &src {
+        Some(src) => change_claim(&a, src.as_ref())?,
+        None => None,
+    };
+    let (vault, created) = if a.init {
+        Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?
+    } else {
+        (ctx.open_vault()?, false)
+    };
     // Nothing is written with a key that cannot unwrap: no backups nobody could read.
     vault.check_keys()?;
     let opts = BackupOptions {
@@ -130,13 +160,32 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         threads: a.threads,
         changes,
         verify_unchanged: a.verify_unchanged,
+        force: a.force,
+        ..BackupOptions::default()
     };
+    let ks = vault.keystore_file().display().to_string();
     let bar = ctx.out.progress("backup");
-    let r = engine::backup(&vault, src.as_ref(), &opts, &bar)?;
+    let done = match src {
+        Some(src) => engine::backup(&vault, src.as_ref(), &opts, &bar).map(|r| (r, None)),
+        None => auto_bitmap::backup(&vault, &a.source, &open, &opts, &bar)
+            .map(|done| (done.backup, Some(done.removed))),
+    };
+    let (r, removed) = done.map_err(|e| {
+        let e = anyhow::Error::from(e);
+        if !created {
+            return e;
+        }
+        // The vault stays: say where its key is even though the backup failed.
+        e.context(format!(
+            "created vault at {url} (platform key in {ks}: keep a copy; `blockvault key export`), but its first backup failed"
+        ))
+    })?;
     drop(bar);
+    for line in r.remarks.recorded() {
+        eprintln!("{line}");
+    }
     let s = r.stats;
     let secs = s.duration_ms as f64 / 1000.0;
-    let ks = vault.keystore_file().display().to_string();
     let doc = json!({
         "command": "backup",
         "vault": url,
@@ -157,16 +206,27 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "slots_new": s.slots_new,
         "slots_reused": s.slots_reused,
         "slots_zero": s.slots_zero,
+        "verify_unchanged": r.verify_unchanged,
+        "bitmaps": r.info.bitmaps,
+        "bitmap_created": r.info.bitmap_created,
+        "bitmaps_removed": removed,
         "seconds": secs,
         "mb_per_s": mb_per_s(r.disk_size, secs),
+        "warnings": r.remarks.warnings,
+        "notes": r.notes,
     });
     ctx.out.result(doc, || {
         let mut t = String::new();
         if created {
-            t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read)\n");
+            t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read; `blockvault key export`)\n");
         }
         if !r.change_detail.is_empty() {
             t += &format!("changes from {}\n", r.change_detail);
+        }
+        // Notes about the source were printed on stderr already.
+        let about_source = |n: &String| r.remarks.notes.contains(n);
+        for note in r.notes.iter().filter(|n| **n != r.change_detail && !about_source(n)) {
+            t += &format!("note: {note}\n");
         }
         t += &format!(
             "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, {} MB/s\n",
@@ -183,6 +243,12 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             secs,
             mb_per_s(r.disk_size, secs),
         );
+        if let Some(b) = &r.info.bitmap_created {
+            t += &format!("  bitmap {b} added: the next --bitmap auto backup reads it\n");
+        }
+        for b in removed.iter().flatten() {
+            t += &format!("  bitmap {b} removed\n");
+        }
         t
     });
     Ok(ExitCode::SUCCESS)

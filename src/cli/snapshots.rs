@@ -52,6 +52,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             "change_source": m.change_source,
             "change_detail": m.change_detail,
             "stats": m.stats,
+            "bitmaps": m.info.bitmaps,
+            "bitmap_created": m.info.bitmap_created,
+            "notes": m.info.notes,
             "layout": serde_json::from_str::<serde_json::Value>(&m.layout).ok(),
         })).collect::<Vec<_>>(),
     });

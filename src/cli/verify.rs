@@ -46,12 +46,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
                 String::new()
             }
         );
-        if r.unreferenced_packs > 0 {
-            t += &format!(
-                "{} unreferenced packs (left by interrupted backups; harmless)\n",
-                r.unreferenced_packs
-            );
-        }
+        t += &leftovers(&r);
         for p in &r.problems {
             t += &format!("DAMAGED {}: {}", p.object, p.problem);
             if !p.snapshots.is_empty() {
@@ -71,4 +66,27 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(INTEGRITY)
     })
+}
+
+/// The lines about what killed runs left, if they left anything.
+fn leftovers(r: &verify::VerifyReport) -> String {
+    let mut t = String::new();
+    if r.unreferenced_packs > 0 {
+        t += &format!(
+            "{} unreferenced packs, {}: stored by backups killed before they committed\n",
+            r.unreferenced_packs,
+            human_bytes(r.unreferenced_pack_bytes)
+        );
+    }
+    if r.unfinished_writes > 0 {
+        t += &format!(
+            "{} unfinished writes, {} in temp files: left by processes killed while writing\n",
+            r.unfinished_writes,
+            human_bytes(r.unfinished_write_bytes)
+        );
+    }
+    if !t.is_empty() {
+        t += "  (harmless: no snapshot uses them; their space can be reclaimed by prune, which a later release brings)\n";
+    }
+    t
 }

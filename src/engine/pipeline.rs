@@ -1,5 +1,7 @@
 //! Running the pipeline threads of one backup: the reader on this thread, workers on a rayon
 //! pool, the writer on its own thread, joined by bounded channels (see the module above).
+//! Each checks [`crate::interrupt::check`] between units of work; after a failure the writer
+//! keeps draining its channel, so a stop leaves no thread blocked.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,6 +78,8 @@ pub fn run<'a>(
                 if failed.is_some() {
                     continue; // keep draining so no worker blocks on a full channel
                 }
+                // A stop asked for by a signal: apply nothing more, so no pack is flushed.
+                let msg = crate::interrupt::check().and(msg);
                 let applied = msg.and_then(|(slot, len, outcome)| {
                     local.bytes_read += len as u64;
                     progress.advance(len as u64);
@@ -118,6 +122,7 @@ pub fn run<'a>(
                 reader,
                 opts.queue_depth,
                 |tag, buf| {
+                    crate::interrupt::check()?;
                     if abort.load(Ordering::Relaxed) {
                         return Err(Error::new(
                             ErrorKind::Io,
@@ -126,7 +131,8 @@ pub fn run<'a>(
                     }
                     let tx = tx.clone();
                     scope.spawn(move |_| {
-                        let r = process(ctx, work[tag as usize], &buf);
+                        let r = crate::interrupt::check()
+                            .and_then(|()| process(ctx, work[tag as usize], &buf));
                         drop(buf);
                         let _ = tx.send(r);
                     });

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::overlay::{Overlaid, Piece};
+use super::uncommitted::{put_logged, UncommittedPacks};
 use crate::crypto::{ExtentId, GenerationKeys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vault::frame::Binding;
 use crate::vault::manifest::{ExtentLoc, Manifest, Overlay, Slot, ZERO};
 use crate::vault::pack::{PackId, PackWriter, TARGET_SIZE};
-use crate::vault::store::Store;
 
 /// Tables of the snapshot being written.
 pub struct Tables {
@@ -46,9 +46,10 @@ pub struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
-    /// A writer for a disk of `slot_count` slots, deduplicating against `parent`.
+    /// A writer for a disk of `slot_count` slots, deduplicating against `parent`; the packs
+    /// it stores go to the store of `packs`, recorded there as the run's uncommitted ones.
     pub fn new(
-        store: Arc<dyn Store>,
+        packs: &UncommittedPacks,
         binding: Binding,
         keys: Arc<GenerationKeys>,
         generation: u32,
@@ -61,11 +62,14 @@ impl<'a> Writer<'a> {
         let (tx, rx) = sync_channel::<(PackId, Vec<u8>)>(0);
         // Stored packs' buffers come back for reuse: no 32 MiB allocation per pack.
         let (spare_tx, spare_packs) = sync_channel::<Vec<u8>>(1);
+        let (store, log) = (packs.store(), packs.log());
         let uploader = std::thread::Builder::new()
             .name("bv-upload".into())
             .spawn(move || -> Result<()> {
                 for (id, bytes) in rx {
-                    store.put(&id.object_key(), &bytes)?;
+                    // A stop asked for by a signal: no new pack (one being written finishes).
+                    crate::interrupt::check()?;
+                    put_logged(&*store, &log, id, &bytes)?;
                     tracing::debug!(pack = %id, bytes = bytes.len(), "pack stored");
                     let _ = spare_tx.try_send(bytes);
                 }

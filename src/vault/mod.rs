@@ -191,7 +191,7 @@ impl Vault {
         let raw = store.get(config::KEY).map_err(|e| match e.kind() {
             ErrorKind::NotFound => Error::new(
                 ErrorKind::NotFound,
-                format!("no vault at {url} (create one with `blockvault init`)"),
+                format!("no vault at {url}: check the location, or create a vault there with `blockvault init` (any key) or `blockvault backup --init` (a platform-managed key, at the first backup)"),
             ),
             _ => e,
         })?;
@@ -204,7 +204,8 @@ impl Vault {
         Vault::assemble(store, config, keys, keystore_file, access)
     }
 
-    /// Open, or create when `url` holds no vault yet. Returns whether it was created.
+    /// Open, or create with a platform key when `url` holds no vault yet (`backup --init`).
+    /// Returns whether it was created.
     pub fn open_or_init(url: &str, keystore: &Keystore) -> Result<(Vault, bool)> {
         Vault::open_or_init_with(url, keystore, &KeyAccess::default())
     }

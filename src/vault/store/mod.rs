@@ -4,12 +4,16 @@
 //! Keys are `/`-separated relative names (`packs/ab/ab12…`, `snapshots/<disk>/<id>`).
 
 pub mod local;
+pub mod url;
 pub mod xts;
 mod xts_unit;
 
-use crate::error::{Error, ErrorKind, Result};
+#[cfg(doc)]
+use crate::error::ErrorKind;
+use crate::error::Result;
 
 pub use local::LocalStore;
+pub use url::VaultUrl;
 
 /// Object storage as the vault needs it.
 ///
@@ -21,6 +25,10 @@ pub use local::LocalStore;
 /// - `list(prefix)` returns every key under the folder `prefix`, recursively, sorted; names of
 ///   unfinished writes are never listed.
 /// - `delete` of a missing key succeeds (idempotent).
+/// - `unfinished` reports what writes that never completed (their process was killed) left
+///   in the backend, in any folder: nothing `list` shows, `get` reads or the vault counts on,
+///   yet it takes space until removed. A write still running may show up too (its process
+///   is alive): callers report these, they do not delete them.
 pub trait Store: Send + Sync {
     /// Write a whole object.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
@@ -38,6 +46,8 @@ pub trait Store: Send + Sync {
     fn delete(&self, key: &str) -> Result<()>;
     /// Size of an object.
     fn size(&self, key: &str) -> Result<u64>;
+    /// Leftovers of unfinished writes (see the contract), sorted by name.
+    fn unfinished(&self) -> Result<Vec<Unfinished>>;
     /// Take an exclusive lock named `name`, held until the guard drops, waiting up to `wait`
     /// for another holder; then fails with [`ErrorKind::AlreadyExists`]. A holder that dies
     /// releases its locks.
@@ -46,21 +56,22 @@ pub trait Store: Send + Sync {
     fn location(&self) -> String;
 }
 
-/// Open a store from a vault URL: a path or `file://path`. Object storage URLs are recognised
-/// and refused with a clear message until their backend lands.
+/// What an unfinished write left behind: a local `.tmp-*` file, an abandoned multipart
+/// upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unfinished {
+    /// Where it is, relative to the store's root (`packs/ab/.tmp-0123…`).
+    pub name: String,
+    /// Bytes it holds.
+    pub size: u64,
+}
+
+/// Open a store from a vault URL (see [`VaultUrl`]): a path or `file://path`. Object
+/// storage URLs are recognised and refused with a clear message until their backend lands;
+/// other schemes and remote specs are refused as usage errors.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
-    if let Some(path) = url.strip_prefix("file://") {
-        return Ok(Box::new(LocalStore::new(path)));
+    match VaultUrl::parse(url)? {
+        VaultUrl::Local(path) => Ok(Box::new(LocalStore::new(path))),
+        VaultUrl::ObjectStorage(scheme) => Err(url::not_in_this_build(url, scheme)),
     }
-    for scheme in ["s3://", "az://", "gs://", "http://", "https://"] {
-        if url.starts_with(scheme) {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "vault URL {url}: object storage ({scheme}) is not supported by this build yet"
-                ),
-            ));
-        }
-    }
-    Ok(Box::new(LocalStore::new(url)))
 }

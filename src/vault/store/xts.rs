@@ -30,7 +30,7 @@ use aes::Aes256;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::xts_unit::Xts;
-use super::Store;
+use super::{Store, Unfinished};
 use crate::crypto::secret::fill_random;
 use crate::crypto::Secret32;
 use crate::error::{Error, ErrorKind, Result};
@@ -308,6 +308,11 @@ impl Store for XtsStore {
 
     fn size(&self, key: &str) -> Result<u64> {
         self.inner.size(key)
+    }
+
+    fn unfinished(&self) -> Result<Vec<Unfinished>> {
+        // The layer preserves lengths: what the backend holds is what the writes left.
+        self.inner.unfinished()
     }
 
     fn lock(&self, name: &str, wait: Duration) -> Result<Box<dyn Send>> {
