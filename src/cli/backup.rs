@@ -11,7 +11,7 @@ use blockvault::util::human_bytes;
 use blockvault::vault::manifest::ChangeSource;
 use blockvault::vault::Vault;
 
-use super::output::mb_per_s;
+use super::output::{mb_per_s, mib_per_s, seconds};
 use super::Context;
 
 /// Arguments of `backup`.
@@ -45,8 +45,8 @@ pub struct Args {
     /// before failing the backup.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     nbd_timeout: u64,
-    /// Worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
+    /// Worker threads, 0 for one per core [default: all cores]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     threads: usize,
     /// Reads in flight.
     #[arg(long, default_value_t = 8)]
@@ -138,11 +138,14 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let (vault, created) = if a.init {
-        Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?
+        let (vault, created) = Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?;
+        super::opened(&vault);
+        (vault, created)
     } else {
         (ctx.open_vault()?, false)
     };
     // Nothing is written with a key that cannot unwrap: no backups nobody could read.
+    super::key_access::require(&vault, &ctx.keys)?;
     vault.check_keys()?;
     let opts = BackupOptions {
         disk: a.disk,
@@ -185,7 +188,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         eprintln!("{line}");
     }
     let s = r.stats;
-    let secs = s.duration_ms as f64 / 1000.0;
+    let secs = seconds(s.duration_ms as f64 / 1000.0);
     let doc = json!({
         "command": "backup",
         "vault": url,
@@ -211,7 +214,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "bitmap_created": r.info.bitmap_created,
         "bitmaps_removed": removed,
         "seconds": secs,
-        "mb_per_s": mb_per_s(r.disk_size, secs),
+        "mb_per_s": mb_per_s(s.bytes_read, secs),
         "warnings": r.remarks.warnings,
         "notes": r.notes,
     });
@@ -229,7 +232,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             t += &format!("note: {note}\n");
         }
         t += &format!(
-            "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, {} MB/s\n",
+            "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, read at {:.1} MiB/s\n",
             r.snapshot.short(),
             r.disk,
             serde_json::to_value(r.change_source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
@@ -241,7 +244,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             s.slots_reused,
             s.slots_zero,
             secs,
-            mb_per_s(r.disk_size, secs),
+            mib_per_s(s.bytes_read, secs),
         );
         if let Some(b) = &r.info.bitmap_created {
             t += &format!("  bitmap {b} added: the next --bitmap auto backup reads it\n");

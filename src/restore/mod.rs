@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use crate::engine::Progress;
 use crate::error::{Error, Result};
 use crate::source::NbdOptions;
-use crate::vault::manifest::Manifest;
+use crate::vault::manifest::{Manifest, Slot};
 use crate::vault::{Disk, Vault};
 
 pub use slot::{fetch_extent, read_slot, slot_content, slot_frames, Damage};
@@ -142,6 +142,7 @@ pub fn restore(
             )
         })
         .and_then(|pool| {
+            tracing::debug!(target = %target.name(), kind = ?target.kind(), format = ?target.format(), bytes = range.end - range.start, threads, "restore: target open, slots fetched and written in parallel");
             pool.install(|| {
                 write_all(
                     vault,
@@ -154,7 +155,19 @@ pub fn restore(
                 )
             })
         })
-        .and_then(|r| target.finish(opts.sync).map(|()| r));
+        .and_then(|r| {
+            tracing::debug!(
+                bytes_written = r.bytes_written,
+                bytes_fetched = r.bytes_fetched,
+                slots_zero = r.slots_zero,
+                damaged = r.damaged.len(),
+                "restore: every slot written"
+            );
+            if opts.sync {
+                tracing::debug!("restore: syncing the target");
+            }
+            target.finish(opts.sync).map(|()| r)
+        });
     match result {
         Ok(mut r) => {
             r.seconds = started.elapsed().as_secs_f64();
@@ -176,7 +189,6 @@ fn write_all(
     skip_damaged: bool,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
-    progress.start(range.end - range.start);
     let written = AtomicU64::new(0);
     let fetched = AtomicU64::new(0);
     let zero = AtomicU64::new(0);
@@ -187,13 +199,29 @@ fn write_all(
     } else {
         (range.start / ss) as usize..range.end.div_ceil(ss) as usize
     };
-    slots.into_par_iter().try_for_each(|i| -> Result<()> {
-        crate::interrupt::check()?;
-        // The part of slot i inside the range, as offsets within the slot.
+    // The part of slot i inside the range, as offsets within the slot, and where it goes.
+    let part = |i: usize| {
         let slot_start = i as u64 * ss;
         let from = range.start.saturating_sub(slot_start) as usize;
         let to = ((range.end - slot_start).min(m.slot_len(i as u64) as u64)) as usize;
-        let at = slot_start + from as u64 - range.start;
+        (from, to, slot_start + from as u64 - range.start)
+    };
+    // Progress counts what is written: zero slots only on a device (see engine::progress);
+    // files and qcow2 images keep them as holes, NBD exports get one zeroing request.
+    let device = target.kind() == TargetKind::Device;
+    let writes = |i: usize| device || !matches!(m.slots[i], Slot::Zero);
+    let work = |i: usize| {
+        let (from, to, _) = part(i);
+        if writes(i) {
+            (to - from) as u64
+        } else {
+            0
+        }
+    };
+    progress.start(slots.clone().map(work).sum());
+    slots.into_par_iter().try_for_each(|i| -> Result<()> {
+        crate::interrupt::check()?;
+        let (from, to, at) = part(i);
         let mut found = Vec::new();
         let content = read_slot(vault, disk, m, i, skip_damaged.then_some(&mut found))?;
         let found: Vec<Damage> = found.into_iter().filter_map(|d| clip(d, range)).collect();
@@ -218,7 +246,7 @@ fn write_all(
             .map(|e| m.extents[e as usize].len as u64)
             .sum();
         fetched.fetch_add(f, Ordering::Relaxed);
-        progress.advance((to - from) as u64);
+        progress.advance(work(i));
         Ok(())
     })?;
     let mut damaged = damaged.into_inner().unwrap_or_else(|e| e.into_inner());
