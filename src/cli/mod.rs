@@ -62,7 +62,7 @@ enum Command {
     Backup(backup::Args),
     /// List snapshots.
     Snapshots(snapshots::Args),
-    /// Restore a snapshot to a file or block device.
+    /// Restore a snapshot to a file (raw or qcow2), a block device or an NBD export.
     Restore(restore::Args),
     /// Check the vault's structure, or with --read-data every stored byte.
     Verify(verify::Args),

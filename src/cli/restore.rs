@@ -1,4 +1,5 @@
-//! `blockvault restore DISK[@ID|@latest] TARGET`
+//! `blockvault restore DISK[@ID|@latest] TARGET`: to a file (raw or qcow2), a block device or
+//! an NBD export; `--skip-damaged` for a best-effort restore that lists what it could not.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,7 +7,8 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use blockvault::engine::require_disk;
-use blockvault::restore::{self, RestoreOptions};
+use blockvault::restore::target::Format;
+use blockvault::restore::{self, Damage, RestoreOptions};
 use blockvault::util::human_bytes;
 
 use super::output::{mb_per_s, mib_per_s, seconds};
@@ -17,11 +19,21 @@ use super::Context;
 pub struct Args {
     /// DISK, DISK@latest or DISK@SNAPSHOT-ID (a unique prefix is enough).
     snapshot: String,
-    /// File or block device to write.
+    /// File, block device, or NBD export (nbd://HOST:PORT/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH) to write.
     target: PathBuf,
-    /// Overwrite a non-empty target file.
+    /// Overwrite a non-empty target file, or a device or NBD export that holds data (never a
+    /// device that is mounted or in use).
     #[arg(long)]
     force: bool,
+    /// What to write into a file: raw, or a qcow2 image (default: qcow2 for a TARGET named
+    /// *.qcow2, else raw).
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+    /// Best effort: write data that fails its checks (damaged or missing packs) as zeros,
+    /// list those ranges, go on, keep the target, and exit 3.
+    #[arg(long)]
+    skip_damaged: bool,
     /// Return without waiting for the data to reach stable storage.
     #[arg(long)]
     no_sync: bool,
@@ -33,6 +45,22 @@ pub struct Args {
     /// mode 0600 (the folder is created 0700).
     #[arg(long, value_name = "DIR")]
     with_escrow: Option<PathBuf>,
+}
+
+/// `--format` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum FormatArg {
+    Raw,
+    Qcow2,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Format {
+        match f {
+            FormatArg::Raw => Format::Raw,
+            FormatArg::Qcow2 => Format::Qcow2,
+        }
+    }
 }
 
 /// Write each escrowed secret of `disk` to `dir/<name>`; returns the names written.
@@ -100,6 +128,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             force: a.force,
             sync: !a.no_sync,
             range: a.range.clone(),
+            format: a.format.map(Format::from),
+            skip_damaged: a.skip_damaged,
+            ..RestoreOptions::default()
         },
         &bar,
     )?;
@@ -122,6 +153,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "seconds": secs,
         "mb_per_s": mb_per_s(r.bytes_written, secs),
         "verified_digest": true,
+        "target_kind": r.target_kind,
+        "format": r.format,
+        "damaged": r.damaged,
     });
     ctx.out.result(doc, || {
         format!(
@@ -140,9 +174,37 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
                 escrowed.join(", ")
             ),
             None => String::new(),
-        }
+        } + &damage_lines(&r.damaged)
     });
-    Ok(ExitCode::SUCCESS)
+    if r.damaged.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(super::INTEGRITY))
+    }
+}
+
+/// The damaged ranges a `--skip-damaged` restore wrote as zeros, one line each.
+fn damage_lines(damaged: &[Damage]) -> String {
+    if damaged.is_empty() {
+        return String::new();
+    }
+    let bytes: u64 = damaged.iter().map(|d| d.length).sum();
+    let mut out = format!(
+        "DAMAGED: {} range(s), {} written as zeros (the rest is exact):\n",
+        damaged.len(),
+        human_bytes(bytes)
+    );
+    for d in damaged {
+        out += &format!(
+            "  disk offset {}, {} bytes: pack {}, extent {}: {}\n",
+            d.offset,
+            d.length,
+            d.pack,
+            &d.extent[..d.extent.len().min(16)],
+            d.error
+        );
+    }
+    out
 }
 
 fn parse_range(s: &str) -> Result<std::ops::Range<u64>, String> {

@@ -30,6 +30,7 @@ pub mod handshake;
 pub mod proto;
 pub mod stream;
 pub mod url;
+pub mod writer;
 
 use super::{whole_range, Access, BitmapInfo, ReadAt, Source, SourceKind};
 use crate::changes::ChangeList;
