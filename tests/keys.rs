@@ -264,7 +264,8 @@ fn platform_rotation_keeps_every_snapshot_restorable_without_touching_data() {
         records_after.keys().cloned().collect::<Vec<_>>(),
         records_before
             .keys()
-            .map(|k| next_revision(k))
+            .map(String::as_str)
+            .map(next_revision)
             .collect::<Vec<_>>()
     );
     assert!(records_after
