@@ -187,6 +187,8 @@ impl Job {
             // Registering a disk takes moments: wait for another registration on this host
             // rather than fail (across hosts the head's compare-and-swap refuses a duplicate).
             let _lock = vault.store().lock("new-disk", Duration::from_secs(60))?;
+            // Read the head anew: the registration waited for may have listed the disk.
+            vault.head()?;
             match vault.find_disk(&opts.disk)? {
                 Some(d) => (d, false),
                 None => (vault.create_disk(&opts.disk)?, true),
@@ -196,6 +198,8 @@ impl Job {
             .store()
             .lock(&disk.id_hex(), Duration::ZERO)
             .map_err(|e| e.within(format!("disk {}", opts.disk)))?;
+        // A backup of this disk that held the lock until now may have committed meanwhile.
+        vault.head()?;
         let latest = vault.latest_snapshot(&disk)?;
         let mut parent = match &opts.parent {
             ParentSpec::None => None,

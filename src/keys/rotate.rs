@@ -95,26 +95,24 @@ fn rotate_kek(
     opts: &RotateOptions,
 ) -> Result<RotateReport> {
     let vault = Vault::open_with(url, keystore, access)?;
+    check_before_writing(&vault, opts)?;
     let guard = super::begin(&vault, KeyOp::Rotate)?;
     let head = vault.head()?;
     let vault_id = vault.config().vault_id;
     let mut report = RotateReport::default();
     // The new primary KEK, stored before anything is wrapped by it.
     let target = match (head.primary.kind, &opts.new_cmk) {
-        (KekKind::Platform, Some(_)) => {
-            return Err(Error::usage("this vault uses the platform key: a customer-managed key can only be chosen at init"))
-        }
+        (KekKind::Platform, Some(_)) => return Err(Error::usage(NO_CMK_FOR_PLATFORM)),
         (KekKind::Platform, None) => {
-            let (version, resumed) = new_platform_version(keystore, &vault_id, head.primary.version)?;
+            let (version, resumed) =
+                new_platform_version(keystore, &vault_id, head.primary.version)?;
             report.resumed = resumed;
             KekId {
                 kind: KekKind::Platform,
                 version,
             }
         }
-        (_, None) => {
-            return Err(Error::usage("this vault uses a customer-managed key: give the new one with --new-cmk (the current private key must be reachable too)"))
-        }
+        (_, None) => return Err(Error::usage(NEW_CMK_NEEDED)),
         (kind, Some(key)) => {
             if key.id().kind != kind {
                 return Err(Error::usage(format!(
@@ -552,4 +550,24 @@ fn rotate_auth(url: &str, keystore: &Keystore, access: &KeyAccess) -> Result<Rot
         auth: Some((version, fingerprint)),
         ..RotateReport::default()
     })
+}
+
+const NO_CMK_FOR_PLATFORM: &str =
+    "this vault uses the platform key: a customer-managed key can only be chosen at init";
+const NEW_CMK_NEEDED: &str = "this vault uses a customer-managed key: give the new one with --new-cmk (the current private key must be reachable too)";
+
+/// Refuse a KEK rotation that cannot succeed before anything is written (not even the head's
+/// key-operation record or the new key): a new customer key for a platform vault or none for a
+/// customer-key vault, or a current KEK that cannot unwrap (revoked, or the private key given
+/// is not the vault's). The same checks run again under the lock.
+fn check_before_writing(vault: &Vault, opts: &RotateOptions) -> Result<()> {
+    let kind = vault.cached_head().primary.kind;
+    if (kind == KekKind::Platform) != opts.new_cmk.is_none() {
+        return Err(Error::usage(if kind == KekKind::Platform {
+            NO_CMK_FOR_PLATFORM
+        } else {
+            NEW_CMK_NEEDED
+        }));
+    }
+    vault.check_keys()
 }

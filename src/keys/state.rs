@@ -31,6 +31,7 @@ pub fn set_revoked(
             vault.keyring().primary_kind()
         )));
     }
+    check_made(&vault, version)?;
     let guard = super::begin(&vault, KeyOp::Revoke)?;
     let state = if revoked {
         KekState::Revoked
@@ -68,4 +69,21 @@ pub fn set_revoked(
         Ok(())
     })?;
     Ok(changed)
+}
+
+/// Refuse a version above the head's current one that the keystore does not hold either (a
+/// killed rotation's new version would be there): it was never made, so the number is mistyped
+/// rather than the key missing.
+fn check_made(vault: &Vault, version: Option<u32>) -> Result<()> {
+    let current = vault.cached_head().primary.version;
+    let Some(n) = version.filter(|n| *n > current) else {
+        return Ok(());
+    };
+    let keys = vault.keystore().load(&vault.config().vault_id)?;
+    if keys.kek.versions().iter().any(|v| v.version == n) {
+        return Ok(());
+    }
+    Err(Error::usage(format!(
+        "no platform KEK version {n}: the vault's current one is version {current}"
+    )))
 }

@@ -64,10 +64,20 @@ pub(crate) fn check_fresh(state: &LocalState, read: &ReadHead) -> Result<()> {
     Ok(())
 }
 
-/// Record `read` as the newest head seen (never moving backwards).
+/// Record `read` as the newest head seen (never moving backwards). `read` was checked against
+/// what this host had seen before it was read; another process of this host may have read or
+/// written a newer head since (one more swap is all it takes), which is no rollback: the newer
+/// one is kept.
 pub(crate) fn remember(keystore: &Keystore, vault_id: &[u8; 16], read: &ReadHead) -> Result<()> {
     keystore.update_state(vault_id, |state| {
-        // Checked again under the lock: another process may have seen a newer head meanwhile.
+        if state
+            .head
+            .as_ref()
+            .is_some_and(|s| s.epoch > read.head.epoch)
+        {
+            return Ok(());
+        }
+        // Checked again under the lock: the same epoch must be the same head.
         check_fresh(state, read)?;
         if state
             .head
@@ -95,6 +105,9 @@ pub(crate) fn read_head(
     keystore: &Keystore,
     location: &str,
 ) -> Result<ReadHead> {
+    // What this host had seen *before* the read: a head another process of this host swaps in
+    // between the read and the check must not make the one read look rolled back.
+    let seen = keystore.state(vault_id)?;
     let (bytes, tag) = raw.get_tagged(head::KEY).map_err(|e| match e.kind() {
         ErrorKind::NotFound => Error::integrity(format!(
             "vault {location} has a config but no head: the head was deleted (every snapshot and key record is bound to it; restore it from a copy of the vault)"
@@ -107,7 +120,7 @@ pub(crate) fn read_head(
         head,
         tag,
     };
-    check_fresh(&keystore.state(vault_id)?, &read)?;
+    check_fresh(&seen, &read)?;
     remember(keystore, vault_id, &read)?;
     Ok(read)
 }
