@@ -10,7 +10,7 @@ use blockvault::crypto::Keystore;
 use blockvault::vault::head::{self, Head};
 
 use super::tools::run_tool;
-use super::{assert_file_eq, random_data, write_file, Bv};
+use super::{assert_file_eq, random_data, write_file, Bv, Run};
 
 /// A path as an argument.
 pub fn s(p: &Path) -> &str {
@@ -51,9 +51,11 @@ pub fn copy_tree(from: &Path, to: &Path) {
     run_tool(Command::new("cp").arg("-a").arg(from).arg(to), "");
 }
 
-/// Replace the folder `dir` by the copy `saved` (taken by [`copy_tree`]).
+/// Replace the folder `dir` (if there is one) by the copy `saved` (taken by [`copy_tree`]).
 pub fn put_back(saved: &Path, dir: &Path) {
-    std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
+    }
     copy_tree(saved, dir);
 }
 
@@ -93,6 +95,13 @@ pub fn only(bv: &Bv, prefix: &str) -> PathBuf {
     let found = bv.objects(prefix);
     assert_eq!(found.len(), 1, "one object under {prefix}: {found:?}");
     found.into_iter().next().expect("one")
+}
+
+/// Run the binary with `bv`'s vault and keystore and `args` as they are: unlike [`Bv::run`], a
+/// `backup` into a folder without a vault is not preceded by `init`.
+pub fn run_as_is(bv: &Bv, args: &[&str]) -> Run {
+    let out = bv.command().args(args).output().expect("run the binary");
+    Run::from_output(format!("blockvault {}", args.join(" ")), out)
 }
 
 /// Run `bv` with `args` (strings) and assert it fails with `code` naming every one of
