@@ -67,7 +67,18 @@ pub(crate) fn check_fresh(state: &LocalState, read: &ReadHead) -> Result<()> {
 /// Record `read` as the newest head seen (never moving backwards).
 pub(crate) fn remember(keystore: &Keystore, vault_id: &[u8; 16], read: &ReadHead) -> Result<()> {
     keystore.update_state(vault_id, |state| {
-        // Checked again under the lock: another process may have seen a newer head meanwhile.
+        // Another process of this host may have recorded a newer head since `read` was checked
+        // (or written by our own compare-and-swap): keep the newer one. Failing here would turn
+        // a committed head swap into an error after the fact (a backup then removed the packs
+        // of the snapshot it had just committed). A fork (same epoch, another digest) is still
+        // refused below.
+        if state
+            .head
+            .as_ref()
+            .is_some_and(|s| s.epoch > read.head.epoch)
+        {
+            return Ok(());
+        }
         check_fresh(state, read)?;
         if state
             .head
@@ -95,22 +106,35 @@ pub(crate) fn read_head(
     keystore: &Keystore,
     location: &str,
 ) -> Result<ReadHead> {
-    let (bytes, tag) = raw.get_tagged(head::KEY).map_err(|e| match e.kind() {
-        ErrorKind::NotFound => Error::integrity(format!(
-            "vault {location} has a config but no head: the head was deleted (every snapshot and key record is bound to it; restore it from a copy of the vault)"
-        )),
-        _ => e,
-    })?;
-    let head = authenticate(&bytes, vault_id, keys)?;
-    let read = ReadHead {
-        digest: head::digest(&bytes),
-        head,
-        tag,
-    };
-    check_fresh(&keystore.state(vault_id)?, &read)?;
-    remember(keystore, vault_id, &read)?;
-    Ok(read)
+    // Another process of this host may move the head on, and record it, between our read and
+    // the check: a head that fails the check is read again (a rollback is still there).
+    let mut retries = 0;
+    loop {
+        let (bytes, tag) = raw.get_tagged(head::KEY).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => Error::integrity(format!(
+                "vault {location} has a config but no head: the head was deleted (every snapshot and key record is bound to it; restore it from a copy of the vault)"
+            )),
+            _ => e,
+        })?;
+        let head = authenticate(&bytes, vault_id, keys)?;
+        let read = ReadHead {
+            digest: head::digest(&bytes),
+            head,
+            tag,
+        };
+        match check_fresh(&keystore.state(vault_id)?, &read) {
+            Ok(()) => {
+                remember(keystore, vault_id, &read)?;
+                return Ok(read);
+            }
+            Err(_) if retries < FRESHNESS_RETRIES => retries += 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
+
+/// How often a head that looks older than the newest seen is read again before it is refused.
+const FRESHNESS_RETRIES: u32 = 3;
 
 impl Vault {
     /// Read, authenticate and freshness-check the head.
