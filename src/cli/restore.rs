@@ -63,6 +63,20 @@ impl From<FormatArg> for Format {
     }
 }
 
+/// The file an escrowed key named `name` is written to. Names are printable text without `/`
+/// or NUL; keep the file name plain anyway.
+fn file_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.@".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// Write each escrowed secret of `disk` to `dir/<name>`; returns the names written.
 fn write_escrows(
     vault: &blockvault::vault::Vault,
@@ -72,33 +86,36 @@ fn write_escrows(
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let io = |what: String| move |e| blockvault::Error::io(what, e);
+    let escrows = vault.escrows(disk)?;
+    for (i, e) in escrows.iter().enumerate() {
+        let file = file_name(&e.name);
+        if let Some(other) = escrows[..i].iter().find(|o| file_name(&o.name) == file) {
+            anyhow::bail!("escrowed keys {:?} and {:?} would both be written to {}: nothing was written; rename one (`key escrow --name`)", other.name, e.name, dir.join(&file).display());
+        }
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(io(format!("creating {}", dir.display())))?;
     let mut names = Vec::new();
-    for e in vault.escrows(disk)? {
-        // Names are printable text without `/` or NUL; keep the file name plain anyway.
-        let file: String = e
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_alphanumeric() || "-_.@".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = dir.join(&file);
+    for e in escrows {
+        let path = dir.join(file_name(&e.name));
+        // O_NOFOLLOW: a link planted in DIR must not send the secret elsewhere.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .map_err(io(format!("creating {}", path.display())))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => blockvault::Error::new(
+                    blockvault::ErrorKind::Usage,
+                    format!("{} is a symbolic link: an escrowed key is never written through one (remove it or choose another folder)", path.display()),
+                ),
+                _ => io(format!("creating {}", path.display()))(e),
+            })?;
         // An existing file keeps its mode on open: make it private before writing.
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .and_then(|_| f.write_all(&e.secret))

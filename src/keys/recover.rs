@@ -156,6 +156,9 @@ fn replace_cmk(
             head.primary.kind
         )));
     }
+    // Every key record the head lists is checked before anything is written: a recovery
+    // refused over a replaced record leaves neither a new descriptor nor a head swap behind.
+    vault.key_records()?;
     let guard = super::begin(&vault, KeyOp::Recover)?;
     let descriptors = vault.kek_descriptors()?;
     let from = recovery_ring(
@@ -330,19 +333,23 @@ fn take_over(
             keys.destroyed.insert((KeyClass::Kek, v));
         }
     }
-    let keystore_file = keystore.create(&vault_id, &keys)?;
+    // Everything the head binds (descriptors as the vault is assembled, then every key record)
+    // is checked before the keystore file is written: a take-over refused over a replaced
+    // object leaves no keystore behind, so the next attempt starts from the same place.
+    let encoded = keys.encode(&vault_id);
     let location = location::canonical(url)?;
-    crate::vault::pin(keystore, &location, &vault_id)?;
-    // Everything the head binds is checked as the vault is assembled and its disks loaded.
     let vault = Vault::assemble(
         raw.clone(),
         config.clone(),
-        keystore.load(&vault_id)?,
+        keys,
         keystore,
-        location,
+        location.clone(),
         head.clone(),
         access,
     )?;
+    vault.key_records()?;
+    let keystore_file = keystore.create(&vault_id, &VaultKeys::decode(&encoded, &vault_id)?)?;
+    crate::vault::pin(keystore, &location, &vault_id)?;
     let guard = super::begin(&vault, KeyOp::Recover)?;
     let descriptors = vault.kek_descriptors()?;
     let recovery = recovery_descriptor(&head, &descriptors)?;

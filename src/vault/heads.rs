@@ -70,6 +70,11 @@ pub(crate) fn check_fresh(state: &LocalState, read: &ReadHead) -> Result<()> {
 /// one is kept.
 pub(crate) fn remember(keystore: &Keystore, vault_id: &[u8; 16], read: &ReadHead) -> Result<()> {
     keystore.update_state(vault_id, |state| {
+        // Another process of this host may have recorded a newer head since `read` was checked
+        // (or written by our own compare-and-swap): keep the newer one. Failing here would turn
+        // a committed head swap into an error after the fact (a backup then removed the packs
+        // of the snapshot it had just committed). A fork (same epoch, another digest) is still
+        // refused below.
         if state
             .head
             .as_ref()

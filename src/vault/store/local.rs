@@ -41,7 +41,34 @@ impl LocalStore {
         {
             return Err(Error::usage(format!("invalid object key {key:?}")));
         }
+        self.refuse_links(key)?;
         Ok(self.root.join(key))
+    }
+
+    /// Refuse a symbolic link at any component of `key` below the root: whoever holds the
+    /// vault folder could plant one (a `snapshots/<disk>` link to another folder made a backup
+    /// write its manifest outside the vault). The root itself may be a link the user chose.
+    /// This checks before each operation; a link planted between the check and the open is
+    /// not seen (openat2's RESOLVE_NO_SYMLINKS would close that window).
+    fn refuse_links(&self, key: &str) -> Result<()> {
+        let mut at = self.root.clone();
+        for part in key.split('/') {
+            at.push(part);
+            match fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(Error::integrity(format!(
+                        "{} in vault {} is a symbolic link: blockvault follows no links inside a vault (one planted there could send reads and writes elsewhere)",
+                        at.strip_prefix(&self.root).unwrap_or(&at).display(),
+                        self.root.display()
+                    )))
+                }
+                Ok(_) => {}
+                // Nothing further down exists either.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(Error::io(format!("stat {}", at.display()), e)),
+            }
+        }
+        Ok(())
     }
 
     /// Call `visit(key, entry)` for every file under `dir` (whose key is `rel`), hidden
@@ -322,9 +349,9 @@ impl Store for LocalStore {
     }
 
     fn lock(&self, name: &str, wait: Duration) -> Result<Box<dyn Send>> {
-        let dir = self.root.join("locks");
-        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(name);
+        let path = self.path(&format!("locks/{name}"))?;
+        let dir = path.parent().expect("under locks/");
+        fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
         let f = File::options()
             .create(true)
             .truncate(false)
