@@ -62,21 +62,13 @@ fn assert_same(
     );
 }
 
-/// The `wrapped_by` list of every key record in `key show --json`.
-fn wraps(show: &Value) -> Vec<Vec<String>> {
-    show["dek_generations"]
-        .as_array()
-        .expect("dek_generations")
-        .iter()
-        .map(|g| {
-            g["wrapped_by"]
-                .as_array()
-                .expect("wrapped_by")
-                .iter()
-                .map(|w| w.as_str().expect("id").to_string())
-                .collect()
-        })
-        .collect()
+/// Every key record of `key show --json` is wrapped by exactly `ids`, and there are `n`.
+fn assert_wrapped_by(show: &Value, ids: &[&str], n: usize) {
+    let records = show["dek_generations"].as_array().expect("dek_generations");
+    assert_eq!(records.len(), n, "{show}");
+    for r in records {
+        assert_eq!(r["wrapped_by"], serde_json::json!(ids), "{show}");
+    }
 }
 
 /// The KEKs of `key show --json`: (id, state).
@@ -258,11 +250,7 @@ fn platform_fixture_upgrades() {
         .map(|(a, b)| (a.to_string(), b.to_string())),
         "{show}"
     );
-    assert_eq!(
-        wraps(&show),
-        vec![vec!["platform-v3".to_string(), "recovery-v1".to_string()]; 4],
-        "{show}"
-    );
+    assert_wrapped_by(&show, &["platform-v3", "recovery-v1"], 4);
     checks_after_upgrade(&bv, f, &snaps);
 
     // Format 2's key lifecycle from here: the revoked version destroyed, then a rotation,
@@ -305,11 +293,7 @@ fn cmk_fixture_upgrades() {
     // rotation left under it still unwrap).
     let ids: Vec<String> = keks(&show).into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, ["cmk-rsa-v1", "cmk-rsa-v2", "recovery-v1"], "{show}");
-    assert_eq!(
-        wraps(&show),
-        vec![vec!["cmk-rsa-v2".to_string(), "recovery-v1".to_string()]],
-        "{show}"
-    );
+    assert_wrapped_by(&show, &["cmk-rsa-v2", "recovery-v1"], 1);
     checks_after_upgrade(&bv, f, &snaps);
 
     // The keystore is lost: the recovery key and the fingerprint take the vault over.
@@ -409,7 +393,7 @@ fn tampered_v1_objects_refused() {
             .expect("b.pub")
             .encode()
     };
-    let cases: Vec<(&str, Box<dyn Fn(&Bv) -> String>)> = vec![
+    let cases: Vec<(&str, Box<Tamper<'_>>)> = vec![
         (
             "a key record with a flipped byte",
             Box::new(|bv: &Bv| {
@@ -463,6 +447,9 @@ fn tampered_v1_objects_refused() {
         "kek/cmk-rsa-00000002",
     );
 }
+
+/// A change to a fixture copy that `upgrade` must refuse; returns the object it must name.
+type Tamper<'a> = dyn Fn(&Bv) -> String + 'a;
 
 /// `upgrade` of `bv` fails with exit 3 naming `object`, and changes nothing.
 fn refused(bv: &Bv, what: &str, object: &str) {
