@@ -90,11 +90,7 @@ pub fn recover(
     };
     if keystore.has(&config.vault_id) {
         if opts.take_over {
-            return Err(Error::usage(format!(
-                "the keystore holds the keys of vault {} ({}): there is nothing to take over",
-                hex::encode(config.vault_id),
-                keystore.path_for(&config.vault_id).display()
-            )));
+            return resume_take_over(url, raw, &config_bytes, config, keystore, &access, opts);
         }
         return replace_cmk(url, keystore, &access, opts);
     }
@@ -269,10 +265,7 @@ fn take_over(
         )));
     }
     if head.primary.kind == KekKind::Platform && !head.revoked.is_empty() && !opts.lift_revocation {
-        return Err(Error::new(
-            ErrorKind::Key,
-            format!("the vault records platform KEK version(s) {:?} as revoked: recovery will not route around a revocation; if you mean to lift it, add --lift-revocation", head.revoked),
-        ));
+        return Err(revoked(&head));
     }
     let infra = match head.infra_version {
         0 => None,
@@ -337,19 +330,134 @@ fn take_over(
     // is checked before the keystore file is written: a take-over refused over a replaced
     // object leaves no keystore behind, so the next attempt starts from the same place.
     let encoded = keys.encode(&vault_id);
-    let location = location::canonical(url)?;
-    let vault = Vault::assemble(
+    Vault::assemble(
         raw.clone(),
         config.clone(),
         keys,
         keystore,
-        location.clone(),
+        location::canonical(url)?,
+        head.clone(),
+        access,
+    )?
+    .key_records()?;
+    keystore.create(&vault_id, &VaultKeys::decode(&encoded, &vault_id)?)?;
+    let taking = TakingOver {
+        head,
+        old_auth,
+        new_auth,
+        new_platform,
+        replaced: opened.fingerprint,
+    };
+    finish_take_over(url, raw, config, keystore, access, opts, taking)
+}
+
+/// A take-over under way: the keystore it made holds the vault's auth key (`old_auth`) and
+/// its own (`new_auth`), and, for a platform-key vault, the new platform KEK version.
+struct TakingOver {
+    /// The head as read (authenticated) before anything was written.
+    head: Head,
+    old_auth: u32,
+    new_auth: u32,
+    new_platform: u32,
+    /// The auth fingerprint of the keystore replaced.
+    replaced: String,
+}
+
+/// `--take-over` where the keystore already holds the vault's keys: a take-over killed after
+/// it made the keystore (it holds two auth versions until it ends, the older one the vault's,
+/// checked against the fingerprint when the keystore was made) is finished with that
+/// keystore: the recovery anchor may already be under the new auth key, so starting over
+/// could not work. Anything else has nothing to take over.
+fn resume_take_over(
+    url: &str,
+    raw: Arc<dyn Store>,
+    config_bytes: &[u8],
+    config: Config,
+    keystore: &Keystore,
+    access: &KeyAccess,
+    opts: &RecoverOptions,
+) -> Result<Recovered> {
+    let vault_id = config.vault_id;
+    let keys = keystore.load(&vault_id)?;
+    let nothing = || {
+        Error::usage(format!(
+            "the keystore holds the keys of vault {} ({}): there is nothing to take over",
+            hex::encode(vault_id),
+            keystore.path_for(&vault_id).display()
+        ))
+    };
+    let (Some(old), Some(new)) = (
+        keys.auth.iter().min_by_key(|a| a.version),
+        keys.auth.iter().max_by_key(|a| a.version),
+    ) else {
+        return Err(nothing());
+    };
+    let replaced = anchor::fingerprint(&old.key);
+    let same_anchor = opts
+        .anchor_fingerprint
+        .as_deref()
+        .is_none_or(|fp| anchor::fingerprint_matches(&old.key, fp));
+    if keys.auth.len() != 2 || !same_anchor {
+        return Err(nothing());
+    }
+    tracing::warn!(keystore = %keystore.path_for(&vault_id).display(), "finishing a take-over that did not finish");
+    Config::verify(config_bytes, keys.auth(config.auth_version)?)?;
+    let head = heads::authenticate(&raw.get(head::KEY)?, &vault_id, &keys)?;
+    if head.primary.kind == KekKind::Platform && !head.revoked.is_empty() && !opts.lift_revocation {
+        return Err(revoked(&head));
+    }
+    let new_platform = keys
+        .kek
+        .versions()
+        .iter()
+        .map(|v| v.version)
+        .max()
+        .unwrap_or(head.primary.version + 1);
+    let taking = TakingOver {
+        head,
+        old_auth: old.version,
+        new_auth: new.version,
+        new_platform,
+        replaced,
+    };
+    finish_take_over(url, raw, config, keystore, access, opts, taking)
+}
+
+/// Everything a take-over does once its keystore exists: the vault opened with it, every
+/// record rewrapped from the recovery key to the new KEK and the recovery key, the anchor and
+/// the config under the new auth key, then the head; last, the vault's old auth key dropped
+/// from the keystore. Run again after a kill, it does the same (each step is idempotent).
+fn finish_take_over(
+    url: &str,
+    raw: Arc<dyn Store>,
+    config: Config,
+    keystore: &Keystore,
+    access: &KeyAccess,
+    opts: &RecoverOptions,
+    taking: TakingOver,
+) -> Result<Recovered> {
+    let TakingOver {
+        head,
+        old_auth,
+        new_auth,
+        new_platform,
+        replaced,
+    } = taking;
+    let vault_id = config.vault_id;
+    let keystore_file = keystore.path_for(&vault_id);
+    let location = location::canonical(url)?;
+    crate::vault::pin(keystore, &location, &vault_id)?;
+    // Everything the head binds is checked as the vault is assembled and its disks loaded.
+    let vault = Vault::assemble(
+        raw.clone(),
+        config.clone(),
+        keystore.load(&vault_id)?,
+        keystore,
+        location,
         head.clone(),
         access,
     )?;
     vault.key_records()?;
-    let keystore_file = keystore.create(&vault_id, &VaultKeys::decode(&encoded, &vault_id)?)?;
-    crate::vault::pin(keystore, &location, &vault_id)?;
     let guard = super::begin(&vault, KeyOp::Recover)?;
     let descriptors = vault.kek_descriptors()?;
     let recovery = recovery_descriptor(&head, &descriptors)?;
@@ -416,8 +524,16 @@ fn take_over(
     Ok(Recovered {
         records_rewrapped: switched.records_rewrapped,
         keystore_file: keystore_file.display().to_string(),
-        replaced_keystore: Some(opened.fingerprint),
+        replaced_keystore: Some(replaced),
         auth_fingerprint: anchor::fingerprint(new_auth_key),
         kek: target,
     })
+}
+
+/// Recovery refused while the head records revoked platform versions.
+fn revoked(head: &Head) -> Error {
+    Error::new(
+        ErrorKind::Key,
+        format!("the vault records platform KEK version(s) {:?} as revoked: recovery will not route around a revocation; if you mean to lift it, add --lift-revocation", head.revoked),
+    )
 }

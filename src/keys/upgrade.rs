@@ -2,17 +2,23 @@
 //!
 //! Version 1 authenticated its key records and descriptors each with a MAC under the keystore's
 //! one auth key and had no head. The upgrade checks every version 1 object with those MACs (and
-//! decrypts every manifest and escrow record), writes each as its version 2 object, builds the
-//! head that binds them all, and only then switches the config to version 2:
+//! decrypts every manifest and escrow record) before it writes anything, then writes the
+//! version 2 objects beside them (new names), builds the head that binds them all, and only then
+//! switches the config to version 2:
 //! ```text
-//!  v1 objects verified ─▶ keystore file → format 3 ─▶ v2 records, descriptors, escrow records,
-//!  recovery anchor ─▶ head ─▶ config v2 (the switch) ─▶ v1 leftovers deleted
+//!  every v1 object verified ─▶ keystore file → format 3 ─▶ v2 records, escrow records,
+//!  recovery anchor ─▶ head ─▶ config v2 (the switch) ─▶ descriptors without their MAC
+//!  ─▶ v1 leftovers deleted
 //! ```
-//! Killed before the switch, the vault is still version 1 (the new objects are not trusted by
-//! anything) and the same command starts again; killed after it, the same command deletes the
-//! leftovers. Nothing is adopted unchecked: an object that fails its version 1 check stops the
-//! upgrade, naming it; a damaged manifest (already lost in version 1, where listings skipped
-//! it) is left out and reported.
+//! Killed before the switch, the vault is still version 1 (its version 1 objects are untouched
+//! and the new ones are trusted by nothing) and the same command starts again; killed after it,
+//! the same command finishes the descriptors and deletes the leftovers. Descriptors keep their
+//! name in version 2, so they are rewritten only after the switch, each checked against the
+//! digest the (authenticated) head lists: before it, a descriptor without a valid version 1 MAC
+//! is never taken for one an earlier run rewrote (storage could plant its own key that way).
+//! Nothing is adopted unchecked: an object that fails its version 1 check stops the upgrade,
+//! naming it, with nothing written; a damaged manifest (already lost in version 1, where
+//! listings skipped it) is left out and reported.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,7 +37,7 @@ use crate::vault::head::{
 use crate::vault::keyrecord::{self, KeyRecord};
 use crate::vault::manifest::{Manifest, SnapshotId};
 use crate::vault::store::{self, Store};
-use crate::vault::{anchor, infra_recovery, kekdesc, location, parse_id};
+use crate::vault::{anchor, heads, infra_recovery, kekdesc, location, parse_id};
 
 /// Version 1 counted seals short by up to the overlay factor (each overlay piece is a seal,
 /// counted once per slot): its counts are scaled by this on the way into the head.
@@ -72,14 +78,13 @@ pub fn upgrade(url: &str, keystore: &Keystore, access: &KeyAccess) -> Result<Upg
         auth_fingerprint: anchor::fingerprint(&keys.newest_auth().key),
         ..Default::default()
     };
-    if config.format_version >= config::FORMAT_VERSION {
-        report.already = true;
-        let vault = crate::vault::Vault::open_with(url, keystore, access)?;
-        report.removed = remove_v1_leftovers(&**vault.store())?;
-        return Ok(report);
-    }
     let auth = keys.auth(config.auth_version)?;
     Config::verify(&config_bytes, auth).map_err(|e| e.within(format!("vault {url}")))?;
+    if config.format_version >= config::FORMAT_VERSION {
+        report.already = true;
+        report.removed = finish(url, &*raw, &config, keystore, access)?;
+        return Ok(report);
+    }
     let vault_id = config.vault_id;
     let infra_version = u32::from(config.infrastructure != config::INFRA_NONE);
     let mut head = Head::new(
@@ -92,17 +97,18 @@ pub fn upgrade(url: &str, keystore: &Keystore, access: &KeyAccess) -> Result<Upg
         infra_version,
     );
     let layered = crate::vault::layered(raw.clone(), &head, &keys)?;
+    // What the upgrade writes through the layered store, once everything is checked.
+    let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
 
-    // Descriptors: MAC checked, rewritten without it.
+    // Descriptors: MAC checked; the head lists the digest of each without it (rewritten so
+    // after the switch).
     let mac = kekdesc::mac_key(auth);
     let mut descriptors = Vec::new();
     for key in layered.list(kekdesc::PREFIX)? {
         let desc = kekdesc::decode_v1(&layered.get(&key)?, &key, &mac)?;
-        let bytes = kekdesc::encode(&desc);
-        layered.put(&key, &bytes)?;
         head.descriptors.push(DescriptorEntry {
             id: desc.id(),
-            digest: head::digest(&bytes),
+            digest: head::digest(&kekdesc::encode(&desc)),
         });
         descriptors.push(desc);
     }
@@ -174,7 +180,6 @@ pub fn upgrade(url: &str, keystore: &Keystore, access: &KeyAccess) -> Result<Upg
         }
         let dek = rec.unwrap(&keyring)?;
         let bytes = rec.encode();
-        layered.put(&keyrecord::object_key(&disk_id, rec.generation, 1), &bytes)?;
         let entry = head.disks.entry(disk_id).or_default();
         entry.generations.insert(
             rec.generation,
@@ -184,6 +189,7 @@ pub fn upgrade(url: &str, keystore: &Keystore, access: &KeyAccess) -> Result<Upg
                 seals: 0,
             },
         );
+        writes.push((keyrecord::object_key(&disk_id, rec.generation, 1), bytes));
         deks.entry(disk_id)
             .or_default()
             .insert(rec.generation, GenerationKeys::derive(&dek));
@@ -203,38 +209,82 @@ pub fn upgrade(url: &str, keystore: &Keystore, access: &KeyAccess) -> Result<Upg
         };
         let gens = &deks[disk_id];
         carry_snapshots(&*layered, &binding, gens, entry, &mut report)?;
-        report.escrows += carry_escrows(&*layered, &binding, gens, entry)?;
+        report.escrows += carry_escrows(&*layered, &binding, gens, entry, &mut writes)?;
     }
     report.disks = head.disks.len();
 
     // The recovery anchor (from the recovery key's public half), and the record of the
     // infrastructure key for recovery as it is.
-    if let Some(recovery) = descriptors
+    let recovery_anchor = match descriptors
         .iter()
         .find(|d| d.id().kind == KekKind::Recovery)
     {
-        let bytes = anchor::encode(&vault_id, 1, auth, recovery)?;
-        raw.put(anchor::KEY, &bytes)?;
-        head.recovery_anchor = Some(head::digest(&bytes));
-    }
+        Some(recovery) => {
+            let bytes = anchor::encode(&vault_id, 1, auth, recovery)?;
+            head.recovery_anchor = Some(head::digest(&bytes));
+            Some(bytes)
+        }
+        None => None,
+    };
     match raw.get(infra_recovery::KEY) {
         Ok(bytes) => head.infra_recovery = Some(head::digest(&bytes)),
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    // The keystore file in format 3, then the head, then the switch.
+
+    // Everything checked: the keystore file in format 3, the new objects, the head, the switch.
     keystore.update(&vault_id, |_| Ok(()))?;
+    for (key, bytes) in &writes {
+        layered.put(key, bytes)?;
+    }
+    if let Some(bytes) = &recovery_anchor {
+        raw.put(anchor::KEY, bytes)?;
+    }
     raw.put(head::KEY, &head.encode(auth))?;
     let v2 = Config {
         format_version: config::FORMAT_VERSION,
         ..config
     };
     raw.put(config::KEY, &v2.encode(auth))?;
-    let location = location::canonical(url)?;
-    crate::vault::pin(keystore, &location, &vault_id)?;
-    let vault = crate::vault::Vault::open_with(url, keystore, access)?;
-    report.removed = remove_v1_leftovers(&**vault.store())?;
+    report.removed = finish(url, &*raw, &v2, keystore, access)?;
     Ok(report)
+}
+
+/// After the switch: pin the URL, rewrite each descriptor the head lists without its version 1
+/// MAC (when what is stored, less its last 32 bytes, is what the authenticated head lists),
+/// then open the vault as every command does and delete the version 1 leftovers. Returns how
+/// many objects were deleted.
+fn finish(
+    url: &str,
+    raw: &dyn Store,
+    config: &Config,
+    keystore: &Keystore,
+    access: &KeyAccess,
+) -> Result<usize> {
+    let location = location::canonical(url)?;
+    crate::vault::pin(keystore, &location, &config.vault_id)?;
+    let keys = keystore.load(&config.vault_id)?;
+    let head = heads::read_head(raw, &config.vault_id, &keys, keystore, &location)?.head;
+    let layered = crate::vault::layered(store::open(url)?.into(), &head, &keys)?;
+    for d in &head.descriptors {
+        let key = kekdesc::object_key(d.id);
+        let stored = layered.get(&key)?;
+        if head::digest(&stored) == d.digest {
+            continue;
+        }
+        let Some(body) = stored.len().checked_sub(32).map(|n| &stored[..n]) else {
+            continue;
+        };
+        if let Ok(desc) = kekdesc::decode(body, &key) {
+            let bytes = kekdesc::encode(&desc);
+            if head::digest(&bytes) == d.digest {
+                layered.put(&key, &bytes)?;
+            }
+        }
+        // Anything else is left for opening the vault to name (it fails its digest).
+    }
+    let vault = crate::vault::Vault::open_with(url, keystore, access)?;
+    remove_v1_leftovers(&**vault.store())
 }
 
 /// List the disk's version 1 manifests in its head entry (sequence, digest), with the slot
@@ -308,12 +358,14 @@ fn carry_snapshots(
 }
 
 /// Re-seal the disk's version 1 escrow records (`escrow/<disk>/<name id>`) under their
-/// version 2 names (`-<rev>`: the object key is in each record's AAD). Returns how many.
+/// version 2 names (`-<rev>`: the object key is in each record's AAD), adding each to `writes`.
+/// Returns how many.
 fn carry_escrows(
     store: &dyn Store,
     binding: &Binding,
     gens: &BTreeMap<u32, GenerationKeys>,
     entry: &mut DiskEntry,
+    writes: &mut Vec<(String, Vec<u8>)>,
 ) -> Result<usize> {
     let prefix = format!("escrow/{}", hex::encode(binding.disk_id));
     let mut n = 0;
@@ -332,7 +384,6 @@ fn carry_escrows(
         let new_key = escrow::object_key(&binding.disk_id, &id, 1);
         let sealed = Record::seal(binding, keys, rec.generation, &new_key, &e.name, &e.secret)?;
         let bytes = sealed.encode();
-        store.put(&new_key, &bytes)?;
         entry.escrows.insert(
             id,
             EscrowEntry {
@@ -340,6 +391,7 @@ fn carry_escrows(
                 digest: head::digest(&bytes),
             },
         );
+        writes.push((new_key, bytes));
         n += 1;
     }
     Ok(n)

@@ -47,6 +47,18 @@ pub fn fingerprint(auth: &Secret32) -> String {
         .join("-")
 }
 
+/// Whether `given` (as a person typed it: any case, any separators) is the fingerprint of
+/// `auth`.
+pub fn fingerprint_matches(auth: &Secret32, given: &str) -> bool {
+    let norm = |s: &str| {
+        s.chars()
+            .filter(char::is_ascii_hexdigit)
+            .collect::<String>()
+            .to_ascii_lowercase()
+    };
+    norm(given) == norm(&fingerprint(auth))
+}
+
 /// The raw 16 bytes of an auth key's fingerprint (the vault head names a key operation's
 /// holder by them).
 pub fn fingerprint_bytes(auth: &Secret32) -> [u8; 16] {
@@ -124,13 +136,7 @@ pub fn open(
         })?;
     let fingerprint = fingerprint(&auth);
     if let Some(want) = expected {
-        let norm = |s: &str| {
-            s.chars()
-                .filter(char::is_ascii_hexdigit)
-                .collect::<String>()
-                .to_ascii_lowercase()
-        };
-        if norm(want) != norm(&fingerprint) {
+        if !fingerprint_matches(&auth, want) {
             return Err(Error::new(
                 ErrorKind::Integrity,
                 format!("{KEY}: the auth key it holds has fingerprint {fingerprint}, not {want}: this anchor was not made by the vault's keystore (planted, or from another vault); nothing was changed"),

@@ -258,11 +258,14 @@ impl Vault {
             name,
             keyring,
         )?;
-        let bytes = rec.encode();
-        self.store
-            .put_new(&keyrecord::object_key(&disk_id, generation, 1), &bytes)?;
+        let (rev, bytes) = super::revisions::put_at_free_revision(&*self.store, 1, |rev| {
+            Ok((
+                keyrecord::object_key(&disk_id, generation, rev),
+                rec.encode(),
+            ))
+        })?;
         let entry = GenerationEntry {
-            rev: 1,
+            rev,
             digest: head::digest(&bytes),
             // The disk name sealed under the new generation's metadata key.
             seals: 1,

@@ -244,17 +244,13 @@ impl Vault {
             .escrows
             .get(&id)
             .map_or(1, |e| e.rev + 1);
-        let key = object_key(&disk.id, &id, rev);
-        let rec = Record::seal(
-            &disk.binding,
-            &*disk.generation(generation)?,
-            generation,
-            &key,
-            name,
-            secret,
-        )?;
-        let bytes = rec.encode();
-        self.store.put_new(&key, &bytes)?;
+        let keys = disk.generation(generation)?;
+        let first = rev;
+        let (rev, bytes) = super::revisions::put_at_free_revision(&*self.store, first, |rev| {
+            let key = object_key(&disk.id, &id, rev);
+            let rec = Record::seal(&disk.binding, &keys, generation, &key, name, secret)?;
+            Ok((key, rec.encode()))
+        })?;
         let digest = super::head::digest(&bytes);
         let (_, old) = self.update_head(|h| {
             let e = h.disk_mut(&disk.id)?;
@@ -266,9 +262,10 @@ impl Vault {
                 ));
             }
             e.escrows.insert(id, super::head::EscrowEntry { rev, digest });
-            // The seal above spent a nonce of the generation's metadata key.
+            // Each seal above (one per revision tried) spent a nonce of the generation's
+            // metadata key.
             if let Some(g) = e.generations.get_mut(&generation) {
-                g.seals = g.seals.saturating_add(1);
+                g.seals = g.seals.saturating_add(u64::from(rev - first + 1));
             }
             Ok(old)
         })?;

@@ -42,11 +42,9 @@ pub fn decode(b: &[u8], what: &str) -> Result<CmkKey> {
 }
 
 /// Parse a version 1 descriptor (`upgrade`), checking its MAC with `mac` (from [`mac_key`]).
-/// One `upgrade` already rewrote (version 2 bytes, no MAC) is accepted as it is.
+/// Bytes without a valid MAC are refused, the version 2 form included: in a version 1 vault
+/// nothing else vouches for them (`upgrade` rewrites descriptors only after its switch).
 pub fn decode_v1(b: &[u8], what: &str, mac: &Secret32) -> Result<CmkKey> {
-    if let Ok(key) = CmkKey::decode(b, what) {
-        return named(key, what);
-    }
     let Some(body_len) = b.len().checked_sub(MAC_LEN) else {
         return Err(Error::integrity(format!(
             "{what}: truncated key descriptor"

@@ -41,6 +41,7 @@ pub mod keyrecord;
 pub mod location;
 pub mod manifest;
 pub mod pack;
+mod revisions;
 pub mod snapshots;
 pub mod store;
 

@@ -8,8 +8,9 @@
 //! unused import in every binary that needs none of them): [`tools`] (is a tool installed;
 //! run one), [`qemu`] (the QEMU tools; a qemu-nbd server), [`keys`] (openssl PEM keys,
 //! SoftHSM2 tokens), [`layout_tools`] (sfdisk tables, cryptsetup volumes, layout checks),
-//! [`secrets`] (scans for key material stored in the clear) and [`trust`] (what a storage
-//! holder does to a vault; its head read through the library).
+//! [`secrets`] (scans for key material stored in the clear), [`trust`] (what a storage
+//! holder does to a vault; its head read through the library) and [`v1_fixtures`] (the
+//! committed format 1 vaults).
 #![allow(dead_code)]
 
 pub mod keys;
@@ -18,6 +19,7 @@ pub mod qemu;
 pub mod secrets;
 pub mod tools;
 pub mod trust;
+pub mod v1_fixtures;
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
