@@ -18,11 +18,11 @@
 //! ```
 //! Every object key has its own 96-bit identity, so no two units of the vault share a tweak
 //! (up to a 2^-96 collision per pair of object keys). Rewriting an object under the same key
-//! reuses its tweaks, as a disk sector rewrite does: packs and manifests are written once, but
-//! key records (rotation, recovery), escrow records (escrowing a name again) and KEK
-//! descriptors (recovery) are rewritten in place (docs/FORMAT.md §1.2), so an observer of both
-//! versions sees which 16-byte blocks of such an object changed. (The config, also rewritten
-//! by recovery, stays outside this layer.)
+//! would reuse its tweaks, as a disk sector rewrite does; the vault writes every object under
+//! the layer once (a changed key record or escrow record is a new revision under a new name,
+//! docs/FORMAT.md §1.2), and what is rewritten in place (config, head, recovery records) stays
+//! outside the layer. The one exception, a leftover of a killed run that no head lists being
+//! written again, shows only which 16-byte blocks of that unlisted object differ.
 //!
 //! **Key rotation** (`key rotate --infrastructure`, `keys::infra_rotation`) re-encrypts every
 //! object under a new key, under the same name (the layer preserves lengths, so nothing above
