@@ -49,8 +49,10 @@ fn build(u: &mut Unstructured) -> arbitrary::Result<Head> {
             pid: u.arbitrary()?,
         });
     }
-    h.recovery_anchor = u.arbitrary()?;
-    h.infra_recovery = u.arbitrary()?;
+    // All zeros is how the head writes "none": not a digest it can list.
+    let digest = |d: Option<[u8; 32]>| d.filter(|d| *d != [0; 32]);
+    h.recovery_anchor = digest(u.arbitrary()?);
+    h.infra_recovery = digest(u.arbitrary()?);
     if kind != KekKind::Platform {
         h.descriptors.push(DescriptorEntry {
             id: primary,
@@ -84,8 +86,13 @@ fn build(u: &mut Unstructured) -> arbitrary::Result<Head> {
         let mut sequence = 0u64;
         for _ in 0..u.int_in_range(0..=5u8)? {
             sequence += u.int_in_range(0..=3u64)?;
+            let id = SnapshotId(u.arbitrary()?);
+            // Ids repeat once the input runs out (all zeros): a head never lists one twice.
+            if snapshots.iter().any(|s: &SnapshotEntry| s.id == id) {
+                continue;
+            }
             snapshots.push(SnapshotEntry {
-                id: SnapshotId(u.arbitrary()?),
+                id,
                 sequence,
                 digest: u.arbitrary()?,
             });

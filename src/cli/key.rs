@@ -43,6 +43,10 @@ enum KeyCommand {
         /// other copy of the keystore stops working until it imports a new export.
         #[arg(long, conflicts_with_all = ["new_cmk", "new_dek"])]
         auth: bool,
+        /// Rotate the infrastructure encryption layer's key: every object under the layer is
+        /// re-encrypted (killed, run it again to finish); with --new-dek, after the KEK rotation.
+        #[arg(long, conflicts_with = "auth")]
+        infrastructure: bool,
         #[command(flatten)]
         enrol: EnrolArgs,
     },
@@ -141,8 +145,16 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             new_cmk,
             new_dek,
             auth,
+            infrastructure,
             enrol,
-        } => rotate_keys(ctx, new_cmk.as_deref(), new_dek, auth, &enrol),
+        } => rotate_keys(
+            ctx,
+            new_cmk.as_deref(),
+            new_dek,
+            auth,
+            infrastructure,
+            &enrol,
+        ),
         KeyCommand::Revoke { version } => set_state(ctx, version, true),
         KeyCommand::Enable { version } => set_state(ctx, version, false),
         KeyCommand::Destroy { version } => destroy_key(ctx, version),
@@ -284,6 +296,7 @@ fn rotate_keys(
     new_cmk: Option<&str>,
     new_dek: bool,
     auth: bool,
+    infrastructure: bool,
     enrol: &EnrolArgs,
 ) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
@@ -308,6 +321,7 @@ fn rotate_keys(
             new_cmk,
             new_dek,
             auth,
+            infrastructure,
         },
     )?;
     let secs = started.elapsed().as_secs_f64();
@@ -320,9 +334,16 @@ fn rotate_keys(
         "retired_versions": r.retired,
         "auth_key_version": r.auth.as_ref().map(|a| a.0),
         "auth_fingerprint": r.auth.as_ref().map(|a| a.1.clone()),
+        "infrastructure": r.infrastructure.as_ref().map(|i| json!({
+            "key_version": i.version,
+            "objects_reencrypted": i.reencrypted,
+            "objects_already_under_it": i.already,
+            "resumed": i.resumed,
+            "retired_versions": i.retired,
+        })),
         "seconds": super::output::seconds(secs),
     });
-    ctx.out.result(doc, || match (&r.kek, &r.auth) {
+    ctx.out.result(doc, || infrastructure_line(r.infrastructure.as_ref(), secs) + &match (&r.kek, &r.auth) {
         (_, Some((v, fp))) => format!("auth key rotated to version {v}, fingerprint {fp} (keep it with the recovery key); other copies of the keystore need a new `key import`, {secs:.2} s\n"),
         (Some(k), None) => format!(
             "DEKs now wrapped by {k}: {} key record(s) re-wrapped, {} new DEK generation(s){}{}, {secs:.2} s\n",
@@ -334,6 +355,36 @@ fn rotate_keys(
         (None, None) => String::new(),
     });
     Ok(ExitCode::SUCCESS)
+}
+
+/// The text line of an infrastructure key rotation (empty without one).
+fn infrastructure_line(
+    r: Option<&blockvault::keys::infra_rotation::InfraRotation>,
+    secs: f64,
+) -> String {
+    let Some(r) = r else {
+        return String::new();
+    };
+    format!(
+        "infrastructure key rotated to version {}: {} object(s) re-encrypted{}{}, {secs:.2} s\n{}",
+        r.version,
+        r.reencrypted,
+        if r.already > 0 {
+            format!(", {} already under it", r.already)
+        } else {
+            String::new()
+        },
+        if r.retired.is_empty() {
+            String::new()
+        } else {
+            format!("; version(s) {:?} destroyed", r.retired)
+        },
+        if r.resumed {
+            "  (an interrupted rotation was finished)\n"
+        } else {
+            ""
+        },
+    )
 }
 
 fn set_state(ctx: &Context, version: Option<u32>, revoked: bool) -> anyhow::Result<ExitCode> {

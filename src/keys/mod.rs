@@ -26,6 +26,7 @@
 //! wrapped by KEKs the head no longer names.
 
 pub mod destroy;
+pub mod infra_rotation;
 pub mod init;
 pub mod recover;
 pub mod rotate;
@@ -98,6 +99,18 @@ impl KeyOperationGuard<'_> {
     /// record).
     pub fn finished(mut self) {
         self.finished = true;
+    }
+
+    /// The same operation (lock and record) continued through `vault`, the same vault opened
+    /// again: an infrastructure key rotation must change the head through a vault that writes
+    /// under the new key (see `Vault::update_head`).
+    pub fn reopened(mut self, vault: &Vault) -> KeyOperationGuard<'_> {
+        self.finished = true;
+        KeyOperationGuard {
+            vault,
+            _lock: std::mem::replace(&mut self._lock, Box::new(())),
+            finished: false,
+        }
     }
 }
 

@@ -273,7 +273,7 @@ fn take_over(
             let digest = head.infra_recovery.ok_or_else(|| {
                 Error::new(ErrorKind::Key, "the vault has an infrastructure layer but no infra-recovery record: its key cannot be recovered")
             })?;
-            let bytes = crate::vault::get_bound(&*raw, infra_recovery::KEY, &digest)?;
+            let bytes = infra_recovery::read_bound(&*raw, &digest)?;
             let private = opts
                 .infra_recovery_private
                 .clone()

@@ -15,6 +15,9 @@
 //! it ─▶ head swapped to it (MAC'd with it) ─▶ older auth versions destroyed. Every keystore
 //! copy elsewhere then needs a fresh `key import`: that is the point (a leaked keystore stops
 //! authenticating anything).
+//!
+//! `--infrastructure`: the infrastructure layer's key ([`super::infra_rotation`]); with
+//! `--new-dek` (or `--new-cmk`), after the KEK rotation they ask for.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -39,6 +42,9 @@ pub struct RotateOptions {
     pub new_dek: bool,
     /// Rotate the auth key instead of the KEK.
     pub auth: bool,
+    /// Rotate the infrastructure layer's key (alone, or after the KEK rotation `new_dek` or
+    /// `new_cmk` asks for).
+    pub infrastructure: bool,
 }
 
 /// What a rotation did.
@@ -56,6 +62,8 @@ pub struct RotateReport {
     pub retired: Vec<u32>,
     /// The new auth key's version and fingerprint (`--auth`).
     pub auth: Option<(u32, String)>,
+    /// What the infrastructure key rotation did (`--infrastructure`).
+    pub infrastructure: Option<super::infra_rotation::InfraRotation>,
 }
 
 /// The version a new customer key of the vault's kind gets (one more than any the head lists).
@@ -83,9 +91,25 @@ pub fn rotate(
                 "rotate the auth key on its own: --auth does not combine with --new-cmk or --new-dek",
             ));
         }
+        if opts.infrastructure {
+            return Err(Error::usage(
+                "rotate the auth key on its own: --auth does not combine with --infrastructure",
+            ));
+        }
         return rotate_auth(url, keystore, access);
     }
-    rotate_kek(url, keystore, access, opts)
+    if !opts.infrastructure {
+        return rotate_kek(url, keystore, access, opts);
+    }
+    // The KEK first: its checks (a customer key's new key given, and so on) fail before the
+    // long re-encryption starts.
+    let mut report = if opts.new_dek || opts.new_cmk.is_some() {
+        rotate_kek(url, keystore, access, opts)?
+    } else {
+        RotateReport::default()
+    };
+    report.infrastructure = Some(super::infra_rotation::rotate(url, keystore, access)?);
+    Ok(report)
 }
 
 fn rotate_kek(
@@ -310,14 +334,7 @@ fn new_platform_version(
         if newest > current {
             return Ok((newest, true));
         }
-        let destroyed = keys
-            .destroyed
-            .iter()
-            .filter(|(c, _)| *c == KeyClass::Kek)
-            .map(|(_, v)| *v)
-            .max()
-            .unwrap_or(0);
-        let version = newest.max(destroyed) + 1;
+        let version = keys.next_version(KeyClass::Kek);
         let mut versions =
             std::mem::replace(&mut keys.kek, PlatformKek::new(Vec::new())).into_versions();
         versions.push(PlatformKeyVersion {
@@ -483,14 +500,7 @@ fn rotate_auth(url: &str, keystore: &Keystore, access: &KeyAccess) -> Result<Rot
             // A killed auth rotation stored it: finish with that one.
             return Ok(newest);
         }
-        let destroyed = keys
-            .destroyed
-            .iter()
-            .filter(|(c, _)| *c == KeyClass::Auth)
-            .map(|(_, v)| *v)
-            .max()
-            .unwrap_or(0);
-        let version = newest.max(destroyed) + 1;
+        let version = keys.next_version(KeyClass::Auth);
         keys.auth.push(Versioned {
             version,
             created: crate::util::now_unix(),

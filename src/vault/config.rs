@@ -180,4 +180,25 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(e.to_string().contains("version 9"));
     }
+
+    /// The worked example of docs/FORMAT.md §7, byte for byte.
+    #[test]
+    fn worked_example_of_the_format_document() {
+        let c = Config {
+            format_version: FORMAT_VERSION,
+            auth_version: 1,
+            vault_id: hex::decode("00112233445566778899aabbccddeeff")
+                .unwrap()
+                .try_into()
+                .unwrap(),
+            created: 1_767_225_600,
+            kek_kind: KekKind::Platform,
+            infrastructure: INFRA_NONE,
+        };
+        let auth = Secret32::from_bytes(std::array::from_fn(|i| i as u8));
+        assert_eq!(
+            hex::encode(c.encode(&auth)),
+            "42564c540200000000112233445566778899aabbccddeeff00b955690000000001000000010000008404125adcedba9f362dd2b532ac71ec0ff32befbd22b9cd3b068c9e0ad41487"
+        );
+    }
 }

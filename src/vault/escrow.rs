@@ -33,7 +33,7 @@ use super::{Disk, Vault};
 use crate::crypto::{GenerationKeys, IdKey, IdentityKeys, Secret32, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 
-const MAGIC: &[u8; 4] = b"BVES";
+pub(crate) const MAGIC: &[u8; 4] = b"BVES";
 const VERSION: u16 = 1;
 const AAD_PREFIX: &[u8] = b"blockvault escrow v1";
 /// Input of the keyed hash (under the disk-digest key) that makes the name-id key. Fixed

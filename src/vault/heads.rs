@@ -160,6 +160,23 @@ impl Vault {
             .clone()
     }
 
+    /// Refuse to change head `h` if it names another infrastructure key than the one this
+    /// process writes under: an infrastructure key rotation started after the vault was opened,
+    /// and whatever this process wrote under the old key is not in its list of objects to
+    /// re-encrypt. Listing such an object would leave it under a key the rotation destroys.
+    fn check_layer(&self, h: &Head) -> Result<()> {
+        if h.infra_version != self.layer_version {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "vault {}: its infrastructure key changed (version {} to {}) since this command opened it; nothing it wrote is listed: run it again",
+                    self.location, self.layer_version, h.infra_version
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Change the head by compare-and-swap: `change` is applied to the newest head (as often
     /// as races are lost, so it must be a pure function of the head it is given plus what the
     /// caller already holds), the epoch grows by one, and the result is written only if no one
@@ -171,6 +188,7 @@ impl Vault {
         let mut backoff = Duration::from_millis(5);
         for _ in 0..CAS_ATTEMPTS {
             let read = self.read_head()?;
+            self.check_layer(&read.head)?;
             let mut next = read.head.clone();
             let out = change(&mut next)?;
             next.epoch = read.head.epoch + 1;

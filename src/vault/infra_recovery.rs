@@ -10,19 +10,27 @@
 //! version 1: no key version (it is 1); AAD "blockvault infra key v1" ‖ vault id ‖ u8 half
 //! ```
 //! Written at `init` and whenever the infrastructure key is rotated; its digest is in the vault
-//! head. Which recovery key wraps it is the vault owner's choice at `init`: a separate
-//! `--infra-recovery-key`, so that neither recovery key alone opens both layers, or (without
-//! one) the DEK recovery key itself — which then opens both (docs/CRYPTO.md, "Custody").
+//! head. A rotation cannot rewrite it in place in one step without losing, if killed, the only
+//! trusted copy of the recovery key's descriptor (a separate infrastructure recovery key is
+//! named nowhere else): it stages the new record as `infra-recovery-next`, switches the head's
+//! digest to it, then copies it over `infra-recovery` (`keys::infra_rotation`); until the copy
+//! is made, [`read_bound`] finds the record under either name. Which recovery key wraps it is
+//! the vault owner's choice at `init`: a separate `--infra-recovery-key`, so that neither
+//! recovery key alone opens both layers, or (without one) the DEK recovery key itself — which then opens both (docs/CRYPTO.md, "Custody").
 
 use super::codec::{Dec, Enc};
+use super::head::{self, Digest};
 use super::store::xts::InfraKey;
+use super::store::Store;
 use crate::crypto::kek::KekProvider;
 use crate::crypto::rsa::{CmkKey, PemKek, PrivateKeyFile};
 use crate::crypto::Secret32;
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 
 /// Object key (outside the infrastructure layer).
 pub const KEY: &str = "infra-recovery";
+/// Where an infrastructure key rotation stages the new record before the head lists it.
+pub const NEXT_KEY: &str = "infra-recovery-next";
 const MAGIC: &[u8; 4] = b"BVIR";
 const VERSION: u16 = 2;
 
@@ -67,6 +75,55 @@ pub fn encode(
     Ok(e.finish())
 }
 
+/// The record the head lists (by `digest`): `infra-recovery`, or, when a rotation was killed
+/// between listing its staged record and copying it into place, `infra-recovery-next`. An
+/// `Integrity` error naming `infra-recovery` if neither matches.
+pub fn read_bound(raw: &dyn Store, digest: &Digest) -> Result<Vec<u8>> {
+    match raw.get(NEXT_KEY) {
+        Ok(b) if head::digest(&b) == *digest => return Ok(b),
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    crate::vault::get_bound(raw, KEY, digest)
+}
+
+/// A record parsed up to its wraps.
+struct Parsed<'a> {
+    record_version: u16,
+    key_version: u32,
+    holder: CmkKey,
+    wraps: [&'a [u8]; 2],
+}
+
+fn parse(b: &[u8]) -> Result<Parsed<'_>> {
+    let mut d = Dec::new(b, KEY);
+    let record_version = d.prologue_in(MAGIC, 1..=VERSION, "infrastructure key recovery record")?;
+    let key_version = if record_version == 1 { 1 } else { d.u32()? };
+    let len = d.u16()? as usize;
+    let holder = CmkKey::decode(d.take(len)?, KEY)?;
+    let mut wraps = [&[][..]; 2];
+    for w in &mut wraps {
+        let len = d.u16()? as usize;
+        *w = d.take(len)?;
+    }
+    d.end()?;
+    Ok(Parsed {
+        record_version,
+        key_version,
+        holder,
+        wraps,
+    })
+}
+
+/// The infrastructure key version the record bytes `b` hold and the recovery key that wraps
+/// it (nothing is unwrapped). Only as trustworthy as the bytes: the caller checks them against
+/// the head's digest first.
+pub fn holder(b: &[u8]) -> Result<(u32, CmkKey)> {
+    let p = parse(b)?;
+    Ok((p.key_version, p.holder))
+}
+
 /// Unwrap the infrastructure key (and its version) from the record bytes `b` with the
 /// private half of the recovery key that wraps it.
 pub fn open(
@@ -74,24 +131,18 @@ pub fn open(
     vault_id: &[u8; 16],
     private: Option<PrivateKeyFile>,
 ) -> Result<(u32, InfraKey)> {
-    let mut d = Dec::new(b, KEY);
-    let record_version = d.prologue_in(MAGIC, 1..=VERSION, "infrastructure key recovery record")?;
-    let key_version = if record_version == 1 { 1 } else { d.u32()? };
-    let len = d.u16()? as usize;
-    let key = CmkKey::decode(d.take(len)?, KEY)?;
-    let id = key.id();
-    let kek = PemKek::new(key, private)?;
+    let p = parse(b)?;
+    let id = p.holder.id();
+    let kek = PemKek::new(p.holder, private)?;
     let mut out = zeroize::Zeroizing::new([0u8; 64]);
-    for half in 0..2u8 {
-        let len = d.u16()? as usize;
+    for (half, wrap) in p.wraps.into_iter().enumerate() {
         let part = kek.unwrap(
             id,
-            d.take(len)?,
-            &aad(vault_id, record_version, key_version, half),
+            wrap,
+            &aad(vault_id, p.record_version, p.key_version, half as u8),
         )?;
-        let at = half as usize * 32;
+        let at = half * 32;
         out[at..at + 32].copy_from_slice(part.expose());
     }
-    d.end()?;
-    Ok((key_version, InfraKey::from_bytes(*out)?))
+    Ok((p.key_version, InfraKey::from_bytes(*out)?))
 }

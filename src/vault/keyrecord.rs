@@ -23,7 +23,7 @@ use crate::crypto::keyring::Keyring;
 use crate::crypto::{GenerationKeys, Secret32};
 use crate::error::{Error, ErrorKind, Result};
 
-const MAGIC: &[u8; 4] = b"BVKR";
+pub(crate) const MAGIC: &[u8; 4] = b"BVKR";
 const VERSION: u16 = 2;
 const VERSION_1: u16 = 1;
 const WRAP_AAD: &[u8] = b"blockvault dek wrap v1";

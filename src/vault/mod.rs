@@ -38,6 +38,7 @@ pub mod info;
 pub mod infra_recovery;
 pub mod kekdesc;
 pub mod keyrecord;
+pub mod layer;
 pub mod location;
 pub mod manifest;
 pub mod pack;
@@ -59,6 +60,7 @@ use head::Head;
 use store::Store;
 
 pub use disks::Disk;
+pub(crate) use layer::layered;
 
 /// An open vault with its keys.
 pub struct Vault {
@@ -77,6 +79,9 @@ pub struct Vault {
     pub(crate) keyring: Keyring,
     /// The head as last read or written by this process.
     pub(crate) head: Mutex<Head>,
+    /// The infrastructure key version `store` writes under (0: no layer): a head that names
+    /// another one is not changed by this process (see `heads`).
+    pub(crate) layer_version: u32,
 }
 
 impl Vault {
@@ -134,6 +139,7 @@ impl Vault {
             keys,
             location,
             keyring,
+            layer_version: head.infra_version,
             head: Mutex::new(head),
         })
     }
@@ -256,23 +262,6 @@ pub(crate) fn pin(keystore: &Keystore, location: &str, vault_id: &[u8; 16]) -> R
         }
         Ok(())
     })
-}
-
-/// The store every object but the config, head and anchors goes through: with the
-/// infrastructure layer, each object is AES-256-XTS encrypted on its way to the backend.
-pub(crate) fn layered(
-    raw: Arc<dyn Store>,
-    head: &Head,
-    keys: &VaultKeys,
-) -> Result<Arc<dyn Store>> {
-    if head.infra_version == 0 {
-        return Ok(raw);
-    }
-    let key = keys.infra(head.infra_version).map_err(|e| {
-        e.within("the vault has an infrastructure encryption layer but its key is missing")
-    })?;
-    let key = store::xts::InfraKey::from_bytes(*key.expose())?;
-    Ok(Arc::new(store::xts::XtsStore::new(raw, key)))
 }
 
 /// Every KEK descriptor the head lists, each checked against its digest.

@@ -24,7 +24,7 @@ use super::frame::Binding;
 use crate::crypto::{ExtentId, GenerationKeys};
 use crate::error::{Error, Result};
 
-const MAGIC: &[u8; 4] = b"BVPK";
+pub(crate) const MAGIC: &[u8; 4] = b"BVPK";
 const FOOTER_MAGIC: &[u8; 4] = b"BVPF";
 /// The version [`PackWriter`] writes; [`read_index`] also reads version 1.
 pub const VERSION: u16 = 2;

@@ -128,6 +128,23 @@ impl VaultKeys {
             .ok_or_else(|| self.missing(KeyClass::Infra, version))
     }
 
+    /// The number a new version of `class` gets: one past every version of it this keystore
+    /// holds or has destroyed, so that no number is ever used for two keys.
+    pub fn next_version(&self, class: KeyClass) -> u32 {
+        let held = match class {
+            KeyClass::Auth => self.auth.iter().map(|a| a.version).max(),
+            KeyClass::Kek => self.kek.versions().iter().map(|v| v.version).max(),
+            KeyClass::Infra => self.infra.iter().map(|i| i.version).max(),
+        };
+        let destroyed = self
+            .destroyed
+            .iter()
+            .filter(|(c, _)| *c == class)
+            .map(|(_, v)| *v)
+            .max();
+        held.max(destroyed).unwrap_or(0) + 1
+    }
+
     /// The error for a version this keystore does not hold.
     pub fn missing(&self, class: KeyClass, version: u32) -> Error {
         let why = if self.destroyed.contains(&(class, version)) {
