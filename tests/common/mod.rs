@@ -7,14 +7,16 @@
 //! made by external tools, imported by path where used (a glob re-export here would be an
 //! unused import in every binary that needs none of them): [`tools`] (is a tool installed;
 //! run one), [`qemu`] (the QEMU tools; a qemu-nbd server), [`keys`] (openssl PEM keys,
-//! SoftHSM2 tokens), [`layout_tools`] (sfdisk tables, cryptsetup volumes, layout checks) and
-//! [`secrets`] (scans for key material stored in the clear).
+//! SoftHSM2 tokens), [`layout_tools`] (sfdisk tables, cryptsetup volumes, layout checks),
+//! [`secrets`] (scans for key material stored in the clear) and [`servers`] (Azurite and
+//! SeaweedFS object-storage servers).
 #![allow(dead_code)]
 
 pub mod keys;
 pub mod layout_tools;
 pub mod qemu;
 pub mod secrets;
+pub mod servers;
 pub mod tools;
 
 use std::ffi::OsStr;

@@ -325,6 +325,10 @@ impl Store for XtsStore {
         self.inner.size(key)
     }
 
+    fn modified(&self, key: &str) -> Result<std::time::SystemTime> {
+        self.inner.modified(key)
+    }
+
     fn lock(&self, name: &str, wait: Duration) -> Result<Box<dyn Send>> {
         self.inner.lock(name, wait)
     }
