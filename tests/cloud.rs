@@ -230,11 +230,12 @@ fn a_killed_backups_lease_is_taken_over_by_the_next_run() {
         std::thread::sleep(Duration::from_millis(20));
     };
     child.kill().unwrap();
-    child.wait().unwrap();
-    if held.is_empty() {
-        // The backup finished before we saw its lease: nothing to take over this time.
-        return;
-    }
+    let status = child.wait().unwrap();
+    assert!(!held.is_empty(), "never saw the backup's disk lease");
+    assert!(
+        !status.success(),
+        "the backup finished before it was killed"
+    );
     assert!(store.list("locks").unwrap().contains(&held[0]), "{held:?}");
     let doc = bv.backup(&img, "d", &[]);
     assert_eq!(doc["slots_new"], 0, "{doc}");

@@ -418,6 +418,25 @@ fn compare_and_swap_loses_no_update_under_contention() {
     }
 }
 
+/// The racers' results: exactly one succeeded (its number is returned), every other failed
+/// with `loser`.
+fn one_winner(
+    racers: Vec<std::thread::JoinHandle<blockvault::Result<u8>>>,
+    loser: ErrorKind,
+    what: &str,
+) -> u8 {
+    let results: Vec<_> = racers.into_iter().map(|h| h.join().unwrap()).collect();
+    let winners: Vec<u8> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    assert_eq!(winners.len(), 1, "{what}: {results:?}");
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(e.kind(), loser, "{what}: {e:?}");
+    }
+    winners[0]
+}
+
 #[test]
 fn put_new_never_replaces() {
     for (_d, s, _) in stores!() {
@@ -443,18 +462,8 @@ fn put_new_never_replaces() {
                     })
                 })
                 .collect();
-            let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-            let winners: Vec<u8> = results
-                .iter()
-                .filter_map(|r| r.as_ref().ok().copied())
-                .collect();
-            assert_eq!(winners.len(), 1, "round {round}: {results:?}");
-            for r in &results {
-                if let Err(e) = r {
-                    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e:?}");
-                }
-            }
-            assert_eq!(s.get("config").unwrap(), vec![winners[0]; 1 << 20]);
+            let winner = one_winner(handles, ErrorKind::AlreadyExists, &format!("round {round}"));
+            assert_eq!(s.get("config").unwrap(), vec![winner; 1 << 20]);
             assert_no_hidden_files(&d.path().join("vault"));
         }
     }
@@ -478,16 +487,12 @@ fn a_race_of_twenty_creates_has_one_winner() {
                     })
                 })
                 .collect();
-            let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-            let winners: Vec<u8> = results
-                .iter()
-                .filter_map(|r| r.as_ref().ok().copied())
-                .collect();
-            assert_eq!(winners.len(), 1, "{} {key}: {results:?}", s.location());
-            for e in results.iter().filter_map(|r| r.as_ref().err()) {
-                assert_eq!(e.kind(), ErrorKind::Conflict, "{e:?}");
-            }
-            assert_eq!(s.get(key).unwrap(), vec![winners[0]; 4096]);
+            let winner = one_winner(
+                handles,
+                ErrorKind::Conflict,
+                &format!("{} {key}", s.location()),
+            );
+            assert_eq!(s.get(key).unwrap(), vec![winner; 4096]);
         }
     }
 }

@@ -76,9 +76,10 @@ impl Server {
     }
 
     /// Open a fresh, empty store on this server (probed).
-    pub fn fresh_store(&self) -> std::sync::Arc<CloudStore> {
-        CloudStore::open(&self.fresh_url(), &self.config())
-            .unwrap_or_else(|e| panic!("opening a store on {:?}: {e:?}", self.kind))
+    pub fn fresh_store(&self) -> std::sync::Arc<dyn blockvault::vault::store::Store> {
+        let store = CloudStore::open(&self.fresh_url(), &self.config())
+            .unwrap_or_else(|e| panic!("opening a store on {:?}: {e:?}", self.kind));
+        std::sync::Arc::new(store)
     }
 }
 

@@ -21,7 +21,6 @@ mod runtime;
 pub mod xts;
 mod xts_unit;
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::error::Result;
@@ -107,12 +106,15 @@ pub enum Precondition {
 /// (S3 and compatibles) or `az://CONTAINER/PREFIX` (Azure Blob), configured from the
 /// environment ([`cloud::CloudConfig::from_env`]). An object store is probed before it is
 /// returned: one that does not enforce conditional writes is refused ([`cloud::probe`]).
-pub fn open(url: &str) -> Result<Arc<dyn Store>> {
+pub fn open(url: &str) -> Result<Box<dyn Store>> {
     if let Some(path) = url.strip_prefix("file://") {
-        return Ok(Arc::new(LocalStore::new(path)));
+        return Ok(Box::new(LocalStore::new(path)));
     }
     if cloud::is_cloud_url(url)? {
-        return Ok(CloudStore::open(url, &cloud::CloudConfig::from_env())?);
+        return Ok(Box::new(CloudStore::open(
+            url,
+            &cloud::CloudConfig::from_env(),
+        )?));
     }
-    Ok(Arc::new(LocalStore::new(url)))
+    Ok(Box::new(LocalStore::new(url)))
 }

@@ -270,6 +270,21 @@ impl CloudConfig {
         Ok(options)
     }
 
+    /// Every variable named `prefix*` that the builder knows, set on it the way the builder's
+    /// own `from_env` would (lowercased name as the config key), except the emulator flag.
+    fn apply<B, K: std::str::FromStr>(
+        &self,
+        prefix: &str,
+        builder: B,
+        set: impl Fn(B, K, &str) -> B,
+    ) -> B {
+        self.vars
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && *k != "AZURE_STORAGE_USE_EMULATOR")
+            .filter_map(|(k, v)| Some((k.to_ascii_lowercase().parse::<K>().ok()?, v)))
+            .fold(builder, |b, (key, v)| set(b, key, v))
+    }
+
     /// The client for `url`, scoped to its prefix.
     pub fn build(&self, url: &CloudUrl) -> Result<Arc<dyn ObjectStore>> {
         let options = self.client_options(url)?;
@@ -280,65 +295,57 @@ impl CloudConfig {
                 super::errors::redact(&e.to_string(), &self.secrets())
             ))
         };
-        let store: Arc<dyn ObjectStore> =
-            match url.service {
-                Service::S3 => {
-                    let mut b = AmazonS3Builder::new();
-                    for (k, v) in self.vars.iter().filter(|(k, _)| k.starts_with("AWS_")) {
-                        if let Ok(key) = k.to_ascii_lowercase().parse() {
-                            b = b.with_config(key, v);
-                        }
+        let store: Arc<dyn ObjectStore> = match url.service {
+            Service::S3 => {
+                let b = self.apply("AWS_", AmazonS3Builder::new(), |b, k, v| {
+                    b.with_config(k, v)
+                });
+                Arc::new(
+                    b.with_bucket_name(&url.bucket)
+                        .with_client_options(options)
+                        .with_retry(RetryConfig::default())
+                        .build()
+                        .map_err(configured)?,
+                )
+            }
+            Service::Azure => {
+                // The emulator flag is not passed on (`apply` skips it): object_store would
+                // then read its endpoint from the process environment and allow plain HTTP
+                // by itself. It becomes an explicit path-style endpoint under the policy
+                // above instead.
+                let mut b = self.apply("AZURE_", MicrosoftAzureBuilder::new(), |b, k, v| {
+                    b.with_config(k, v)
+                });
+                if self.flag("AZURE_STORAGE_USE_EMULATOR") {
+                    let account = self
+                        .get("AZURE_STORAGE_ACCOUNT_NAME")
+                        .unwrap_or(EMULATOR_ACCOUNT);
+                    let endpoint = self.endpoint(Service::Azure).unwrap_or_default();
+                    b = b
+                        .with_account(account)
+                        .with_endpoint(format!("{}/{account}", endpoint.trim_end_matches('/')));
+                    let has_credential = [
+                        "AZURE_STORAGE_ACCOUNT_KEY",
+                        "AZURE_STORAGE_ACCESS_KEY",
+                        "AZURE_STORAGE_SAS_TOKEN",
+                        "AZURE_STORAGE_SAS_KEY",
+                        "AZURE_STORAGE_TOKEN",
+                    ]
+                    .iter()
+                    .any(|k| self.get(k).is_some());
+                    if !has_credential {
+                        b = b.with_access_key(EMULATOR_KEY);
                     }
-                    Arc::new(
-                        b.with_bucket_name(&url.bucket)
-                            .with_client_options(options)
-                            .with_retry(RetryConfig::default())
-                            .build()
-                            .map_err(configured)?,
-                    )
                 }
-                Service::Azure => {
-                    let mut b = MicrosoftAzureBuilder::new();
-                    // The emulator flag is not passed on: object_store would then read its
-                    // endpoint from the process environment and allow plain HTTP by itself. It
-                    // becomes an explicit path-style endpoint under the policy above instead.
-                    for (k, v) in self.vars.iter().filter(|(k, _)| {
-                        k.starts_with("AZURE_") && *k != "AZURE_STORAGE_USE_EMULATOR"
-                    }) {
-                        if let Ok(key) = k.to_ascii_lowercase().parse() {
-                            b = b.with_config(key, v);
-                        }
-                    }
-                    if self.flag("AZURE_STORAGE_USE_EMULATOR") {
-                        let account = self
-                            .get("AZURE_STORAGE_ACCOUNT_NAME")
-                            .unwrap_or(EMULATOR_ACCOUNT);
-                        let endpoint = self.endpoint(Service::Azure).unwrap_or_default();
-                        b = b
-                            .with_account(account)
-                            .with_endpoint(format!("{}/{account}", endpoint.trim_end_matches('/')));
-                        let has_credential = [
-                            "AZURE_STORAGE_ACCOUNT_KEY",
-                            "AZURE_STORAGE_ACCESS_KEY",
-                            "AZURE_STORAGE_SAS_TOKEN",
-                            "AZURE_STORAGE_SAS_KEY",
-                            "AZURE_STORAGE_TOKEN",
-                        ]
-                        .iter()
-                        .any(|k| self.get(k).is_some());
-                        if !has_credential {
-                            b = b.with_access_key(EMULATOR_KEY);
-                        }
-                    }
-                    Arc::new(
-                        b.with_container_name(&url.bucket)
-                            .with_client_options(options)
-                            .with_retry(RetryConfig::default())
-                            .build()
-                            .map_err(configured)?,
-                    )
-                }
-            };
+                Arc::new(
+                    b.with_container_name(&url.bucket)
+                        .with_client_options(options)
+                        .with_retry(RetryConfig::default())
+                        .build()
+                        .map_err(configured)?,
+                )
+            }
+        };
         Ok(if url.prefix.is_empty() {
             store
         } else {

@@ -22,7 +22,7 @@ mod errors;
 pub mod probe;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::TryStreamExt;
@@ -56,36 +56,40 @@ fn count(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A vault in a bucket or container, under a prefix.
-pub struct CloudStore {
+/// A vault in a bucket or container, under a prefix. A cheap handle: clones share the client
+/// (a lease's renewer thread holds one).
+#[derive(Clone)]
+pub struct CloudStore(Arc<Bucket>);
+
+/// What the handles share.
+struct Bucket {
     client: Arc<dyn ObjectStore>,
     location: String,
     secrets: Vec<String>,
-    /// Itself, for the lease renewer thread a lock starts.
-    this: Weak<CloudStore>,
     requests: Requests,
 }
 
 impl CloudStore {
     /// Open the store `url` names with `config`, and probe that it enforces conditional
     /// writes ([`probe::conditional_writes`]): a store that ignores them is refused.
-    pub fn open(url: &str, config: &CloudConfig) -> Result<Arc<CloudStore>> {
+    pub fn open(url: &str, config: &CloudConfig) -> Result<CloudStore> {
         let store = Self::open_unprobed(url, config)?;
-        probe::conditional_writes(&*store)?;
+        let started = std::time::Instant::now();
+        probe::conditional_writes(&store)?;
+        tracing::debug!(vault = %store.0.location, ms = started.elapsed().as_secs_f64() * 1e3, "conditional writes enforced");
         Ok(store)
     }
 
     /// Open without the probe: for the probe's own tests and for measuring it.
-    pub fn open_unprobed(url: &str, config: &CloudConfig) -> Result<Arc<CloudStore>> {
+    pub fn open_unprobed(url: &str, config: &CloudConfig) -> Result<CloudStore> {
         let parsed = parse(url)?;
         let client = config.build(&parsed)?;
-        Ok(Arc::new_cyclic(|this| CloudStore {
+        Ok(CloudStore(Arc::new(Bucket {
             client,
             location: parsed.canonical(),
             secrets: config.secrets(),
-            this: this.clone(),
             requests: Requests::default(),
-        }))
+        })))
     }
 
     fn path(&self, key: &str) -> Result<Path> {
@@ -107,10 +111,10 @@ impl CloudStore {
                 &Op {
                     verb: &op_verb,
                     key: &key,
-                    location: &self.location,
+                    location: &self.0.location,
                     replace,
                 },
-                &self.secrets,
+                &self.0.secrets,
             )
         }
     }
@@ -118,10 +122,14 @@ impl CloudStore {
     fn put_mode(&self, key: &str, data: &[u8], mode: PutMode) -> Result<Tag> {
         let path = self.path(key)?;
         let replace = matches!(mode, PutMode::Update(_));
-        count(&self.requests.put);
+        count(&self.0.requests.put);
         let payload = PutPayload::from(data.to_vec());
-        let result = block_on(self.client.put_opts(&path, payload, PutOptions::from(mode)))?
-            .map_err(self.fail("writing", key, replace))?;
+        let result = block_on(
+            self.0
+                .client
+                .put_opts(&path, payload, PutOptions::from(mode)),
+        )?
+        .map_err(self.fail("writing", key, replace))?;
         result.e_tag.map(Tag).ok_or_else(|| self.no_etag(key))
     }
 
@@ -130,7 +138,7 @@ impl CloudStore {
             ErrorKind::Unsupported,
             format!(
                 "object {key} in vault {}: the store returned no ETag, which compare-and-swap needs",
-                self.location
+                self.0.location
             ),
         )
     }
@@ -159,14 +167,14 @@ impl CloudStore {
 
     fn head(&self, key: &str) -> Result<object_store::ObjectMeta> {
         let path = self.path(key)?;
-        count(&self.requests.head);
-        block_on(self.client.head(&path))?.map_err(self.fail("stat", key, false))
+        count(&self.0.requests.head);
+        block_on(self.0.client.head(&path))?.map_err(self.fail("stat", key, false))
     }
 
     fn past_end(&self, key: &str, offset: u64, len: usize) -> Error {
         Error::integrity(format!(
             "object {key} in vault {} is truncated: {len} bytes at offset {offset} run past its end",
-            self.location
+            self.0.location
         ))
     }
 }
@@ -186,11 +194,11 @@ impl Store for CloudStore {
 
     fn get_tagged(&self, key: &str) -> Result<(Vec<u8>, Tag)> {
         let path = self.path(key)?;
-        count(&self.requests.get);
+        count(&self.0.requests.get);
         let fail = self.fail("reading", key, false);
         let bytes_fail = self.fail("reading", key, false);
         block_on(async {
-            let got = self.client.get(&path).await.map_err(fail)?;
+            let got = self.0.client.get(&path).await.map_err(fail)?;
             let tag = got.meta.e_tag.clone();
             let bytes = got.bytes().await.map_err(bytes_fail)?;
             Ok((bytes.to_vec(), tag))
@@ -205,7 +213,7 @@ impl Store for CloudStore {
                     ErrorKind::Conflict,
                     format!(
                         "object {key} in vault {} changed since it was read",
-                        self.location
+                        self.0.location
                     ),
                 )
             } else {
@@ -240,8 +248,8 @@ impl Store for CloudStore {
                 Err(self.past_end(key, offset, len))
             };
         }
-        count(&self.requests.get);
-        match block_on(self.client.get_range(&path, offset..end))? {
+        count(&self.0.requests.get);
+        match block_on(self.0.client.get_range(&path, offset..end))? {
             Ok(bytes) if bytes.len() == len => Ok(bytes.to_vec()),
             Ok(_) => Err(self.past_end(key, offset, len)),
             Err(e) => {
@@ -265,9 +273,10 @@ impl Store for CloudStore {
             "" => None,
             p => Some(self.path(p)?),
         };
-        count(&self.requests.list);
+        count(&self.0.requests.list);
         let mut keys: Vec<String> = block_on(
-            self.client
+            self.0
+                .client
                 .list(folder.as_ref())
                 .map_ok(|meta| meta.location.to_string())
                 .try_collect(),
@@ -279,8 +288,8 @@ impl Store for CloudStore {
 
     fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
-        count(&self.requests.delete);
-        match block_on(self.client.delete(&path))? {
+        count(&self.0.requests.delete);
+        match block_on(self.0.client.delete(&path))? {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.fail("deleting", key, false)(e)),
         }
@@ -295,19 +304,16 @@ impl Store for CloudStore {
     }
 
     fn lock(&self, name: &str, wait: Duration) -> Result<Box<dyn Send>> {
-        // A CloudStore only exists inside the Arc `open` made, so this holds while `&self` does.
-        let me: Arc<dyn Store> = self.this.upgrade().ok_or_else(|| {
-            Error::new(ErrorKind::Io, format!("vault {} is closing", self.location))
-        })?;
+        let me: Arc<dyn Store> = Arc::new(self.clone());
         Ok(Box::new(Lease::acquire(me, name, wait, DEFAULT_TTL)?))
     }
 
     fn location(&self) -> String {
-        self.location.clone()
+        self.0.location.clone()
     }
 }
 
-impl Drop for CloudStore {
+impl Drop for Bucket {
     fn drop(&mut self) {
         let r = &self.requests;
         tracing::debug!(
