@@ -73,8 +73,8 @@ step() {
         "$BV" --vault "$vault" --keystore "$ks" "$@" >"$RUN/logs/$name.out" 2>"$RUN/logs/$name.log"
     read -r wall user sys rss rc <"$RUN/m.txt"
     local reqs
-    reqs=$(grep -o 'object store requests.*' "$RUN/logs/$name.log" | tail -1 |
-        sed -e 's/object store requests //' -e 's/vault=[^ ]* //' || true)
+    reqs=$(sed 's/\x1b\[[0-9;]*m//g' "$RUN/logs/$name.log" | grep -o 'object store requests.*' |
+        tail -1 | sed -e 's/object store requests //' -e 's/vault=[^ ]* //' || true)
     printf '%-22s %8.2f s %7.2f CPU-s %6d MiB  %s\n' "$name" "$wall" "$(awk "BEGIN{print $user+$sys}")" \
         $((rss / 1024)) "${reqs:-}"
 }
@@ -91,5 +91,8 @@ for where in local s3; do
 done
 
 # The probe: five requests and a read at every open of an object-store vault.
-RUST_LOG=blockvault=debug "$BV" --vault "$S3" --keystore "$RUN/ks-s3" snapshots 2>&1 >/dev/null |
-    grep -o 'conditional writes enforced.*' | head -1 | sed 's/^/probe: /'
+for _ in 1 2 3 4 5; do
+    RUST_LOG=blockvault=debug "$BV" --vault "$S3" --keystore "$RUN/ks-s3" snapshots 2>&1 >/dev/null |
+        sed 's/\x1b\[[0-9;]*m//g' | grep -o 'ms=[0-9.]*' | head -1
+done | tr '\n' ' ' | sed 's/^/probe (5 opens): /'
+echo
