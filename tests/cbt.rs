@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::qemu::{qemu_io, Listen, QemuNbd, QEMU, QEMU_NBD};
+use common::qemu::{assert_restores, qemu_io, Listen, QemuNbd, QEMU, QEMU_NBD};
 use common::tools::{run_tool, tools};
 use common::*;
 use serde_json::{json, Value};
@@ -127,42 +127,6 @@ fn write_files(
     }
 }
 
-/// The virtual size of an image (`qemu-img info`).
-fn virtual_size(img: &Path, fmt: &str) -> u64 {
-    let doc: Value = serde_json::from_str(&run(
-        "qemu-img",
-        &["info", "-f", fmt, "--output=json", s(img)],
-    ))
-    .expect("qemu-img info JSON");
-    num(&doc, "virtual-size")
-}
-
-/// Restore `spec` to a raw file and compare it with `image` (format `fmt`) as QEMU reads it:
-/// same size, and `qemu-img compare` finds them identical.
-fn assert_restores(bv: &Bv, spec: &str, image: &Path, fmt: &str) {
-    let target = bv.path(&format!("restored-{}.raw", unique()));
-    bv.restore(spec, &target, &[]).ok();
-    let size = std::fs::metadata(&target).expect("restored file").len();
-    assert_eq!(
-        size,
-        virtual_size(image, fmt),
-        "{spec}: restored size vs {}",
-        image.display()
-    );
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", fmt, s(&target), s(image)])
-        .output()
-        .expect("qemu-img compare");
-    assert!(
-        out.status.success(),
-        "{spec} restored differs from {}: {}{}",
-        image.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::remove_file(&target).expect("remove restored file");
-}
-
 /// Bytes a bitmap of `granularity` marks for `writes`, clipped to `size`: the writes rounded
 /// out to whole granules, overlaps counted once.
 fn dirtied(writes: &[(u64, u64)], granularity: u64, size: u64) -> u64 {
@@ -200,7 +164,12 @@ fn bitmap_backup(bv: &Bv, source: &str, disk: &str, bitmap: &str, marked: u64) -
         &spot,
     ]);
     assert_eq!(doc["change_source"], "bitmap", "{doc}");
-    assert_eq!(text(&doc, "change_detail"), format!("bitmap {bitmap}"));
+    // The detail names the bitmap and what --verify-unchanged re-read.
+    let detail = text(&doc, "change_detail");
+    assert!(
+        detail.starts_with(&format!("bitmap {bitmap}; re-read ")),
+        "{detail}"
+    );
     let read = num(&doc, "bytes_read");
     assert!(
         read >= marked && read <= marked + SPOT * SLOT,
@@ -322,7 +291,11 @@ fn a_chain_of_bitmap_backups_restores_every_snapshot() {
     assert_eq!(listed.len(), 5);
     for (i, snap) in listed.iter().enumerate().skip(1) {
         assert_eq!(snap["change_source"], "bitmap", "{snap}");
-        assert_eq!(text(snap, "change_detail"), format!("bitmap b{}", i - 1));
+        let detail = text(snap, "change_detail");
+        assert!(
+            detail.starts_with(&format!("bitmap b{}; ", i - 1)),
+            "{detail}"
+        );
     }
     for (id, state) in &states {
         assert_restores(&bv, &format!("vm@{id}"), state, "qcow2");
@@ -446,26 +419,30 @@ fn nbd_exports_back_up_by_bitmap_over_tcp_and_a_unix_socket() {
     let url = server.url.clone();
     let full = bv.json(&["backup", &url, "--disk", "n"]);
     assert_eq!(full["change_source"], "full", "{full}");
-    // What the export offers: its bitmap, without a granularity (NBD does not say).
+    // What the export offers: its bitmap, without a granularity or a state (NBD says
+    // neither), and what it marks.
     let inspect = bv.json(&["inspect", &url]);
     assert_eq!(inspect["format"], "nbd", "{inspect}");
     assert_eq!(num(&inspect, "size"), size);
     assert_eq!(
         inspect["bitmaps"],
-        json!([{"name": "b0", "granularity": null, "enabled": true, "in_use": false}])
+        json!([{"name": "b0", "granularity": null, "enabled": null, "in_use": false, "dirty_bytes": 0}])
     );
-    bv.run(&["inspect", &url])
-        .ok()
-        .stdout_has(&["NBD export", "dirty bitmap b0: enabled"]);
+    bv.run(&["inspect", &url]).ok().stdout_has(&[
+        "NBD export",
+        "dirty bitmap b0: present (enabled or disabled: not reported over NBD), 0 B dirty",
+    ]);
     server.stop("-TERM");
     assert_restores(&bv, "n", &img, "qcow2");
 
-    // Written while no server runs; served again (read-only, the bitmap exported).
+    // Written while no server runs; served again (read-only, both bitmaps exported, so the
+    // snapshot records b1 as present for the next backup).
     let writes = [(MIB + 4 * KIB, 8 * KIB), (20 * MIB + 1000, 100 * KIB)];
     write_random(dir, "qcow2", s(&img), &writes, 70);
     add_bitmap(&img, "b1", 64 * KIB);
     let mut server = QemuNbd::serve(&img, "qcow2")
         .bitmap("b0")
+        .bitmap("b1")
         .start(dir, Listen::Tcp);
     bitmap_backup(
         &bv,
@@ -548,12 +525,12 @@ fn a_bitmap_left_in_use_by_a_killed_qemu_nbd_is_refused() {
         .ok()
         .stdout_has(&["dirty bitmap b0: enabled", "IN USE"]);
 
-    // The way out the message gives: one backup without the bitmap, then a fresh bitmap.
+    // The way out the message gives: a fresh bitmap, then one backup without a bitmap.
+    remove_bitmap(&img, "b0");
+    add_bitmap(&img, "b1", 64 * KIB);
     let doc = bv.backup(&img, "u", &[]);
     assert_eq!(doc["change_source"], "hash-compare", "{doc}");
     assert_restores(&bv, "u", &img, "qcow2");
-    remove_bitmap(&img, "b0");
-    add_bitmap(&img, "b1", 64 * KIB);
     write_random(dir, "qcow2", s(&img), &[(5 * MIB, 4 * KIB)], 91);
     let doc = bv.backup(&img, "u", &["--bitmap", "b1"]);
     assert_eq!(doc["change_source"], "bitmap", "{doc}");
@@ -629,8 +606,8 @@ fn inspect_lists_the_bitmaps_of_a_qcow2_image() {
     assert_eq!(
         doc["bitmaps"],
         json!([
-            {"name": "b0", "granularity": 4096, "enabled": true, "in_use": false},
-            {"name": "off", "granularity": 65536, "enabled": false, "in_use": false},
+            {"name": "b0", "granularity": 4096, "enabled": true, "in_use": false, "dirty_bytes": 0},
+            {"name": "off", "granularity": 65536, "enabled": false, "in_use": false, "dirty_bytes": 0},
         ])
     );
     bv.run(&["inspect", s(&img)]).ok().stdout_has(&[

@@ -47,8 +47,18 @@ fn two_backups_of_different_disks_at_the_same_time_both_succeed() {
 
 #[test]
 fn first_backups_into_a_new_vault_at_the_same_time() {
-    // Two backups race to create the vault. One may be refused with a clear message, but
-    // whatever succeeds must be readable afterwards and the vault must verify.
+    // Two `backup --init` race to create the vault. One may be refused with a clear message,
+    // but whatever succeeds must be readable afterwards and the vault must verify.
+    let start = |bv: &Bv, src: &Path, disk: &str| {
+        bv.spawn(&[
+            "--json",
+            "backup",
+            "--init",
+            src.to_str().unwrap(),
+            "--disk",
+            disk,
+        ])
+    };
     for round in 0..4u64 {
         let bv = Bv::new();
         let a = bv.path("a.img");

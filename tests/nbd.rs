@@ -323,7 +323,10 @@ fn dirty_ranges_cover_exactly_the_written_clusters() {
     let bitmaps = src.bitmaps().expect("bitmaps");
     assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
     assert_eq!(bitmaps[0].name, "b0");
-    assert!(bitmaps[0].enabled && !bitmaps[0].in_use && bitmaps[0].granularity.is_none());
+    // NBD carries neither the state nor the granularity; the dirty bytes come from block
+    // status.
+    assert!(bitmaps[0].enabled.is_none() && !bitmaps[0].in_use && bitmaps[0].granularity.is_none());
+    assert_eq!(bitmaps[0].dirty_bytes, Some(total_len(&written)));
     let changes = src.dirty_ranges("b0").expect("dirty ranges");
     assert_eq!(changes.ranges, written);
     assert_eq!(src.dirty_ranges("b0").expect("again").ranges, written);

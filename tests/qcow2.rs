@@ -524,8 +524,8 @@ fn dirty_bitmaps_cover_exactly_what_qemu_wrote() {
         assert_eq!(list.len(), 2, "{list:?}");
         assert_eq!(list[0].name, "b0");
         assert_eq!(list[0].granularity, Some(granularity));
-        assert!(list[0].enabled && !list[0].in_use, "{list:?}");
-        assert!(!list[1].enabled, "{list:?}");
+        assert!(list[0].enabled == Some(true) && !list[0].in_use, "{list:?}");
+        assert_eq!(list[1].enabled, Some(false), "{list:?}");
 
         let mut all = writes.to_vec();
         all.push((90 * MIB, 128 * KIB));
@@ -573,7 +573,7 @@ fn bitmap_left_in_use_by_a_killed_qemu_is_refused() {
 
     let src = open(&img);
     let list = src.bitmaps().expect("bitmaps");
-    assert!(list[0].in_use && list[0].enabled, "{list:?}");
+    assert!(list[0].in_use && list[0].enabled == Some(true), "{list:?}");
     let err = src.dirty_ranges("b0").expect_err("stale bitmap");
     assert_eq!(err.kind(), ErrorKind::Usage);
     let msg = err.to_string();

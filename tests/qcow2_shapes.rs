@@ -18,9 +18,8 @@ mod common;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::qemu::{run_in, QemuIoSession, QEMU};
+use common::qemu::{assert_write_locked, run_in, QemuIoSession, QEMU};
 use common::tools::tools;
 use common::*;
 use serde_json::Value;
@@ -466,16 +465,7 @@ fn an_image_open_for_writing_is_refused() {
     // While the reader has the image open, no QEMU process may start writing it; once it is
     // closed, one may.
     let open = blockvault::source::Qcow2::open(s(&img)).expect("open");
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write 0 512", s(&img)])
-        .output()
-        .expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && text.contains("lock"),
-        "qemu-io wrote an image the reader holds: {}\n{text}",
-        out.status
-    );
+    assert_write_locked("qcow2", &img);
     drop(open);
     t.io("live.qcow2", &[write(0x43, 0, 512)]);
 }
@@ -750,9 +740,10 @@ fn bitmaps_of_every_granularity_drive_exact_incrementals() {
         let name = format!("bm{i}.qcow2");
         t.create(&name, size, &format!("cluster_size={cluster}"));
         t.io(&name, &[write(0x81, 0, size)]);
-        let disk = t.round_trip(&name);
+        // The bitmap before the full backup: it records every write after it.
         let g = granularity.to_string();
         t.img(&["bitmap", "--add", "--enable", "-g", &g, &name, "b"]);
+        let disk = t.round_trip(&name);
         let cmds: Vec<String> = writes
             .iter()
             .enumerate()
@@ -805,6 +796,8 @@ fn several_disabled_and_merged_bitmaps_in_one_image() {
     .code(2)
     .stderr_has(&["bitmap merged", "is disabled"]);
     t.img(&["bitmap", "--enable", img, "merged"]);
+    // A backup that records all four as recording, so each has its lineage to it.
+    t.bv.backup(&t.path(img), &disk, &[]);
     let second = [(17 * MIB + 100, 5000)];
     t.io(img, &[write(0xc5, second[0].0, second[0].1)]);
     let all: Vec<(u64, u64)> = first.iter().chain(&second).copied().collect();

@@ -358,15 +358,19 @@ fn json_documents_have_the_documented_fields() {
 }
 
 #[test]
-fn first_backup_creates_the_vault_and_says_where_the_key_is() {
+fn first_backup_with_init_creates_the_vault_and_says_where_the_key_is() {
     let bv = Bv::new();
     let src = bv.path("img");
     let data = random_data(70, MIB as usize + 1);
     write_file(&src, &data);
-    let r = bv.run(&["backup", src.to_str().unwrap(), "--disk", "d"]);
+    let r = bv.run(&["backup", "--init", src.to_str().unwrap(), "--disk", "d"]);
     r.ok();
     let key = bv.key_file();
-    r.stdout_has(&["created vault", key.to_str().unwrap()]);
+    r.stdout_has(&[
+        "created vault",
+        key.to_str().unwrap(),
+        "blockvault key export",
+    ]);
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "key file mode");
     let dmode = std::fs::metadata(&bv.keystore)

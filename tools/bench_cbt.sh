@@ -81,6 +81,8 @@ measure() {
   /usr/bin/time -v -o "$LOGS/$name.time" "${BV[@]}" --json "$@" >"$LOGS/$name.json" 2>"$LOGS/$name.err" \
     || { tail -n 20 "$LOGS/$name.err" >&2; die "$name failed (logs: $LOGS/$name.*)"; }
 }
+# Only `init` (or `backup --init`) creates a vault.
+"${BV[@]}" init >"$LOGS/init.out" 2>&1 || die "blockvault init failed (see $LOGS/init.out)"
 measure full backup "$IMG" --disk big
 FULL_ID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["snapshot"])' "$LOGS/full.json")
 

@@ -3,9 +3,13 @@
 //! A [`ChangeList`] is a claim, from a dirty bitmap ([`crate::source::Source::dirty_ranges`])
 //! or a changed-range file ([`file::load`]): byte ranges written since the parent, at some
 //! granularity. The engine reads only those ranges and carries every other slot over from the
-//! parent without reading it; `--verify-unchanged` spot-checks the claim.
+//! parent without reading it; `--verify-unchanged` spot-checks the claim. A bitmap is
+//! trusted only with a lineage to the parent ([`lineage`]); `--bitmap auto` adds and removes
+//! a qcow2 image's bitmaps itself through [`qemu_img`].
 
 pub mod file;
+pub mod lineage;
+pub mod qemu_img;
 
 use std::ops::Range;
 

@@ -5,13 +5,12 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use blockvault::changes;
-use blockvault::engine::{self, BackupOptions, ChangeClaim, Compression, ParentSpec};
+use blockvault::engine::{self, auto_bitmap, BackupOptions, ChangeClaim, Compression, ParentSpec};
 use blockvault::source::{self, OpenOptions, Source};
 use blockvault::util::human_bytes;
 use blockvault::vault::manifest::ChangeSource;
-use blockvault::vault::Vault;
 
-use super::output::mb_per_s;
+use super::output::{mb_per_s, mib_per_s, seconds};
 use super::Context;
 
 /// Arguments of `backup`.
@@ -23,9 +22,6 @@ pub struct Args {
     /// Name of the disk in the vault.
     #[arg(long)]
     disk: String,
-    /// Create a vault (platform-managed key) if the location holds none.
-    #[arg(long)]
-    init: bool,
     /// Snapshot to compare with: an id, `latest` (default) or `none` for a full read.
     #[arg(long, default_value = "latest")]
     parent: String,
@@ -48,24 +44,36 @@ pub struct Args {
     /// before failing the backup.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     nbd_timeout: u64,
-    /// Worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
+    /// Worker threads, 0 for one per core [default: all cores]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     threads: usize,
     /// Reads in flight.
     #[arg(long, default_value_t = 8)]
     queue_depth: usize,
     /// Read only what this dirty bitmap of the source (qcow2 image or NBD export) marks as
-    /// written; carry every other slot over from the parent.
-    #[arg(long, value_name = "NAME", conflicts_with = "changed")]
+    /// written; carry every other slot over from the parent. Trusted only if the parent
+    /// snapshot recorded it as present and recording; otherwise every slot is compared by
+    /// hash. `auto` (qcow2 files): blockvault adds the next bitmap itself before reading,
+    /// reads the one the parent added, and removes that one once the snapshot is committed.
+    #[arg(long, value_name = "NAME|auto", conflicts_with = "changed")]
     bitmap: Option<String>,
     /// Read only the byte ranges this JSON file lists as changed (plain, AWS EBS, Azure page
     /// ranges or VMware CBT shapes; see README); carry every other slot over from the parent.
     #[arg(long, value_name = "FILE")]
     changed: Option<String>,
-    /// With --bitmap or --changed: re-read this many random slots the change source calls
-    /// unchanged and, if any differs from the parent, compare every slot by hash instead.
+    /// With --bitmap or --changed: re-read at least this many random slots the change source
+    /// calls unchanged (more for larger claims, at least 32 MiB of slots; 0: none) and, if
+    /// any differs from the parent, compare every slot by hash instead.
     #[arg(long, value_name = "N", default_value_t = 8)]
     verify_unchanged: usize,
+    /// Create a vault with a platform-managed key if the location holds none (otherwise
+    /// only `init` creates one, so a mistyped --vault fails instead).
+    #[arg(long)]
+    init: bool,
+    /// Back up a source whose partition table identity (GPT disk GUID, MBR disk signature)
+    /// differs from the disk's latest snapshot.
+    #[arg(long)]
+    force: bool,
 }
 
 /// The change source named on the command line, loaded.
@@ -81,6 +89,7 @@ fn change_claim(a: &Args, src: &dyn Source) -> anyhow::Result<Option<ChangeClaim
             detail: format!("bitmap {name}"),
             list: src.dirty_ranges(name)?,
             covers: None,
+            bitmap: Some(name.clone()),
         }));
     }
     if let Some(path) = &a.changed {
@@ -90,46 +99,53 @@ fn change_claim(a: &Args, src: &dyn Source) -> anyhow::Result<Option<ChangeClaim
             detail: format!("change list {path} ({})", loaded.format),
             list: loaded.list,
             covers: loaded.covers,
+            bitmap: None,
         }));
     }
     Ok(None)
 }
 
+/// The `--bitmap` value that asks blockvault to rotate the image's bitmaps itself.
+const AUTO: &str = "auto";
+
 fn parse_slot_size(s: &str) -> Result<u32, String> {
     u32::try_from(super::parse_size(s)?).map_err(|_| format!("{s} is too large"))
 }
 
-/// Run a backup, creating the vault first if the location holds none.
+/// Run a backup (with `--init`, creating the vault first if the location holds none).
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let url = ctx.vault_url()?;
-    // The source first: a typo in its path must not leave a new, empty vault behind.
-    let src = source::open(
-        &a.source,
-        &OpenOptions {
-            no_direct: a.no_direct,
-            nbd: source::NbdOptions {
-                timeout: std::time::Duration::from_secs(a.nbd_timeout),
-                bitmap: a.bitmap.clone(),
-            },
+    let auto = a.bitmap.as_deref() == Some(AUTO);
+    let open = OpenOptions {
+        no_direct: a.no_direct,
+        nbd: source::NbdOptions {
+            timeout: std::time::Duration::from_secs(a.nbd_timeout),
+            bitmap: a.bitmap.clone().filter(|_| !auto),
         },
-    )?;
-    let changes = change_claim(&a, src.as_ref())?;
-    let keystore = ctx.keystore()?;
-    let (vault, created) = match Vault::open_with(url, &keystore, &ctx.key_access()) {
-        Ok(v) => (v, false),
-        Err(e) if e.kind() == blockvault::ErrorKind::NotFound && a.init => {
-            let opts = blockvault::keys::init::InitOptions {
-                access: ctx.key_access(),
-                ..Default::default()
-            };
-            (
-                blockvault::keys::init::init(url, &keystore, &opts)?.vault,
-                true,
-            )
+    };
+    // The source first: a typo in its path must not leave a new, empty vault behind. An auto
+    // backup opens it itself, around the qemu-img runs; here it is only checked.
+    let src = match auto {
+        true => {
+            auto_bitmap::probe(&a.source, &open)?;
+            None
         }
-        Err(e) => return Err(e.into()),
+        false => Some(source::open(&a.source, &open)?),
+    };
+    let changes = match &src {
+        Some(src) => change_claim(&a, src.as_ref())?,
+        None => None,
+    };
+    let (vault, created) = if a.init {
+        let (vault, created) =
+            blockvault::keys::init::open_or_init(url, &ctx.keystore()?, &ctx.key_access())?;
+        super::opened(&vault);
+        (vault, created)
+    } else {
+        (ctx.open_vault()?, false)
     };
     // Nothing is written with a key that cannot unwrap: no backups nobody could read.
+    super::key_access::require(&vault, &ctx.keys)?;
     vault.check_keys()?;
     let opts = BackupOptions {
         disk: a.disk,
@@ -147,13 +163,32 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         threads: a.threads,
         changes,
         verify_unchanged: a.verify_unchanged,
+        force: a.force,
+        ..BackupOptions::default()
     };
-    let bar = ctx.out.progress("backup");
-    let r = engine::backup(&vault, src.as_ref(), &opts, &bar)?;
-    drop(bar);
-    let s = r.stats;
-    let secs = s.duration_ms as f64 / 1000.0;
     let ks = vault.keystore_file().display().to_string();
+    let bar = ctx.out.progress("backup");
+    let done = match src {
+        Some(src) => engine::backup(&vault, src.as_ref(), &opts, &bar).map(|r| (r, None)),
+        None => auto_bitmap::backup(&vault, &a.source, &open, &opts, &bar)
+            .map(|done| (done.backup, Some(done.removed))),
+    };
+    let (r, removed) = done.map_err(|e| {
+        let e = anyhow::Error::from(e);
+        if !created {
+            return e;
+        }
+        // The vault stays: say where its key is even though the backup failed.
+        e.context(format!(
+            "created vault at {url} (platform key in {ks}: keep a copy; `blockvault key export`), but its first backup failed"
+        ))
+    })?;
+    drop(bar);
+    for line in r.remarks.recorded() {
+        eprintln!("{line}");
+    }
+    let s = r.stats;
+    let secs = seconds(s.duration_ms as f64 / 1000.0);
     let doc = json!({
         "command": "backup",
         "vault": url,
@@ -174,19 +209,30 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "slots_new": s.slots_new,
         "slots_reused": s.slots_reused,
         "slots_zero": s.slots_zero,
+        "verify_unchanged": r.verify_unchanged,
+        "bitmaps": r.info.bitmaps,
+        "bitmap_created": r.info.bitmap_created,
+        "bitmaps_removed": removed,
         "seconds": secs,
-        "mb_per_s": mb_per_s(r.disk_size, secs),
+        "mb_per_s": mb_per_s(s.bytes_read, secs),
+        "warnings": r.remarks.warnings,
+        "notes": r.notes,
     });
     ctx.out.result(doc, || {
         let mut t = String::new();
         if created {
-            t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read)\n");
+            t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read; `blockvault key export`)\n");
         }
         if !r.change_detail.is_empty() {
             t += &format!("changes from {}\n", r.change_detail);
         }
+        // Notes about the source were printed on stderr already.
+        let about_source = |n: &String| r.remarks.notes.contains(n);
+        for note in r.notes.iter().filter(|n| **n != r.change_detail && !about_source(n)) {
+            t += &format!("note: {note}\n");
+        }
         t += &format!(
-            "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, {} MB/s\n",
+            "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, read at {:.1} MiB/s\n",
             r.snapshot.short(),
             r.disk,
             serde_json::to_value(r.change_source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
@@ -198,8 +244,14 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             s.slots_reused,
             s.slots_zero,
             secs,
-            mb_per_s(r.disk_size, secs),
+            mib_per_s(s.bytes_read, secs),
         );
+        if let Some(b) = &r.info.bitmap_created {
+            t += &format!("  bitmap {b} added: the next --bitmap auto backup reads it\n");
+        }
+        for b in removed.iter().flatten() {
+            t += &format!("  bitmap {b} removed\n");
+        }
         t
     });
     Ok(ExitCode::SUCCESS)

@@ -57,11 +57,18 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         }
         for b in &bitmaps {
             t += &format!(
-                "dirty bitmap {}: {}{}{}\n",
+                "dirty bitmap {}: {}{}{}{}\n",
                 b.name,
-                if b.enabled { "enabled" } else { "disabled" },
+                match b.enabled {
+                    Some(true) => "enabled",
+                    Some(false) => "disabled",
+                    None => "present (enabled or disabled: not reported over NBD)",
+                },
                 b.granularity
                     .map(|g| format!(", granularity {}", human_bytes(g)))
+                    .unwrap_or_default(),
+                b.dirty_bytes
+                    .map(|d| format!(", {} dirty", human_bytes(d)))
                     .unwrap_or_default(),
                 if b.in_use {
                     ", IN USE (stale: QEMU did not close it; refused for backups)"

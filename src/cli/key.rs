@@ -13,7 +13,7 @@ use blockvault::keys::{destroy, recover, rotate, show, state, transfer};
 use blockvault::vault::kekdesc;
 use blockvault::Error;
 
-use super::init::read_key_spec;
+use super::init::{read_key_spec, EnrolArgs};
 use super::Context;
 
 /// Arguments of `key`.
@@ -43,6 +43,8 @@ enum KeyCommand {
         /// other copy of the keystore stops working until it imports a new export.
         #[arg(long, conflicts_with_all = ["new_cmk", "new_dek"])]
         auth: bool,
+        #[command(flatten)]
+        enrol: EnrolArgs,
     },
     /// Revoke the platform KEK (every version, or one): backups, restores and verify
     /// --read-data fail until it is enabled again. An administrative lock: see `destroy`.
@@ -93,6 +95,8 @@ enum KeyCommand {
         /// Recover although the vault records revoked platform KEK versions.
         #[arg(long)]
         lift_revocation: bool,
+        #[command(flatten)]
+        enrol: EnrolArgs,
     },
     /// Write the vault's keystore file, sealed under a passphrase, to FILE.
     Export {
@@ -137,7 +141,8 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             new_cmk,
             new_dek,
             auth,
-        } => rotate_keys(ctx, new_cmk.as_deref(), new_dek, auth),
+            enrol,
+        } => rotate_keys(ctx, new_cmk.as_deref(), new_dek, auth, &enrol),
         KeyCommand::Revoke { version } => set_state(ctx, version, true),
         KeyCommand::Enable { version } => set_state(ctx, version, false),
         KeyCommand::Destroy { version } => destroy_key(ctx, version),
@@ -150,6 +155,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             anchor_fingerprint,
             unverified_anchor,
             lift_revocation,
+            enrol,
         } => {
             let private = |path: PathBuf| PrivateKeyFile {
                 path,
@@ -163,7 +169,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
                 infra_recovery_private: infra_recovery_private.map(private),
                 new_cmk: new_cmk
                     .as_deref()
-                    .map(|spec| read_key_spec(ctx, spec, false, next_cmk_version(ctx)?))
+                    .map(|spec| read_key_spec(ctx, spec, false, next_cmk_version(ctx)?, &enrol))
                     .transpose()?,
                 take_over,
                 anchor_fingerprint,
@@ -209,8 +215,14 @@ fn next_cmk_version(ctx: &Context) -> anyhow::Result<u32> {
 fn show_keys(ctx: &Context) -> anyhow::Result<ExitCode> {
     let vault = ctx.open_vault()?;
     let r = show::show(&vault)?;
+    // Disk names are sealed under the DEKs: without the key they stay ids, and the note says
+    // why (the same sentence `snapshots` or `restore` would fail with).
+    let names_note = super::key_access::require(&vault, &ctx.keys)
+        .err()
+        .map(|e| e.to_string());
     let mut doc = serde_json::to_value(&r)?;
     doc["command"] = "key show".into();
+    doc["disk_names_unreadable"] = names_note.clone().into();
     ctx.out.result(doc, || {
         let mut t = format!(
             "vault keys: {} (current {}){}\nauth key v{} fingerprint {} (keep it with the recovery key)\nkeystore file {}\n",
@@ -228,18 +240,29 @@ fn show_keys(ctx: &Context) -> anyhow::Result<ExitCode> {
             t += &format!("unfinished: {op} — run it again to finish\n");
         }
         for k in &r.keks {
-            t += &format!(
-                "  {:<16} {}{}{}\n",
-                k.id,
-                k.state.as_deref().map(|s| format!("{s} ")).unwrap_or_default(),
-                k.rsa.as_deref().map(|s| format!("{s} ")).unwrap_or_default(),
-                k.fingerprint
-            );
+            t += &match (&k.fingerprint, &k.fingerprint_sha256) {
+                (Some(fp), _) => format!(
+                    "  {:<16} {} fingerprint {fp}\n",
+                    k.id,
+                    k.state.as_deref().unwrap_or_default()
+                ),
+                (None, Some(fp)) => format!(
+                    "  {:<16} RSA-{} {} sha256:{fp} ({})\n",
+                    k.id,
+                    k.bits.unwrap_or_default(),
+                    k.oaep.as_deref().unwrap_or_default(),
+                    k.source.as_deref().unwrap_or_default()
+                ),
+                (None, None) => format!("  {}\n", k.id),
+            };
         }
         for d in &r.destroyed {
             t += &format!("  destroyed: {d}\n");
         }
         t += "DEK generations:\n";
+        if let Some(note) = &names_note {
+            t += &format!("  (disk names unreadable: {note})\n");
+        }
         for g in &r.dek_generations {
             t += &format!(
                 "  disk {} generation {}{}{}: wrapped by {}; {} snapshot(s)\n",
@@ -261,6 +284,7 @@ fn rotate_keys(
     new_cmk: Option<&str>,
     new_dek: bool,
     auth: bool,
+    enrol: &EnrolArgs,
 ) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let new_cmk = match new_cmk {
@@ -271,6 +295,7 @@ fn rotate_keys(
                 spec,
                 false,
                 rotate::next_cmk_version(&vault),
+                enrol,
             )?)
         }
         None => None,
@@ -295,7 +320,7 @@ fn rotate_keys(
         "retired_versions": r.retired,
         "auth_key_version": r.auth.as_ref().map(|a| a.0),
         "auth_fingerprint": r.auth.as_ref().map(|a| a.1.clone()),
-        "seconds": secs,
+        "seconds": super::output::seconds(secs),
     });
     ctx.out.result(doc, || match (&r.kek, &r.auth) {
         (_, Some((v, fp))) => format!("auth key rotated to version {v}, fingerprint {fp} (keep it with the recovery key); other copies of the keystore need a new `key import`, {secs:.2} s\n"),

@@ -9,7 +9,7 @@ use blockvault::engine::require_disk;
 use blockvault::restore::{self, RestoreOptions};
 use blockvault::util::human_bytes;
 
-use super::output::mb_per_s;
+use super::output::{mb_per_s, mib_per_s, seconds};
 use super::Context;
 
 /// Arguments of `restore`.
@@ -83,7 +83,7 @@ fn write_escrows(
 
 /// Restore a snapshot.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
-    let vault = ctx.open_vault()?;
+    let vault = ctx.open_vault_unwrapping()?;
     let (name, spec) = a
         .snapshot
         .split_once('@')
@@ -104,6 +104,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         &bar,
     )?;
     drop(bar);
+    let secs = seconds(r.seconds);
     let escrowed = match &a.with_escrow {
         Some(dir) => write_escrows(&vault, &disk, dir)?,
         None => Vec::new(),
@@ -118,20 +119,20 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "bytes_written": r.bytes_written,
         "bytes_fetched": r.bytes_fetched,
         "slots_zero": r.slots_zero,
-        "seconds": r.seconds,
-        "mb_per_s": mb_per_s(r.bytes_total, r.seconds),
+        "seconds": secs,
+        "mb_per_s": mb_per_s(r.bytes_written, secs),
         "verified_digest": true,
     });
     ctx.out.result(doc, || {
         format!(
-            "restored {}@{} to {}: {} ({} data), digest verified, {:.2} s, {} MB/s\n",
+            "restored {}@{} to {}: {} ({} data), digest verified, {:.2} s, written at {:.1} MiB/s\n",
             disk.name,
             m.id.short(),
             a.target.display(),
             human_bytes(r.bytes_total),
             human_bytes(r.bytes_written),
-            r.seconds,
-            mb_per_s(r.bytes_total, r.seconds)
+            secs,
+            mib_per_s(r.bytes_written, secs)
         ) + &match &a.with_escrow {
             Some(dir) => format!(
                 "escrowed keys written to {}: {}\n",

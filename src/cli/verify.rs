@@ -20,7 +20,7 @@ pub struct Args {
 
 /// Verify; exit 3 when anything is damaged.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
-    let vault = ctx.open_vault()?;
+    let vault = ctx.open_vault_unwrapping()?;
     if let Some(d) = &a.disk {
         blockvault::engine::require_disk(&vault, d)?;
     }
@@ -30,6 +30,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let mut doc = serde_json::to_value(&r)?;
     doc["command"] = "verify".into();
     doc["ok"] = r.problems.is_empty().into();
+    doc["seconds"] = super::output::seconds(r.seconds).into();
     ctx.out.result(doc, || {
         let mut t = format!(
             "checked {} disks, {} snapshots, {} packs{}\n",
@@ -46,12 +47,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
                 String::new()
             }
         );
-        if r.unreferenced_packs > 0 {
-            t += &format!(
-                "{} unreferenced packs (left by interrupted backups; harmless)\n",
-                r.unreferenced_packs
-            );
-        }
+        t += &leftovers(&r);
         for p in &r.problems {
             t += &format!("DAMAGED {}: {}", p.object, p.problem);
             if !p.snapshots.is_empty() {
@@ -71,4 +67,27 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(INTEGRITY)
     })
+}
+
+/// The lines about what killed runs left, if they left anything.
+fn leftovers(r: &verify::VerifyReport) -> String {
+    let mut t = String::new();
+    if r.unreferenced_packs > 0 {
+        t += &format!(
+            "{} unreferenced packs, {}: stored by backups killed before they committed\n",
+            r.unreferenced_packs,
+            human_bytes(r.unreferenced_pack_bytes)
+        );
+    }
+    if r.unfinished_writes > 0 {
+        t += &format!(
+            "{} unfinished writes, {} in temp files: left by processes killed while writing\n",
+            r.unfinished_writes,
+            human_bytes(r.unfinished_write_bytes)
+        );
+    }
+    if !t.is_empty() {
+        t += "  (harmless: no snapshot uses them; their space can be reclaimed by prune, which a later release brings)\n";
+    }
+    t
 }

@@ -10,10 +10,15 @@
 //! Memory is bounded by the buffer pool, the result channel and two packs, never by the disk
 //! size: a 1 TiB disk uses the same buffers as a 1 GiB one (plus its slot table).
 
+pub mod auto_bitmap;
+pub mod claim;
+pub mod identity;
 pub mod overlay;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod spotcheck;
+pub mod uncommitted;
 pub mod worker;
 pub mod writer;
 
@@ -25,10 +30,12 @@ use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io;
 use crate::source::Source;
+use crate::vault::info::SnapshotInfo;
 use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
 use crate::vault::{Disk, Vault};
-use plan::Plan;
+use uncommitted::UncommittedPacks;
 
+pub use progress::{NoProgress, Progress};
 pub use worker::Compression;
 use worker::{Recycler, WorkerContext};
 use writer::Writer;
@@ -70,8 +77,16 @@ pub struct BackupOptions {
     /// compares every slot's keyed hash with the parent's.
     pub changes: Option<ChangeClaim>,
     /// Slots the change claim says are unchanged to re-read and compare with the parent
-    /// before trusting it.
+    /// before trusting it, at least (spotcheck.rs samples more for larger claims).
     pub verify_unchanged: usize,
+    /// The new snapshot's id, when it must be known before reading (`--bitmap auto` names
+    /// its bitmap after it); random otherwise.
+    pub snapshot_id: Option<SnapshotId>,
+    /// What to record besides what the backup learns itself: the bitmap it created, notes.
+    pub info: SnapshotInfo,
+    /// Back up a source whose partition table identity differs from the disk's latest
+    /// snapshot ([`identity`]).
+    pub force: bool,
 }
 
 /// A change source's claim, as the manifest will record it.
@@ -83,6 +98,9 @@ pub struct ChangeClaim {
     pub detail: String,
     /// The changed ranges.
     pub list: ChangeList,
+    /// The dirty bitmap's name when the claim is one: trusted only with a lineage to the
+    /// parent (`changes::lineage`).
+    pub bitmap: Option<String>,
     /// Bytes from 0 the claim speaks for, if it says; a larger disk is refused.
     pub covers: Option<u64>,
 }
@@ -99,23 +117,11 @@ impl Default for BackupOptions {
             threads: 0,
             changes: None,
             verify_unchanged: 8,
+            snapshot_id: None,
+            info: SnapshotInfo::default(),
+            force: false,
         }
     }
-}
-
-/// Receives progress in bytes of the disk covered.
-pub trait Progress: Sync {
-    /// Total bytes to cover.
-    fn start(&self, total: u64);
-    /// `bytes` more covered.
-    fn advance(&self, bytes: u64);
-}
-
-/// No progress display.
-pub struct NoProgress;
-impl Progress for NoProgress {
-    fn start(&self, _: u64) {}
-    fn advance(&self, _: u64) {}
 }
 
 /// What a backup did.
@@ -141,6 +147,15 @@ pub struct BackupReport {
     pub reader: io::ReaderKind,
     /// Figures.
     pub stats: Stats,
+    /// What `--verify-unchanged` re-read, when a change claim was checked.
+    pub verify_unchanged: Option<spotcheck::Sampled>,
+    /// What the snapshot records about how it was made (bitmaps, notes).
+    pub info: SnapshotInfo,
+    /// What differs from the disk's latest snapshot, also kept in the snapshot's notes.
+    pub remarks: identity::Remarks,
+    /// Notes on this backup, for people: why a change source was not trusted, what differs
+    /// from the latest snapshot (the snapshot keeps them in its info, warnings marked).
+    pub notes: Vec<String>,
 }
 
 fn check_slot_size(s: u32) -> Result<()> {
@@ -159,6 +174,8 @@ struct Job {
     new_disk: bool,
     _lock: Box<dyn Send>,
     parent: Option<Manifest>,
+    /// What the disk's latest snapshot recorded of its source.
+    latest: Option<identity::Recorded>,
     slot_size: u32,
     /// Why the parent was not used for dedup, when it could not be.
     note: Option<String>,
@@ -179,9 +196,10 @@ impl Job {
             .store()
             .lock(&disk.id_hex(), Duration::ZERO)
             .map_err(|e| e.within(format!("disk {}", opts.disk)))?;
+        let latest = vault.latest_snapshot(&disk)?;
         let mut parent = match &opts.parent {
             ParentSpec::None => None,
-            ParentSpec::Latest => vault.latest_snapshot(&disk)?,
+            ParentSpec::Latest => latest.clone(),
             ParentSpec::Id(id) => Some(vault.resolve_snapshot(&disk, id)?),
         };
         let mut note = None;
@@ -204,6 +222,7 @@ impl Job {
             new_disk,
             _lock: lock,
             parent,
+            latest: latest.as_ref().map(identity::Recorded::of),
             slot_size,
             note,
         })
@@ -220,12 +239,32 @@ fn worst_case_seals(slots: u64) -> u64 {
     slots.saturating_mul(per_slot * 2).saturating_add(16)
 }
 
-/// Back up `source` into `vault` as a new snapshot of `opts.disk`.
+/// Back up `source` into `vault` as a new snapshot of `opts.disk`. A run that fails or is
+/// stopped by SIGINT/SIGTERM writes no snapshot and removes the packs it stored; its error
+/// says so ([`uncommitted`]).
 pub fn backup(
     vault: &Vault,
     source: &dyn Source,
     opts: &BackupOptions,
     progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let packs = UncommittedPacks::new(vault.store().clone());
+    match write_snapshot(vault, source, opts, progress, &packs) {
+        Ok(report) => {
+            packs.commit();
+            Ok(report)
+        }
+        Err(e) => Err(uncommitted::explain(e, &opts.disk, &packs.discard())),
+    }
+}
+
+/// The backup itself; every pack it stores is in `packs` until the manifest is written.
+fn write_snapshot(
+    vault: &Vault,
+    source: &dyn Source,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    packs: &UncommittedPacks,
 ) -> Result<BackupReport> {
     let started = Instant::now();
     check_slot_size(opts.slot_size)?;
@@ -250,26 +289,22 @@ pub fn backup(
     } = job;
     let nslots = manifest::slot_count(disk_size, slot_size);
     let layout = scan_layout(source);
+    let remarks = identity::compare(job.latest.as_ref(), source, layout.as_ref(), opts.force)?;
 
+    // The bitmaps as they are before any data is read (changes::lineage::record).
+    let bitmaps = crate::changes::lineage::record(source)?;
     let data = source.data_ranges()?;
-    let (plan, change_source, change_detail) = match (&opts.changes, parent) {
-        (Some(claim), Some(p)) => plan_from_claim(vault, &disk, p, source, claim, &data, opts)?,
-        (Some(claim), None) => {
-            tracing::info!(change_source = %claim.detail, "no parent snapshot: reading the whole disk");
-            let plan = Plan::whole(&data, disk_size, slot_size);
-            (plan, ChangeSource::Full, String::new())
-        }
-        (None, Some(_)) => (
-            Plan::whole(&data, disk_size, slot_size),
-            ChangeSource::HashCompare,
-            String::new(),
-        ),
-        (None, None) => (
-            Plan::whole(&data, disk_size, slot_size),
-            ChangeSource::Full,
-            String::new(),
-        ),
-    };
+    let decided = claim::decide(
+        vault,
+        &disk,
+        parent.as_ref(),
+        source,
+        opts,
+        &data,
+        &bitmaps,
+        slot_size,
+    )?;
+    let plan = decided.plan;
     // Sequence and nonce budget, before anything is sealed (a new DEK generation may start).
     let (disk, reservation) = vault.reserve(disk, worst_case_seals(plan.slots_read()))?;
     let generation = reservation.generation;
@@ -301,11 +336,12 @@ pub fn backup(
         slots_zero: nslots - plan.slots_read() - plan.carried.len() as u64,
         ..Stats::default()
     };
-    progress.start(disk_size);
-    progress.advance(disk_size - plan.bytes_to_read());
+    tracing::debug!(disk_size, parent = ?parent.as_ref().map(|p| p.id.short()), slot_size, generation, change_source = ?decided.change_source, slots_read = plan.slots_read(), slots_carried = plan.carried.len(), bytes_to_read = plan.bytes_to_read(), "plan");
+    progress.start(plan.bytes_to_read());
 
+    crate::interrupt::check()?;
     let writer = Writer::new(
-        vault.store().clone(),
+        packs,
         disk.binding,
         keys.clone(),
         generation,
@@ -323,8 +359,23 @@ pub fn backup(
     stats.slots_zero += local.slots_zero;
     stats.duration_ms = started.elapsed().as_millis() as u64;
 
+    let mut info = opts.info.clone();
+    info.bitmaps = bitmaps;
+    info.identity_generation = disk.identity_generation;
+    let notes: Vec<String> = note
+        .iter()
+        .chain(&decided.notes)
+        .chain(&remarks.notes)
+        .cloned()
+        .collect();
+    info.notes.extend(note);
+    info.notes.extend(decided.notes);
+    info.notes.extend(remarks.recorded());
     let mut m = Manifest {
-        id: SnapshotId(random_bytes()?),
+        id: match opts.snapshot_id {
+            Some(id) => id,
+            None => SnapshotId(random_bytes()?),
+        },
         generation,
         created: crate::util::now_unix(),
         sequence: reservation.sequence,
@@ -333,8 +384,8 @@ pub fn backup(
         parent: parent.as_ref().map(|p| p.id),
         disk_size,
         slot_size,
-        change_source,
-        change_detail,
+        change_source: decided.change_source,
+        change_detail: decided.change_detail,
         // The frames and pack indexes this job sealed, and its manifest.
         seals_in_generation: keys.seals() - seals_before + 1,
         stats,
@@ -346,13 +397,16 @@ pub fn backup(
             .as_ref()
             .and_then(|l| serde_json::to_string(l).ok())
             .unwrap_or_default(),
-        info: crate::vault::info::SnapshotInfo {
-            identity_generation: disk.identity_generation,
-            notes: note.into_iter().collect(),
-            ..Default::default()
-        },
+        info,
     };
     m.digest = m.compute_digest(&disk.identity.digest);
+    tracing::debug!(
+        packs = m.packs.len(),
+        extents = m.extents.len(),
+        "commit: writing the manifest"
+    );
+    // The last moment a stop asked for by a signal is honoured: after this, the backup is done.
+    crate::interrupt::check()?;
     vault.commit_snapshot(&disk, &m, &reservation, seals_before)?;
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {
@@ -366,6 +420,10 @@ pub fn backup(
         slot_size,
         reader,
         stats,
+        verify_unchanged: decided.verify_unchanged,
+        info: m.info,
+        remarks,
+        notes,
     })
 }
 
@@ -384,54 +442,6 @@ pub fn scan_layout(source: &dyn Source) -> Option<crate::layout::Layout> {
             None
         }
     }
-}
-
-/// The plan of an incremental that a change source drives, after checking the claim: it must
-/// cover the disk, and the slots it calls unchanged that `--verify-unchanged` re-reads must
-/// match the parent. A failed check falls back to hash comparison of every slot.
-fn plan_from_claim(
-    vault: &Vault,
-    disk: &Disk,
-    parent: &Manifest,
-    source: &dyn Source,
-    claim: &ChangeClaim,
-    data: &[std::ops::Range<u64>],
-    opts: &BackupOptions,
-) -> Result<(Plan, ChangeSource, String)> {
-    let disk_size = source.size();
-    if let Some(covers) = claim.covers.filter(|&c| c < disk_size) {
-        return Err(Error::usage(format!(
-            "{} speaks for the first {covers} bytes only, but {} holds {disk_size}",
-            claim.detail,
-            source.name()
-        )));
-    }
-    let plan = Plan::changed(&claim.list, parent, data, disk_size);
-    let differs = spotcheck::first_difference(
-        vault,
-        disk,
-        parent,
-        source,
-        &plan.carried,
-        opts.verify_unchanged,
-    )?;
-    let Some(slot) = differs else {
-        return Ok((plan, claim.source, claim.detail.clone()));
-    };
-    tracing::warn!(
-        slot,
-        change_source = %claim.detail,
-        "the change source says slot {slot} is unchanged, but it differs from the parent: \
-         not trusting it, comparing every slot by hash instead"
-    );
-    Ok((
-        Plan::whole(data, disk_size, parent.slot_size),
-        ChangeSource::HashCompare,
-        format!(
-            "{} missed a change in slot {slot}: fell back to hash comparison",
-            claim.detail
-        ),
-    ))
 }
 
 /// Shared with restore: find a disk by name or fail with a clear message.

@@ -1,5 +1,7 @@
 //! Running the pipeline threads of one backup: the reader on this thread, workers on a rayon
 //! pool, the writer on its own thread, joined by bounded channels (see the module above).
+//! Each checks [`crate::interrupt::check`] between units of work; after a failure the writer
+//! keeps draining its channel, so a stop leaves no thread blocked.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +28,7 @@ pub fn run<'a>(
     progress: &dyn Progress,
 ) -> Result<(Writer<'a>, Stats, ReaderKind)> {
     let mut local = Stats::default();
+    let plan_carried = plan.carried.len();
     for &slot in &plan.carried {
         let parent = ctx.parent.as_ref().ok_or_else(|| {
             Error::new(
@@ -65,6 +68,16 @@ pub fn run<'a>(
         Access::Fd(_) => io::choose_reader(opts.force_pread),
     };
 
+    tracing::debug!(
+        reader = ?reader,
+        threads,
+        buffers = nbuf,
+        buffer_size = slot_size,
+        queue_depth = opts.queue_depth,
+        reads = reads.len(),
+        carried = plan_carried,
+        "reader and workers start"
+    );
     let (tx, rx) = crossbeam_channel::bounded::<Result<(u64, usize, Outcome)>>(nbuf);
     let abort = AtomicBool::new(false);
     let (read_result, write_result) = std::thread::scope(|ts| {
@@ -76,6 +89,8 @@ pub fn run<'a>(
                 if failed.is_some() {
                     continue; // keep draining so no worker blocks on a full channel
                 }
+                // A stop asked for by a signal: apply nothing more, so no pack is flushed.
+                let msg = crate::interrupt::check().and(msg);
                 let applied = msg.and_then(|(slot, len, outcome)| {
                     local.bytes_read += len as u64;
                     progress.advance(len as u64);
@@ -118,6 +133,7 @@ pub fn run<'a>(
                 reader,
                 opts.queue_depth,
                 |tag, buf| {
+                    crate::interrupt::check()?;
                     if abort.load(Ordering::Relaxed) {
                         return Err(Error::new(
                             ErrorKind::Io,
@@ -126,7 +142,8 @@ pub fn run<'a>(
                     }
                     let tx = tx.clone();
                     scope.spawn(move |_| {
-                        let r = process(ctx, work[tag as usize], &buf);
+                        let r = crate::interrupt::check()
+                            .and_then(|()| process(ctx, work[tag as usize], &buf));
                         drop(buf);
                         let _ = tx.send(r);
                     });
@@ -143,7 +160,16 @@ pub fn run<'a>(
     // A write error is the cause of a reader stopped by `abort`: report it first.
     match (read_result, write_result) {
         (_, Err(e)) | (Err(e), _) => Err(e),
-        (Ok(_), Ok((w, stats))) => Ok((w, stats, reader)),
+        (Ok(_), Ok((w, stats))) => {
+            tracing::debug!(
+                bytes_read = stats.bytes_read,
+                slots_new = stats.slots_new,
+                slots_reused = stats.slots_reused,
+                slots_zero = stats.slots_zero,
+                "reader and workers done"
+            );
+            Ok((w, stats, reader))
+        }
     }
 }
 

@@ -163,7 +163,7 @@ fn blocks(ranges: impl Iterator<Item = Range<u64>>, start: u64, len: u64) -> Vec
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::vault::manifest::ChangeSource;
 
@@ -188,7 +188,8 @@ mod tests {
         assert!(Plan::whole(&[], 8192, 4096).reads.is_empty());
     }
 
-    fn parent(disk_size: u64, slot_size: u32) -> Manifest {
+    /// A parent of all-zero slots.
+    pub(crate) fn parent(disk_size: u64, slot_size: u32) -> Manifest {
         let n = manifest::slot_count(disk_size, slot_size) as usize;
         Manifest {
             id: manifest::SnapshotId([0; 16]),

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::overlay::{Overlaid, Piece};
+use super::uncommitted::{put_logged, UncommittedPacks};
 use crate::crypto::{ExtentId, GenerationKeys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vault::frame::Binding;
 use crate::vault::manifest::{ExtentLoc, Manifest, Overlay, Slot, ZERO};
 use crate::vault::pack::{PackId, PackWriter, TARGET_SIZE};
-use crate::vault::store::Store;
 
 /// Tables of the snapshot being written.
 pub struct Tables {
@@ -41,14 +41,13 @@ pub struct Writer<'a> {
     uploader: Option<JoinHandle<Result<()>>>,
     /// Bytes of new frames.
     pub bytes_stored: u64,
-    /// Pack indexes sealed (frames are sealed, and counted, by the workers).
-    pub seals: u64,
 }
 
 impl<'a> Writer<'a> {
-    /// A writer for a disk of `slot_count` slots, deduplicating against `parent`.
+    /// A writer for a disk of `slot_count` slots, deduplicating against `parent`; the packs
+    /// it stores go to the store of `packs`, recorded there as the run's uncommitted ones.
     pub fn new(
-        store: Arc<dyn Store>,
+        packs: &UncommittedPacks,
         binding: Binding,
         keys: Arc<GenerationKeys>,
         generation: u32,
@@ -61,12 +60,15 @@ impl<'a> Writer<'a> {
         let (tx, rx) = sync_channel::<(PackId, Vec<u8>)>(0);
         // Stored packs' buffers come back for reuse: no 32 MiB allocation per pack.
         let (spare_tx, spare_packs) = sync_channel::<Vec<u8>>(1);
+        let (store, log) = (packs.store(), packs.log());
         let uploader = std::thread::Builder::new()
             .name("bv-upload".into())
             .spawn(move || -> Result<()> {
                 for (id, bytes) in rx {
-                    store.put(&id.object_key(), &bytes)?;
-                    tracing::debug!(pack = %id, bytes = bytes.len(), "pack stored");
+                    // A stop asked for by a signal: no new pack (one being written finishes).
+                    crate::interrupt::check()?;
+                    put_logged(&*store, &log, id, &bytes)?;
+                    tracing::debug!(pack = %id, bytes = bytes.len(), "uploader: pack stored");
                     let _ = spare_tx.try_send(bytes);
                 }
                 Ok(())
@@ -90,7 +92,6 @@ impl<'a> Writer<'a> {
             spare_packs,
             uploader: Some(uploader),
             bytes_stored: 0,
-            seals: 0,
         })
     }
 
@@ -229,9 +230,9 @@ impl<'a> Writer<'a> {
             return Ok(());
         };
         let (id, bytes) = pack.finish(&self.binding, &self.keys)?;
-        self.seals += 1;
         self.tables.packs[idx as usize] = (id, bytes.len() as u64);
         self.pack_index.insert(id, idx);
+        tracing::debug!(pack = %id, bytes = bytes.len(), "writer: pack sealed, handed to the uploader");
         let tx = self.uploads.as_ref().expect("uploads open until finish");
         if tx.send((id, bytes)).is_err() {
             // The uploader stopped: its error is the one to report.
@@ -257,6 +258,12 @@ impl<'a> Writer<'a> {
     pub fn finish(mut self) -> Result<Tables> {
         self.flush()?;
         self.join_uploader()?;
+        tracing::debug!(
+            packs = self.tables.packs.len(),
+            extents = self.tables.extents.len(),
+            bytes_stored = self.bytes_stored,
+            "writer: every pack durable"
+        );
         Ok(std::mem::replace(
             &mut self.tables,
             Tables {

@@ -138,6 +138,24 @@ pub fn init(url: &str, keystore: &Keystore, opts: &InitOptions) -> Result<Initia
     })
 }
 
+/// Open the vault at `url`, or create one with a platform-managed key if the location holds
+/// none (`backup --init`). Returns whether it was created.
+pub fn open_or_init(url: &str, keystore: &Keystore, access: &KeyAccess) -> Result<(Vault, bool)> {
+    match Vault::open_with(url, keystore, access) {
+        Ok(v) => Ok((v, false)),
+        // `open` reports NotFound only when the location holds no config object (and this
+        // host knew no vault there: that one is NotFound too, and `init` refuses it below).
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let opts = InitOptions {
+                access: access.clone(),
+                ..InitOptions::default()
+            };
+            Ok((init(url, keystore, &opts)?.vault, true))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// If this host knew a vault at `location` (it vanished, since no config is there), refuse
 /// unless the caller named it to forget; then drop the URL from its memory.
 fn forget_known(

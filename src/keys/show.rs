@@ -54,12 +54,21 @@ pub struct KekInfo {
     /// When it was made (RFC 3339; platform keys).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created: Option<String>,
-    /// A fingerprint that reveals nothing of the key (platform: derived; RSA: SHA-256 of the
-    /// public key).
-    pub fingerprint: String,
-    /// RSA size, OAEP hash and where the key lives (customer and recovery keys).
+    /// Platform keys: a fingerprint derived from the key that reveals nothing of it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rsa: Option<String>,
+    pub fingerprint: Option<String>,
+    /// RSA keys: SHA-256 of the public key (SubjectPublicKeyInfo DER).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint_sha256: Option<String>,
+    /// RSA keys: modulus size in bits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits: Option<usize>,
+    /// RSA keys: the OAEP hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oaep: Option<String>,
+    /// RSA keys: where the key lives (PEM file path or PKCS#11 URI).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// One DEK generation.
@@ -102,13 +111,16 @@ pub fn show(vault: &Vault) -> Result<KeyReport> {
                 version: v.version,
                 state: Some(if revoked { "revoked" } else { "enabled" }.into()),
                 created: Some(rfc3339(v.created)),
-                fingerprint: hex::encode(
+                fingerprint: Some(hex::encode(
                     &blake3::derive_key(
                         "blockvault 2026-11-28 platform kek fingerprint v1",
                         v.key.expose(),
                     )[..8],
-                ),
-                rsa: None,
+                )),
+                fingerprint_sha256: None,
+                bits: None,
+                oaep: None,
+                source: None,
             });
         }
     }
@@ -119,13 +131,11 @@ pub fn show(vault: &Vault) -> Result<KeyReport> {
             version: key.id().version,
             state: None,
             created: None,
-            fingerprint: hex::encode(key.fingerprint()),
-            rsa: Some(format!(
-                "RSA-{} {} ({})",
-                key.bits(),
-                key.oaep(),
-                key.source()
-            )),
+            fingerprint: None,
+            fingerprint_sha256: Some(hex::encode(key.fingerprint())),
+            bits: Some(key.bits()),
+            oaep: Some(key.oaep().to_string()),
+            source: Some(key.source().to_string()),
         });
     }
     let names: BTreeMap<[u8; 16], String> = vault

@@ -175,7 +175,7 @@ pub fn upgrade(url: &str, keystore: &Keystore, access: &KeyAccess) -> Result<Upg
         let dek = rec.unwrap(&keyring)?;
         let bytes = rec.encode();
         layered.put(&keyrecord::object_key(&disk_id, rec.generation, 1), &bytes)?;
-        let entry = head.disks.entry(disk_id).or_insert_with(DiskEntry::default);
+        let entry = head.disks.entry(disk_id).or_default();
         entry.generations.insert(
             rec.generation,
             GenerationEntry {

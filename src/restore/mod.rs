@@ -205,9 +205,17 @@ pub fn restore(
                 format!("starting restore threads: {e}"),
             )
         })?;
+    tracing::debug!(target = %path.display(), device = target.is_device, bytes = range.end - range.start, threads, "restore: target open, slots fetched and written in parallel");
     let result = pool.install(|| write_all(vault, disk, m, &range, &target, progress));
     let result = result.and_then(|r| {
+        tracing::debug!(
+            bytes_written = r.bytes_written,
+            bytes_fetched = r.bytes_fetched,
+            slots_zero = r.slots_zero,
+            "restore: every slot written"
+        );
         if opts.sync {
+            tracing::debug!("restore: syncing the target");
             target.sync().map(|_| r)
         } else {
             Ok(r)
@@ -235,7 +243,6 @@ fn write_all(
     target: &Target,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
-    progress.start(range.end - range.start);
     let written = AtomicU64::new(0);
     let fetched = AtomicU64::new(0);
     let zero = AtomicU64::new(0);
@@ -245,12 +252,26 @@ fn write_all(
     } else {
         (range.start / ss) as usize..range.end.div_ceil(ss) as usize
     };
-    slots.into_par_iter().try_for_each(|i| -> Result<()> {
-        // The part of slot i inside the range, as offsets within the slot.
+    // The part of slot i inside the range, as offsets within the slot, and where it goes.
+    let part = |i: usize| {
         let slot_start = i as u64 * ss;
         let from = range.start.saturating_sub(slot_start) as usize;
         let to = ((range.end - slot_start).min(m.slot_len(i as u64) as u64)) as usize;
-        let at = slot_start + from as u64 - range.start;
+        (from, to, slot_start + from as u64 - range.start)
+    };
+    // Progress counts what is written: zero slots only on a device (see engine::progress).
+    let writes = |i: usize| target.is_device || !matches!(m.slots[i], Slot::Zero);
+    let work = |i: usize| {
+        let (from, to, _) = part(i);
+        if writes(i) {
+            (to - from) as u64
+        } else {
+            0
+        }
+    };
+    progress.start(slots.clone().map(work).sum());
+    slots.into_par_iter().try_for_each(|i| -> Result<()> {
+        let (from, to, at) = part(i);
         match slot_content(vault, disk, m, i)? {
             None => {
                 zero.fetch_add(1, Ordering::Relaxed);
@@ -265,7 +286,7 @@ fn write_all(
             .map(|e| m.extents[e as usize].len as u64)
             .sum();
         fetched.fetch_add(f, Ordering::Relaxed);
-        progress.advance((to - from) as u64);
+        progress.advance(work(i));
         Ok(())
     })?;
     Ok(RestoreReport {

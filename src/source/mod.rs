@@ -19,6 +19,7 @@
 //! a raw image.
 
 pub mod blockdev;
+mod lock;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
@@ -78,16 +79,24 @@ pub trait ReadAt: Send + Sync {
 }
 
 /// A persistent dirty bitmap a source carries (qcow2 bitmaps, NBD `qemu:dirty-bitmap:`).
+///
+/// What a source cannot tell stays `None` rather than a guess: NBD carries neither a bitmap's
+/// granularity nor whether it still records writes, and an incremental must not trust a
+/// bitmap more than the source showed (see [`crate::changes::lineage`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BitmapInfo {
     /// The bitmap's name.
     pub name: String,
     /// Bytes covered by one bit; `None` where the source does not say (NBD).
     pub granularity: Option<u64>,
-    /// Whether QEMU records writes in it.
-    pub enabled: bool,
+    /// Whether QEMU records writes in it; `None` where the source does not say (NBD: an
+    /// export offers a bitmap whether or not it is enabled).
+    pub enabled: Option<bool>,
     /// Left in use by a QEMU that did not close it cleanly: stale, refused for backups.
     pub in_use: bool,
+    /// Bytes it marks dirty (within the disk), where that is cheap to learn: qcow2 from its
+    /// bitmap data, NBD from block status over a context negotiated at open.
+    pub dirty_bytes: Option<u64>,
 }
 
 /// A disk to back up, read by offset. Contract: `size()` is fixed at open; bytes outside

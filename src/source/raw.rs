@@ -4,8 +4,11 @@
 //! the fast path (readahead; blocks the VM wrote recently may still be cached), and files
 //! give no alignment guarantees O_DIRECT could rely on. The size is taken from `fstat` once,
 //! at open. Holes are found with `lseek(SEEK_DATA/SEEK_HOLE)`, so a sparse 100 GiB image with
-//! 3 GiB allocated costs 3 GiB of reading.
+//! 3 GiB allocated costs 3 GiB of reading. An image another process holds open for writing
+//! (QEMU's write lock: a running VM, qemu-nbd) is refused, and while it is open no QEMU
+//! process can start writing it (`lock.rs`).
 
+use super::lock::{lock_for_reading, ImageFormat};
 use super::{not_a_disk, whole_range, Access, Source, SourceKind};
 use crate::error::{Error, IoContext, Result};
 use nix::errno::Errno;
@@ -24,7 +27,8 @@ pub struct RawFile {
 
 impl RawFile {
     /// Open `path`, which must be a regular file (checked on the opened descriptor, so a
-    /// path swapped after [`super::open`] probed it is still caught).
+    /// path swapped after [`super::open`] probed it is still caught) that no QEMU process
+    /// holds open for writing ([`crate::ErrorKind::Usage`] otherwise).
     pub fn open(path: &str) -> Result<Self> {
         let file = File::open(path).ctx(|| format!("cannot open source {path} for reading"))?;
         let meta = file
@@ -33,6 +37,7 @@ impl RawFile {
         if !meta.is_file() {
             return Err(not_a_disk(path, meta.file_type()));
         }
+        lock_for_reading(&file, path, ImageFormat::Raw)?;
         Ok(RawFile {
             file,
             name: path.to_owned(),

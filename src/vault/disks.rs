@@ -76,6 +76,21 @@ impl Disk {
     }
 }
 
+/// One key record as the head lists it, for `key show`, rotation and tests.
+pub struct StoredRecord {
+    /// Its object key.
+    pub key: String,
+    /// The decoded record.
+    pub record: KeyRecord,
+}
+
+/// One warning per disk whose key records could not be read, when the others go on.
+fn warn_unreadable(unreadable: &[([u8; 16], Error)]) {
+    for (id, e) in unreadable {
+        tracing::warn!(disk = %hex::encode(id), error = %e, "cannot read a disk's key records");
+    }
+}
+
 /// Disk names are 1 to 200 bytes of printable text.
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
@@ -116,6 +131,20 @@ impl Vault {
             )));
         }
         Ok((key, rec))
+    }
+
+    /// Every key record the current head lists, checked against its digest but not unwrapped
+    /// (so it works with a revoked KEK).
+    pub fn key_records(&self) -> Result<Vec<StoredRecord>> {
+        let head = self.cached_head();
+        let mut out = Vec::new();
+        for (disk_id, entry) in &head.disks {
+            for (&g, ge) in &entry.generations {
+                let (key, record) = self.key_record(disk_id, g, ge)?;
+                out.push(StoredRecord { key, record });
+            }
+        }
+        Ok(out)
     }
 
     /// Load a disk's key records as the current head lists them and unwrap every DEK
@@ -169,23 +198,22 @@ impl Vault {
 
     /// Every readable disk, keys unwrapped. Disks whose key records cannot be read are
     /// skipped with a warning (`verify` names them); if none can be read, the error is returned
-    /// (a revoked or missing KEK must not look like an empty vault).
+    /// (a revoked or missing KEK must not look like an empty vault), and nothing is warned:
+    /// the error says it once.
     pub fn disks(&self) -> Result<Vec<Disk>> {
         let mut disks = Vec::new();
-        let mut first_error = None;
+        let mut unreadable = Vec::new();
         for id in self.disk_ids()? {
             match self.load_disk(id) {
                 Ok(d) => disks.push(d),
-                Err(e) => {
-                    tracing::warn!(disk = %hex::encode(id), error = %e, "cannot read a disk's key records");
-                    first_error.get_or_insert(e);
-                }
+                Err(e) => unreadable.push((id, e)),
             }
         }
-        match first_error {
-            Some(e) if disks.is_empty() => Err(e),
-            _ => Ok(disks),
+        if disks.is_empty() && !unreadable.is_empty() {
+            return Err(unreadable.swap_remove(0).1);
         }
+        warn_unreadable(&unreadable);
+        Ok(disks)
     }
 
     /// The disk called `name`, if any. A disk whose key records cannot be read does not hide
@@ -193,19 +221,20 @@ impl Vault {
     /// than "no such disk" (the unreadable one may be it, and a backup must not then register
     /// a second disk of that name).
     pub fn find_disk(&self, name: &str) -> Result<Option<Disk>> {
-        let mut unreadable: Option<Error> = None;
+        let mut unreadable = Vec::new();
         for id in self.disk_ids()? {
             match self.load_disk(id) {
-                Ok(d) if d.name == name => return Ok(Some(d)),
-                Ok(_) => {}
-                Err(e) => {
-                    unreadable.get_or_insert(e);
+                Ok(d) if d.name == name => {
+                    warn_unreadable(&unreadable);
+                    return Ok(Some(d));
                 }
+                Ok(_) => {}
+                Err(e) => unreadable.push((id, e)),
             }
         }
-        match unreadable {
+        match unreadable.into_iter().next() {
             None => Ok(None),
-            Some(e) => Err(e.within(format!(
+            Some((_, e)) => Err(e.within(format!(
                 "disk {name} is not among the readable disks, and another disk could not be read"
             ))),
         }

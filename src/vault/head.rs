@@ -621,7 +621,8 @@ mod tests {
 
     #[test]
     fn inconsistent_tables_are_refused() {
-        let cases: Vec<Box<dyn Fn(&mut Head)>> = vec![
+        type Change = Box<dyn Fn(&mut Head)>;
+        let cases: Vec<Change> = vec![
             Box::new(|h| h.disks.get_mut(&[2; 16]).unwrap().current_generation = 5),
             Box::new(|h| h.disks.get_mut(&[2; 16]).unwrap().identity_generation = 7),
             Box::new(|h| h.disks.get_mut(&[2; 16]).unwrap().next_sequence = 2),

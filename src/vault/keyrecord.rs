@@ -13,7 +13,8 @@
 //! (`keys/<disk id>/<generation:08x>`, followed by a MAC under the keystore's auth key) are
 //! read only by `upgrade`.
 //! Wrap AAD: "blockvault dek wrap v1" ‖ vault id ‖ disk id ‖ u32 generation ‖ u64 created ‖
-//! u8 kind ‖ u32 version, so a wrap cannot be moved to another vault, disk, generation or KEK.
+//! u8 kind ‖ u32 version, so a wrap cannot be moved to another vault, disk, generation, record
+//! time or KEK.
 //! Several wraps leave room for a recovery key and re-wrapping during rotation.
 
 use super::codec::{Dec, Enc};

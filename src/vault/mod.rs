@@ -230,7 +230,7 @@ fn read_config(raw: &dyn Store, keystore: &Keystore, location: &str, url: &str) 
             ),
             None => Error::new(
                 ErrorKind::NotFound,
-                format!("no vault at {url} (create one with `blockvault init`)"),
+                format!("no vault at {url}: check the location, or create a vault there with `blockvault init` (any key) or `blockvault backup --init` (a platform-managed key, at the first backup)"),
             ),
         }),
         Err(e) => Err(e),

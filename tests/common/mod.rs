@@ -313,7 +313,8 @@ impl Run {
         Run::from_output(what, child.wait_with_output().expect("wait"))
     }
 
-    fn from_output(what: String, o: Output) -> Run {
+    /// What a finished process printed and how it ended.
+    pub fn from_output(what: String, o: Output) -> Run {
         Run {
             what,
             code: o.status.code().unwrap_or(-1),
@@ -407,7 +408,8 @@ pub fn bin() -> &'static str {
 pub struct Bv {
     /// Owns the folder.
     pub dir: tempfile::TempDir,
-    /// The vault folder (not created until the first backup or init).
+    /// The vault folder (created by `init`, which runs before the first backup if the test
+    /// ran none: see [`Bv::run_cmd`]).
     pub vault: PathBuf,
     /// The keystore folder.
     pub keystore: PathBuf,
@@ -450,6 +452,11 @@ impl Bv {
 
     /// As [`Bv::command`] with another keystore folder.
     pub fn command_with_keystore(&self, keystore: &Path) -> Command {
+        self.command_for(self.vault.as_os_str(), keystore)
+    }
+
+    /// As [`Bv::command`] with any `--vault` argument and keystore folder.
+    pub fn command_for(&self, vault: &OsStr, keystore: &Path) -> Command {
         let mut c = Command::new(bin());
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("BLOCKVAULT_") {
@@ -457,10 +464,7 @@ impl Bv {
             }
         }
         c.env_remove("RUST_LOG");
-        c.arg("--vault")
-            .arg(&self.vault)
-            .arg("--keystore")
-            .arg(keystore);
+        c.arg("--vault").arg(vault).arg("--keystore").arg(keystore);
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -475,6 +479,7 @@ impl Bv {
 
     /// Run a prepared command with `args` and wait.
     pub fn run_cmd<S: AsRef<OsStr>>(&self, mut c: Command, args: &[S]) -> Run {
+        self.init_before_backup(args);
         c.args(args);
         let what = describe(args);
         let out = c
@@ -485,12 +490,29 @@ impl Bv {
 
     /// Start with `args` without waiting (stdout and stderr piped).
     pub fn spawn<S: AsRef<OsStr>>(&self, args: &[S]) -> (Child, String) {
+        self.init_before_backup(args);
         let mut c = self.command();
         c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         let child = c
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin()));
         (child, describe(args))
+    }
+
+    /// Only `init` and `backup --init` create a vault. Before a `backup` without `--init`
+    /// into this folder's vault while it has none, run `init` (a platform-key vault), as a
+    /// user would; tests of another kind of vault run their own `init` first. A run that
+    /// must meet no vault goes through [`Bv::command`] and `Command::output` instead.
+    fn init_before_backup<S: AsRef<OsStr>>(&self, args: &[S]) {
+        let has = |word: &str| args.iter().any(|a| a.as_ref() == word);
+        if has("backup") && !has("--init") && !self.vault.join("config").exists() {
+            let init = self.command().arg("init").output().expect("run init");
+            assert!(
+                init.status.success(),
+                "init before the first backup failed: {}",
+                String::from_utf8_lossy(&init.stderr)
+            );
+        }
     }
 
     /// `--json` run that must succeed; its document.

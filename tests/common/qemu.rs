@@ -56,6 +56,46 @@ pub fn converted(dir: &Path, img: &Path, fmt: &str) -> Vec<u8> {
     std::fs::read(&out).expect("read converted image")
 }
 
+/// The virtual size of an image (`qemu-img info`).
+pub fn virtual_size(img: &Path, fmt: &str) -> u64 {
+    let out = run_tool(
+        Command::new("qemu-img")
+            .args(["info", "-f", fmt, "--output=json"])
+            .arg(img),
+        "",
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out).expect("qemu-img info JSON");
+    super::num(&doc, "virtual-size")
+}
+
+/// Restore `spec` to a raw file and compare it with `image` (format `fmt`) as QEMU reads it:
+/// same size, and `qemu-img compare` finds them identical.
+pub fn assert_restores(bv: &super::Bv, spec: &str, image: &Path, fmt: &str) {
+    let target = bv.path(&format!("restored-{}.raw", unique()));
+    bv.restore(spec, &target, &[]).ok();
+    let size = std::fs::metadata(&target).expect("restored file").len();
+    assert_eq!(
+        size,
+        virtual_size(image, fmt),
+        "{spec}: restored size vs {}",
+        image.display()
+    );
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", fmt])
+        .arg(&target)
+        .arg(image)
+        .output()
+        .expect("qemu-img compare");
+    assert!(
+        out.status.success(),
+        "{spec} restored differs from {}: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&target).expect("remove restored file");
+}
+
 /// An interactive `qemu-io` holding an image open (and QEMU's locks on it), to be killed.
 pub struct QemuIoSession {
     child: std::process::Child,
@@ -113,6 +153,23 @@ pub fn qemu_io<S: AsRef<str>>(fmt: &str, target: &str, cmds: &[S]) {
     assert!(!out.contains("failed"), "qemu-io on {target}:\n{out}");
 }
 
+/// Assert that no QEMU process can open `image` (of format `fmt`) for writing now: qemu-io's
+/// write fails on QEMU's image locks (while blockvault holds the image open for reading).
+pub fn assert_write_locked(fmt: &str, image: &Path) {
+    let out = Command::new("qemu-io")
+        .args(["-f", fmt, "-c", "write 0 512"])
+        .arg(image)
+        .output()
+        .expect("qemu-io");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("lock"),
+        "qemu-io wrote {}, which a reader holds: {}\n{said}",
+        image.display(),
+        out.status
+    );
+}
+
 /// Where a qemu-nbd server listens.
 pub enum Listen<'a> {
     /// 127.0.0.1, a free port.
@@ -127,7 +184,7 @@ pub struct Serve<'a> {
     image: &'a Path,
     format: &'a str,
     export: &'a str,
-    bitmap: Option<&'a str>,
+    bitmaps: Vec<&'a str>,
     writable: bool,
 }
 
@@ -138,9 +195,9 @@ impl<'a> Serve<'a> {
         self
     }
 
-    /// Export dirty bitmap `name` of the image (`-B`).
+    /// Export dirty bitmap `name` of the image (`-B`; given again, several bitmaps).
     pub fn bitmap(mut self, name: &'a str) -> Self {
-        self.bitmap = Some(name);
+        self.bitmaps.push(name);
         self
     }
 
@@ -170,8 +227,8 @@ impl<'a> Serve<'a> {
             if !self.writable {
                 args.push("-r".into());
             }
-            if let Some(b) = self.bitmap {
-                args.extend(["-B".into(), b.into()]);
+            for b in &self.bitmaps {
+                args.extend(["-B".into(), (*b).into()]);
             }
             let url = match at {
                 Listen::Tcp => {
@@ -231,7 +288,7 @@ impl QemuNbd {
             image,
             format,
             export: "",
-            bitmap: None,
+            bitmaps: Vec::new(),
             writable: false,
         }
     }

@@ -12,7 +12,9 @@
 //!   `NBD_STATE_ZERO` read as zeros and are left out (an extent that is only a hole is kept:
 //!   the protocol does not promise it reads as zeros);
 //! - bitmaps: listed at the handshake (`NBD_OPT_LIST_META_CONTEXT "qemu:dirty-bitmap:"`);
-//!   `dirty_ranges(name)` is block status over `qemu:dirty-bitmap:NAME`.
+//!   `dirty_ranges(name)` is block status over `qemu:dirty-bitmap:NAME`. NBD carries no
+//!   bitmap granularity and no enabled state: an export offers a disabled bitmap as readily
+//!   as an enabled one, so the source reports that state as unknown, never as enabled.
 //!
 //! Meta contexts can only be chosen before `NBD_OPT_GO`, and qemu-nbd serves **one client at
 //! a time** by default (`--shared=1`: a second connection waits until the first closes), and
@@ -173,8 +175,17 @@ fn connect(
         Endpoint::Tcp { host, port } => format!("{host}:{port}"),
         Endpoint::Unix(p) => p.display().to_string(),
     };
-    let mut stream = Stream::connect(&target.endpoint, timeout)
-        .map_err(|e| Error::io(format!("NBD export {url}: cannot connect to {place}"), e))?;
+    let mut stream = Stream::connect(&target.endpoint, timeout).map_err(|e| {
+        // No socket, or nobody listening: most often a qemu-nbd that already served its one
+        // client (`inspect`, an earlier backup) and exited.
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                " (is the server running? qemu-nbd serves one client and exits unless started with --persistent)"
+            }
+            _ => "",
+        };
+        Error::io(format!("NBD export {url}: cannot connect to {place}{hint}"), e)
+    })?;
     stream
         .set_timeouts(Some(timeout), Some(timeout))
         .map_err(|e| Error::io(format!("NBD export {url}: cannot set socket timeouts"), e))?;
@@ -229,32 +240,48 @@ impl Source for NbdSource {
         Access::Translated(self)
     }
 
+    /// The bitmaps the server listed, and any selected at open that it did not list. NBD
+    /// carries no granularity and no enabled state (`None`: an export offers a disabled
+    /// bitmap too); the dirty bytes come from block status over the contexts negotiated at
+    /// open. qemu-nbd refuses to export a bitmap left in use, so none is.
     fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
         let g = self.conn();
         let c = connected(&g, &self.url)?;
-        Ok(c.negotiated
-            .bitmaps
-            .iter()
-            .flatten()
-            .map(|name| BitmapInfo {
-                name: name.clone(),
-                granularity: None,
-                // qemu exports only bitmaps it can serve consistently; an in-use (stale)
-                // one is refused by qemu-nbd itself.
-                enabled: true,
-                in_use: false,
+        let n = &c.negotiated;
+        let mut names: Vec<&str> = n.bitmaps.iter().flatten().map(String::as_str).collect();
+        for (context, _) in &n.contexts {
+            if let Some(name) = context.strip_prefix(DIRTY_BITMAP_PREFIX) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+            .into_iter()
+            .map(|name| {
+                let context = n.context(&format!("{DIRTY_BITMAP_PREFIX}{name}"));
+                let dirty_bytes = match context {
+                    Some(id) => Some(ChangeList::new(1, self.walk(c, id, is_dirty)?).bytes()),
+                    None => None,
+                };
+                Ok(BitmapInfo {
+                    name: name.to_owned(),
+                    granularity: None,
+                    enabled: None,
+                    in_use: false,
+                    dirty_bytes,
+                })
             })
-            .collect())
+            .collect()
     }
 
     fn dirty_ranges(&self, name: &str) -> Result<ChangeList> {
         let context = format!("{DIRTY_BITMAP_PREFIX}{name}");
-        let dirty = |flags: u32| flags & proto::STATE_DIRTY != 0;
         {
             let g = self.conn();
             let c = connected(&g, &self.url)?;
             if let Some(id) = c.negotiated.context(&context) {
-                return Ok(ChangeList::new(1, self.walk(c, id, dirty)?));
+                return Ok(ChangeList::new(1, self.walk(c, id, is_dirty)?));
             }
             if !c.negotiated.structured {
                 return Err(Error::usage(format!(
@@ -297,7 +324,7 @@ impl Source for NbdSource {
             .negotiated
             .context(&context)
             .ok_or_else(|| self.no_bitmap(name, c.negotiated.bitmaps.as_deref()))?;
-        Ok(ChangeList::new(1, self.walk(c, id, dirty)?))
+        Ok(ChangeList::new(1, self.walk(c, id, is_dirty)?))
     }
 }
 
@@ -306,6 +333,11 @@ impl ReadAt for NbdSource {
         let g = self.conn();
         connected(&g, &self.url)?.client.read(offset, buf)
     }
+}
+
+/// A `qemu:dirty-bitmap:` extent flagged dirty (bit 0).
+fn is_dirty(flags: u32) -> bool {
+    flags & proto::STATE_DIRTY != 0
 }
 
 fn connected<'a>(g: &'a Option<Connection>, url: &str) -> Result<&'a Connection> {

@@ -49,19 +49,30 @@ struct Bitmap {
 }
 
 impl Bitmap {
-    fn info(&self) -> BitmapInfo {
+    /// What the directory says, and the bytes the bitmap's data marks dirty. A bitmap whose
+    /// table cannot be read has no count (`None`): listing it must not fail a backup that
+    /// does not use it, and one that does use it reports the damage from `dirty_ranges`.
+    fn info(&self, image: &Image) -> BitmapInfo {
+        let dirty_bytes = match ranges(image, self) {
+            Ok(list) => Some(list.bytes()),
+            Err(e) => {
+                tracing::warn!(image = %image.path, bitmap = %self.name, error = %e, "cannot count the bytes a dirty bitmap marks");
+                None
+            }
+        };
         BitmapInfo {
             name: self.name.clone(),
             granularity: 1u64.checked_shl(u32::from(self.granularity_bits)),
-            enabled: self.flags & AUTO != 0,
+            enabled: Some(self.flags & AUTO != 0),
             in_use: self.flags & IN_USE != 0,
+            dirty_bytes,
         }
     }
 }
 
 /// The bitmaps of the image (none when it has none or they cannot be trusted as a set).
 pub(super) fn list(image: &Image) -> Result<Vec<BitmapInfo>> {
-    Ok(directory(image)?.iter().map(Bitmap::info).collect())
+    Ok(directory(image)?.iter().map(|b| b.info(image)).collect())
 }
 
 /// The ranges bitmap `name` marks dirty, at its granularity.

@@ -4,9 +4,9 @@
 
 use super::chain::{self, Backing};
 use super::header::{self, Header, MAX_CLUSTER_BITS};
-use super::lock;
 use super::tables::{self, L2Cache, L2Table};
 use crate::error::{Error, IoContext, Result};
+use crate::source::lock::{lock_for_reading, ImageFormat};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::Arc;
@@ -28,7 +28,7 @@ impl Image {
     /// Open `path`, `depth` images below the top of its chain, and its backing chain.
     pub fn open(path: &str, depth: usize) -> Result<Image> {
         let file = open_regular(path, "qcow2 image")?;
-        lock::lock_for_reading(&file, path)?;
+        lock_for_reading(&file, path, ImageFormat::Qcow2)?;
         let file_size = file
             .metadata()
             .ctx(|| format!("cannot inspect qcow2 image {path}"))?

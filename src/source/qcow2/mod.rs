@@ -19,7 +19,7 @@
 //! feature this reader does not implement (encryption, external data files, unknown
 //! incompatible bits) is [`ErrorKind::Unsupported`] ("unsupported qcow2 feature ...").
 //! An image another process holds QEMU's write lock on (a running VM, qemu-nbd) is refused,
-//! and an open image keeps writers out, as `qemu-img convert` does (`lock.rs`).
+//! and an open image keeps writers out, as `qemu-img convert` does (`source/lock.rs`).
 //! The byte layout is in docs/ARCHITECTURE.md, section "qcow2 source".
 
 mod be;
@@ -28,7 +28,6 @@ mod chain;
 mod compress;
 mod header;
 mod image;
-mod lock;
 mod map;
 mod read;
 mod tables;

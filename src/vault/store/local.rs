@@ -1,6 +1,7 @@
 //! A vault in a local folder. Writes go to a hidden temporary file beside the target, are
 //! fsynced, renamed into place, and the folder is fsynced: after a crash an object is either
-//! whole or absent (hidden `.tmp-*` leftovers are ignored by `list`).
+//! whole or absent (hidden `.tmp-*` leftovers are ignored by `list` and reported by
+//! `unfinished`).
 
 use std::cell::RefCell;
 use std::fs::{self, File};
@@ -15,7 +16,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::io::AlignedBuf;
 
 use super::names::check_key;
-use super::{Precondition, Store, Tag};
+use super::{Precondition, Store, Tag, Unfinished};
 
 /// The local tag of an object: the BLAKE3 of its bytes (an ETag that changes with content).
 fn tag_of(bytes: &[u8]) -> Tag {
@@ -38,7 +39,14 @@ impl LocalStore {
         Ok(self.root.join(key))
     }
 
-    fn list_into(&self, dir: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
+    /// Call `visit(key, entry)` for every file under `dir` (whose key is `rel`), hidden
+    /// ones included; a missing folder holds nothing.
+    fn walk(
+        &self,
+        dir: &Path,
+        rel: &str,
+        visit: &mut dyn FnMut(String, &fs::DirEntry) -> Result<()>,
+    ) -> Result<()> {
         let rd = match fs::read_dir(dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -47,11 +55,8 @@ impl LocalStore {
         for entry in rd {
             let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
             let key = if rel.is_empty() {
-                name.clone()
+                name
             } else {
                 format!("{rel}/{name}")
             };
@@ -60,13 +65,26 @@ impl LocalStore {
                 .ctx(|| format!("stat {}", entry.path().display()))?
                 .is_dir()
             {
-                self.list_into(&entry.path(), &key, out)?;
+                self.walk(&entry.path(), &key, visit)?;
             } else {
-                out.push(key);
+                visit(key, &entry)?;
             }
         }
         Ok(())
     }
+}
+
+/// Whether a file's key has a hidden component: a temp file (or a foreign one), never an
+/// object, as object keys have none.
+fn hidden(key: &str) -> bool {
+    key.split('/').any(|name| name.starts_with('.'))
+}
+
+/// Whether a file's key names the temp file of a write (see [`TMP_PREFIX`]).
+fn temp_file(key: &str) -> bool {
+    key.rsplit('/')
+        .next()
+        .is_some_and(|name| name.starts_with(TMP_PREFIX))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -94,6 +112,9 @@ fn create_dirs_durable(dir: &Path) -> std::io::Result<()> {
         Err(e) => Err(e),
     }
 }
+
+/// How the temporary file of a write in progress is named: hidden, so never listed.
+const TMP_PREFIX: &str = ".tmp-";
 
 /// Objects at least this large (packs) are written with O_DIRECT.
 const DIRECT_MIN: usize = 1 << 20;
@@ -160,7 +181,7 @@ impl LocalStore {
             .expect("keys have a parent folder under the root");
         let ctx = || format!("writing {} in vault {}", key, self.root.display());
         create_dirs_durable(dir).ctx(ctx)?;
-        let tmp = dir.join(format!(".tmp-{}", hex::encode(random_bytes::<8>()?)));
+        let tmp = dir.join(format!("{TMP_PREFIX}{}", hex::encode(random_bytes::<8>()?)));
         let write = || -> std::io::Result<()> {
             write_new_file(&tmp, data)?;
             publish(&tmp, &path)?;
@@ -250,8 +271,33 @@ impl Store for LocalStore {
         } else {
             self.path(prefix)?
         };
-        self.list_into(&dir, prefix.trim_end_matches('/'), &mut out)?;
+        self.walk(&dir, prefix.trim_end_matches('/'), &mut |key, _| {
+            if !hidden(&key) {
+                out.push(key);
+            }
+            Ok(())
+        })?;
         out.sort();
+        Ok(out)
+    }
+
+    fn unfinished(&self) -> Result<Vec<Unfinished>> {
+        let mut out = Vec::new();
+        self.walk(&self.root, "", &mut |name, entry| {
+            if temp_file(&name) {
+                // A temp file renamed or removed since the listing is no leftover.
+                match entry.metadata() {
+                    Ok(m) => out.push(Unfinished {
+                        name,
+                        size: m.len(),
+                    }),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(format!("stat {}", entry.path().display()), e)),
+                }
+            }
+            Ok(())
+        })?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 

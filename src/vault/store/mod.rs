@@ -18,6 +18,7 @@ pub mod lease;
 pub mod local;
 mod names;
 mod runtime;
+pub mod url;
 pub mod xts;
 mod xts_unit;
 
@@ -27,6 +28,7 @@ use crate::error::Result;
 
 pub use cloud::CloudStore;
 pub use local::LocalStore;
+pub use url::VaultUrl;
 
 /// Object storage as the vault needs it.
 ///
@@ -56,6 +58,10 @@ pub use local::LocalStore;
 /// - `lock` is exclusive across every process that opens the store at the same place, and a
 ///   holder that dies or vanishes releases it: a `flock` in a folder, a lease object renewed
 ///   while held on object storage ([`lease`]).
+/// - `unfinished` reports what writes that never completed (their process was killed) left
+///   in the backend, in any folder: nothing `list` shows, `get` reads or the vault counts on,
+///   yet it takes space until removed. A write still running may show up too (its process
+///   is alive): callers report these, they do not delete them.
 pub trait Store: Send + Sync {
     /// Write a whole object.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
@@ -80,6 +86,8 @@ pub trait Store: Send + Sync {
     fn size(&self, key: &str) -> Result<u64>;
     /// When the object was last written, by the store's clock.
     fn modified(&self, key: &str) -> Result<SystemTime>;
+    /// Leftovers of unfinished writes (see the contract), sorted by name.
+    fn unfinished(&self) -> Result<Vec<Unfinished>>;
     /// Take an exclusive lock named `name`, held until the guard drops, waiting up to `wait`
     /// for another holder; then fails with [`ErrorKind::AlreadyExists`](crate::error::ErrorKind::AlreadyExists) and a message saying
     /// "locked" and by whom. A holder that dies releases its locks.
@@ -102,19 +110,27 @@ pub enum Precondition {
     Matches(Tag),
 }
 
-/// Open a store from a vault URL: a path or `file://path` (a folder), `s3://BUCKET/PREFIX`
-/// (S3 and compatibles) or `az://CONTAINER/PREFIX` (Azure Blob), configured from the
-/// environment ([`cloud::CloudConfig::from_env`]). An object store is probed before it is
-/// returned: one that does not enforce conditional writes is refused ([`cloud::probe`]).
+/// What an unfinished write left behind: a local `.tmp-*` file, an abandoned multipart
+/// upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unfinished {
+    /// Where it is, relative to the store's root (`packs/ab/.tmp-0123…`).
+    pub name: String,
+    /// Bytes it holds.
+    pub size: u64,
+}
+
+/// Open a store from a vault URL (see [`VaultUrl`]): a path or `file://path` (a folder),
+/// `s3://BUCKET/PREFIX` (S3 and compatibles) or `az://CONTAINER/PREFIX` (Azure Blob),
+/// configured from the environment ([`cloud::CloudConfig::from_env`]). An object store is
+/// probed before it is returned: one that does not enforce conditional writes is refused
+/// ([`cloud::probe`]). Other schemes and remote specs are refused as usage errors.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
-    if let Some(path) = url.strip_prefix("file://") {
-        return Ok(Box::new(LocalStore::new(path)));
-    }
-    if cloud::is_cloud_url(url)? {
-        return Ok(Box::new(CloudStore::open(
+    match VaultUrl::parse(url)? {
+        VaultUrl::Local(path) => Ok(Box::new(LocalStore::new(path))),
+        VaultUrl::ObjectStorage(_) => Ok(Box::new(CloudStore::open(
             url,
             &cloud::CloudConfig::from_env(),
-        )?));
+        )?)),
     }
-    Ok(Box::new(LocalStore::new(url)))
 }

@@ -18,7 +18,11 @@
 //! ```
 //! Every object key has its own 96-bit identity, so no two units of the vault share a tweak
 //! (up to a 2^-96 collision per pair of object keys). Rewriting an object under the same key
-//! reuses its tweaks, as a disk sector rewrite does; vault objects are written once.
+//! reuses its tweaks, as a disk sector rewrite does: packs and manifests are written once, but
+//! key records (rotation, recovery), escrow records (escrowing a name again) and KEK
+//! descriptors (recovery) are rewritten in place (docs/FORMAT.md §1.2), so an observer of both
+//! versions sees which 16-byte blocks of such an object changed. (The config, also rewritten
+//! by recovery, stays outside this layer.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +34,7 @@ use aes::Aes256;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::xts_unit::Xts;
-use super::{Precondition, Store, Tag};
+use super::{Precondition, Store, Tag, Unfinished};
 use crate::crypto::secret::fill_random;
 use crate::crypto::Secret32;
 use crate::error::{Error, ErrorKind, Result};
@@ -327,6 +331,11 @@ impl Store for XtsStore {
 
     fn modified(&self, key: &str) -> Result<std::time::SystemTime> {
         self.inner.modified(key)
+    }
+
+    fn unfinished(&self) -> Result<Vec<Unfinished>> {
+        // The layer preserves lengths: what the backend holds is what the writes left.
+        self.inner.unfinished()
     }
 
     fn lock(&self, name: &str, wait: Duration) -> Result<Box<dyn Send>> {

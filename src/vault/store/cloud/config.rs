@@ -19,7 +19,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{Certificate, ClientOptions, ObjectStore, RetryConfig};
 
 use super::super::names::check_key;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 
 /// The variable that allows plain-HTTP endpoints.
 pub const ALLOW_HTTP: &str = "BLOCKVAULT_ALLOW_HTTP";
@@ -67,31 +67,6 @@ impl CloudUrl {
         } else {
             format!("{scheme}://{}/{}", self.bucket, self.prefix)
         }
-    }
-}
-
-/// Whether `url` names object storage this build reaches (`s3://`, `az://`). Other schemes
-/// (`gs://`, `http://`, ...) are refused with [`ErrorKind::Unsupported`]; a plain path is not
-/// a URL (false).
-pub fn is_cloud_url(url: &str) -> Result<bool> {
-    let Some((scheme, _)) = url.split_once("://") else {
-        return Ok(false);
-    };
-    let looks_like_scheme = !scheme.is_empty()
-        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
-    match scheme {
-        "s3" | "az" => Ok(true),
-        _ if looks_like_scheme => Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "vault URL {url}: {scheme}:// is not supported; use a folder path, file://PATH, \
-                 s3://BUCKET/PREFIX or az://CONTAINER/PREFIX"
-            ),
-        )),
-        _ => Ok(false),
     }
 }
 
@@ -357,6 +332,7 @@ impl CloudConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     #[test]
     fn urls_parse_and_refuse_what_they_should() {
@@ -382,15 +358,6 @@ mod tests {
             let e = parse(bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Usage, "{bad}");
             assert!(e.to_string().contains(bad), "{e}");
-        }
-        assert!(is_cloud_url("s3://b/p").unwrap());
-        assert!(!is_cloud_url("/srv/vault").unwrap());
-        assert!(!is_cloud_url("relative/vault").unwrap());
-        for other in ["gs://b/p", "https://host/p", "ftp://x"] {
-            assert_eq!(
-                is_cloud_url(other).unwrap_err().kind(),
-                ErrorKind::Unsupported
-            );
         }
     }
 

@@ -29,12 +29,12 @@ use futures_util::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
-pub use config::{is_cloud_url, parse, CloudConfig, CloudUrl, Service, ALLOW_HTTP, CA_CERT};
+pub use config::{parse, CloudConfig, CloudUrl, Service, ALLOW_HTTP, CA_CERT};
 
 use super::lease::{Lease, DEFAULT_TTL};
 use super::names::check_key;
 use super::runtime::block_on;
-use super::{Precondition, Store, Tag};
+use super::{Precondition, Store, Tag, Unfinished};
 use crate::error::{Error, ErrorKind, Result};
 use errors::Op;
 
@@ -301,6 +301,12 @@ impl Store for CloudStore {
 
     fn modified(&self, key: &str) -> Result<SystemTime> {
         Ok(self.head(key)?.last_modified.into())
+    }
+
+    fn unfinished(&self) -> Result<Vec<Unfinished>> {
+        // Every object is one PUT (never a multipart upload): a write cut off midway leaves
+        // nothing in the bucket.
+        Ok(Vec::new())
     }
 
     fn lock(&self, name: &str, wait: Duration) -> Result<Box<dyn Send>> {
