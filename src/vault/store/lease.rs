@@ -24,7 +24,7 @@
 //! `"BVLS" | u16 1 | u16 0 | holder [16] | u64 expires (ms since the Unix epoch, holder's clock)
 //! | u32 ttl (ms) | boot id [16] | u32 pid | u64 process start (clock ticks after boot) | str host`
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -96,6 +96,13 @@ impl LeaseRecord {
         };
         d.end()?;
         Ok(rec)
+    }
+
+    /// Whether the holder ran on this machine and has exited (found at once, whatever the
+    /// clocks say).
+    pub fn holder_exited(&self) -> bool {
+        let me = boot_id().unwrap_or([0; 16]);
+        me != [0; 16] && self.boot_id == me && process_start(self.pid) != Some(self.start_ticks)
     }
 
     /// Whether a waiter on this machine (`me`) at `now_ms` may take this lease over.
@@ -177,6 +184,9 @@ struct Shared {
     ttl: Duration,
     tag: Mutex<Tag>,
     lost: AtomicBool,
+    /// Local time (ms) at which the request that last wrote our record was sent: the record
+    /// is good until `ttl` after it, by anyone's reckoning.
+    written_ms: AtomicU64,
 }
 
 impl Lease {
@@ -194,8 +204,10 @@ impl Lease {
         let holder = random_bytes::<16>()?;
         let deadline = Instant::now() + wait;
         let mut poll = Duration::from_millis(25);
+        let mut sent;
         let tag = loop {
             let ours = me.record(holder, ttl).encode();
+            sent = now_ms();
             match store.put_if(&key, &ours, &Precondition::Absent) {
                 Ok(tag) => break tag,
                 Err(e) if e.kind() == ErrorKind::Conflict => {}
@@ -211,6 +223,7 @@ impl Lease {
             // A record nobody can read protects nothing: it is taken over like a stale one.
             let stale = current.as_ref().map_or(true, |r| r.stale(&me, now_ms()));
             if stale {
+                sent = now_ms();
                 match store.put_if(&key, &ours, &Precondition::Matches(tag)) {
                     Ok(tag) => {
                         tracing::warn!(lock = %key, vault = %store.location(), "took over a stale lease");
@@ -251,6 +264,7 @@ impl Lease {
             ttl,
             tag: Mutex::new(tag),
             lost: AtomicBool::new(false),
+            written_ms: AtomicU64::new(sent),
         });
         let (stop, stopped) = mpsc::channel();
         let renewer = {
@@ -271,6 +285,31 @@ impl Lease {
     pub fn is_lost(&self) -> bool {
         self.shared.lost.load(Ordering::Relaxed)
     }
+
+    /// Fail unless the lease is still held for at least `margin`: not lost, and our record
+    /// written less than its time to live minus `margin` ago. A holder that was suspended
+    /// (SIGSTOP, a paused VM, a closed laptop) past its time to live fails here even before
+    /// its renewer runs again, since others may have judged the lease expired meanwhile.
+    pub fn check_held(&self, margin: Duration) -> Result<()> {
+        let s = &self.shared;
+        let written = s.written_ms.load(Ordering::Relaxed);
+        let until = written.saturating_add(s.ttl.as_millis() as u64);
+        if s.lost.load(Ordering::Relaxed)
+            || now_ms().saturating_add(margin.as_millis() as u64) >= until
+        {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "lease {} lapsed: it was last renewed {} s ago, its time to live is {} s (the host was suspended or cut off from vault {})",
+                    s.key,
+                    now_ms().saturating_sub(written) / 1000,
+                    s.ttl.as_secs_f64(),
+                    s.store.location()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Shared {
@@ -280,13 +319,25 @@ impl Shared {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
+            let written = self.written_ms.load(Ordering::Relaxed);
+            if now_ms() >= written.saturating_add(self.ttl.as_millis() as u64) {
+                // Lapsed (this process was stopped, or the store unreachable, for a whole time
+                // to live): others may have acted on its expiry, so it is never revived.
+                self.lost.store(true, Ordering::Relaxed);
+                tracing::error!(lock = %self.key, vault = %self.store.location(), "lease lapsed: not renewed within its time to live");
+                return;
+            }
             let ours = me.record(self.holder, self.ttl).encode();
             let mut tag = self.tag.lock().unwrap_or_else(|p| p.into_inner());
+            let sent = now_ms();
             match self
                 .store
                 .put_if(&self.key, &ours, &Precondition::Matches(tag.clone()))
             {
-                Ok(new) => *tag = new,
+                Ok(new) => {
+                    *tag = new;
+                    self.written_ms.store(sent, Ordering::Relaxed);
+                }
                 Err(e) if e.kind() == ErrorKind::Conflict => {
                     self.lost.store(true, Ordering::Relaxed);
                     tracing::error!(lock = %self.key, vault = %self.store.location(), "lease lost: another process took it over after a missed renewal");
@@ -300,9 +351,7 @@ impl Shared {
 
     /// Delete the lease if it is still ours.
     fn release(&self) {
-        if self.lost.load(Ordering::Relaxed) {
-            return;
-        }
+        // Also when lost: the holder check below leaves a lease another process took over.
         let ours = match self.store.get(&self.key) {
             Ok(bytes) => {
                 LeaseRecord::decode(&bytes, &self.key).is_ok_and(|r| r.holder == self.holder)
