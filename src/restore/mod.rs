@@ -6,6 +6,7 @@
 //! the slot table and ids. So a restore either produces exactly the backed-up disk or fails
 //! loudly (and removes a target file it created).
 
+pub mod subset;
 pub mod target;
 pub mod verify;
 
