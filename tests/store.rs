@@ -738,7 +738,12 @@ fn store_urls() {
     let plain = store::open(dir.path().join("v").to_str().unwrap()).unwrap();
     assert_eq!(plain.get("config").unwrap(), b"c");
     // Other schemes and remote specs are no folder names (tests/vault_url.rs has them all).
-    for url in ["sftp://host/x", "gs://bucket/x", "https://host/prefix", "b2:bucket"] {
+    for url in [
+        "sftp://host/x",
+        "gs://bucket/x",
+        "https://host/prefix",
+        "b2:bucket",
+    ] {
         let e = store::open(url).err().expect("refused");
         assert_eq!(e.kind(), ErrorKind::Usage, "{url}");
         assert!(e.to_string().contains(url), "{e}");
