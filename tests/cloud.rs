@@ -165,7 +165,14 @@ fn credentials_never_appear_in_outputs() {
         // And none of it in argv: credentials have no command-line option at all.
         let help = bv.run(&["--help"]);
         // (The help does name the environment variables secrets come from; no option takes one.)
-        for word in ["--secret", "--sas", "--access-key", "--password", "--aws", "--azure"] {
+        for word in [
+            "--secret",
+            "--sas",
+            "--access-key",
+            "--password",
+            "--aws",
+            "--azure",
+        ] {
             assert!(
                 !help.stdout.to_lowercase().contains(word),
                 "{word}: {}",

@@ -67,14 +67,16 @@ pub(crate) fn check_fresh(state: &LocalState, read: &ReadHead) -> Result<()> {
 /// Record `read` as the newest head seen (never moving backwards).
 pub(crate) fn remember(keystore: &Keystore, vault_id: &[u8; 16], read: &ReadHead) -> Result<()> {
     keystore.update_state(vault_id, |state| {
-        // Checked again under the lock: another process may have seen a newer head meanwhile.
-        check_fresh(state, read)?;
-        if state
-            .head
-            .as_ref()
-            .is_some_and(|s| s.epoch == read.head.epoch)
-        {
-            return Ok(());
+        // Another process of this host (a backup of another disk) may have seen a newer head
+        // since `read` was read: that is progress, not a rollback, and the newer one stays. Only
+        // two different heads of one epoch are a fork (no compare-and-swap writes both).
+        if let Some(seen) = &state.head {
+            if seen.epoch == read.head.epoch && seen.digest != hex::encode(read.digest) {
+                return check_fresh(state, read);
+            }
+            if seen.epoch >= read.head.epoch {
+                return Ok(());
+            }
         }
         state.head = Some(SeenHead {
             epoch: read.head.epoch,
@@ -95,6 +97,10 @@ pub(crate) fn read_head(
     keystore: &Keystore,
     location: &str,
 ) -> Result<ReadHead> {
+    // What this host had seen *before* the read is what the store must at least hold; a state
+    // read after it could already name a head another local process wrote since (found when
+    // backups of several disks ran at once on one host against object storage).
+    let seen = keystore.state(vault_id)?;
     let (bytes, tag) = raw.get_tagged(head::KEY).map_err(|e| match e.kind() {
         ErrorKind::NotFound => Error::integrity(format!(
             "vault {location} has a config but no head: the head was deleted (every snapshot and key record is bound to it; restore it from a copy of the vault)"
@@ -107,7 +113,7 @@ pub(crate) fn read_head(
         head,
         tag,
     };
-    check_fresh(&keystore.state(vault_id)?, &read)?;
+    check_fresh(&seen, &read)?;
     remember(keystore, vault_id, &read)?;
     Ok(read)
 }
