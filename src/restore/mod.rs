@@ -17,6 +17,7 @@
 //! ```
 
 pub mod slot;
+pub mod subset;
 pub mod target;
 pub mod verify;
 

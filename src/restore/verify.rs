@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rayon::prelude::*;
 use serde::Serialize;
 
+pub use super::subset::ReadData;
 use crate::engine::Progress;
 use crate::error::Result;
 use crate::vault::frame;
@@ -33,8 +34,12 @@ pub struct Problem {
 /// Result of a verify run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
-    /// Whether every stored byte was read.
+    /// Whether stored bytes were read (all, or the subset below).
     pub read_data: bool,
+    /// The subset of packs read (`n/m`, `p%`), or null when all or none were.
+    pub read_data_subset: Option<String>,
+    /// Packs read whole.
+    pub packs_read: u64,
     /// Disks checked.
     pub disks: u64,
     /// Snapshots checked.
@@ -74,16 +79,18 @@ struct PackUse {
     snapshots: BTreeSet<String>,
 }
 
-/// Verify the vault (or one disk of it).
+/// Verify the vault (or one disk of it), reading the packs `read_data` selects.
 pub fn verify(
     vault: &Vault,
     only_disk: Option<&str>,
-    read_data: bool,
+    read_data: ReadData,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
     let started = std::time::Instant::now();
     let mut report = VerifyReport {
-        read_data,
+        read_data: read_data != ReadData::None,
+        read_data_subset: matches!(read_data, ReadData::Slice { .. } | ReadData::Percent(_))
+            .then(|| read_data.to_string()),
         ..Default::default()
     };
     let mut disks: Vec<Disk> = Vec::new();
@@ -172,14 +179,20 @@ pub fn verify(
         count_leftovers(vault, &packs, &mut report)?;
     }
 
-    if read_data {
+    if read_data != ReadData::None {
         let damaged: BTreeSet<String> = report.problems.iter().map(|p| p.object.clone()).collect();
+        let chosen = read_data.select(&packs.keys().copied().collect())?;
+        let packs: BTreeMap<&PackId, &PackUse> = packs
+            .iter()
+            .filter(|(id, _)| chosen.contains(*id))
+            .collect();
+        report.packs_read = packs.len() as u64;
         progress.start(packs.values().map(|u| u.size).sum());
         let checked: Vec<_> = packs
             .par_iter()
             .filter(|(id, _)| !damaged.contains(&id.object_key()))
             .map(|(id, u)| {
-                let r = check_pack_data(vault, &disks[u.disk], *id, u);
+                let r = check_pack_data(vault, &disks[u.disk], **id, u);
                 progress.advance(u.size);
                 r
             })

@@ -14,6 +14,7 @@ use std::process::Command;
 use blockvault::crypto::keyring::KeyAccess;
 use blockvault::crypto::rsa::PrivateKeyFile;
 use blockvault::crypto::Keystore;
+use blockvault::vault::keyrecord::KeyRecord;
 use blockvault::vault::Vault;
 
 use super::tools::run_tool;
@@ -164,16 +165,24 @@ pub fn deks(bv: &Bv, cmk_private: Option<&Path>) -> Vec<(String, Vec<u8>)> {
     let url = bv.vault.to_str().expect("UTF-8 path");
     let vault = Vault::open_with(url, &Keystore::new(&bv.keystore), &access)
         .unwrap_or_else(|e| panic!("opening {url} to read its DEKs: {e}"));
-    vault
-        .key_records()
-        .expect("key records")
+    // Every stored key record (format 2: `keys/<disk id>/<gen>-<rev>`), decoded and unwrapped.
+    let store = vault.store();
+    store
+        .list("keys")
+        .expect("listing key records")
         .into_iter()
-        .map(|r| {
-            let dek = r
-                .record
+        .map(|key| {
+            let disk: [u8; 16] = hex::decode(key.split('/').nth(1).expect("keys/<disk>/..."))
+                .ok()
+                .and_then(|d| d.try_into().ok())
+                .unwrap_or_else(|| panic!("{key}: not a disk id"));
+            let bytes = store.get(&key).expect("reading a key record");
+            let record = KeyRecord::decode(&bytes, &key, &vault.config().vault_id, &disk)
+                .unwrap_or_else(|e| panic!("decoding {key}: {e}"));
+            let dek = record
                 .unwrap(vault.keyring())
-                .unwrap_or_else(|e| panic!("unwrapping {}: {e}", r.key));
-            (format!("DEK of {}", r.key), dek.expose().to_vec())
+                .unwrap_or_else(|e| panic!("unwrapping {key}: {e}"));
+            (format!("DEK of {key}"), dek.expose().to_vec())
         })
         .collect()
 }

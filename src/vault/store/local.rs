@@ -9,12 +9,13 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::io::AlignedBuf;
 
+use super::names::check_key;
 use super::{Precondition, Store, Tag, Unfinished};
 
 /// The local tag of an object: the BLAKE3 of its bytes (an ETag that changes with content).
@@ -34,13 +35,7 @@ impl LocalStore {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
-        if key.is_empty()
-            || key
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('.'))
-        {
-            return Err(Error::usage(format!("invalid object key {key:?}")));
-        }
+        check_key(key)?;
         self.refuse_links(key)?;
         Ok(self.root.join(key))
     }
@@ -346,6 +341,12 @@ impl Store for LocalStore {
         Ok(fs::metadata(self.path(key)?)
             .ctx(|| format!("stat object {key}"))?
             .len())
+    }
+
+    fn modified(&self, key: &str) -> Result<SystemTime> {
+        fs::metadata(self.path(key)?)
+            .and_then(|m| m.modified())
+            .ctx(|| format!("stat object {key}"))
     }
 
     fn lock(&self, name: &str, wait: Duration) -> Result<Box<dyn Send>> {

@@ -517,6 +517,10 @@ impl Store for XtsStore {
         self.inner.size(key)
     }
 
+    fn modified(&self, key: &str) -> Result<std::time::SystemTime> {
+        self.inner.modified(key)
+    }
+
     fn unfinished(&self) -> Result<Vec<Unfinished>> {
         // The layer preserves lengths: what the backend holds is what the writes left.
         self.inner.unfinished()
