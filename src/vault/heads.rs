@@ -229,3 +229,35 @@ impl Vault {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another process of this host swapping in a newer head between this one's read and its
+    /// `remember` is no rollback: the newer head stays remembered. A head older than what was
+    /// seen before it was read is still refused.
+    #[test]
+    fn a_newer_head_remembered_meanwhile_is_kept_not_a_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        let keystore = Keystore::new(dir.path().join("keystore"));
+        let vault = crate::keys::init::init(
+            dir.path().join("vault").to_str().unwrap(),
+            &keystore,
+            &crate::keys::init::InitOptions::default(),
+        )
+        .unwrap()
+        .vault;
+        let id = vault.config().vault_id;
+        let old = vault.read_head().unwrap();
+        // What the other process does: one swap, remembered.
+        let (newer, ()) = vault.update_head(|_| Ok(())).unwrap();
+        assert_eq!(newer.epoch, old.head.epoch + 1);
+        remember(&keystore, &id, &old).unwrap();
+        let seen = keystore.state(&id).unwrap();
+        assert_eq!(seen.head.as_ref().unwrap().epoch, newer.epoch);
+        let err = check_fresh(&seen, &old).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity);
+        assert!(err.to_string().contains("rolled back"), "{err}");
+    }
+}
