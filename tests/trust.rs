@@ -23,11 +23,9 @@ use common::keys::pem_keys;
 use common::secrets::tree;
 use common::trust::{
     copy_tree, head_of, image, only, put_back, refused, restore_eq, restore_refused, run_as_is, s,
+    INTEGRITY,
 };
 use common::{flip_byte, num, Bv, MIB};
-
-/// Exit code of an integrity problem found (docs/TESTING.md).
-const INTEGRITY: i32 = 3;
 
 // ---------------------------------------------------------------------------------------------
 // 2. Freshness

@@ -17,11 +17,10 @@ use blockvault::vault::pack::{self, PackId};
 use blockvault::vault::Vault;
 use common::keys::pem_keys;
 use common::secrets::tree;
-use common::trust::{copy_tree, head_of, image, refused, restore_eq, restore_refused, s, vault_id};
+use common::trust::{
+    copy_tree, head_of, image, refused, restore_eq, restore_refused, s, vault_id, INTEGRITY,
+};
 use common::{num, text, text_data, write_file, Bv, MIB};
-
-/// Exit code of an integrity problem found (docs/TESTING.md).
-const INTEGRITY: i32 = 3;
 
 // ---------------------------------------------------------------------------------------------
 // 3. Compromise response

@@ -17,11 +17,8 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use blockvault::crypto::keystore::KeyClass;
 use blockvault::crypto::Keystore;
 use common::secrets::tree;
-use common::trust::{head_of, image, refused, restore_eq, restore_refused, s, vault_id};
+use common::trust::{head_of, image, refused, restore_eq, restore_refused, s, vault_id, INTEGRITY};
 use common::{text, Bv, Run, MIB};
-
-/// Exit code of an integrity problem found (docs/TESTING.md).
-const INTEGRITY: i32 = 3;
 
 /// The passphrase of the keystore exports made here.
 const PASS: &str = "correct horse battery staple";

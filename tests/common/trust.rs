@@ -12,6 +12,9 @@ use blockvault::vault::head::{self, Head};
 use super::tools::run_tool;
 use super::{assert_file_eq, random_data, write_file, Bv, Run};
 
+/// Exit code of an integrity problem found (docs/TESTING.md).
+pub const INTEGRITY: i32 = 3;
+
 /// A path as an argument.
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
