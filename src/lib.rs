@@ -45,7 +45,9 @@ pub mod interrupt;
 pub mod io;
 pub mod layout;
 mod ranges;
+pub mod reader;
 pub mod restore;
+
 pub mod source;
 pub mod util;
 pub mod vault;

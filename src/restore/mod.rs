@@ -11,12 +11,11 @@
 //!
 //! ```text
 //!  digest check ─► target::open (probe, refuse) ─► rayon: per slot ─► interrupt::check
-//!                                                     │  slot::read_slot (fetch, check)
+//!                                                     │  reader::read_slot (fetch, check)
 //!                                                     └► Target::write / zero
 //!  ─► Target::finish (qcow2 metadata, fsync / NBD flush)      on error: Target::abandon
 //! ```
 
-pub mod slot;
 pub mod target;
 pub mod verify;
 
@@ -34,7 +33,8 @@ use crate::source::NbdOptions;
 use crate::vault::manifest::{Manifest, Slot};
 use crate::vault::{Disk, Vault};
 
-pub use slot::{fetch_extent, read_slot, slot_content, slot_frames, Damage};
+pub use crate::reader::Damage;
+use crate::reader::{read_slot, slot_frames};
 use target::{Format, Target, TargetKind, TargetOptions};
 
 /// What a restore did.
