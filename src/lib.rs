@@ -47,7 +47,7 @@ pub mod layout;
 mod ranges;
 pub mod reader;
 pub mod restore;
-
+pub mod serve;
 pub mod source;
 pub mod util;
 pub mod vault;

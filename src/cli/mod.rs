@@ -11,6 +11,7 @@ mod key_access;
 mod manpage;
 mod output;
 mod restore;
+mod serve;
 mod snapshots;
 mod usage;
 mod verify;
@@ -63,6 +64,8 @@ enum Command {
     Snapshots(snapshots::Args),
     /// Restore a snapshot to a file (raw or qcow2), a block device or an NBD export.
     Restore(restore::Args),
+    /// Serve snapshots as NBD exports (read-only, or copy-on-write into a local overlay).
+    Serve(serve::Args),
     /// Check the vault's structure, or with --read-data every stored byte.
     Verify(verify::Args),
     /// Key management: show, rotate, revoke, enable, recover, export, import, escrow.
@@ -206,6 +209,7 @@ pub fn main() -> ExitCode {
         Command::Backup(a) => backup::run(&ctx, a),
         Command::Snapshots(a) => snapshots::run(&ctx, a),
         Command::Restore(a) => restore::run(&ctx, a),
+        Command::Serve(a) => serve::run(&ctx, a),
         Command::Verify(a) => verify::run(&ctx, a),
         Command::Key(a) => key::run(&ctx, a),
         Command::Inspect(a) => inspect::run(&ctx, a),

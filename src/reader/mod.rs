@@ -52,6 +52,19 @@ pub const PREFETCH_SLOTS: usize = 8;
 /// A decrypted slot, shared between the cache and the reads copying from it.
 type SlotBytes = Arc<Vec<u8>>;
 
+/// Check the manifest's slot table against its recorded disk digest: done once before a
+/// snapshot is read (restored, served, mounted), since each slot is then checked only
+/// against the ids this table holds.
+pub fn check_digest(disk: &Disk, m: &Manifest) -> Result<()> {
+    if m.compute_digest(&disk.identity.digest) != m.digest {
+        return Err(Error::integrity(format!(
+            "snapshot {}: slot table does not match its recorded disk digest",
+            m.id.short()
+        )));
+    }
+    Ok(())
+}
+
 /// Random access to one snapshot's bytes (see the module doc).
 pub struct SnapshotReader<'a> {
     vault: &'a Vault,

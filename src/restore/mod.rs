@@ -106,12 +106,7 @@ pub fn restore(
     let started = Instant::now();
     let span = tracing::info_span!("restore", disk = %disk.name, snapshot = %m.id.short());
     let _g = span.enter();
-    if m.compute_digest(&disk.identity.digest) != m.digest {
-        return Err(Error::integrity(format!(
-            "snapshot {}: slot table does not match its recorded disk digest",
-            m.id.short()
-        )));
-    }
+    crate::reader::check_digest(disk, m)?;
     let range = opts.range.clone().unwrap_or(0..m.disk_size);
     if range.start > range.end || range.end > m.disk_size {
         return Err(Error::usage(format!(
