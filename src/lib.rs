@@ -44,6 +44,7 @@ pub mod error;
 pub mod interrupt;
 pub mod io;
 pub mod layout;
+pub mod mount;
 mod ranges;
 pub mod reader;
 pub mod restore;

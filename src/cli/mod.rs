@@ -9,6 +9,7 @@ mod inspect;
 mod key;
 mod key_access;
 mod manpage;
+mod mount;
 mod output;
 mod restore;
 mod serve;
@@ -64,6 +65,8 @@ enum Command {
     Snapshots(snapshots::Args),
     /// Restore a snapshot to a file (raw or qcow2), a block device or an NBD export.
     Restore(restore::Args),
+    /// Mount snapshots as read-only raw image files (FUSE), one folder per disk.
+    Mount(mount::Args),
     /// Serve snapshots as NBD exports (read-only, or copy-on-write into a local overlay).
     Serve(serve::Args),
     /// Check the vault's structure, or with --read-data every stored byte.
@@ -209,6 +212,7 @@ pub fn main() -> ExitCode {
         Command::Backup(a) => backup::run(&ctx, a),
         Command::Snapshots(a) => snapshots::run(&ctx, a),
         Command::Restore(a) => restore::run(&ctx, a),
+        Command::Mount(a) => mount::run(&ctx, a),
         Command::Serve(a) => serve::run(&ctx, a),
         Command::Verify(a) => verify::run(&ctx, a),
         Command::Key(a) => key::run(&ctx, a),
