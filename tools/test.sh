@@ -41,6 +41,11 @@ install_deps() {
     # holder where the kernel has one (dmsetup).
     command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
     command -v dmsetup >/dev/null 2>&1 || missing+=(dmsetup)
+    # serve: NBD clients (nbdinfo, nbdcopy in libnbd-bin), fio for the serve benchmark.
+    command -v nbdinfo >/dev/null 2>&1 || missing+=(libnbd-bin)
+    command -v fio >/dev/null 2>&1 || missing+=(fio)
+    # mount: fusermount3 (fuse3), which mounts and unmounts FUSE filesystems.
+    command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
     if ((${#missing[@]})); then
         if is_root; then
             echo "test.sh: installing ${missing[*]}" >&2

@@ -10,9 +10,11 @@ mod inspect;
 mod key;
 mod key_access;
 mod manpage;
+mod mount;
 mod output;
 mod prune;
 mod restore;
+mod serve;
 mod snapshots;
 mod upgrade;
 mod usage;
@@ -67,6 +69,10 @@ enum Command {
     Snapshots(snapshots::Args),
     /// Restore a snapshot to a file (raw or qcow2), a block device or an NBD export.
     Restore(restore::Args),
+    /// Mount snapshots as read-only raw image files (FUSE), one folder per disk.
+    Mount(mount::Args),
+    /// Serve snapshots as NBD exports (read-only, or copy-on-write into a local overlay).
+    Serve(serve::Args),
     /// Check the vault's structure, or with --read-data every stored byte.
     Verify(verify::Args),
     /// Remove the snapshots a retention policy does not keep (restic's --keep-* rules).
@@ -216,6 +222,8 @@ pub fn main() -> ExitCode {
         Command::Backup(a) => backup::run(&ctx, a),
         Command::Snapshots(a) => snapshots::run(&ctx, a),
         Command::Restore(a) => restore::run(&ctx, a),
+        Command::Mount(a) => mount::run(&ctx, a),
+        Command::Serve(a) => serve::run(&ctx, a),
         Command::Verify(a) => verify::run(&ctx, a),
         Command::Forget(a) => forget::run(&ctx, a),
         Command::Prune(a) => prune::run(&ctx, a),
