@@ -15,7 +15,9 @@
 //! - [`engine`]: the backup pipeline (workers, writer, uploader);
 //! - [`crypto`]: keys, derivation, AEAD, keyed ids, the platform keystore;
 //! - [`vault`]: the on-disk format (config, key records, frames, packs, manifests) and stores;
-//! - [`restore`]: restore and verify.
+//! - [`restore`]: restore and verify;
+//! - [`qmp`] and [`vm`]: a running VM backed up through QEMU's QMP monitor, its disks as one
+//!   group at one point in time.
 //!
 //! # Garbage and locks
 //! | object | written by | removed by | lock held by the writer |
@@ -44,10 +46,12 @@ pub mod error;
 pub mod interrupt;
 pub mod io;
 pub mod layout;
+pub mod qmp;
 mod ranges;
 pub mod restore;
 pub mod source;
 pub mod util;
 pub mod vault;
+pub mod vm;
 
 pub use error::{Error, ErrorKind, Result};

@@ -1,4 +1,6 @@
-//! `blockvault restore DISK[@ID|@latest] TARGET`
+//! `blockvault restore DISK[@ID|@latest] TARGET`, and `restore group:VM[@ID] …` ([`group`]).
+
+mod group;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,9 +17,11 @@ use super::Context;
 /// Arguments of `restore`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// DISK, DISK@latest or DISK@SNAPSHOT-ID (a unique prefix is enough).
+    /// DISK, DISK@latest or DISK@SNAPSHOT-ID (a unique prefix is enough); or a group:
+    /// group:VM, group:VM@latest, group:VM@GROUP-ID.
     snapshot: String,
-    /// File or block device to write.
+    /// File or block device to write; for a group, a folder (each disk to FOLDER/DISK.raw)
+    /// or DISK=PATH[,DISK=PATH…] naming every disk.
     target: PathBuf,
     /// Overwrite a non-empty target file.
     #[arg(long)]
@@ -33,6 +37,10 @@ pub struct Args {
     /// mode 0600 (the folder is created 0700).
     #[arg(long, value_name = "DIR")]
     with_escrow: Option<PathBuf>,
+    /// For a group: write the VM configuration kept with it here (default with a folder
+    /// target: FOLDER/<its file name>).
+    #[arg(long, value_name = "FILE")]
+    vm_config: Option<PathBuf>,
 }
 
 /// Write each escrowed secret of `disk` to `dir/<name>`; returns the names written.
@@ -83,6 +91,9 @@ fn write_escrows(
 
 /// Restore a snapshot.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
+    if let Some(spec) = a.snapshot.strip_prefix(group::PREFIX) {
+        return group::run(ctx, spec, &a);
+    }
     let vault = ctx.open_vault()?;
     let (name, spec) = a
         .snapshot

@@ -1,4 +1,6 @@
-//! `blockvault snapshots`
+//! `blockvault snapshots`, with the groups their snapshots belong to ([`groups`]).
+
+mod groups;
 
 use std::process::ExitCode;
 
@@ -20,15 +22,15 @@ pub struct Args {
 /// List snapshots, oldest first per disk.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let vault = ctx.open_vault()?;
-    let mut rows = Vec::new();
+    let mut all = Vec::new();
     for disk in vault.disks()? {
-        if a.disk.as_ref().is_some_and(|d| *d != disk.name) {
-            continue;
-        }
-        for m in vault.snapshots(&disk)? {
-            rows.push(m);
-        }
+        all.extend(vault.snapshots(&disk)?);
     }
+    let groups = groups::of(&all, a.disk.as_deref());
+    let rows: Vec<_> = all
+        .into_iter()
+        .filter(|m| a.disk.as_ref().is_none_or(|d| *d == m.disk_name))
+        .collect();
     if let Some(d) = &a.disk {
         if rows.is_empty() && vault.find_disk(d)?.is_none() {
             return Err(blockvault::Error::new(
@@ -55,8 +57,10 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             "bitmaps": m.info.bitmaps,
             "bitmap_created": m.info.bitmap_created,
             "notes": m.info.notes,
+            "group": m.info.group.as_ref().map(|g| &g.id),
             "layout": serde_json::from_str::<serde_json::Value>(&m.layout).ok(),
         })).collect::<Vec<_>>(),
+        "groups": groups::json(&groups),
     });
     ctx.out.result(doc, || {
         let mut t = format!(
@@ -79,6 +83,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             );
         }
         t += &format!("{} snapshots\n", rows.len());
+        t += &groups::text(&groups);
         t
     });
     Ok(ExitCode::SUCCESS)

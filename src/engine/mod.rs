@@ -12,6 +12,7 @@
 
 pub mod auto_bitmap;
 pub mod claim;
+pub mod gate;
 pub mod identity;
 pub mod overlay;
 pub mod pipeline;
@@ -89,6 +90,8 @@ pub struct BackupOptions {
     /// Back up a source whose partition table identity differs from the disk's latest
     /// snapshot ([`identity`]).
     pub force: bool,
+    /// Waited on just before the manifest is written ([`gate`]: a group commits together).
+    pub commit_gate: Option<std::sync::Arc<dyn gate::CommitGate>>,
 }
 
 /// A change source's claim, as the manifest will record it.
@@ -122,6 +125,7 @@ impl Default for BackupOptions {
             snapshot_id: None,
             info: SnapshotInfo::default(),
             force: false,
+            commit_gate: None,
         }
     }
 }
@@ -379,7 +383,12 @@ fn write_snapshot(
 
     let mut info = opts.info.clone();
     info.bitmaps = bitmaps;
-    let notes: Vec<String> = decided.notes.iter().chain(&remarks.notes).cloned().collect();
+    let notes: Vec<String> = decided
+        .notes
+        .iter()
+        .chain(&remarks.notes)
+        .cloned()
+        .collect();
     info.notes.extend(decided.notes);
     info.notes.extend(remarks.recorded());
     let mut m = Manifest {
@@ -412,6 +421,9 @@ fn write_snapshot(
     m.digest = m.compute_digest(&disk.identity.digest);
     // The last moment a stop asked for by a signal is honoured: after this, the backup is done.
     crate::interrupt::check()?;
+    if let Some(gate) = &opts.commit_gate {
+        gate.ready()?;
+    }
     vault.put_manifest(disk, &m)?;
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {

@@ -6,7 +6,8 @@
 //! the `allow(dead_code)` below covers the submodules too. The submodules hold the fixtures
 //! made by external tools, imported by path where used (a glob re-export here would be an
 //! unused import in every binary that needs none of them): [`tools`] (is a tool installed;
-//! run one), [`qemu`] (the QEMU tools; a qemu-nbd server), [`keys`] (openssl PEM keys,
+//! run one), [`qemu`] (the QEMU tools; a qemu-nbd server), [`vm`] (a running QEMU with
+//! drives, no guest), [`keys`] (openssl PEM keys,
 //! SoftHSM2 tokens), [`layout_tools`] (sfdisk tables, cryptsetup volumes, layout checks) and
 //! [`secrets`] (scans for key material stored in the clear).
 #![allow(dead_code)]
@@ -16,6 +17,7 @@ pub mod layout_tools;
 pub mod qemu;
 pub mod secrets;
 pub mod tools;
+pub mod vm;
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
