@@ -391,6 +391,56 @@ fn a_run_killed_mid_read_is_cleaned_up_by_the_next() {
 }
 
 #[test]
+fn a_run_stopped_by_sigterm_leaves_qemu_as_it_found_it() {
+    const T: &str = "a_run_stopped_by_sigterm_leaves_qemu_as_it_found_it";
+    let Some(bin) = qemu(T) else { return };
+    let bv = Bv::new();
+    let mut vm = Vm::start(&bin, bv.dir.path(), "vm7", &[("d0", 160 * MIB)]);
+    vm.write(0, 0, &text_data(60, 8 << 20));
+    let full = backup(&bv, &vm, "d0=vm7", &[]);
+    let x = text(&full, "bitmap_created");
+    vm.write(0, 16 * MIB, &text_data(61, 64 << 20));
+    let url = vm.url();
+    let (child, what) = bv.spawn(&[
+        "backup",
+        &url,
+        "--disk-map",
+        "d0=vm7",
+        "--zstd-level",
+        "19",
+        "--threads",
+        "1",
+    ]);
+    wait_export(&mut vm);
+    assert!(
+        wait_working(child.id(), 50),
+        "{what} ended before working 0.5 s"
+    );
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    common::Run::wait(child, what).code(143).stderr_has(&[
+        "no snapshot of the group was committed",
+        "interrupted by SIGTERM",
+    ]);
+    // QEMU as the run found it: nothing of the run's, the parent's bitmap recording again.
+    assert_eq!(vm.ctl.blockvault_objects(), Vec::<String>::new());
+    assert_eq!(our_bitmaps(&mut vm, "d0"), vec![(x, true)]);
+    assert_eq!(bv.snapshots().len(), 1);
+    // And it still covers every write since the full backup.
+    vm.write(0, 150 * MIB, &random_data(62, 1 << 20));
+    let doc = backup(&bv, &vm, "d0=vm7", &["--verify-unchanged", "0"]);
+    assert_eq!(doc["change_source"], "bitmap", "{doc}");
+    assert_eq!(num(&doc, "bytes_read"), 65 * MIB);
+    assert_eq!(doc["cleaned"], serde_json::json!([]));
+    bv.restore_and_compare(&format!("vm7@{}", text(&doc, "snapshot")), &vm.read(0));
+    bv.verify_ok();
+}
+
+#[test]
 fn qemu_killed_mid_backup_fails_clearly_and_writes_no_snapshot() {
     const T: &str = "qemu_killed_mid_backup_fails_clearly_and_writes_no_snapshot";
     let Some(bin) = qemu(T) else { return };

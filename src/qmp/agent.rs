@@ -105,3 +105,79 @@ impl Agent {
         self.count("guest-fsfreeze-thaw")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// The agent's side of the protocol, as qemu-ga speaks it: no greeting; a stale reply
+    /// from an earlier client still in the channel; 0xFF before the reply to
+    /// guest-sync-delimited; then the scripted answers, one per command.
+    fn agent(answers: Vec<&'static str>) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qga.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"{\"return\": 77}\n").unwrap();
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            let mut line = Vec::new();
+            r.read_until(b'\n', &mut line).unwrap();
+            // The 0xFF that resets the parser, then the sync command.
+            assert_eq!(line[0], 0xff);
+            let sync: Value = serde_json::from_slice(&line[1..]).unwrap();
+            assert_eq!(sync["execute"], "guest-sync-delimited");
+            let id = sync["arguments"]["id"].clone();
+            let mut reply = vec![0xffu8];
+            reply.extend(format!("{{\"return\": {id}}}\n").bytes());
+            s.write_all(&reply).unwrap();
+            for a in answers {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap() == 0 {
+                    return;
+                }
+                s.write_all(a.as_bytes()).unwrap();
+            }
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn a_session_syncs_past_stale_replies_then_freezes_and_thaws() {
+        let (_d, path) = agent(vec![
+            "{\"return\": 2}\n",
+            "{\"return\": 2}\n",
+            "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Command guest-fsfreeze-freeze has been disabled\"}}\n",
+        ]);
+        let mut a = Agent::connect(&path, Duration::from_secs(5)).unwrap();
+        assert_eq!(a.freeze().unwrap(), 2);
+        assert_eq!(a.thaw().unwrap(), 2);
+        let e = a.freeze().unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "qga.sock: guest-fsfreeze-freeze failed: Command guest-fsfreeze-freeze has \
+                 been disabled (GenericError)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_silent_agent_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qga.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let e = Agent::connect(&path, Duration::from_millis(200))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .contains("guest-sync-delimited (is qemu-ga running"),
+            "{e}"
+        );
+        drop(held.join());
+    }
+}
