@@ -123,6 +123,28 @@ fn wait_export(vm: &mut Vm) {
     }
 }
 
+/// Start `backup VM --disk-map MAP` slowed down (zstd level 19 on one worker thread) and
+/// return once it is reading its views: its export is up and it has worked 0.5 s of CPU.
+fn spawn_slow_backup(bv: &Bv, vm: &mut Vm, map: &str) -> (std::process::Child, String) {
+    let url = vm.url();
+    let (child, what) = bv.spawn(&[
+        "backup",
+        &url,
+        "--disk-map",
+        map,
+        "--zstd-level",
+        "19",
+        "--threads",
+        "1",
+    ]);
+    wait_export(vm);
+    assert!(
+        wait_working(child.id(), 50),
+        "{what} ended before working 0.5 s"
+    );
+    (child, what)
+}
+
 #[test]
 fn a_two_disk_group_backed_up_under_writes_restores_its_point_in_time() {
     const T: &str = "a_two_disk_group_backed_up_under_writes_restores_its_point_in_time";
@@ -321,22 +343,7 @@ fn a_run_killed_mid_read_is_cleaned_up_by_the_next() {
     let x = text(&full, "bitmap_created");
     // 64 MiB of new text keep a single zstd-19 worker busy for a while.
     vm.write(0, 16 * MIB, &text_data(21, 64 << 20));
-    let url = vm.url();
-    let (child, what) = bv.spawn(&[
-        "backup",
-        &url,
-        "--disk-map",
-        "d0=vm3",
-        "--zstd-level",
-        "19",
-        "--threads",
-        "1",
-    ]);
-    wait_export(&mut vm);
-    assert!(
-        wait_working(child.id(), 50),
-        "{what} ended before working 0.5 s"
-    );
+    let (child, what) = spawn_slow_backup(&bv, &mut vm, "d0=vm3");
     let mut child = child;
     child.kill().expect("SIGKILL");
     let killed = common::Run::wait(child, what);
@@ -400,22 +407,7 @@ fn a_run_stopped_by_sigterm_leaves_qemu_as_it_found_it() {
     let full = backup(&bv, &vm, "d0=vm7", &[]);
     let x = text(&full, "bitmap_created");
     vm.write(0, 16 * MIB, &text_data(61, 64 << 20));
-    let url = vm.url();
-    let (child, what) = bv.spawn(&[
-        "backup",
-        &url,
-        "--disk-map",
-        "d0=vm7",
-        "--zstd-level",
-        "19",
-        "--threads",
-        "1",
-    ]);
-    wait_export(&mut vm);
-    assert!(
-        wait_working(child.id(), 50),
-        "{what} ended before working 0.5 s"
-    );
+    let (child, what) = spawn_slow_backup(&bv, &mut vm, "d0=vm7");
     let pid = child.id().to_string();
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -447,22 +439,7 @@ fn qemu_killed_mid_backup_fails_clearly_and_writes_no_snapshot() {
     let bv = Bv::new();
     let mut vm = Vm::start(&bin, bv.dir.path(), "vm4", &[("d0", 160 * MIB)]);
     vm.write(0, 0, &text_data(30, 64 << 20));
-    let url = vm.url();
-    let (child, what) = bv.spawn(&[
-        "backup",
-        &url,
-        "--disk-map",
-        "d0=vm4",
-        "--zstd-level",
-        "19",
-        "--threads",
-        "1",
-    ]);
-    wait_export(&mut vm);
-    assert!(
-        wait_working(child.id(), 50),
-        "{what} ended before working 0.5 s"
-    );
+    let (child, what) = spawn_slow_backup(&bv, &mut vm, "d0=vm4");
     vm.kill();
     let r = common::Run::wait(child, what);
     r.code(1).stderr_has(&[

@@ -312,7 +312,12 @@ fn is_view_file(path: &Path) -> bool {
 /// `block-export-del` (hard: drop any client), then wait until QEMU lists it no more.
 fn delete_export(qmp: &mut Qmp, id: &str, timeout: Duration) -> Result<()> {
     qmp.execute("block-export-del", json!({"id": id, "mode": "hard"}))?;
-    wait_gone(qmp, "query-block-exports", "id", id, timeout)
+    wait_until(qmp, timeout, &format!("export {id} still listed"), |qmp| {
+        let exports = qmp.execute("query-block-exports", json!({}))?;
+        Ok(!exports
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x["id"] == id)))
+    })
 }
 
 /// `block-job-cancel` (force), then wait until the job is gone (dismissing it if it stays
@@ -322,47 +327,36 @@ fn cancel_job(qmp: &mut Qmp, id: &str, timeout: Duration) -> Result<()> {
         // A job that already concluded cannot be cancelled; dismiss it below.
         tracing::debug!(job = id, error = %e, "block-job-cancel");
     }
-    let deadline = Instant::now() + timeout;
-    loop {
+    wait_until(qmp, timeout, &format!("job {id} still exists"), |qmp| {
         let jobs = qmp.execute("query-jobs", json!({}))?;
         let Some(job) = jobs
             .as_array()
             .and_then(|j| j.iter().find(|j| j["id"] == id))
         else {
-            return Ok(());
+            return Ok(true);
         };
         if job["status"] == "concluded" {
             qmp.execute("job-dismiss", json!({"id": id}))?;
         }
-        if Instant::now() > deadline {
-            return Err(Error::new(
-                ErrorKind::Io,
-                format!(
-                    "QEMU's QMP socket {}: job {id} still exists {} s after it was cancelled",
-                    qmp.path().display(),
-                    timeout.as_secs()
-                ),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        Ok(false)
+    })
 }
 
-fn wait_gone(qmp: &mut Qmp, query: &str, key: &str, id: &str, timeout: Duration) -> Result<()> {
+/// Ask `done` every 5 ms until it says so; after `timeout`, an error saying `still` (what
+/// is still there) `timeout` after its removal was asked for.
+fn wait_until(
+    qmp: &mut Qmp,
+    timeout: Duration,
+    still: &str,
+    mut done: impl FnMut(&mut Qmp) -> Result<bool>,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
-    loop {
-        let list = qmp.execute(query, json!({}))?;
-        if !list
-            .as_array()
-            .is_some_and(|l| l.iter().any(|x| x[key] == id))
-        {
-            return Ok(());
-        }
+    while !done(qmp)? {
         if Instant::now() > deadline {
             return Err(Error::new(
                 ErrorKind::Io,
                 format!(
-                    "QEMU's QMP socket {}: {id} still listed by {query} {} s after its removal",
+                    "QEMU's QMP socket {}: {still} {} s after its removal",
                     qmp.path().display(),
                     timeout.as_secs()
                 ),
@@ -370,6 +364,7 @@ fn wait_gone(qmp: &mut Qmp, query: &str, key: &str, id: &str, timeout: Duration)
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    Ok(())
 }
 
 fn remove_file(path: &Path) -> Result<()> {
