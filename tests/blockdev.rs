@@ -1,6 +1,8 @@
 //! Block devices through loop devices (needs root and losetup; under CI=true their absence is
 //! a failure, elsewhere the tests skip loudly): a loop device as the backup SOURCE (O_DIRECT
-//! with io_uring, pread, buffered) and as the restore TARGET, and a target that is too small.
+//! with io_uring, pread, buffered) and as the restore TARGET (one holding data needs
+//! `--force`), and a target that is too small. tests/restore_targets.rs has the devices a
+//! restore refuses: mounted, held, holding data.
 
 mod common;
 
@@ -106,8 +108,24 @@ fn loop_device_as_restore_target() {
     let Some(dev) = LoopDev::attach(&backing, test) else {
         return;
     };
-    // No --force needed for a device.
-    let r = bv.run(&["--json", "restore", "d", dev.path.to_str().unwrap()]);
+    // A device holding data needs --force, as a non-empty file does, and is left alone.
+    bv.restore("d", &dev.path, &[]).code(1).stderr_has(&[
+        "holds data (non-zero bytes in its first MiB, the first at offset 0)",
+        "--force",
+    ]);
+    assert!(
+        read_at(&dev.path, 0, dev_size as usize)
+            .iter()
+            .all(|&b| b == 0xAA),
+        "a refused restore writes nothing"
+    );
+    let r = bv.run(&[
+        "--json",
+        "restore",
+        "d",
+        dev.path.to_str().unwrap(),
+        "--force",
+    ]);
     r.ok();
     assert_eq!(num(&r.json(), "bytes_total"), size);
     // The disk's bytes, then the rest of the device untouched.

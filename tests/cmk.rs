@@ -1,6 +1,7 @@
 //! Customer-managed RSA keys against the real tools: PEM keys made by `openssl genpkey` (plain
-//! and passphrase-protected PKCS#8, a 2048-bit key that must be refused) and RSA keys inside a
-//! SoftHSM2 token made by `softhsm2-util` and `pkcs11-tool`.
+//! and passphrase-protected PKCS#8, PKCS#1 by `openssl rsa -traditional`, a 2048-bit key that
+//! must be refused) and RSA keys inside a SoftHSM2 token made by `softhsm2-util` and
+//! `pkcs11-tool`.
 //!
 //! Keys are made once per test binary (tests/common/keys.rs). SoftHSM reads `SOFTHSM2_CONF` when the
 //! module is first initialised in the process, so every HSM test shares one token folder:
@@ -17,8 +18,8 @@ use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use blockvault::crypto::kek::{KekId, KekKind, KekProvider};
 use blockvault::crypto::rsa::{
-    read_public_key, CmkKey, OaepHash, PemKek, Pkcs11Kek, Pkcs11Options, PrivateKeyFile,
-    SecretSource,
+    read_public_key, CmkKey, EnrolPolicy, OaepHash, PemKek, Pkcs11Kek, Pkcs11Options,
+    PrivateKeyFile, SecretSource,
 };
 use blockvault::crypto::Secret32;
 use blockvault::ErrorKind;
@@ -37,6 +38,26 @@ fn private(keys: &PemKeys, file: &str, pass: Option<&str>) -> Option<PrivateKeyF
         path: keys.path(file),
         passphrase: pass.map(|p| SecretSource::File(keys.path(p))),
     })
+}
+
+/// The unwrap check of customer key `public_file` through the private key file `private_file`
+/// (its passphrase in the file `pass`) fails with a `Key` error naming each of `needles`.
+fn refused(
+    keys: &PemKeys,
+    public_file: &str,
+    private_file: Option<&str>,
+    pass: Option<&str>,
+    needles: &[&str],
+) {
+    let private = private_file.and_then(|f| private(keys, f, pass));
+    let err = PemKek::new(public(keys, KekKind::CustomerRsa, public_file), private)
+        .unwrap()
+        .check_unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Key, "{err}");
+    for needle in needles {
+        assert!(err.to_string().contains(needle), "{needle:?} in {err}");
+    }
 }
 
 /// The contract every provider keeps: round trip; other AAD, swapped blobs, flipped bits and
@@ -143,6 +164,49 @@ fn pkcs1_and_spki_public_keys_have_one_fingerprint() {
 }
 
 #[test]
+fn pkcs1_private_keys_unwrap_and_legacy_encrypted_ones_are_refused() {
+    let Some(k) = pem_keys("pkcs1_private_keys_unwrap_and_legacy_encrypted_ones_are_refused")
+    else {
+        return;
+    };
+    let text = std::fs::read_to_string(k.path("a.pkcs1.key")).unwrap();
+    assert!(
+        text.starts_with("-----BEGIN RSA PRIVATE KEY-----"),
+        "{text:.40}"
+    );
+    // Unwraps what the SPKI descriptor wrapped, and passes the fingerprint check.
+    let kek = PemKek::new(
+        public(k, KekKind::CustomerRsa, "a.pub"),
+        private(k, "a.pkcs1.key", None),
+    )
+    .unwrap();
+    kek.check_unwrap().unwrap();
+    let w = PemKek::new(public(k, KekKind::CustomerRsa, "a.pub"), None).unwrap();
+    check_contract(&w, &kek);
+    // The PKCS#1 form of another key is named as the wrong key, as a PKCS#8 one is.
+    refused(
+        k,
+        "b.pub",
+        Some("a.pkcs1.key"),
+        None,
+        &["a.pkcs1.key holds key sha256:"],
+    );
+    // Legacy-encrypted PKCS#1: refused with the conversion, even with the right passphrase.
+    let conversion = [
+        "a.pkcs1.enc.key",
+        "Proc-Type: 4,ENCRYPTED",
+        "openssl pkcs8 -topk8",
+    ];
+    refused(
+        k,
+        "a.pub",
+        Some("a.pkcs1.enc.key"),
+        Some("pass"),
+        &conversion,
+    );
+}
+
+#[test]
 fn encrypted_pkcs8_needs_the_right_passphrase() {
     let Some(k) = pem_keys("encrypted_pkcs8_needs_the_right_passphrase") else {
         return;
@@ -205,28 +269,15 @@ fn check_unwrap_names_a_missing_or_wrong_private_key() {
     let Some(k) = pem_keys("check_unwrap_names_a_missing_or_wrong_private_key") else {
         return;
     };
-    let key = || public(k, KekKind::CustomerRsa, "a.pub");
-    let err = PemKek::new(key(), None)
-        .unwrap()
-        .check_unwrap()
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    assert!(
-        err.to_string().contains("private key file missing"),
-        "{err}"
+    refused(k, "a.pub", None, None, &["private key file missing"]);
+    refused(k, "a.pub", Some("gone.key"), None, &["gone.key missing"]);
+    refused(
+        k,
+        "a.pub",
+        Some("b.key"),
+        None,
+        &["b.key holds key sha256:"],
     );
-    let err = PemKek::new(key(), private(k, "gone.key", None))
-        .unwrap()
-        .check_unwrap()
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    assert!(err.to_string().contains("gone.key missing"), "{err}");
-    let err = PemKek::new(key(), private(k, "b.key", None))
-        .unwrap()
-        .check_unwrap()
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Key);
-    assert!(err.to_string().contains("b.key holds key sha256:"), "{err}");
 }
 
 #[test]
@@ -315,6 +366,27 @@ impl Hsm {
             pin: Some(SecretSource::File(self.token.pin(name))),
         }
     }
+
+    /// Enrol `uri` with RSA-OAEP SHA-256 if the token takes it, else with the SHA-1 that
+    /// Debian 12's SoftHSM 2.6.1 needs, chosen explicitly as an operator would (`--oaep sha1`):
+    /// enrolment itself never falls back.
+    fn enroll(&self, uri: &str) -> Pkcs11Kek {
+        match Pkcs11Kek::enroll(uri, 1, EnrolPolicy::default(), self.pin("pin")) {
+            Ok(kek) => kek,
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                Pkcs11Kek::enroll(uri, 1, sha1(), self.pin("pin")).unwrap()
+            }
+            Err(e) => panic!("enrolling {uri}: {e:?}"),
+        }
+    }
+}
+
+/// The policy of `--oaep sha1`.
+fn sha1() -> EnrolPolicy {
+    EnrolPolicy {
+        oaep: OaepHash::Sha1,
+        ..EnrolPolicy::default()
+    }
 }
 
 /// The shared SoftHSM token folder (see the module docs). `None` (after a SKIP line) when
@@ -348,8 +420,7 @@ fn hsm_round_trip_with_login_per_job() {
         return;
     };
     let _hsm = h.shared();
-    let kek =
-        Pkcs11Kek::enroll("pkcs11:token=bv;object=cmk;id=%01", 1, None, h.pin("pin")).unwrap();
+    let kek = h.enroll("pkcs11:token=bv;object=cmk;id=%01");
     let key = kek.key();
     assert_eq!(key.id().to_string(), "cmk-pkcs11-v1");
     assert_eq!(key.bits(), 3072);
@@ -383,27 +454,27 @@ fn hsm_round_trip_with_login_per_job() {
 }
 
 #[test]
-fn hsm_forced_sha256_is_refused_or_used_as_asked() {
-    let Some(h) = hsm("hsm_forced_sha256_is_refused_or_used_as_asked") else {
+fn hsm_sha1_only_when_asked() {
+    let Some(h) = hsm("hsm_sha1_only_when_asked") else {
         return;
     };
     let _hsm = h.shared();
     let uri = "pkcs11:token=bv;object=cmk";
-    let auto = Pkcs11Kek::enroll(uri, 1, None, h.pin("pin")).unwrap();
-    let forced = Pkcs11Kek::enroll(uri, 1, Some(OaepHash::Sha256), h.pin("pin"));
-    match auto.key().oaep() {
-        // The token took SHA-256 on its own, so forcing it works too.
-        OaepHash::Sha256 => assert_eq!(forced.unwrap().key().oaep(), OaepHash::Sha256),
-        // The token fell back to SHA-1: forcing SHA-256 fails clearly instead.
-        OaepHash::Sha1 => {
-            let err = forced.err().unwrap();
+    match Pkcs11Kek::enroll(uri, 1, EnrolPolicy::default(), h.pin("pin")) {
+        // A token with SHA-256 (SoftHSM 2.6.1 has none) is enrolled with it.
+        Ok(kek) => assert_eq!(kek.key().oaep(), OaepHash::Sha256),
+        // Otherwise enrolment fails, saying how to choose SHA-1 and what that means: it
+        // never falls back to SHA-1 on its own.
+        Err(err) => {
             assert_eq!(err.kind(), ErrorKind::Unsupported, "{err:?}");
-            assert!(err.to_string().contains("does not support"), "{err}");
+            for says in ["refuses RSA-OAEP with SHA-256", "--oaep sha1", "collision"] {
+                assert!(err.to_string().contains(says), "{says}: {err}");
+            }
         }
     }
-    let sha1 = Pkcs11Kek::enroll(uri, 1, Some(OaepHash::Sha1), h.pin("pin")).unwrap();
-    assert_eq!(sha1.key().oaep(), OaepHash::Sha1);
-    check_contract(&sha1, &sha1);
+    let kek = Pkcs11Kek::enroll(uri, 1, sha1(), h.pin("pin")).unwrap();
+    assert_eq!(kek.key().oaep(), OaepHash::Sha1);
+    check_contract(&kek, &kek);
 }
 
 #[test]
@@ -413,7 +484,7 @@ fn hsm_wrong_pin_fails_clearly() {
     };
     let _hsm = h.shared();
     let uri = "pkcs11:token=spare;object=cmk;id=%01";
-    let err = Pkcs11Kek::enroll(uri, 1, None, h.pin("badpin"))
+    let err = Pkcs11Kek::enroll(uri, 1, sha1(), h.pin("badpin"))
         .err()
         .unwrap();
     assert_eq!(err.kind(), ErrorKind::Key);
@@ -422,13 +493,13 @@ fn hsm_wrong_pin_fails_clearly() {
         "{err}"
     );
     // A stored key with the wrong PIN: the pre-backup check says so.
-    let good = Pkcs11Kek::enroll(uri, 1, None, h.pin("pin")).unwrap();
+    let good = h.enroll(uri);
     let stored = CmkKey::decode(&good.key().encode(), "config cmk").unwrap();
     let bad = Pkcs11Kek::open(stored, h.pin("badpin")).unwrap();
     let err = bad.check_unwrap().unwrap_err();
     assert!(err.to_string().contains("PIN incorrect"), "{err}");
     // A missing PIN file names the file.
-    let err = Pkcs11Kek::enroll(uri, 1, None, h.pin("no-such-pin"))
+    let err = Pkcs11Kek::enroll(uri, 1, sha1(), h.pin("no-such-pin"))
         .err()
         .unwrap();
     assert!(err.to_string().contains("no-such-pin"), "{err}");
@@ -440,13 +511,7 @@ fn hsm_deleted_private_key_fails_check_but_public_key_still_wraps() {
         return;
     };
     let _hsm = h.exclusive();
-    let kek = Pkcs11Kek::enroll(
-        "pkcs11:token=doomed;object=gone;id=%02",
-        1,
-        None,
-        h.pin("pin"),
-    )
-    .unwrap();
+    let kek = h.enroll("pkcs11:token=doomed;object=gone;id=%02");
     kek.check_unwrap().unwrap();
     let id = kek.current().unwrap();
     let before = kek
@@ -473,7 +538,7 @@ fn hsm_unreachable_token_and_module_are_named() {
         return;
     };
     let _hsm = h.shared();
-    let err = Pkcs11Kek::enroll("pkcs11:token=nope;object=cmk", 1, None, h.pin("pin"))
+    let err = Pkcs11Kek::enroll("pkcs11:token=nope;object=cmk", 1, sha1(), h.pin("pin"))
         .err()
         .unwrap();
     assert_eq!(err.kind(), ErrorKind::Key);
@@ -482,7 +547,7 @@ fn hsm_unreachable_token_and_module_are_named() {
     let err = Pkcs11Kek::enroll(
         "pkcs11:token=bv;object=cmk?module-path=/nonexistent/libpkcs11.so",
         1,
-        None,
+        sha1(),
         h.pin("pin"),
     )
     .err()
@@ -496,7 +561,7 @@ fn hsm_unreachable_token_and_module_are_named() {
     let err = Pkcs11Kek::enroll(
         "pkcs11:token=bv;object=cmk?pin-value=1234",
         1,
-        None,
+        sha1(),
         h.pin("pin"),
     )
     .err()

@@ -6,7 +6,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use blockvault::crypto::export::{self, Header, ITERATIONS, MAX_PASSPHRASE};
+use blockvault::crypto::export::{
+    self, Header, Kdf, LANES, MAX_PASSPHRASE, MEMORY_KIB, MIN_MEMORY_KIB, MIN_PASSES, PASSES,
+};
 use blockvault::crypto::Keystore;
 use blockvault::vault::escrow::{Record, MAX_SECRET};
 use blockvault::vault::{Disk, Vault};
@@ -324,7 +326,12 @@ fn export_import_round_trip_opens_the_vault() {
     let id = f.vault.config().vault_id;
     assert!(!contains(&exp, &file[24..56]), "auth key in the clear");
     let (h, _) = Header::parse(&exp).unwrap();
-    assert_eq!((h.vault_id, h.iterations.get()), (id, ITERATIONS));
+    let argon2 = Kdf::Argon2id {
+        memory_kib: MEMORY_KIB,
+        passes: PASSES,
+        lanes: LANES,
+    };
+    assert_eq!((h.vault_id, h.kdf), (id, argon2));
     // A fresh salt each time.
     let again = export::export(&file, &id, PASS).unwrap();
     assert_ne!(Header::parse(&again).unwrap().0.salt, h.salt);
@@ -349,12 +356,18 @@ fn wrong_passphrase_and_tampering_are_refused() {
         (ErrorKind::Key, wrong)
     );
 
-    // Header fields are the AAD: vault id, iteration count and salt cannot be edited.
-    let mut iters = exp.clone();
-    iters[24..28].copy_from_slice(&(ITERATIONS - 1).to_le_bytes());
+    // Header fields are the AAD: vault id, Argon2id costs and salt cannot be edited (costs
+    // edited within their bounds, so that the derivation runs and the open fails).
+    let edited_cost = |at: usize, v: u32| {
+        let mut b = exp.clone();
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        Some(b)
+    };
     for (at, edited) in [
         (8, None),
-        (24, Some(iters)),
+        (24, edited_cost(24, MIN_MEMORY_KIB)),
+        (28, edited_cost(28, MIN_PASSES)),
+        (32, edited_cost(32, 2)),
         (40, None),
         (exp.len() - 1, None),
     ] {
@@ -377,12 +390,20 @@ fn wrong_passphrase_and_tampering_are_refused() {
         export::import(&b, PASS).unwrap_err()
     };
     assert_eq!(edit(0, b"BVKX").kind(), ErrorKind::Integrity);
-    assert_eq!(edit(4, &2u16.to_le_bytes()).kind(), ErrorKind::Unsupported);
+    assert_eq!(edit(4, &3u16.to_le_bytes()).kind(), ErrorKind::Unsupported);
     assert_eq!(edit(6, &[1]).kind(), ErrorKind::Integrity);
-    for n in [99_999u32, 10_000_001] {
-        let err = edit(24, &n.to_le_bytes());
+    // No memory bomb and no endless derivation: every cost is bounded before any is used.
+    for (at, n, says) in [
+        (24, MIN_MEMORY_KIB - 1, "Argon2id memory"),
+        (24, u32::MAX, "Argon2id memory"),
+        (28, MIN_PASSES - 1, "Argon2id passes"),
+        (28, u32::MAX, "Argon2id passes"),
+        (32, 0, "Argon2id lanes"),
+        (32, u32::MAX, "Argon2id lanes"),
+    ] {
+        let err = edit(at, &n.to_le_bytes());
         assert_eq!(err.kind(), ErrorKind::Integrity);
-        assert!(err.to_string().contains("iteration count"), "{err}");
+        assert!(err.to_string().contains(says), "{err}");
     }
     let err = export::import(&exp[..80], PASS).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Integrity);
@@ -409,6 +430,9 @@ fn wrong_passphrase_and_tampering_are_refused() {
         export::export(&file, &id, b"").unwrap_err().kind(),
         ErrorKind::Usage
     );
+    let err = export::export(&file, &id, b"eleven char").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Usage);
+    assert!(err.to_string().contains("at least 12"), "{err}");
 }
 
 #[test]

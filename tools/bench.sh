@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tools/bench.sh [IMAGE] — end-to-end benchmark of blockvault, side by side with restic,
-# on the reference workload (../shared/workload/README.md).
+# on the reference workload (tools/workload/README.md).
 #
 #   tools/bench.sh                           # image: $BENCH_DIR/disk.raw, built if absent
 #   BENCH_DIR=/work/bench tools/bench.sh     # use the image already built there
@@ -19,7 +19,7 @@
 # Prints a table and writes the figures to $BENCH_DIR/results.json.
 #
 # Env: BENCH_DIR (default: <repo>/bench-out, git-ignored), WORKLOAD_DIR (default:
-# <repo>/../shared/workload), RESTIC=0 to skip restic, KEEP=1 to keep vaults and copies,
+# <repo>/tools/workload), RESTIC=0 to skip restic, KEEP=1 to keep vaults and copies,
 # BV_ARGS extra arguments for `blockvault backup` (e.g. "--zstd-level -1").
 # MB/s is disk bytes / wall seconds / 1e6 (as in the workload README). MiB = 2^20 bytes.
 set -euo pipefail
@@ -35,7 +35,7 @@ CMDLINE="$(abspath "$0") $*"
 
 BENCH_DIR=$(abspath "${BENCH_DIR:-$ROOT/bench-out}")
 IMAGE=$(abspath "${1:-$BENCH_DIR/disk.raw}")
-WORKLOAD=$(abspath "${WORKLOAD_DIR:-$ROOT/../shared/workload}")
+WORKLOAD=$(abspath "${WORKLOAD_DIR:-$TOOLS/workload}")
 RUN=$BENCH_DIR/work            # scratch: vaults, repository, copies, restores, logs
 LOGS=$RUN/logs
 TSV=$RUN/figures.tsv

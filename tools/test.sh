@@ -41,6 +41,14 @@ install_deps() {
     command -v pkcs11-tool >/dev/null 2>&1 || missing+=(opensc)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v pkill >/dev/null 2>&1 || missing+=(procps)
+    # The manual page rendered (groff-base) and a pseudo-terminal for the progress bar and
+    # colour tests (script, in bsdutils).
+    command -v groff >/dev/null 2>&1 || missing+=(groff-base)
+    command -v script >/dev/null 2>&1 || missing+=(bsdutils)
+    # Restore targets: a filesystem to mount on a loop device (e2fsprogs), a device-mapper
+    # holder where the kernel has one (dmsetup).
+    command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
+    command -v dmsetup >/dev/null 2>&1 || missing+=(dmsetup)
     if ((${#missing[@]})); then
         if is_root; then
             echo "test.sh: installing ${missing[*]}" >&2

@@ -1,11 +1,12 @@
 //! `nbd_reply`: what an NBD server sends (`source::nbd::proto` and `source::nbd::handshake`).
 //!
 //! The first byte picks a mode:
-//! 0. transmission replies: a request (read or block status, offset, length) from the next 13
-//!    bytes, then the rest as the server's byte stream, split the way the client splits it
-//!    (magic -> header -> bounded prefix -> chunk -> streamed data). Beyond "no panic": a
-//!    prefix is never longer than the chunk nor than the caps, data and holes lie within the
-//!    request, read coverage never exceeds the request, extents are nonzero;
+//! 0. transmission replies: a request (read, block status, write, write-zeroes or flush,
+//!    offset, length) from the next 13 bytes, then the rest as the server's byte stream, split
+//!    the way the client splits it (magic -> header -> bounded prefix -> chunk -> streamed
+//!    data). Beyond "no panic": a prefix is never longer than the chunk nor than the caps,
+//!    data and holes lie within the request, read coverage never exceeds the request,
+//!    extents are nonzero, and a write-like request accepts no data, hole or status chunk;
 //! 1. option replies: `parse_reply_header`, `parse_info`, `parse_meta_context`, with the
 //!    length and block-size rules checked on what they accept;
 //! 2. a whole handshake (`negotiate`) against the input as the server's side: it must end
@@ -16,7 +17,7 @@ use blockvault::source::nbd::handshake::{self, Info, MAX_OPTION_REPLY};
 use blockvault::source::nbd::proto::{
     reply_header_len, Chunk, ChunkHeader, Command, Coverage, Expect, ReplyHeader, CHUNK_HEADER_LEN,
     MAGIC_LEN, MAX_ERROR_CHUNK, MAX_EXTENTS, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
-    REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, STRUCTURED_REPLY_MAGIC,
+    REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, STRUCTURED_REPLY_MAGIC,
 };
 use blockvault_fuzz::{outcome, write_seeds};
 use libfuzzer_sys::fuzz_target;
@@ -65,7 +66,12 @@ fn seeds() -> Vec<Vec<u8>> {
     hs.extend(handshake::OPT_STRUCTURED_REPLY.to_be_bytes());
     hs.extend(handshake::REP_ACK.to_be_bytes());
     hs.extend(0u32.to_be_bytes());
-    vec![read, status, hs]
+    // Mode 0, a write of 4096 bytes at 8192 acknowledged by a NONE chunk.
+    let mut write = vec![0u8, 2];
+    write.extend(8192u64.to_be_bytes());
+    write.extend(4096u32.to_be_bytes());
+    write.extend(chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[]));
+    vec![read, status, write, hs]
 }
 
 /// Mode 0: the client's split of a reply stream.
@@ -73,10 +79,12 @@ fn replies(data: &[u8]) {
     if data.len() < 13 {
         return;
     }
-    let command = if data[0] & 1 == 0 {
-        Command::Read
-    } else {
-        Command::BlockStatus
+    let command = match data[0] % 5 {
+        0 => Command::Read,
+        1 => Command::BlockStatus,
+        2 => Command::Write,
+        3 => Command::WriteZeroes,
+        _ => Command::Flush,
     };
     let offset = u64::from_be_bytes(data[1..9].try_into().unwrap());
     let mut length = u32::from_be_bytes(data[9..13].try_into().unwrap());
@@ -123,6 +131,13 @@ fn replies(data: &[u8]) {
         rest = &rest[prefix_len..];
         let parsed = Chunk::parse(&h, prefix, &expect);
         outcome("chunk", &parsed);
+        if !command.answers_with_content() {
+            assert!(
+                matches!(parsed, Ok(Chunk::None | Chunk::Error { .. }) | Err(_)),
+                "a {} accepted {parsed:?}",
+                command.name()
+            );
+        }
         let end = offset.saturating_add(u64::from(length));
         match parsed {
             Ok(Chunk::Data { offset: at, len }) => {

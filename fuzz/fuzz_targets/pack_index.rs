@@ -3,13 +3,15 @@
 //!
 //! Each input is used three ways:
 //! 1. as the raw pack: `read_index` must not panic;
-//! 2. as an index plaintext sealed by us (the layout and AAD of docs/FORMAT.md, rebuilt here:
-//!    `nonce ‖ AES-256-GCM(pack-index key, index) ‖ tag`, AAD = "blockvault pack index v1" ‖
-//!    vault id ‖ disk id ‖ header), so the index parser behind the tag sees arbitrary bytes;
-//!    the result must be exactly what an independent parse of that format gives (entries
-//!    inside the frame area, or an error);
+//! 2. as an index plaintext sealed by us in a pack of version 1 or 2 (the layout and AADs of
+//!    docs/FORMAT.md, rebuilt here: `nonce ‖ AES-256-GCM(pack-index key, index) ‖ tag`, AAD =
+//!    "blockvault pack index v1" ‖ vault id ‖ disk id ‖ header, or "blockvault pack index v2"
+//!    ‖ vault id ‖ disk id ‖ header ‖ BLAKE3(header and frames)), so the index parser behind
+//!    the tag sees arbitrary bytes; the result must be exactly what an independent parse of
+//!    that format gives (entries inside the frame area, or an error);
 //! 3. as a pack built with `PackWriter` from the input: `read_index` gives back exactly the
-//!    entries written, and the pack id is the BLAKE3 of the bytes.
+//!    entries written, the pack id is the BLAKE3 of the bytes, and the index moved onto a pack
+//!    with other frames of the same length is refused.
 #![no_main]
 
 use blockvault::crypto::ExtentId;
@@ -23,10 +25,10 @@ fn read(b: &[u8]) -> blockvault::Result<Vec<pack::IndexEntry>> {
     pack::read_index(b, &binding(), &generation_keys, "packs/fu/zz")
 }
 
-fn header(generation: u32) -> Vec<u8> {
+fn header(version: u16, generation: u32) -> Vec<u8> {
     let mut h = Vec::with_capacity(HEADER_LEN);
     h.extend_from_slice(b"BVPK");
-    h.extend_from_slice(&1u16.to_le_bytes());
+    h.extend_from_slice(&version.to_le_bytes());
     h.extend_from_slice(&0u16.to_le_bytes());
     h.extend_from_slice(&DISK_ID);
     h.extend_from_slice(&generation.to_le_bytes());
@@ -34,18 +36,29 @@ fn header(generation: u32) -> Vec<u8> {
     h
 }
 
-/// A pack whose frame area is `frames` and whose index plaintext is `index`, sealed with the
-/// keys of `generation` (0 or 1).
-fn pack_with_index(generation: u32, frames: &[u8], index: &[u8]) -> Vec<u8> {
-    let mut b = header(generation);
+/// A pack of `version` (1 or 2) whose frame area is `frames` and whose index plaintext is
+/// `index`, sealed with the keys of `generation` (0 or 1).
+fn pack_with_index(version: u16, generation: u32, frames: &[u8], index: &[u8]) -> Vec<u8> {
+    let mut b = header(version, generation);
     b.extend_from_slice(frames);
-    let aad = [
-        b"blockvault pack index v1".as_slice(),
-        &VAULT_ID,
-        &DISK_ID,
-        &b[..HEADER_LEN],
-    ]
-    .concat();
+    let aad = if version == 1 {
+        [
+            b"blockvault pack index v1".as_slice(),
+            &VAULT_ID,
+            &DISK_ID,
+            &b[..HEADER_LEN],
+        ]
+        .concat()
+    } else {
+        [
+            b"blockvault pack index v2".as_slice(),
+            &VAULT_ID,
+            &DISK_ID,
+            &b[..HEADER_LEN],
+            blake3::hash(&b).as_bytes(),
+        ]
+        .concat()
+    };
     let sealed = generation_keys(generation.min(1))
         .unwrap()
         .pack_index
@@ -115,16 +128,18 @@ fn reference_index(index: &[u8], index_offset: u64) -> Option<Vec<([u8; 32], u32
     Some(out)
 }
 
-/// `b`: u8 generation (mod 3) | u16 frame-area length (mod 513) | index plaintext.
+/// `b`: u8 generation (mod 3) and version (1 + (b / 3) mod 2) | u16 frame-area length
+/// (mod 513) | index plaintext.
 fn sealed_index(b: &[u8]) -> Option<()> {
     if b.len() < 3 {
         return None;
     }
     let generation = (b[0] % 3) as u32;
+    let version = 1 + (b[0] / 3 % 2) as u16;
     let frame_len = u16::from_le_bytes([b[1], b[2]]) as usize % 513;
-    let frames = vec![0xeeu8; frame_len];
+    let frames: Vec<u8> = (0..frame_len).map(|i| b[i % b.len()]).collect();
     let index = &b[3..];
-    let p = pack_with_index(generation, &frames, index);
+    let p = pack_with_index(version, generation, &frames, index);
     let index_offset = (HEADER_LEN + frame_len) as u64;
     let r = read(&p);
     outcome("read_index(sealed index)", &r);
@@ -160,14 +175,27 @@ fn round_trip(u: &mut Unstructured) -> Option<()> {
     assert!(pack::read_index(&bytes, &other, &generation_keys, "p").is_err());
     // Truncating the footer away is refused, never a panic.
     assert!(read(&bytes[..bytes.len() - FOOTER_LEN]).is_err());
+    // The index moved onto a pack whose frames differ but fill the same length: refused.
+    if !frames.is_empty() {
+        let footer = &bytes[bytes.len() - FOOTER_LEN..];
+        let index_offset = u64::from_le_bytes(footer[..8].try_into().unwrap()) as usize;
+        let mut moved = bytes.clone();
+        moved[index_offset - 1] ^= 1;
+        assert!(
+            read(&moved).is_err(),
+            "an index moved onto other frames was read"
+        );
+    }
     Some(())
 }
 
 fuzz_target!(
     init: {
-        // Check once that this file's rebuilt index AAD matches the library's.
-        let p = pack_with_index(0, b"", &[0, 0, 0, 0]);
-        assert!(read(&p).expect("rebuilt pack index AAD is wrong").is_empty());
+        // Check once that this file's rebuilt index AADs match the library's.
+        for version in [1, 2] {
+            let p = pack_with_index(version, 0, b"frames", &[0, 0, 0, 0]);
+            assert!(read(&p).expect("rebuilt pack index AAD is wrong").is_empty());
+        }
         write_seeds(seeds)
     },
     |data: &[u8]| {

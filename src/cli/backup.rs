@@ -13,7 +13,7 @@ use blockvault::util::human_bytes;
 use blockvault::vault::manifest::ChangeSource;
 use blockvault::vault::Vault;
 
-use super::output::mb_per_s;
+use super::output::{mb_per_s, mib_per_s, seconds};
 use super::Context;
 
 /// Arguments of `backup`.
@@ -52,8 +52,8 @@ pub struct Args {
     /// before failing the backup.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     nbd_timeout: u64,
-    /// Worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
+    /// Worker threads, 0 for one per core [default: all cores]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     threads: usize,
     /// Reads in flight.
     #[arg(long, default_value_t = 8)]
@@ -195,6 +195,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             t += &created_text(url, &ks);
         }
         t += &snapshot_text(&r);
+        if let Some(b) = &r.info.bitmap_created {
+            t += &format!("  bitmap {b} added: the next --bitmap auto backup reads it\n");
+        }
         for b in removed.iter().flatten() {
             t += &format!("  bitmap {b} removed\n");
         }
@@ -227,11 +230,15 @@ fn options(a: &Args) -> BackupOptions {
 /// The vault, created first with `--init` if the location holds none; whether it was.
 fn open_vault(ctx: &Context, a: &Args) -> anyhow::Result<(Vault, bool)> {
     let (vault, created) = if a.init {
-        Vault::open_or_init_with(ctx.vault_url()?, &ctx.keystore()?, &ctx.key_access())?
+        let (vault, created) =
+            Vault::open_or_init_with(ctx.vault_url()?, &ctx.keystore()?, &ctx.key_access())?;
+        super::opened(&vault);
+        (vault, created)
     } else {
         (ctx.open_vault()?, false)
     };
     // Nothing is written with a key that cannot unwrap: no backups nobody could read.
+    super::key_access::require(&vault, &ctx.keys)?;
     vault.check_keys()?;
     Ok((vault, created))
 }
@@ -251,7 +258,7 @@ fn created_text(url: &str, ks: &str) -> String {
 /// The JSON figures of one snapshot a backup wrote.
 fn snapshot_doc(r: &engine::BackupReport) -> serde_json::Value {
     let s = r.stats;
-    let secs = s.duration_ms as f64 / 1000.0;
+    let secs = seconds(s.duration_ms as f64 / 1000.0);
     json!({
         "disk": r.disk,
         "new_disk": r.new_disk,
@@ -272,7 +279,7 @@ fn snapshot_doc(r: &engine::BackupReport) -> serde_json::Value {
         "bitmaps": r.info.bitmaps,
         "bitmap_created": r.info.bitmap_created,
         "seconds": secs,
-        "mb_per_s": mb_per_s(r.disk_size, secs),
+        "mb_per_s": mb_per_s(s.bytes_read, secs),
         "warnings": r.remarks.warnings,
         "notes": r.notes,
     })
@@ -281,7 +288,7 @@ fn snapshot_doc(r: &engine::BackupReport) -> serde_json::Value {
 /// What a person reads about one snapshot a backup wrote.
 fn snapshot_text(r: &engine::BackupReport) -> String {
     let s = r.stats;
-    let secs = s.duration_ms as f64 / 1000.0;
+    let secs = seconds(s.duration_ms as f64 / 1000.0);
     let mut t = String::new();
     if !r.change_detail.is_empty() {
         t += &format!("changes from {}\n", r.change_detail);
@@ -296,7 +303,7 @@ fn snapshot_text(r: &engine::BackupReport) -> String {
         t += &format!("note: {note}\n");
     }
     t += &format!(
-        "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, {} MB/s\n",
+        "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, read at {:.1} MiB/s\n",
         r.snapshot.short(),
         r.disk,
         serde_json::to_value(r.change_source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
@@ -308,10 +315,7 @@ fn snapshot_text(r: &engine::BackupReport) -> String {
         s.slots_reused,
         s.slots_zero,
         secs,
-        mb_per_s(r.disk_size, secs),
+        mib_per_s(s.bytes_read, secs),
     );
-    if let Some(b) = &r.info.bitmap_created {
-        t += &format!("  bitmap {b} added: the next backup reads it\n");
-    }
     t
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use blockvault::crypto::kek::KekKind;
-use blockvault::crypto::rsa::{self, CmkKey, OaepHash, Pkcs11Kek};
+use blockvault::crypto::rsa::{self, CmkKey, EnrolPolicy, OaepHash, Pkcs11Kek};
 use blockvault::vault::{InitOptions, Vault};
 use blockvault::Error;
 
@@ -27,19 +27,75 @@ pub struct Args {
     /// every stored object. Only with --cmk.
     #[arg(long)]
     infrastructure_encryption: bool,
+    #[command(flatten)]
+    enrol: EnrolArgs,
 }
 
-/// Read a `rsa:PUBLIC.pem` or `pkcs11:URI` key specification as key `version` of its kind.
+/// How a new customer-managed key is enrolled (`init --cmk`, `key rotate --new-cmk`,
+/// `key recover --new-cmk`). Both options loosen a rule, so neither is ever a default.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct EnrolArgs {
+    /// RSA-OAEP hash of a PKCS#11 key: sha256, or sha1 for a token that refuses SHA-256
+    /// (SoftHSM 2.6 does). Recorded with the key for its life. PEM keys always use sha256.
+    #[arg(long, value_enum, default_value_t = Oaep::Sha256)]
+    oaep: Oaep,
+    /// Enrol a PKCS#11 private key even if it can leave the token (CKA_SENSITIVE false,
+    /// CKA_EXTRACTABLE true) or be used without a PIN (CKA_PRIVATE false), with a warning.
+    #[arg(long)]
+    allow_extractable_key: bool,
+}
+
+/// `--oaep` values.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Oaep {
+    Sha256,
+    Sha1,
+}
+
+impl EnrolArgs {
+    /// The library's policy for a PKCS#11 key.
+    fn policy(&self) -> EnrolPolicy {
+        EnrolPolicy {
+            oaep: match self.oaep {
+                Oaep::Sha256 => OaepHash::Sha256,
+                Oaep::Sha1 => OaepHash::Sha1,
+            },
+            allow_extractable: self.allow_extractable_key,
+        }
+    }
+
+    /// `Usage` error if an option meant for PKCS#11 keys was given with the PEM key `spec`:
+    /// it would change nothing, so it is a mistake.
+    fn pkcs11_only(&self, spec: &str) -> Result<(), Error> {
+        let given = [
+            (self.oaep == Oaep::Sha1, "--oaep sha1"),
+            (self.allow_extractable_key, "--allow-extractable-key"),
+        ];
+        match given.iter().find(|(on, _)| *on) {
+            Some((_, flag)) => Err(Error::usage(format!(
+                "{flag} applies to PKCS#11 keys only; {spec} is a PEM key, always used with \
+                 RSA-OAEP SHA-256"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Read a `rsa:PUBLIC.pem` or `pkcs11:URI` key specification as key `version` of its kind;
+/// `enrol` applies to a customer key, not to the recovery key. A PKCS#11 key enrolled only
+/// because `--allow-extractable-key` allowed it is announced on stderr.
 pub fn read_key_spec(
     ctx: &Context,
     spec: &str,
     recovery: bool,
     version: u32,
+    enrol: &EnrolArgs,
 ) -> anyhow::Result<CmkKey> {
     if let Some(path) = spec.strip_prefix("rsa:") {
         let kind = if recovery {
             KekKind::Recovery
         } else {
+            enrol.pkcs11_only(spec)?;
             KekKind::CustomerRsa
         };
         return Ok(rsa::read_public_key(
@@ -50,7 +106,10 @@ pub fn read_key_spec(
         )?);
     }
     if spec.starts_with("pkcs11:") && !recovery {
-        let kek = Pkcs11Kek::enroll(spec, version, None, ctx.key_access().pkcs11)?;
+        let kek = Pkcs11Kek::enroll(spec, version, enrol.policy(), ctx.key_access().pkcs11)?;
+        for w in kek.warnings() {
+            eprintln!("warning: {w}");
+        }
         return Ok(CmkKey::decode(&kek.key().encode(), "enrolled key")?);
     }
     let want = if recovery {
@@ -74,12 +133,12 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         cmk: a
             .cmk
             .as_deref()
-            .map(|s| read_key_spec(ctx, s, false, 1))
+            .map(|s| read_key_spec(ctx, s, false, 1, &a.enrol))
             .transpose()?,
         recovery: a
             .recovery_key
             .as_deref()
-            .map(|s| read_key_spec(ctx, s, true, 1))
+            .map(|s| read_key_spec(ctx, s, true, 1, &a.enrol))
             .transpose()?,
         infrastructure: a.infrastructure_encryption,
         access: ctx.key_access(),

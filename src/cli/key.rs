@@ -16,7 +16,7 @@ use blockvault::vault::manifest::Manifest;
 use blockvault::vault::{kekdesc, Vault};
 use blockvault::{Error, ErrorKind};
 
-use super::init::read_key_spec;
+use super::init::{read_key_spec, EnrolArgs};
 use super::Context;
 
 /// Arguments of `key`.
@@ -40,6 +40,8 @@ enum KeyCommand {
         /// Also start a new DEK generation on every disk: new data goes under new DEKs.
         #[arg(long)]
         new_dek: bool,
+        #[command(flatten)]
+        enrol: EnrolArgs,
     },
     /// Revoke the platform KEK (every version, or one): backups, restores and verify
     /// --read-data fail until it is enabled again.
@@ -65,6 +67,8 @@ enum KeyCommand {
         /// A new customer-managed key replacing a lost one.
         #[arg(long, value_name = "KEY")]
         new_cmk: Option<String>,
+        #[command(flatten)]
+        enrol: EnrolArgs,
     },
     /// Write the vault's keystore file, sealed under a passphrase, to FILE.
     Export {
@@ -105,18 +109,24 @@ const EXPORT_PASSPHRASE_ENV: &str = "BLOCKVAULT_EXPORT_PASSPHRASE";
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     match a.command {
         KeyCommand::Show => show(ctx),
-        KeyCommand::Rotate { new_cmk, new_dek } => rotate(ctx, new_cmk.as_deref(), new_dek),
+        KeyCommand::Rotate {
+            new_cmk,
+            new_dek,
+            enrol,
+        } => rotate(ctx, new_cmk.as_deref(), new_dek, &enrol),
         KeyCommand::Revoke { version } => set_state(ctx, version, KekState::Revoked),
         KeyCommand::Enable { version } => set_state(ctx, version, KekState::Enabled),
         KeyCommand::Recover {
             recovery_private,
             recovery_passphrase_file,
             new_cmk,
+            enrol,
         } => recover(
             ctx,
             recovery_private,
             recovery_passphrase_file,
             new_cmk.as_deref(),
+            &enrol,
         ),
         KeyCommand::Export {
             out,
@@ -163,7 +173,7 @@ fn show(ctx: &Context) -> anyhow::Result<ExitCode> {
                 "kind": "platform",
                 "version": v.version,
                 "state": if v.state == KekState::Enabled { "enabled" } else { "revoked" },
-                "created": v.created,
+                "created": super::output::time(v.created),
                 "fingerprint": platform_fingerprint(&v.key),
             }));
         }
@@ -200,10 +210,13 @@ fn show(ctx: &Context) -> anyhow::Result<ExitCode> {
             *snapshots.entry((disk, generation)).or_default() += 1;
         }
     }
-    let names: BTreeMap<String, String> = vault
-        .disks()
-        .map(|ds| ds.into_iter().map(|d| (d.id_hex(), d.name)).collect())
-        .unwrap_or_default();
+    // Disk names are sealed under the DEKs: without the key they stay ids, and the note says
+    // why (the same sentence `snapshots` or `restore` would fail with).
+    let (names, names_note): (BTreeMap<String, String>, Option<String>) =
+        match super::key_access::require(&vault, &ctx.keys).and_then(|_| vault.disks()) {
+            Ok(ds) => (ds.into_iter().map(|d| (d.id_hex(), d.name)).collect(), None),
+            Err(e) => (BTreeMap::new(), Some(e.to_string())),
+        };
     let mut records = Vec::new();
     for r in vault.key_records()? {
         let disk = hex::encode(r.record.disk_id);
@@ -222,6 +235,7 @@ fn show(ctx: &Context) -> anyhow::Result<ExitCode> {
         "keystore": vault.keystore_file().display().to_string(),
         "keks": keks,
         "dek_generations": records,
+        "disk_names_unreadable": names_note,
     });
     ctx.out.result(doc.clone(), || {
         let mut t = format!(
@@ -241,6 +255,9 @@ fn show(ctx: &Context) -> anyhow::Result<ExitCode> {
             );
         }
         t += "DEK generations:\n";
+        if let Some(note) = &names_note {
+            t += &format!("  (disk names unreadable: {note})\n");
+        }
         for r in &records {
             t += &format!(
                 "  disk {} generation {}: wrapped by {}; {} snapshot(s)\n",
@@ -283,7 +300,12 @@ fn describe(k: &Value) -> String {
 
 /// Rotation: start DEK generations (`--new-dek`), unwrap every DEK with the current key, and
 /// only then store the new key and re-wrap (see `vault::rotation`).
-fn rotate(ctx: &Context, new_cmk: Option<&str>, new_dek: bool) -> anyhow::Result<ExitCode> {
+fn rotate(
+    ctx: &Context,
+    new_cmk: Option<&str>,
+    new_dek: bool,
+    enrol: &EnrolArgs,
+) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let (vault, mut keys) = platform_keys(ctx)?;
     let kind = vault.keyring().primary_kind();
@@ -303,7 +325,7 @@ fn rotate(ctx: &Context, new_cmk: Option<&str>, new_dek: bool) -> anyhow::Result
         (kind, Some(spec)) => {
             let newest = vault.kek_descriptors()?.into_iter().filter(|k| k.id().kind == kind).max_by_key(|k| k.id().version);
             let version = newest.as_ref().map_or(0, |k| k.id().version) + 1;
-            let key = read_key_spec(ctx, spec, false, version)?;
+            let key = read_key_spec(ctx, spec, false, version, enrol)?;
             if key.id().kind != kind {
                 return Err(Error::usage(format!("the new key is {} but this vault's keys are {kind}", key.id().kind)).into());
             }
@@ -353,7 +375,7 @@ fn rotate(ctx: &Context, new_cmk: Option<&str>, new_dek: bool) -> anyhow::Result
     let rewrapped = ctx.open_vault()?.rewrap(pending)?;
     let secs = started.elapsed().as_secs_f64();
     ctx.out.result(
-        json!({"command": "key rotate", "kek": new_id.to_string(), "records_rewrapped": rewrapped, "new_dek_generations": new_generations, "resumed": resumed, "seconds": secs}),
+        json!({"command": "key rotate", "kek": new_id.to_string(), "records_rewrapped": rewrapped, "new_dek_generations": new_generations, "resumed": resumed, "seconds": super::output::seconds(secs)}),
         || format!("DEKs now wrapped by {new_id}: {rewrapped} key record(s) re-wrapped, {new_generations} new DEK generation(s){}, {secs:.2} s\n", if resumed { " (an interrupted rotation resumed)" } else { "" }),
     );
     Ok(ExitCode::SUCCESS)
@@ -402,6 +424,7 @@ fn recover(
     private: PathBuf,
     passphrase: Option<PathBuf>,
     new_cmk: Option<&str>,
+    enrol: &EnrolArgs,
 ) -> anyhow::Result<ExitCode> {
     let url = ctx.vault_url()?;
     let keystore = ctx.keystore()?;
@@ -426,7 +449,7 @@ fn recover(
                 .filter_map(|k| u32::from_str_radix(k.rsplit('-').next()?, 16).ok())
                 .max()
                 .unwrap_or(0);
-            Some(read_key_spec(ctx, spec, false, newest + 1)?)
+            Some(read_key_spec(ctx, spec, false, newest + 1, enrol)?)
         }
         None => None,
     };

@@ -3,12 +3,16 @@
 //! Exit codes: 0 success, 1 failure, 2 bad usage, 3 a data integrity problem was found.
 
 mod backup;
+mod completions;
 mod init;
 mod inspect;
 mod key;
+mod key_access;
+mod manpage;
 mod output;
 mod restore;
 mod snapshots;
+mod usage;
 mod verify;
 
 use std::path::PathBuf;
@@ -25,16 +29,23 @@ pub use output::Output;
 
 /// blockvault: encrypted, incremental backups of block devices and VM disk images.
 #[derive(Parser, Debug)]
-#[command(name = "blockvault", version, about, long_about = None)]
+#[command(
+    name = "blockvault",
+    version,
+    about,
+    long_about = None,
+    after_long_help = usage::ENVIRONMENT_AND_EXIT_STATUS
+)]
 pub struct Cli {
-    /// Vault location: a folder path or file://PATH.
-    #[arg(long, global = true, env = "BLOCKVAULT_VAULT", value_name = "URL")]
+    /// Vault location: a folder path or file://PATH (or set BLOCKVAULT_VAULT).
+    #[arg(long, global = true, value_name = "URL", help_heading = usage::GLOBAL)]
     vault: Option<String>,
-    /// Folder of the platform keystore (default: $XDG_DATA_HOME/blockvault/keystore).
-    #[arg(long, global = true, env = "BLOCKVAULT_KEYSTORE", value_name = "DIR")]
+    /// Folder of the platform keystore (or set BLOCKVAULT_KEYSTORE; default:
+    /// $XDG_DATA_HOME/blockvault/keystore, else ~/.local/share/blockvault/keystore).
+    #[arg(long, global = true, value_name = "DIR", help_heading = usage::GLOBAL)]
     keystore: Option<PathBuf>,
-    /// Print one JSON document with the command's figures instead of text.
-    #[arg(long, global = true)]
+    /// Print one JSON document with the command's figures instead of text (errors too).
+    #[arg(long, global = true, help_heading = usage::GLOBAL)]
     json: bool,
     #[command(flatten)]
     keys: KeyArgs,
@@ -50,7 +61,7 @@ enum Command {
     Backup(backup::Args),
     /// List snapshots.
     Snapshots(snapshots::Args),
-    /// Restore a snapshot to a file or block device.
+    /// Restore a snapshot to a file (raw or qcow2), a block device or an NBD export.
     Restore(restore::Args),
     /// Check the vault's structure, or with --read-data every stored byte.
     Verify(verify::Args),
@@ -59,19 +70,20 @@ enum Command {
     /// Show what a backup of SOURCE would see: size, format, allocation, dirty bitmaps,
     /// partition table and encrypted volumes.
     Inspect(inspect::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(completions::Args),
+    /// Print the manual page (roff) on stdout.
+    Manpage,
 }
 
 /// Where this host finds the private halves of customer-managed keys. Secrets (passphrases,
 /// PINs) only ever come from files or the environment, never from arguments.
 #[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = usage::KEY_ACCESS)]
 pub struct KeyArgs {
-    /// PKCS#8 PEM private key of a customer-managed RSA key (needed where DEKs are unwrapped).
-    #[arg(
-        long,
-        global = true,
-        env = "BLOCKVAULT_CMK_PRIVATE",
-        value_name = "PEM"
-    )]
+    /// PEM private key (PKCS#8 or PKCS#1) of a customer-managed RSA key, needed where DEKs
+    /// are unwrapped (or set BLOCKVAULT_CMK_PRIVATE).
+    #[arg(long, global = true, value_name = "PEM")]
     cmk_private: Option<PathBuf>,
     /// File holding the passphrase of an encrypted --cmk-private key (or set
     /// BLOCKVAULT_CMK_PASSPHRASE).
@@ -80,8 +92,8 @@ pub struct KeyArgs {
     /// File holding the user PIN of the PKCS#11 token (or set BLOCKVAULT_PKCS11_PIN).
     #[arg(long, global = true, value_name = "FILE")]
     pin_file: Option<PathBuf>,
-    /// PKCS#11 module to load (default: the URI's module-path, BLOCKVAULT_PKCS11_MODULE, or
-    /// SoftHSM's).
+    /// PKCS#11 module to load, an absolute path (default: BLOCKVAULT_PKCS11_MODULE, else the
+    /// first installed of SoftHSM2's and OpenSC's; never a path stored in the vault).
     #[arg(long, global = true, value_name = "SO")]
     pkcs11_module: Option<PathBuf>,
 }
@@ -90,8 +102,8 @@ impl KeyArgs {
     /// The library's view of these options.
     pub fn access(&self) -> KeyAccess {
         KeyAccess {
-            cmk_private: self.cmk_private.as_ref().map(|path| PrivateKeyFile {
-                path: path.clone(),
+            cmk_private: self.cmk_private().map(|path| PrivateKeyFile {
+                path,
                 passphrase: Some(match &self.cmk_passphrase_file {
                     Some(f) => SecretSource::File(f.clone()),
                     None => SecretSource::Env("BLOCKVAULT_CMK_PASSPHRASE".into()),
@@ -103,6 +115,13 @@ impl KeyArgs {
             },
             recovery_private: None,
         }
+    }
+
+    /// `--cmk-private`, else `BLOCKVAULT_CMK_PRIVATE`.
+    fn cmk_private(&self) -> Option<PathBuf> {
+        self.cmk_private
+            .clone()
+            .or_else(|| usage::env("BLOCKVAULT_CMK_PRIVATE").map(PathBuf::from))
     }
 }
 
@@ -138,23 +157,47 @@ impl Context {
 
     /// Open the vault.
     pub fn open_vault(&self) -> Result<blockvault::vault::Vault, Error> {
-        blockvault::vault::Vault::open_with(
+        let vault = blockvault::vault::Vault::open_with(
             self.vault_url()?,
             &self.keystore()?,
             &self.key_access(),
-        )
+        )?;
+        opened(&vault);
+        Ok(vault)
     }
+
+    /// Open the vault for a command that unwraps DEKs: a customer key this host cannot use
+    /// fails here, in one sentence naming the key and the options that provide it.
+    pub fn open_vault_unwrapping(&self) -> Result<blockvault::vault::Vault, Error> {
+        let vault = self.open_vault()?;
+        key_access::require(&vault, &self.keys)?;
+        Ok(vault)
+    }
+}
+
+/// The debug log's line for an opened vault: where it is and which keys seal it.
+pub fn opened(vault: &blockvault::vault::Vault) {
+    tracing::debug!(
+        vault = vault.store().location(),
+        keystore = %vault.keystore_file().display(),
+        kek = %vault.keyring().primary_kind(),
+        "vault opened"
+    );
 }
 
 /// Parse arguments, run the command, and map the outcome to an exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = usage::parse();
     if let Err(e) = blockvault::interrupt::install() {
         tracing::warn!(error = %e, "Ctrl-C will stop blockvault without cleaning up");
     }
     let ctx = Context {
-        vault_url: cli.vault,
-        keystore: cli.keystore,
+        vault_url: cli
+            .vault
+            .or_else(|| usage::env("BLOCKVAULT_VAULT").map(|v| v.to_string_lossy().into_owned())),
+        keystore: cli
+            .keystore
+            .or_else(|| usage::env("BLOCKVAULT_KEYSTORE").map(PathBuf::from)),
         keys: cli.keys,
         out: Output::new(cli.json),
     };
@@ -166,6 +209,8 @@ pub fn main() -> ExitCode {
         Command::Verify(a) => verify::run(&ctx, a),
         Command::Key(a) => key::run(&ctx, a),
         Command::Inspect(a) => inspect::run(&ctx, a),
+        Command::Completions(a) => completions::run(a),
+        Command::Manpage => manpage::run(),
     };
     match result {
         Ok(code) => code,

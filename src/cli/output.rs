@@ -2,7 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
 
 use blockvault::engine::Progress;
@@ -25,8 +25,7 @@ impl Output {
         } else {
             human()
         };
-        // A closed pipe (`blockvault snapshots | head`) is the reader's choice, not an error.
-        let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        print(text.as_bytes());
     }
 
     /// Report a failure: the error and its causes, on stderr (and as JSON on stdout with --json).
@@ -44,14 +43,13 @@ impl Output {
         eprintln!("error: {}", chain.join(": "));
     }
 
-    /// A progress bar on a terminal (never with --json or when stderr is not a terminal).
+    /// A progress bar on a terminal (never with --json or when stderr is not a terminal). Its
+    /// total is the work the library announces (bytes to read, or to write), not the disk
+    /// size, so its rate and ETA are those of the real work; sizes and rate are in binary
+    /// units (MiB, MiB/s), as everywhere in the text output.
     pub fn progress(&self, what: &'static str) -> Bar {
-        let show = !self.json && std::io::stderr().is_terminal();
-        let bar = if show {
-            ProgressBar::new(0)
-        } else {
-            ProgressBar::hidden()
-        };
+        // Hidden until the work starts: a bar of unknown length would show as complete.
+        let bar = ProgressBar::hidden();
         bar.set_style(
             ProgressStyle::with_template(
                 "{prefix} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
@@ -60,39 +58,77 @@ impl Output {
             .progress_chars("=> "),
         );
         bar.set_prefix(what);
-        Bar(bar)
+        Bar {
+            bar,
+            show: !self.json && std::io::stderr().is_terminal(),
+        }
     }
 }
 
 /// A progress bar fed by the library.
-pub struct Bar(ProgressBar);
+pub struct Bar {
+    bar: ProgressBar,
+    show: bool,
+}
 
 impl Progress for Bar {
     fn start(&self, total: u64) {
-        self.0.set_length(total);
+        self.bar.set_length(total);
+        // The clock starts with the work: opening and planning are not part of its rate.
+        self.bar.reset();
+        if self.show {
+            self.bar.set_draw_target(ProgressDrawTarget::stderr());
+            self.bar.tick();
+        }
     }
     fn advance(&self, bytes: u64) {
-        self.0.inc(bytes);
+        // Nothing done (a zero slot left as a hole) is no reason to redraw.
+        if bytes > 0 {
+            self.bar.inc(bytes);
+        }
     }
 }
 
 impl Drop for Bar {
     fn drop(&mut self) {
-        self.0.finish_and_clear();
+        self.bar.finish_and_clear();
     }
 }
 
-/// Seconds since the epoch as RFC 3339 UTC.
+/// Seconds since the epoch as RFC 3339 UTC (`2026-12-06T20:01:51Z`): the one timestamp format
+/// of every output, text and JSON.
 pub fn time(secs: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
         .to_string()
 }
 
-/// Megabytes (10^6) per second.
+/// Write `bytes` to stdout. A closed pipe (`blockvault snapshots | head`) is the reader's
+/// choice, not an error.
+pub fn print(bytes: &[u8]) {
+    let _ = std::io::stdout().lock().write_all(bytes);
+}
+
+/// Megabytes (10^6 bytes) per second, one decimal: the JSON `mb_per_s` of the bytes a
+/// command read (backup) or wrote (restore).
 pub fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
+    per_second(bytes as f64 / 1e6, seconds)
+}
+
+/// Mebibytes (2^20 bytes) per second, one decimal: the rate in the text output, whose sizes
+/// are MiB too.
+pub fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
+    per_second(bytes as f64 / (1u64 << 20) as f64, seconds)
+}
+
+fn per_second(amount: f64, seconds: f64) -> f64 {
     if seconds <= 0.0 {
         0.0
     } else {
-        (bytes as f64 / 1e6 / seconds * 10.0).round() / 10.0
+        (amount / seconds * 10.0).round() / 10.0
     }
+}
+
+/// A duration in seconds as every JSON document gives it: to the millisecond.
+pub fn seconds(s: f64) -> f64 {
+    (s * 1000.0).round() / 1000.0
 }

@@ -1,4 +1,6 @@
-//! `blockvault restore DISK[@ID|@latest] TARGET`, and `restore group:VM[@ID] …` ([`group`]).
+//! `blockvault restore DISK[@ID|@latest] TARGET`: to a file (raw or qcow2), a block device or
+//! an NBD export; `--skip-damaged` for a best-effort restore that lists what it could not.
+//! `restore group:VM[@ID] …` restores every disk of a VM's group ([`group`]).
 
 mod group;
 
@@ -8,10 +10,11 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use blockvault::engine::require_disk;
-use blockvault::restore::{self, RestoreOptions};
+use blockvault::restore::target::Format;
+use blockvault::restore::{self, Damage, RestoreOptions};
 use blockvault::util::human_bytes;
 
-use super::output::mb_per_s;
+use super::output::{mb_per_s, mib_per_s, seconds};
 use super::Context;
 
 /// Arguments of `restore`.
@@ -20,12 +23,22 @@ pub struct Args {
     /// DISK, DISK@latest or DISK@SNAPSHOT-ID (a unique prefix is enough); or a group:
     /// group:VM, group:VM@latest, group:VM@GROUP-ID.
     snapshot: String,
-    /// File or block device to write; for a group, a folder (each disk to FOLDER/DISK.raw)
-    /// or DISK=PATH[,DISK=PATH…] naming every disk.
+    /// File, block device, or NBD export (nbd://HOST:PORT/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH) to write; for a group, a folder (each disk to
+    /// FOLDER/DISK.raw) or DISK=PATH[,DISK=PATH…] naming every disk.
     target: PathBuf,
-    /// Overwrite a non-empty target file.
+    /// Overwrite a non-empty target file, or a device or NBD export that holds data (never a
+    /// device that is mounted or in use).
     #[arg(long)]
     force: bool,
+    /// What to write into a file: raw, or a qcow2 image (default: qcow2 for a TARGET named
+    /// *.qcow2, else raw).
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+    /// Best effort: write data that fails its checks (damaged or missing packs) as zeros,
+    /// list those ranges, go on, keep the target, and exit 3.
+    #[arg(long)]
+    skip_damaged: bool,
     /// Return without waiting for the data to reach stable storage.
     #[arg(long)]
     no_sync: bool,
@@ -41,6 +54,22 @@ pub struct Args {
     /// target: FOLDER/<its file name>).
     #[arg(long, value_name = "FILE")]
     vm_config: Option<PathBuf>,
+}
+
+/// `--format` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum FormatArg {
+    Raw,
+    Qcow2,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Format {
+        match f {
+            FormatArg::Raw => Format::Raw,
+            FormatArg::Qcow2 => Format::Qcow2,
+        }
+    }
 }
 
 /// Write each escrowed secret of `disk` to `dir/<name>`; returns the names written.
@@ -94,7 +123,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     if let Some(spec) = a.snapshot.strip_prefix(group::PREFIX) {
         return group::run(ctx, spec, &a);
     }
-    let vault = ctx.open_vault()?;
+    let vault = ctx.open_vault_unwrapping()?;
     let (name, spec) = a
         .snapshot
         .split_once('@')
@@ -111,10 +140,14 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             force: a.force,
             sync: !a.no_sync,
             range: a.range.clone(),
+            format: a.format.map(Format::from),
+            skip_damaged: a.skip_damaged,
+            ..RestoreOptions::default()
         },
         &bar,
     )?;
     drop(bar);
+    let secs = seconds(r.seconds);
     let escrowed = match &a.with_escrow {
         Some(dir) => write_escrows(&vault, &disk, dir)?,
         None => Vec::new(),
@@ -129,20 +162,23 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "bytes_written": r.bytes_written,
         "bytes_fetched": r.bytes_fetched,
         "slots_zero": r.slots_zero,
-        "seconds": r.seconds,
-        "mb_per_s": mb_per_s(r.bytes_total, r.seconds),
+        "seconds": secs,
+        "mb_per_s": mb_per_s(r.bytes_written, secs),
         "verified_digest": true,
+        "target_kind": r.target_kind,
+        "format": r.format,
+        "damaged": r.damaged,
     });
     ctx.out.result(doc, || {
         format!(
-            "restored {}@{} to {}: {} ({} data), digest verified, {:.2} s, {} MB/s\n",
+            "restored {}@{} to {}: {} ({} data), digest verified, {:.2} s, written at {:.1} MiB/s\n",
             disk.name,
             m.id.short(),
             a.target.display(),
             human_bytes(r.bytes_total),
             human_bytes(r.bytes_written),
-            r.seconds,
-            mb_per_s(r.bytes_total, r.seconds)
+            secs,
+            mib_per_s(r.bytes_written, secs)
         ) + &match &a.with_escrow {
             Some(dir) => format!(
                 "escrowed keys written to {}: {}\n",
@@ -150,9 +186,37 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
                 escrowed.join(", ")
             ),
             None => String::new(),
-        }
+        } + &damage_lines(&r.damaged)
     });
-    Ok(ExitCode::SUCCESS)
+    if r.damaged.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(super::INTEGRITY))
+    }
+}
+
+/// The damaged ranges a `--skip-damaged` restore wrote as zeros, one line each.
+fn damage_lines(damaged: &[Damage]) -> String {
+    if damaged.is_empty() {
+        return String::new();
+    }
+    let bytes: u64 = damaged.iter().map(|d| d.length).sum();
+    let mut out = format!(
+        "DAMAGED: {} range(s), {} written as zeros (the rest is exact):\n",
+        damaged.len(),
+        human_bytes(bytes)
+    );
+    for d in damaged {
+        out += &format!(
+            "  disk offset {}, {} bytes: pack {}, extent {}: {}\n",
+            d.offset,
+            d.length,
+            d.pack,
+            &d.extent[..d.extent.len().min(16)],
+            d.error
+        );
+    }
+    out
 }
 
 fn parse_range(s: &str) -> Result<std::ops::Range<u64>, String> {

@@ -19,18 +19,19 @@ pub struct Args {
     disk: Option<String>,
 }
 
-/// List snapshots, oldest first per disk.
+/// List snapshots, oldest first across disks.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
-    let vault = ctx.open_vault()?;
-    let mut all = Vec::new();
+    let vault = ctx.open_vault_unwrapping()?;
+    let mut per_disk = Vec::new();
     for disk in vault.disks()? {
-        all.extend(vault.snapshots(&disk)?);
+        per_disk.push(vault.snapshots(&disk)?);
     }
+    // Groups from every disk's snapshots: a group lists all its members, also those on
+    // disks --disk leaves out.
+    let all: Vec<_> = per_disk.iter().flatten().cloned().collect();
     let groups = groups::of(&all, a.disk.as_deref());
-    let rows: Vec<_> = all
-        .into_iter()
-        .filter(|m| a.disk.as_ref().is_none_or(|d| *d == m.disk_name))
-        .collect();
+    per_disk.retain(|h| a.disk.is_none() || h.first().map(|m| &m.disk_name) == a.disk.as_ref());
+    let rows = oldest_first(per_disk, |m| m.created, |m| &m.disk_name);
     if let Some(d) = &a.disk {
         if rows.is_empty() && vault.find_disk(d)?.is_none() {
             return Err(blockvault::Error::new(
@@ -87,4 +88,45 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         t
     });
     Ok(ExitCode::SUCCESS)
+}
+
+/// The snapshots of every disk in one list, oldest first. Each disk's own order (its
+/// sequence numbers, `Vault::snapshots`) is kept even where the clock went backwards between
+/// two of its backups: a snapshot sorts by the latest time among it and its predecessors.
+/// Equal times sort by disk name.
+fn oldest_first<T>(
+    per_disk: Vec<Vec<T>>,
+    created: impl Fn(&T) -> u64,
+    disk: impl Fn(&T) -> &str,
+) -> Vec<T> {
+    let mut all: Vec<(u64, T)> = Vec::new();
+    for history in per_disk {
+        let mut latest = 0;
+        for m in history {
+            latest = latest.max(created(&m));
+            all.push((latest, m));
+        }
+    }
+    // Stable: snapshots of one disk with equal keys stay in sequence order.
+    all.sort_by(|(a, ma), (b, mb)| a.cmp(b).then_with(|| disk(ma).cmp(disk(mb))));
+    all.into_iter().map(|(_, m)| m).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_interleave_by_time_and_each_keeps_its_sequence() {
+        // (disk, created, sequence); the clock went back between a's second and third backup.
+        let b = vec![("b", 100, 0), ("b", 300, 1)];
+        let a = vec![("a", 200, 0), ("a", 400, 1), ("a", 350, 2)];
+        let c = vec![("c", 100, 0)];
+        let rows = oldest_first(vec![b, a, c], |s| s.1, |s| s.0);
+        let got: Vec<(&str, u64)> = rows.iter().map(|s| (s.0, s.2)).collect();
+        assert_eq!(
+            got,
+            [("b", 0), ("c", 0), ("a", 0), ("b", 1), ("a", 1), ("a", 2)]
+        );
+    }
 }

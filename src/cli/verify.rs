@@ -20,7 +20,7 @@ pub struct Args {
 
 /// Verify; exit 3 when anything is damaged.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
-    let vault = ctx.open_vault()?;
+    let vault = ctx.open_vault_unwrapping()?;
     if let Some(d) = &a.disk {
         blockvault::engine::require_disk(&vault, d)?;
     }
@@ -30,6 +30,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let mut doc = serde_json::to_value(&r)?;
     doc["command"] = "verify".into();
     doc["ok"] = r.problems.is_empty().into();
+    doc["seconds"] = super::output::seconds(r.seconds).into();
     ctx.out.result(doc, || {
         let mut t = format!(
             "checked {} disks, {} snapshots, {} packs{}\n",

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod overlay;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod spotcheck;
 pub mod uncommitted;
 pub mod worker;
@@ -35,6 +36,7 @@ use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
 use crate::vault::{Disk, Vault};
 use uncommitted::UncommittedPacks;
 
+pub use progress::{NoProgress, Progress};
 pub use worker::Compression;
 use worker::{Recycler, WorkerContext};
 use writer::Writer;
@@ -128,21 +130,6 @@ impl Default for BackupOptions {
             commit_gate: None,
         }
     }
-}
-
-/// Receives progress in bytes of the disk covered.
-pub trait Progress: Sync {
-    /// Total bytes to cover.
-    fn start(&self, total: u64);
-    /// `bytes` more covered.
-    fn advance(&self, bytes: u64);
-}
-
-/// No progress display.
-pub struct NoProgress;
-impl Progress for NoProgress {
-    fn start(&self, _: u64) {}
-    fn advance(&self, _: u64) {}
 }
 
 /// What a backup did.
@@ -355,8 +342,8 @@ fn write_snapshot(
         slots_zero: nslots - plan.slots_read() - plan.carried.len() as u64,
         ..Stats::default()
     };
-    progress.start(disk_size);
-    progress.advance(disk_size - plan.bytes_to_read());
+    tracing::debug!(disk_size, parent = ?parent.as_ref().map(|p| p.id.short()), slot_size, generation, change_source = ?decided.change_source, slots_read = plan.slots_read(), slots_carried = plan.carried.len(), bytes_to_read = plan.bytes_to_read(), "plan");
+    progress.start(plan.bytes_to_read());
 
     crate::interrupt::check()?;
     let writer = Writer::new(
@@ -419,6 +406,11 @@ fn write_snapshot(
         info,
     };
     m.digest = m.compute_digest(&disk.identity.digest);
+    tracing::debug!(
+        packs = m.packs.len(),
+        extents = m.extents.len(),
+        "commit: writing the manifest"
+    );
     // The last moment a stop asked for by a signal is honoured: after this, the backup is done.
     crate::interrupt::check()?;
     if let Some(gate) = &opts.commit_gate {

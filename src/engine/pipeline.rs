@@ -28,6 +28,7 @@ pub fn run<'a>(
     progress: &dyn Progress,
 ) -> Result<(Writer<'a>, Stats, ReaderKind)> {
     let mut local = Stats::default();
+    let plan_carried = plan.carried.len();
     for &slot in &plan.carried {
         let parent = ctx.parent.as_ref().ok_or_else(|| {
             Error::new(
@@ -67,6 +68,16 @@ pub fn run<'a>(
         Access::Fd(_) => io::choose_reader(opts.force_pread),
     };
 
+    tracing::debug!(
+        reader = ?reader,
+        threads,
+        buffers = nbuf,
+        buffer_size = slot_size,
+        queue_depth = opts.queue_depth,
+        reads = reads.len(),
+        carried = plan_carried,
+        "reader and workers start"
+    );
     let (tx, rx) = crossbeam_channel::bounded::<Result<(u64, usize, Outcome)>>(nbuf);
     let abort = AtomicBool::new(false);
     let (read_result, write_result) = std::thread::scope(|ts| {
@@ -149,7 +160,16 @@ pub fn run<'a>(
     // A write error is the cause of a reader stopped by `abort`: report it first.
     match (read_result, write_result) {
         (_, Err(e)) | (Err(e), _) => Err(e),
-        (Ok(_), Ok((w, stats))) => Ok((w, stats, reader)),
+        (Ok(_), Ok((w, stats))) => {
+            tracing::debug!(
+                bytes_read = stats.bytes_read,
+                slots_new = stats.slots_new,
+                slots_reused = stats.slots_reused,
+                slots_zero = stats.slots_zero,
+                "reader and workers done"
+            );
+            Ok((w, stats, reader))
+        }
     }
 }
 

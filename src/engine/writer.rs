@@ -70,7 +70,7 @@ impl<'a> Writer<'a> {
                     // A stop asked for by a signal: no new pack (one being written finishes).
                     crate::interrupt::check()?;
                     put_logged(&*store, &log, id, &bytes)?;
-                    tracing::debug!(pack = %id, bytes = bytes.len(), "pack stored");
+                    tracing::debug!(pack = %id, bytes = bytes.len(), "uploader: pack stored");
                     let _ = spare_tx.try_send(bytes);
                 }
                 Ok(())
@@ -236,6 +236,7 @@ impl<'a> Writer<'a> {
         self.seals += 1;
         self.tables.packs[idx as usize] = (id, bytes.len() as u64);
         self.pack_index.insert(id, idx);
+        tracing::debug!(pack = %id, bytes = bytes.len(), "writer: pack sealed, handed to the uploader");
         let tx = self.uploads.as_ref().expect("uploads open until finish");
         if tx.send((id, bytes)).is_err() {
             // The uploader stopped: its error is the one to report.
@@ -261,6 +262,12 @@ impl<'a> Writer<'a> {
     pub fn finish(mut self) -> Result<Tables> {
         self.flush()?;
         self.join_uploader()?;
+        tracing::debug!(
+            packs = self.tables.packs.len(),
+            extents = self.tables.extents.len(),
+            bytes_stored = self.bytes_stored,
+            "writer: every pack durable"
+        );
         Ok(std::mem::replace(
             &mut self.tables,
             Tables {

@@ -1,35 +1,48 @@
-//! Restore: every slot of a snapshot back to a file or device, bit for bit, in parallel.
+//! Restore: every slot of a snapshot back to a file, a qcow2 image, a block device or an NBD
+//! export ([`target`]), bit for bit, in parallel.
 //!
-//! Each extent is checked on the way: frame CRC, GCM tag (bound to vault, disk and id),
-//! decompression length, its length against the manifest, and the keyed hash of the plaintext
-//! against its id. Before anything is written the manifest's disk digest is recomputed over
-//! the slot table and ids. So a restore either produces exactly the backed-up disk or fails
-//! loudly (and removes a target file it created).
+//! Each extent is checked on the way ([`slot`]): frame CRC, GCM tag (bound to vault, disk and
+//! id), decompression length, its length against the manifest, and the keyed hash of the
+//! plaintext against its id. Before anything is written the manifest's disk digest is
+//! recomputed over the slot table and ids. So a restore either produces exactly the
+//! backed-up disk or fails loudly, and a target it created is removed again (one that
+//! existed is reported as partly written). The one exception is asked for:
+//! `skip_damaged` writes a piece that fails its checks as zeros, lists it, and goes on.
+//!
+//! ```text
+//!  digest check ─► target::open (probe, refuse) ─► rayon: per slot ─► interrupt::check
+//!                                                     │  slot::read_slot (fetch, check)
+//!                                                     └► Target::write / zero
+//!  ─► Target::finish (qcow2 metadata, fsync / NBD flush)      on error: Target::abandon
+//! ```
 
+pub mod slot;
 pub mod target;
 pub mod verify;
 
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use rayon::prelude::*;
 
 use crate::engine::Progress;
 use crate::error::{Error, Result};
-use crate::vault::frame;
-use crate::vault::manifest::{Manifest, Slot, CONTENT_UNHASHED, ZERO};
+use crate::source::NbdOptions;
+use crate::vault::manifest::{Manifest, Slot};
 use crate::vault::{Disk, Vault};
 
-use target::Target;
+pub use slot::{fetch_extent, read_slot, slot_content, slot_frames, Damage};
+use target::{Format, Target, TargetKind, TargetOptions};
 
 /// What a restore did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreReport {
     /// Disk size.
     pub bytes_total: u64,
-    /// Bytes written from stored extents.
+    /// Bytes written from stored extents (not counting damaged ones written as zeros).
     pub bytes_written: u64,
     /// Bytes of stored frames read.
     pub bytes_fetched: u64,
@@ -37,106 +50,13 @@ pub struct RestoreReport {
     pub slots_zero: u64,
     /// Seconds.
     pub seconds: f64,
-}
-
-/// Read and open one extent of `m`.
-pub fn fetch_extent(vault: &Vault, disk: &Disk, m: &Manifest, e: u32) -> Result<Vec<u8>> {
-    let loc = &m.extents[e as usize];
-    let (pack, _) = m.packs[loc.pack as usize];
-    let key = pack.object_key();
-    let raw = vault
-        .store()
-        .get_range(&key, loc.offset as u64, loc.len as usize)?;
-    let what = || format!("extent {} in {key} at offset {}", loc.id, loc.offset);
-    let plain = frame::open(
-        raw,
-        &disk.binding,
-        &|g| disk.generation(g),
-        &disk.identity,
-        &loc.id,
-        &what,
-    )?;
-    if plain.len() != loc.plain_len as usize {
-        return Err(Error::integrity(format!(
-            "{}: holds {} bytes, the manifest says {}",
-            what(),
-            plain.len(),
-            loc.plain_len
-        )));
-    }
-    Ok(plain)
-}
-
-/// The plaintext of slot `i`, or `None` for a zero slot.
-pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Result<Option<Vec<u8>>> {
-    let len = m.slot_len(i as u64) as usize;
-    let check = |buf: &Vec<u8>, what: &str| -> Result<()> {
-        if buf.len() > len {
-            return Err(Error::integrity(format!(
-                "snapshot {}: slot {i} {what} is {} bytes, the slot {len}",
-                m.id.short(),
-                buf.len()
-            )));
-        }
-        Ok(())
-    };
-    match &m.slots[i] {
-        Slot::Zero => Ok(None),
-        Slot::Extent(e) => {
-            let b = fetch_extent(vault, disk, m, *e)?;
-            if b.len() != len {
-                return Err(Error::integrity(format!(
-                    "snapshot {}: slot {i} extent is {} bytes, the slot {len}",
-                    m.id.short(),
-                    b.len()
-                )));
-            }
-            Ok(Some(b))
-        }
-        Slot::Overlaid(s) => {
-            let mut buf = if s.base == ZERO {
-                vec![0u8; len]
-            } else {
-                fetch_extent(vault, disk, m, s.base)?
-            };
-            check(&buf, "base")?;
-            buf.resize(len, 0);
-            for o in &s.overlays {
-                let range = o.offset as usize..(o.offset + o.len) as usize;
-                if range.end > len {
-                    return Err(Error::integrity(format!(
-                        "snapshot {}: slot {i} overlay runs past the disk end",
-                        m.id.short()
-                    )));
-                }
-                if o.extent == ZERO {
-                    buf[range].fill(0);
-                } else {
-                    let piece = fetch_extent(vault, disk, m, o.extent)?;
-                    if piece.len() != range.len() {
-                        return Err(Error::integrity(format!(
-                            "snapshot {}: slot {i} overlay at {} holds {} bytes, not {}",
-                            m.id.short(),
-                            o.offset,
-                            piece.len(),
-                            range.len()
-                        )));
-                    }
-                    buf[range].copy_from_slice(&piece);
-                }
-            }
-            // Every piece was checked against its id; this checks the assembly (slots made
-            // from a change list have no assembled id: their pieces and the manifest's
-            // digest are what is checked).
-            if s.content != CONTENT_UNHASHED && disk.identity.extent_id.id(&buf) != s.content {
-                return Err(Error::integrity(format!(
-                    "snapshot {}: slot {i} assembled from its overlays does not match its content id",
-                    m.id.short()
-                )));
-            }
-            Ok(Some(buf))
-        }
-    }
+    /// What the target is.
+    pub target_kind: TargetKind,
+    /// What was written into it.
+    pub format: Format,
+    /// With `skip_damaged`: the ranges written as zeros because their data failed its
+    /// checks, by offset. Empty means the restore is exact.
+    pub damaged: Vec<Damage>,
 }
 
 /// Restore threads per core (see `restore`).
@@ -145,13 +65,20 @@ const IO_THREADS_PER_CORE: usize = 4;
 /// How to restore.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
-    /// Overwrite a non-empty target file.
+    /// Overwrite a non-empty target file, or a device or NBD export holding data.
     pub force: bool,
-    /// fsync the target before reporting success (default). Off, the data may still be in
-    /// the page cache when the command returns, as with `cp` or restic.
+    /// fsync the target (flush an NBD export) before reporting success (default). Off, the
+    /// data may still be in the page cache when the command returns, as with `cp` or restic.
     pub sync: bool,
     /// Only these bytes of the disk, written to the start of the target (`None`: all).
     pub range: Option<Range<u64>>,
+    /// The file format (`None`: qcow2 for a `.qcow2` name, else raw).
+    pub format: Option<Format>,
+    /// Best effort: write pieces that fail their checks as zeros and list them in the
+    /// report, instead of failing.
+    pub skip_damaged: bool,
+    /// How to reach an NBD export target.
+    pub nbd: NbdOptions,
 }
 
 impl Default for RestoreOptions {
@@ -160,11 +87,14 @@ impl Default for RestoreOptions {
             force: false,
             sync: true,
             range: None,
+            format: None,
+            skip_damaged: false,
+            nbd: NbdOptions::default(),
         }
     }
 }
 
-/// Restore snapshot `m` of `disk` to `path`.
+/// Restore snapshot `m` of `disk` to `path` (a file or device path, or an NBD URL).
 pub fn restore(
     vault: &Vault,
     disk: &Disk,
@@ -189,11 +119,19 @@ pub fn restore(
             range.start, range.end, m.disk_size
         )));
     }
-    let target = Target::open(path, range.end - range.start, opts.force)?;
+    let target = target::open(
+        path,
+        range.end - range.start,
+        &TargetOptions {
+            force: opts.force,
+            format: opts.format,
+            nbd: opts.nbd.clone(),
+        },
+    )?;
     // Restore waits on I/O (ranged reads of packs, O_DIRECT writes), so it runs more threads
     // than cores to keep several writes in flight.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * IO_THREADS_PER_CORE;
-    let pool = rayon::ThreadPoolBuilder::new()
+    let result = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("bv-restore-{i}"))
         .build()
@@ -202,25 +140,42 @@ pub fn restore(
                 crate::ErrorKind::Io,
                 format!("starting restore threads: {e}"),
             )
-        })?;
-    let result = pool.install(|| write_all(vault, disk, m, &range, &target, progress));
-    let result = result.and_then(|r| {
-        if opts.sync {
-            target.sync().map(|_| r)
-        } else {
-            Ok(r)
-        }
-    });
+        })
+        .and_then(|pool| {
+            tracing::debug!(target = %target.name(), kind = ?target.kind(), format = ?target.format(), bytes = range.end - range.start, threads, "restore: target open, slots fetched and written in parallel");
+            pool.install(|| {
+                write_all(
+                    vault,
+                    disk,
+                    m,
+                    &range,
+                    &*target,
+                    opts.skip_damaged,
+                    progress,
+                )
+            })
+        })
+        .and_then(|r| {
+            tracing::debug!(
+                bytes_written = r.bytes_written,
+                bytes_fetched = r.bytes_fetched,
+                slots_zero = r.slots_zero,
+                damaged = r.damaged.len(),
+                "restore: every slot written"
+            );
+            if opts.sync {
+                tracing::debug!("restore: syncing the target");
+            }
+            target.finish(opts.sync).map(|()| r)
+        });
     match result {
         Ok(mut r) => {
             r.seconds = started.elapsed().as_secs_f64();
             Ok(r)
         }
         Err(e) => {
-            if target.created {
-                let _ = std::fs::remove_file(path);
-            }
-            Err(e)
+            let left = target.abandon().describe(&*target);
+            Err(e.within(format!("restore stopped; {left}")))
         }
     }
 }
@@ -230,58 +185,90 @@ fn write_all(
     disk: &Disk,
     m: &Manifest,
     range: &Range<u64>,
-    target: &Target,
+    target: &dyn Target,
+    skip_damaged: bool,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
-    progress.start(range.end - range.start);
     let written = AtomicU64::new(0);
     let fetched = AtomicU64::new(0);
     let zero = AtomicU64::new(0);
+    let damaged = Mutex::new(Vec::new());
     let ss = m.slot_size as u64;
     let slots = if range.is_empty() {
         0..0
     } else {
         (range.start / ss) as usize..range.end.div_ceil(ss) as usize
     };
-    slots.into_par_iter().try_for_each(|i| -> Result<()> {
-        // The part of slot i inside the range, as offsets within the slot.
+    // The part of slot i inside the range, as offsets within the slot, and where it goes.
+    let part = |i: usize| {
         let slot_start = i as u64 * ss;
         let from = range.start.saturating_sub(slot_start) as usize;
         let to = ((range.end - slot_start).min(m.slot_len(i as u64) as u64)) as usize;
-        let at = slot_start + from as u64 - range.start;
-        match slot_content(vault, disk, m, i)? {
+        (from, to, slot_start + from as u64 - range.start)
+    };
+    // Progress counts what is written: zero slots only on a device (see engine::progress);
+    // files and qcow2 images keep them as holes, NBD exports get one zeroing request.
+    let device = target.kind() == TargetKind::Device;
+    let writes = |i: usize| device || !matches!(m.slots[i], Slot::Zero);
+    let work = |i: usize| {
+        let (from, to, _) = part(i);
+        if writes(i) {
+            (to - from) as u64
+        } else {
+            0
+        }
+    };
+    progress.start(slots.clone().map(work).sum());
+    slots.into_par_iter().try_for_each(|i| -> Result<()> {
+        crate::interrupt::check()?;
+        let (from, to, at) = part(i);
+        let mut found = Vec::new();
+        let content = read_slot(vault, disk, m, i, skip_damaged.then_some(&mut found))?;
+        let found: Vec<Damage> = found.into_iter().filter_map(|d| clip(d, range)).collect();
+        match content {
             None => {
                 zero.fetch_add(1, Ordering::Relaxed);
-                target.zero(at, to - from)?;
+                target.zero(at, (to - from) as u64)?;
             }
             Some(buf) => {
-                target.write_slot(&buf[from..to], at)?;
-                written.fetch_add((to - from) as u64, Ordering::Relaxed);
+                target.write(at, &buf[from..to])?;
+                let lost: u64 = found.iter().map(|d| d.length).sum();
+                written.fetch_add((to - from) as u64 - lost, Ordering::Relaxed);
             }
+        }
+        if !found.is_empty() {
+            damaged
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(found);
         }
         let f: u64 = slot_frames(m, i)
             .map(|e| m.extents[e as usize].len as u64)
             .sum();
         fetched.fetch_add(f, Ordering::Relaxed);
-        progress.advance((to - from) as u64);
+        progress.advance(work(i));
         Ok(())
     })?;
+    let mut damaged = damaged.into_inner().unwrap_or_else(|e| e.into_inner());
+    damaged.sort_by_key(|d| d.offset);
     Ok(RestoreReport {
         bytes_total: range.end - range.start,
         bytes_written: written.into_inner(),
         bytes_fetched: fetched.into_inner(),
         slots_zero: zero.into_inner(),
         seconds: 0.0,
+        target_kind: target.kind(),
+        format: target.format(),
+        damaged,
     })
 }
 
-/// Extent indexes a slot references.
-pub fn slot_frames(m: &Manifest, i: usize) -> impl Iterator<Item = u32> + '_ {
-    let (base, overlays): (Option<u32>, &[crate::vault::manifest::Overlay]) = match &m.slots[i] {
-        Slot::Zero => (None, &[]),
-        Slot::Extent(e) => (Some(*e), &[]),
-        Slot::Overlaid(o) => ((o.base != ZERO).then_some(o.base), o.overlays.as_slice()),
-    };
-    base.into_iter()
-        .chain(overlays.iter().map(|o| o.extent).filter(|&e| e != ZERO))
+/// The part of `d` inside the restored `range` of the disk, if any.
+fn clip(mut d: Damage, range: &Range<u64>) -> Option<Damage> {
+    let start = d.offset.max(range.start);
+    let end = (d.offset + d.length).min(range.end);
+    (start < end).then(|| {
+        (d.offset, d.length) = (start, end - start);
+        d
+    })
 }

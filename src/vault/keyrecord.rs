@@ -9,8 +9,9 @@
 //! MAC: keyed BLAKE3 of every preceding byte under a key derived from the keystore's auth key
 //! ([`mac_key`]). Wraps by an RSA public key prove nothing about who made them (anyone holding
 //! the storage has the public key); the MAC does: only a holder of the keystore writes records.
-//! Wrap AAD: "blockvault dek wrap v1" ‖ vault id ‖ disk id ‖ u32 generation ‖ u8 kind ‖
-//! u32 version, so a record cannot be moved to another vault, disk, generation or KEK.
+//! Wrap AAD: "blockvault dek wrap v1" ‖ vault id ‖ disk id ‖ u32 generation ‖ u64 created ‖
+//! u8 kind ‖ u32 version, so a wrap cannot be moved to another vault, disk, generation, record
+//! time or KEK.
 //! Several wraps leave room for a recovery key and re-wrapping during rotation.
 
 use super::codec::{Dec, Enc};

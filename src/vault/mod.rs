@@ -332,23 +332,22 @@ impl Vault {
 
     /// Every readable disk, keys unwrapped. Disks whose key records cannot be read are
     /// skipped with a warning (`verify` names them); if none can be read, the error is returned
-    /// (a revoked or missing KEK must not look like an empty vault).
+    /// (a revoked or missing KEK must not look like an empty vault), and nothing is warned:
+    /// the error says it once.
     pub fn disks(&self) -> Result<Vec<Disk>> {
         let mut disks = Vec::new();
-        let mut first_error = None;
+        let mut unreadable = Vec::new();
         for id in self.disk_ids()? {
             match self.load_disk(id) {
                 Ok(d) => disks.push(d),
-                Err(e) => {
-                    tracing::warn!(disk = %hex::encode(id), error = %e, "cannot read a disk's key records");
-                    first_error.get_or_insert(e);
-                }
+                Err(e) => unreadable.push((id, e)),
             }
         }
-        match first_error {
-            Some(e) if disks.is_empty() => Err(e),
-            _ => Ok(disks),
+        if disks.is_empty() && !unreadable.is_empty() {
+            return Err(unreadable.swap_remove(0).1);
         }
+        warn_unreadable(&unreadable);
+        Ok(disks)
     }
 
     /// The disk called `name`, if any. A disk whose key records cannot be read does not hide
@@ -356,20 +355,20 @@ impl Vault {
     /// than "no such disk" (the unreadable one may be it, and a backup must not then register
     /// a second disk of that name).
     pub fn find_disk(&self, name: &str) -> Result<Option<Disk>> {
-        let mut unreadable: Option<Error> = None;
+        let mut unreadable = Vec::new();
         for id in self.disk_ids()? {
             match self.load_disk(id) {
-                Ok(d) if d.name == name => return Ok(Some(d)),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(disk = %hex::encode(id), error = %e, "cannot read a disk's key records");
-                    unreadable.get_or_insert(e);
+                Ok(d) if d.name == name => {
+                    warn_unreadable(&unreadable);
+                    return Ok(Some(d));
                 }
+                Ok(_) => {}
+                Err(e) => unreadable.push((id, e)),
             }
         }
-        match unreadable {
+        match unreadable.into_iter().next() {
             None => Ok(None),
-            Some(e) => Err(e.within(format!(
+            Some((_, e)) => Err(e.within(format!(
                 "disk {name} is not among the readable disks, and another disk could not be read"
             ))),
         }
@@ -592,6 +591,13 @@ pub struct InitOptions {
     pub infrastructure: bool,
     /// Where this host reaches the customer key's private half.
     pub access: KeyAccess,
+}
+
+/// One warning per disk whose key records could not be read, when the others go on.
+fn warn_unreadable(unreadable: &[([u8; 16], Error)]) {
+    for (id, e) in unreadable {
+        tracing::warn!(disk = %hex::encode(id), error = %e, "cannot read a disk's key records");
+    }
 }
 
 /// An id from an object name: exactly `2 * N` lowercase hex digits (names are written in

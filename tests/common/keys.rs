@@ -52,6 +52,8 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 /// - `a.pkcs1.pub`: the public key of `a` as PKCS#1 PEM;
 /// - `a.enc.key`: `a` as AES-256-CBC encrypted PKCS#8 under the passphrase in `pass`
 ///   (`correct horse battery staple`); `wrongpass` holds another;
+/// - `a.pkcs1.key`: `a` as PKCS#1 PEM (`BEGIN RSA PRIVATE KEY`), and `a.pkcs1.enc.key` the
+///   same encrypted the legacy OpenSSL way (`Proc-Type: 4,ENCRYPTED`) under `pass`;
 /// - `c.der`, `c.pub.der`: `c` in DER, to import into a token.
 pub struct PemKeys {
     dir: PathBuf,
@@ -125,6 +127,18 @@ impl PemKeys {
             "a.enc.key",
             "-passout",
             "file:pass",
+        ]);
+        openssl(&["rsa", "-in", "a.key", "-traditional", "-out", "a.pkcs1.key"]);
+        openssl(&[
+            "rsa",
+            "-in",
+            "a.key",
+            "-traditional",
+            "-aes256",
+            "-passout",
+            "file:pass",
+            "-out",
+            "a.pkcs1.enc.key",
         ]);
         openssl(&["pkey", "-in", "c.key", "-outform", "DER", "-out", "c.der"]);
         openssl(&[

@@ -141,6 +141,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         );
         for m in &r.members {
             t += &snapshot_text(m);
+            if let Some(b) = &m.info.bitmap_created {
+                t += &format!("  bitmap {b} added: the next backup of the VM reads it\n");
+            }
         }
         for b in &r.bitmaps_removed {
             t += &format!("  bitmap {b} removed\n");

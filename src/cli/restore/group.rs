@@ -5,14 +5,15 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
+use blockvault::restore::target::Format;
 use blockvault::restore::RestoreOptions;
 use blockvault::util::human_bytes;
 use blockvault::vm::{group, restore};
 use blockvault::Error;
 
-use super::super::output::{mb_per_s, time};
+use super::super::output::{mb_per_s, mib_per_s, seconds, time};
 use super::super::Context;
-use super::Args;
+use super::{damage_lines, Args};
 
 /// What marks a group in `restore`'s first argument.
 pub const PREFIX: &str = "group:";
@@ -24,7 +25,7 @@ pub fn run(ctx: &Context, spec: &str, a: &Args) -> anyhow::Result<ExitCode> {
             "--range and --with-escrow restore one disk: name it (DISK@ID) instead of a group"
         ));
     }
-    let vault = ctx.open_vault()?;
+    let vault = ctx.open_vault_unwrapping()?;
     let g = group::resolve(&vault, spec)?;
     let targets = restore::targets(&g, &a.target)?;
     let bar = ctx.out.progress("restore");
@@ -36,7 +37,9 @@ pub fn run(ctx: &Context, spec: &str, a: &Args) -> anyhow::Result<ExitCode> {
         &RestoreOptions {
             force: a.force,
             sync: !a.no_sync,
-            range: None,
+            format: a.format.map(Format::from),
+            skip_damaged: a.skip_damaged,
+            ..RestoreOptions::default()
         },
         &bar,
     )?;
@@ -57,9 +60,12 @@ pub fn run(ctx: &Context, spec: &str, a: &Args) -> anyhow::Result<ExitCode> {
             "bytes_written": d.report.bytes_written,
             "bytes_fetched": d.report.bytes_fetched,
             "slots_zero": d.report.slots_zero,
-            "seconds": d.report.seconds,
-            "mb_per_s": mb_per_s(d.report.bytes_total, d.report.seconds),
+            "seconds": seconds(d.report.seconds),
+            "mb_per_s": mb_per_s(d.report.bytes_written, seconds(d.report.seconds)),
             "verified_digest": true,
+            "target_kind": d.report.target_kind,
+            "format": d.report.format,
+            "damaged": d.report.damaged,
         })).collect::<Vec<_>>(),
     });
     ctx.out.result(doc, || {
@@ -71,14 +77,16 @@ pub fn run(ctx: &Context, spec: &str, a: &Args) -> anyhow::Result<ExitCode> {
         );
         for d in &done {
             t += &format!(
-                "  {}@{} to {}: {} ({} data), digest verified, {:.2} s\n",
+                "  {}@{} to {}: {} ({} data), digest verified, {:.2} s, written at {:.1} MiB/s\n",
                 d.disk,
                 &d.snapshot[..8],
                 d.target.display(),
                 human_bytes(d.report.bytes_total),
                 human_bytes(d.report.bytes_written),
-                d.report.seconds
+                d.report.seconds,
+                mib_per_s(d.report.bytes_written, seconds(d.report.seconds))
             );
+            t += &damage_lines(&d.report.damaged);
         }
         match (&config, &r.vm_config) {
             (Some(p), _) => t += &format!("  VM configuration to {}\n", p.display()),
@@ -92,5 +100,9 @@ pub fn run(ctx: &Context, spec: &str, a: &Args) -> anyhow::Result<ExitCode> {
         }
         t
     });
-    Ok(ExitCode::SUCCESS)
+    if done.iter().all(|d| d.report.damaged.is_empty()) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(super::super::INTEGRITY))
+    }
 }

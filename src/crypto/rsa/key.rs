@@ -36,8 +36,9 @@ const MAX_SPKI_LEN: usize = 2048;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum OaepHash {
-    /// RSA-OAEP with SHA-1 and MGF1-SHA-1 ("RSA-OAEP" in Azure Key Vault): only for tokens
-    /// that support nothing else, such as SoftHSM 2.6.
+    /// RSA-OAEP with SHA-1 and MGF1-SHA-1 ("RSA-OAEP" in Azure Key Vault): only when the
+    /// operator chose it at enrolment (`--oaep sha1`), for tokens that support nothing else,
+    /// such as SoftHSM 2.6. Never chosen automatically.
     Sha1 = 1,
     /// RSA-OAEP with SHA-256 and MGF1-SHA-256 ("RSA-OAEP-256"): the default.
     Sha256 = 2,
@@ -196,11 +197,6 @@ impl CmkKey {
             source,
             public,
         })
-    }
-
-    /// The same key used with another OAEP hash (a token that lacks SHA-256).
-    pub(super) fn with_oaep(self, oaep: OaepHash) -> Self {
-        CmkKey { oaep, ..self }
     }
 
     /// The id wraps by this key are stored under.

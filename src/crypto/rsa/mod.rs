@@ -16,6 +16,7 @@
 //! decrypted PKCS#8 DER are zeroized (aws-lc and the token keep the private keys).
 
 pub mod key;
+pub mod module;
 pub mod pem;
 pub mod pkcs11;
 pub mod secret_source;
@@ -23,7 +24,7 @@ pub mod uri;
 pub mod wrap;
 
 pub use key::{CmkKey, OaepHash, MIN_RSA_BITS};
-pub use pem::{read_public_key, PemKek, PrivateKeyFile};
-pub use pkcs11::{Pkcs11Kek, Pkcs11Options, TokenSession};
+pub use pem::{private_key_from_pem, read_public_key, PemKek, PrivateKeyFile};
+pub use pkcs11::{EnrolPolicy, Pkcs11Kek, Pkcs11Options, TokenSession};
 pub use secret_source::SecretSource;
 pub use uri::Pkcs11Uri;

@@ -2,18 +2,24 @@
 //! the offline recovery key of `init --recovery-key rsa:PUB.pem`.
 //!
 //! Wrapping needs only the public key, which the vault stores in the key's [`CmkKey`]
-//! descriptor. The private key file (PKCS#8 PEM, plain or passphrase-protected) is read only
-//! when a DEK is unwrapped, on the first unwrap, and checked against the descriptor's
-//! fingerprint so that a wrong file is named as such rather than failing as "altered data".
+//! descriptor. The private key file is read only when a DEK is unwrapped, on the first unwrap,
+//! and checked against the descriptor's fingerprint so that a wrong file is named as such
+//! rather than failing as "altered data". It may be PKCS#8 PEM, plain or passphrase-protected
+//! (`openssl genpkey`), or plain PKCS#1 (`BEGIN RSA PRIVATE KEY`, `openssl genrsa
+//! -traditional`); a PKCS#1 file encrypted the legacy OpenSSL way (`Proc-Type: 4,ENCRYPTED`,
+//! MD5-derived key) is refused with the command that converts it. Every decoded form of the
+//! private key lives only in zeroized buffers until aws-lc holds it.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aws_lc_rs::rsa::{OaepPrivateDecryptingKey, PrivateDecryptingKey};
-use pkcs8::der::asn1::UintRef;
-use pkcs8::der::{Document, Reader, SecretDocument, SliceReader};
-use pkcs8::EncryptedPrivateKeyInfoRef;
+use pkcs8::der::asn1::{AnyRef, OctetStringRef, UintRef};
+use pkcs8::der::{Document, Encode, Reader, SecretDocument, SliceReader};
+use pkcs8::{
+    AlgorithmIdentifierRef, EncryptedPrivateKeyInfoRef, ObjectIdentifier, PrivateKeyInfoRef,
+};
 use zeroize::Zeroizing;
 
 use super::key::{CmkKey, OaepHash};
@@ -25,6 +31,8 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// PEM key files are a few KB; refuse to read anything much larger.
 const MAX_PEM_LEN: u64 = 64 * 1024;
+/// `rsaEncryption` (RFC 8017, appendix C): the algorithm of a PKCS#8-wrapped RSA key.
+const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 
 fn key_error(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Key, msg)
@@ -91,50 +99,94 @@ pub fn read_public_key(kind: KekKind, version: u32, oaep: OaepHash, path: &Path)
 /// Where the private key is found on the host that unwraps.
 #[derive(Debug, Clone)]
 pub struct PrivateKeyFile {
-    /// A PKCS#8 PEM file (`PRIVATE KEY` or `ENCRYPTED PRIVATE KEY`).
+    /// A PEM file: PKCS#8 (`PRIVATE KEY` or `ENCRYPTED PRIVATE KEY`) or PKCS#1
+    /// (`RSA PRIVATE KEY`, unencrypted).
     pub path: PathBuf,
     /// The passphrase of an encrypted file.
     pub passphrase: Option<SecretSource>,
 }
 
 impl PrivateKeyFile {
-    /// Load and decrypt the key; the PKCS#8 DER only ever lives in zeroized buffers.
+    /// Load and decrypt the key; its DER only ever lives in zeroized buffers.
     fn load(&self) -> Result<PrivateDecryptingKey> {
-        let path = self.path.display();
         let text = read_pem_file(&self.path, "private key file")?;
-        let (label, doc) = SecretDocument::from_pem(&text)
-            .map_err(|e| key_error(format!("{path}: not a PEM file: {e}")))?;
-        let plain = match label {
-            "PRIVATE KEY" => doc,
-            "ENCRYPTED PRIVATE KEY" => {
-                let pass = self.passphrase.as_ref().ok_or_else(|| {
-                    key_error(format!(
-                        "private key file {path} is encrypted and no passphrase was given"
-                    ))
-                })?;
-                let pass = pass.read(&format!("passphrase of {path}"))?;
-                let info = EncryptedPrivateKeyInfoRef::try_from(doc.as_bytes())
-                    .map_err(|e| key_error(format!("{path}: damaged encrypted PKCS#8: {e}")))?;
-                info.decrypt(&pass[..]).map_err(|_| {
-                    key_error(format!(
-                        "{path}: cannot decrypt the private key (passphrase incorrect, or an unsupported cipher)"
-                    ))
-                })?
-            }
-            "RSA PRIVATE KEY" => {
-                return Err(key_error(format!(
-                "{path} is a PKCS#1 private key; convert it to PKCS#8 with `openssl pkcs8 -topk8`"
-            )))
-            }
-            other => {
-                return Err(key_error(format!(
-                    "{path}: PEM label \"{other}\" is not a PKCS#8 private key"
-                )))
-            }
-        };
-        PrivateDecryptingKey::from_pkcs8(plain.as_bytes())
-            .map_err(|e| key_error(format!("{path}: not a usable RSA private key: {e}")))
+        private_key_from_pem(
+            &text,
+            &self.path.display().to_string(),
+            self.passphrase.as_ref(),
+        )
     }
+}
+
+/// The RSA private key in `text`, the contents of a private key file (`name` in messages):
+/// PKCS#8, plain or encrypted under the passphrase from `passphrase`, or plain PKCS#1. Public
+/// for the fuzz target (`fuzz/fuzz_targets/cmk.rs`).
+pub fn private_key_from_pem(
+    text: &str,
+    name: &str,
+    passphrase: Option<&SecretSource>,
+) -> Result<PrivateDecryptingKey> {
+    if is_legacy_encrypted(text) {
+        return Err(key_error(format!(
+            "{name} is a PKCS#1 private key encrypted the legacy OpenSSL way \
+             (Proc-Type: 4,ENCRYPTED), which blockvault does not read: convert it to \
+             encrypted PKCS#8 with `openssl pkcs8 -topk8 -v2 aes-256-cbc -in {name} -out \
+             NEW.pem` and give NEW.pem with its passphrase"
+        )));
+    }
+    let (label, doc) = SecretDocument::from_pem(text)
+        .map_err(|e| key_error(format!("{name}: not a PEM file: {e}")))?;
+    let key = |pkcs8_der: &[u8]| {
+        PrivateDecryptingKey::from_pkcs8(pkcs8_der)
+            .map_err(|e| key_error(format!("{name}: not a usable RSA private key: {e}")))
+    };
+    match label {
+        "PRIVATE KEY" => key(doc.as_bytes()),
+        "ENCRYPTED PRIVATE KEY" => {
+            let pass = passphrase.ok_or_else(|| {
+                key_error(format!(
+                    "private key file {name} is encrypted and no passphrase was given"
+                ))
+            })?;
+            let pass = pass.read(&format!("passphrase of {name}"))?;
+            let info = EncryptedPrivateKeyInfoRef::try_from(doc.as_bytes())
+                .map_err(|e| key_error(format!("{name}: damaged encrypted PKCS#8: {e}")))?;
+            let plain = info.decrypt(&pass[..]).map_err(|_| {
+                key_error(format!(
+                    "{name}: cannot decrypt the private key (passphrase incorrect, or an unsupported cipher)"
+                ))
+            })?;
+            key(plain.as_bytes())
+        }
+        "RSA PRIVATE KEY" => key(&pkcs8_of_pkcs1(doc.as_bytes())
+            .map_err(|e| key_error(format!("{name}: damaged PKCS#1 RSA private key: {e}")))?),
+        other => Err(key_error(format!(
+            "{name}: PEM label \"{other}\" is not an RSA private key"
+        ))),
+    }
+}
+
+/// Whether a PEM file carries RFC 1421 encryption headers (`Proc-Type: 4,ENCRYPTED` and
+/// `DEK-Info`), as `openssl genrsa -aes256 -traditional` writes them.
+fn is_legacy_encrypted(text: &str) -> bool {
+    text.lines()
+        .any(|l| l.starts_with("Proc-Type:") && l.contains("ENCRYPTED"))
+}
+
+/// A PKCS#1 `RSAPrivateKey` as the PKCS#8 `PrivateKeyInfo` aws-lc reads (algorithm
+/// `rsaEncryption` with NULL parameters, RFC 8017 appendix C), encoded into a zeroized
+/// buffer of exactly its length (so it is never reallocated, leaving a copy behind).
+fn pkcs8_of_pkcs1(pkcs1: &[u8]) -> pkcs8::der::Result<Zeroizing<Vec<u8>>> {
+    let info = PrivateKeyInfoRef::new(
+        AlgorithmIdentifierRef {
+            oid: RSA_ENCRYPTION,
+            parameters: Some(AnyRef::NULL),
+        },
+        OctetStringRef::new(pkcs1)?,
+    );
+    let mut der = Zeroizing::new(Vec::with_capacity(usize::try_from(info.encoded_len()?)?));
+    info.encode_to_vec(&mut der)?;
+    Ok(der)
 }
 
 /// A PEM RSA key as a [`KekProvider`]: kind [`KekKind::CustomerRsa`] or

@@ -6,10 +6,15 @@
 //!  unwrap:  login ──▶ find private key ──▶ check its fingerprint ──▶ C_Decrypt(W) … ──▶ logout
 //!           └──────────── one TokenSession per job (Pkcs11Kek::login) ────────────┘
 //! ```
-//! Module: the URI's `module-path`, else `$BLOCKVAULT_PKCS11_MODULE`, else Debian's SoftHSM
-//! (`/usr/lib/softhsm/libsofthsm2.so`); [`Pkcs11Options::module`] overrides all three, since a
-//! restore host may keep the module elsewhere. PIN: [`Pkcs11Options::pin`] (`--pin-file`),
-//! else the URI's `pin-source`, else `$BLOCKVAULT_PKCS11_PIN`; never an argument.
+//! Module: [`Pkcs11Options::module`] (`--pkcs11-module`), else `$BLOCKVAULT_PKCS11_MODULE`,
+//! else the first installed of the known system paths; the URI's `module-path` counts only at
+//! enrolment and is never stored ([`super::module`]: the vault must not choose code to run).
+//! PIN: [`Pkcs11Options::pin`] (`--pin-file`), else the URI's `pin-source`, else
+//! `$BLOCKVAULT_PKCS11_PIN`; never an argument.
+//!
+//! Enrolment accepts only a private key that stays in its token (CKA_SENSITIVE and CKA_PRIVATE
+//! true, CKA_EXTRACTABLE false) unless the operator allows otherwise, and only RSA-OAEP with
+//! SHA-256 unless the operator chose SHA-1 ([`EnrolPolicy`]): neither is ever relaxed silently.
 //!
 //! A module is loaded and initialised once per process. PKCS#11 login state belongs to the
 //! process, not the session (C_Logout logs every session out), so logins are counted per slot:
@@ -31,6 +36,7 @@ use cryptoki::types::RawAuthPin;
 use zeroize::Zeroizing;
 
 use super::key::{CmkKey, OaepHash};
+use super::module;
 use super::secret_source::SecretSource;
 use super::uri::Pkcs11Uri;
 use super::wrap;
@@ -38,21 +44,61 @@ use crate::crypto::kek::{KekId, KekKind, KekProvider};
 use crate::crypto::secret::Secret32;
 use crate::error::{Error, ErrorKind, Result};
 
-/// Debian's SoftHSM module, the default when neither the URI nor the environment names one.
-pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-/// Environment variable naming the PKCS#11 module.
-pub const MODULE_ENV: &str = "BLOCKVAULT_PKCS11_MODULE";
 /// Environment variable holding the token's user PIN.
 pub const PIN_ENV: &str = "BLOCKVAULT_PKCS11_PIN";
 
 /// Host-specific settings that are not part of the stored key.
 #[derive(Debug, Clone, Default)]
 pub struct Pkcs11Options {
-    /// The module to load, overriding the URI and the environment.
+    /// The module to load (absolute path), overriding the URI and the environment.
     pub module: Option<PathBuf>,
     /// Where the user PIN is read from (`--pin-file`), overriding the URI and the environment.
     pub pin: Option<SecretSource>,
 }
+
+/// What enrolment may accept beyond its defaults. Each field loosens a rule, so each is the
+/// operator's explicit choice (`--oaep sha1`, `--allow-extractable-key`), never a fallback.
+#[derive(Debug, Clone, Copy)]
+pub struct EnrolPolicy {
+    /// The RSA-OAEP hash recorded for the key: SHA-256 unless the token refuses it and the
+    /// operator chose SHA-1.
+    pub oaep: OaepHash,
+    /// Enrol a private key that can leave the token or be used without a login (see
+    /// [`Pkcs11Kek::enroll`]), with a warning, instead of refusing it.
+    pub allow_extractable: bool,
+}
+
+impl Default for EnrolPolicy {
+    fn default() -> Self {
+        EnrolPolicy {
+            oaep: OaepHash::Sha256,
+            allow_extractable: false,
+        }
+    }
+}
+
+/// The private key attributes that keep a key inside its token: each with the value it must
+/// have and what the other value allows.
+const CONTAINMENT: [(AttributeType, &str, bool, &str); 3] = [
+    (
+        AttributeType::Sensitive,
+        "CKA_SENSITIVE",
+        true,
+        "its private exponent can be read out in the clear",
+    ),
+    (
+        AttributeType::Extractable,
+        "CKA_EXTRACTABLE",
+        false,
+        "it can be exported (wrapped) out of the token",
+    ),
+    (
+        AttributeType::Private,
+        "CKA_PRIVATE",
+        true,
+        "it can be used without logging in to the token",
+    ),
+];
 
 /// One loaded module and the number of live logins per slot.
 struct Module {
@@ -77,8 +123,10 @@ fn context(path: &Path) -> Result<Pkcs11> {
         Error::new(
             ErrorKind::Key,
             format!(
-                "PKCS#11 module {} cannot be loaded; the key is unreachable",
-                path.display()
+                "PKCS#11 module {} cannot be loaded; the key is unreachable (choose the \
+                 module with --pkcs11-module or {})",
+                path.display(),
+                module::MODULE_ENV
             ),
         )
         .with_source(e)
@@ -271,6 +319,33 @@ impl Login {
         }
     }
 
+    /// What lets `private` leave the token or be used without a PIN: one description per
+    /// attribute of [`CONTAINMENT`] that has the wrong value or that the token does not show
+    /// (an unknown value is not a guarantee). Empty for a key that stays in the token.
+    fn exposure(&self, private: ObjectHandle) -> Result<Vec<String>> {
+        let types = CONTAINMENT.map(|(t, ..)| t);
+        let attrs = self
+            .session()
+            .get_attributes(private, &types)
+            .map_err(|e| token_error(e, &self.token, "reading the private key's attributes"))?;
+        let value = |t: AttributeType| {
+            attrs.iter().find_map(|a| match (t, a) {
+                (AttributeType::Sensitive, Attribute::Sensitive(v))
+                | (AttributeType::Extractable, Attribute::Extractable(v))
+                | (AttributeType::Private, Attribute::Private(v)) => Some(*v),
+                _ => None,
+            })
+        };
+        Ok(CONTAINMENT
+            .iter()
+            .filter_map(|&(t, name, want, otherwise)| match value(t) {
+                Some(v) if v == want => None,
+                Some(v) => Some(format!("{name} = {v}: {otherwise}")),
+                None => Some(format!("the token does not show {name}")),
+            })
+            .collect())
+    }
+
     /// Modulus and public exponent of `object`, if the token shows them.
     fn components(&self, object: ObjectHandle) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         let attrs = self
@@ -357,24 +432,36 @@ pub struct Pkcs11Kek {
     uri: Pkcs11Uri,
     module: PathBuf,
     pin: SecretSource,
+    warnings: Vec<String>,
 }
 
 impl Pkcs11Kek {
-    /// Enrol the key `uri` names (at `init`): read its public key from the token, check that
-    /// the token supports RSA-OAEP, and choose the OAEP hash: `oaep` if given, else SHA-256,
-    /// else (the token refusing SHA-256, as SoftHSM 2.6 does) SHA-1 with a warning. Ends with
-    /// a full unwrap check through the token.
+    /// Enrol the key `uri` names (at `init` and for `--new-cmk`): check that the private key
+    /// stays in its token (CKA_SENSITIVE = true, CKA_EXTRACTABLE = false, CKA_PRIVATE = true;
+    /// otherwise a `Key` error naming the attribute, unless `policy.allow_extractable`, which
+    /// enrols it with [`Pkcs11Kek::warnings`]), that the token decrypts with RSA-OAEP, read the
+    /// public key, and end with a full unwrap check through the token with `policy.oaep`. A
+    /// token that refuses SHA-256 fails with an `Unsupported` error naming `--oaep sha1`.
+    ///
+    /// The stored URI is `uri` without its `module-path` ([`super::module`]).
     pub fn enroll(
         uri: &str,
         version: u32,
-        oaep: Option<OaepHash>,
+        policy: EnrolPolicy,
         options: Pkcs11Options,
     ) -> Result<Self> {
         let parsed = Pkcs11Uri::parse(uri)?;
-        let (module, pin) = resolve(&parsed, options)?;
-        let (n, e) = {
-            let token = Login::open(&module, &parsed, &pin)?;
-            let private = token.find_private(&parsed)?;
+        let module = module::resolve(options.module, parsed.module_path.as_deref())?;
+        let pin = resolve_pin(&parsed, options.pin)?;
+        let stored = Pkcs11Uri {
+            module_path: None,
+            ..parsed
+        };
+        let (n, e, warnings) = {
+            let token = Login::open(&module, &stored, &pin)?;
+            let private = token.find_private(&stored)?;
+            let exposure = token.exposure(private)?;
+            let warnings = contained(exposure, &token.token, &stored, policy)?;
             let info = context(&module)?
                 .get_mechanism_info(token.slot, MechanismType::RSA_PKCS_OAEP)
                 .map_err(|e| token_error(e, &token.token, "RSA-OAEP (CKM_RSA_PKCS_OAEP)"))?;
@@ -387,59 +474,76 @@ impl Pkcs11Kek {
                     ),
                 ));
             }
-            token.public_components(&parsed, private)?
+            let (n, e) = token.public_components(&stored, private)?;
+            (n, e, warnings)
         };
         let key = CmkKey::from_components(
             KekKind::CustomerPkcs11,
             version,
-            oaep.unwrap_or(OaepHash::Sha256),
+            policy.oaep,
             &n,
             &e,
-            parsed.to_string(),
+            stored.to_string(),
         )?;
         let kek = Pkcs11Kek {
             key,
-            uri: parsed,
+            uri: stored,
             module,
             pin,
+            warnings,
         };
         match kek.check_unwrap() {
-            Ok(()) => Ok(kek),
-            Err(e) if oaep.is_none() && e.kind() == ErrorKind::Unsupported => {
-                tracing::warn!(
-                    key = %kek.uri,
-                    "token refuses RSA-OAEP with SHA-256; using RSA-OAEP with SHA-1 for this key"
-                );
-                let kek = Pkcs11Kek {
-                    key: kek.key.with_oaep(OaepHash::Sha1),
-                    ..kek
-                };
-                kek.check_unwrap()?;
-                Ok(kek)
+            Err(e) if e.kind() == ErrorKind::Unsupported && policy.oaep == OaepHash::Sha256 => {
+                Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "{}: the token refuses RSA-OAEP with SHA-256, which blockvault uses \
+                         unless told otherwise; enrol with --oaep sha1 to use RSA-OAEP with \
+                         SHA-1 (MGF1-SHA-1) for this key: still sound for wrapping keys, since \
+                         OAEP does not rest on SHA-1's collision resistance, but the older hash, \
+                         recorded with the key for its life",
+                        kek.uri.key_name()
+                    ),
+                )
+                .with_source(e))
             }
             Err(e) => Err(e),
+            Ok(()) => Ok(kek),
         }
     }
 
     /// A provider for a stored descriptor. Touches no token: wrapping needs only the stored
-    /// public key; the token is opened by the first unwrap.
+    /// public key; the token is opened by the first unwrap. A `module-path` in the stored URI
+    /// is ignored: the vault never chooses the module ([`super::module`]).
     pub fn open(key: CmkKey, options: Pkcs11Options) -> Result<Self> {
         if key.id().kind != KekKind::CustomerPkcs11 {
             return Err(Error::usage(format!("{} is not a PKCS#11 key", key.id())));
         }
-        let uri = Pkcs11Uri::parse(key.source()).map_err(|e| e.within(key.id()))?;
-        let (module, pin) = resolve(&uri, options)?;
+        let mut uri = Pkcs11Uri::parse(key.source()).map_err(|e| e.within(key.id()))?;
+        if let Some(ignored) = uri.module_path.take() {
+            tracing::debug!(key = %key.id(), module = %ignored.display(), "module-path of a stored key ignored");
+        }
+        let module = module::resolve(options.module, None)?;
+        let pin = resolve_pin(&uri, options.pin)?;
         Ok(Pkcs11Kek {
             key,
             uri,
             module,
             pin,
+            warnings: Vec::new(),
         })
     }
 
     /// The descriptor the vault stores.
     pub fn key(&self) -> &CmkKey {
         &self.key
+    }
+
+    /// What enrolment accepted only because [`EnrolPolicy::allow_extractable`] allowed it, as
+    /// sentences to show the operator; empty for a key that stays in its token, and for a key
+    /// opened from the vault.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Log in for a job: the returned session unwraps without logging in again and logs out
@@ -479,23 +583,47 @@ impl Pkcs11Kek {
     }
 }
 
-/// Module path and PIN source, from the options, the URI, the environment or the default.
-fn resolve(uri: &Pkcs11Uri, options: Pkcs11Options) -> Result<(PathBuf, SecretSource)> {
-    let module = options
-        .module
-        .or_else(|| uri.module_path.clone())
-        .or_else(|| std::env::var_os(MODULE_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_MODULE));
-    let pin = options
-        .pin
-        .or_else(|| uri.pin_source.clone().map(SecretSource::File))
+/// Enrolment's verdict on a private key's [`Login::exposure`]: no warnings for a key that
+/// stays in its token; the exposure as warnings when the policy allows it; else a `Key` error
+/// naming every attribute at fault.
+fn contained(
+    exposure: Vec<String>,
+    token: &str,
+    uri: &Pkcs11Uri,
+    policy: EnrolPolicy,
+) -> Result<Vec<String>> {
+    if exposure.is_empty() {
+        return Ok(exposure);
+    }
+    let what = format!(
+        "the private key {} on token '{token}' does not stay in the token: {}",
+        uri.key_name(),
+        exposure.join("; ")
+    );
+    if policy.allow_extractable {
+        return Ok(vec![format!(
+            "{what}. Enrolled anyway (--allow-extractable-key): whoever gets the key out of \
+             the token can unwrap every DEK it wraps"
+        )]);
+    }
+    Err(Error::new(
+        ErrorKind::Key,
+        format!(
+            "{what}. Enrol a key made with CKA_SENSITIVE = true, CKA_EXTRACTABLE = false and \
+             CKA_PRIVATE = true, or give --allow-extractable-key to accept this one"
+        ),
+    ))
+}
+
+/// The PIN's source: the caller's, else the URI's `pin-source`, else the environment.
+fn resolve_pin(uri: &Pkcs11Uri, pin: Option<SecretSource>) -> Result<SecretSource> {
+    pin.or_else(|| uri.pin_source.clone().map(SecretSource::File))
         .or_else(|| std::env::var_os(PIN_ENV).map(|_| SecretSource::Env(PIN_ENV.to_owned())))
         .ok_or_else(|| {
             Error::usage(format!(
                 "no PIN for the PKCS#11 token: give --pin-file, pin-source= in the URI, or set {PIN_ENV}"
             ))
-        })?;
-    Ok((module, pin))
+        })
 }
 
 impl KekProvider for Pkcs11Kek {

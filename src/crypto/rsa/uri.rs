@@ -7,6 +7,8 @@
 //! token; `object` (the key's CKA_LABEL) and `id` (CKA_ID bytes) select the key, at least one
 //! of them; `type` may be `private` or `public`. Query attributes (`&`-separated):
 //! `module-path` and `pin-source` (a file path, or a `file:` URI). Values are percent-encoded.
+//! Parsing keeps `module-path` as written; whether it is used is not the parser's call: only
+//! at enrolment, if absolute, and it is never stored (`super::module`).
 //! `pin-value` is refused: a PIN in a URI ends up in arguments, shell history and the vault.
 //! Any other attribute is refused rather than ignored, so a key is never chosen by a looser
 //! match than the URI's author meant.

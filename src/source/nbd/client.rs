@@ -1,4 +1,5 @@
-//! Requests pipelined on one connection, from many threads at once.
+//! Requests pipelined on one connection, from many threads at once: reads and block status
+//! for a backup, writes, write-zeroes and flushes for a restore into an export.
 //!
 //! ```text
 //!  reader threads ── submit: register Pending (cookie) ─▶ table ◀── lookup ── receiver thread
@@ -11,7 +12,9 @@
 //! its reply always finds it. One receiver thread owns the reading side: it parses each reply
 //! with [`super::proto`] and streams data chunks straight into the request's own buffer (sized
 //! by the request, never by the server). Replies may come in any order; chunks of a read are
-//! checked to lie within it and not overlap, and a finished read must be fully covered.
+//! checked to lie within it and not overlap, and a finished read must be fully covered. A
+//! write's data follows its request under the same send lock, so requests never interleave;
+//! its reply is a bare acknowledgement (a simple reply, or a NONE chunk) or an error.
 //!
 //! Failure model: a server error chunk fails only its request (Io, naming offset and length).
 //! Anything that leaves the stream in doubt — a malformed reply (Integrity), the connection
@@ -32,8 +35,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// The largest read sent as one request, whatever the server allows: the protocol's
-/// interoperable maximum, and what qemu-nbd accepts.
+/// The largest read or write sent as one request, whatever the server allows: the
+/// protocol's interoperable maximum, and what qemu-nbd accepts.
 pub const MAX_READ: u32 = 32 << 20;
 
 /// An open connection in the transmission phase.
@@ -46,8 +49,8 @@ pub struct Client {
     size: u64,
     /// Offsets and lengths sent are multiples of this.
     align: u64,
-    /// Longest read request (a multiple of `align`).
-    max_read: u64,
+    /// Longest read or write request (a multiple of `align`).
+    max_request: u64,
 }
 
 /// What the callers and the receiver share.
@@ -118,7 +121,7 @@ impl Client {
             .spawn(move || receive(&for_thread, reader))
             .map_err(|e| Error::io(format!("{name}: cannot start the receiver thread"), e))?;
         let align = u64::from(limits.min.max(1));
-        let max_read = (u64::from(limits.max.min(MAX_READ)) / align * align).max(align);
+        let max_request = (u64::from(limits.max.min(MAX_READ)) / align * align).max(align);
         Ok(Client {
             shared,
             writer: Mutex::new(stream),
@@ -127,7 +130,7 @@ impl Client {
             timeout,
             size,
             align,
-            max_read,
+            max_request,
         })
     }
 
@@ -135,17 +138,7 @@ impl Client {
     /// minimum block size and split at its maximum; all pieces are sent before the first
     /// is awaited, so a large read keeps several in flight.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.size)
-            .ok_or_else(|| {
-                Error::usage(format!(
-                    "{}: read at offset {offset} ({} bytes) past the end of the {}-byte export",
-                    self.shared.name,
-                    buf.len(),
-                    self.size
-                ))
-            })?;
+        let end = self.end_of(Command::Read, offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -154,19 +147,11 @@ impl Client {
             .div_ceil(self.align)
             .saturating_mul(self.align)
             .min(self.size);
-        let mut pieces = Vec::new();
-        let mut pos = start;
-        while pos < aligned_end {
-            let len = (aligned_end - pos).min(self.max_read);
-            // `max_read` is at most 32 MiB, so the length fits the request's u32.
-            let expect = Expect {
-                command: Command::Read,
-                offset: pos,
-                length: len as u32,
-            };
-            pieces.push(self.submit(expect, 0)?);
-            pos += len;
-        }
+        let pieces = self
+            .split(Command::Read, start, aligned_end)
+            .into_iter()
+            .map(|expect| self.submit(expect, 0, &[]))
+            .collect::<Result<Vec<_>>>()?;
         for p in pieces {
             self.wait(&p)?;
             let data = lock(&p.data);
@@ -179,6 +164,95 @@ impl Client {
         Ok(())
     }
 
+    /// Write `data` at `offset` (`NBD_CMD_WRITE`). Unlike a read, a write cannot be widened:
+    /// its offset and end must be multiples of the server's minimum block size (or the end
+    /// the export's end), else a Usage error. Split at the server's maximum, every piece sent
+    /// before the first is awaited.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let pieces = self
+            .write_requests(Command::Write, offset, data.len() as u64)?
+            .into_iter()
+            .map(|expect| {
+                let at = (expect.offset - offset) as usize;
+                self.submit(expect, 0, &data[at..at + expect.length as usize])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        pieces.iter().try_for_each(|p| self.wait(p))
+    }
+
+    /// Make `len` bytes at `offset` read as zeros (`NBD_CMD_WRITE_ZEROES`, which the caller
+    /// checked the server advertises), with a write's alignment rules. No command flags: the
+    /// server may punch holes, so a sparse image behind it stays sparse.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let pieces = self
+            .write_requests(Command::WriteZeroes, offset, len)?
+            .into_iter()
+            .map(|expect| self.submit(expect, 0, &[]))
+            .collect::<Result<Vec<_>>>()?;
+        pieces.iter().try_for_each(|p| self.wait(p))
+    }
+
+    /// `NBD_CMD_FLUSH` (which the caller checked the server advertises): every write the
+    /// server acknowledged is on stable storage when this returns.
+    pub fn flush(&self) -> Result<()> {
+        let expect = Expect {
+            command: Command::Flush,
+            offset: 0,
+            length: 0,
+        };
+        let p = self.submit(expect, 0, &[])?;
+        self.wait(&p)
+    }
+
+    /// The end of `offset..offset+len`, which must lie within the export.
+    fn end_of(&self, command: Command, offset: u64, len: u64) -> Result<u64> {
+        offset
+            .checked_add(len)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                Error::usage(format!(
+                    "{}: {} at offset {offset} ({len} bytes) past the end of the {}-byte export",
+                    self.shared.name,
+                    command.name(),
+                    self.size
+                ))
+            })
+    }
+
+    /// `start..end` as requests of `command` of at most the longest request each.
+    fn split(&self, command: Command, start: u64, end: u64) -> Vec<Expect> {
+        let mut pieces = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let len = (end - pos).min(self.max_request);
+            // `max_request` is at most 32 MiB, so the length fits the request's u32.
+            pieces.push(Expect {
+                command,
+                offset: pos,
+                length: len as u32,
+            });
+            pos += len;
+        }
+        pieces
+    }
+
+    /// The requests of a write-like `command` over `offset..offset+len`: within the export
+    /// and aligned to the server's minimum block size.
+    fn write_requests(&self, command: Command, offset: u64, len: u64) -> Result<Vec<Expect>> {
+        let end = self.end_of(command, offset, len)?;
+        let aligned = |x: u64| x.is_multiple_of(self.align);
+        if !aligned(offset) || !(aligned(end) || end == self.size) {
+            return Err(Error::usage(format!(
+                "{}: {} at offset {offset} ({len} bytes) is not aligned to the server's \
+                 minimum block size of {} bytes",
+                self.shared.name,
+                command.name(),
+                self.align
+            )));
+        }
+        Ok(self.split(command, offset, end))
+    }
+
     /// The extents of `context` from `offset`, for about `len` bytes (the server may
     /// answer for less, or for more in the last extent).
     pub fn block_status(&self, context: u32, offset: u64, len: u32) -> Result<Vec<Extent>> {
@@ -187,7 +261,7 @@ impl Client {
             offset,
             length: len,
         };
-        let p = self.submit(expect, context)?;
+        let p = self.submit(expect, context, &[])?;
         self.wait(&p)?;
         let extents = lock(&p.state).extents.take();
         // The receiver refuses to finish a successful block status without them.
@@ -199,12 +273,12 @@ impl Client {
         })
     }
 
-    /// Register and send one request.
-    fn submit(&self, expect: Expect, context: u32) -> Result<Arc<Pending>> {
+    /// Register and send one request, followed by `payload` (a write's data).
+    fn submit(&self, expect: Expect, context: u32, payload: &[u8]) -> Result<Arc<Pending>> {
         let cookie = self.cookies.fetch_add(1, Ordering::Relaxed);
         let data_len = match expect.command {
             Command::Read => expect.length as usize,
-            Command::BlockStatus => 0,
+            _ => 0,
         };
         let pending = Arc::new(Pending {
             expect,
@@ -220,12 +294,11 @@ impl Client {
             }
             t.pending.insert(cookie, Arc::clone(&pending));
         }
-        let command = match expect.command {
-            Command::Read => proto::CMD_READ,
-            Command::BlockStatus => proto::CMD_BLOCK_STATUS,
+        let request = encode_request(expect.command.code(), cookie, expect.offset, expect.length);
+        let sent = {
+            let mut w = lock(&self.writer);
+            w.write_all(&request).and_then(|()| w.write_all(payload))
         };
-        let request = encode_request(command, cookie, expect.offset, expect.length);
-        let sent = lock(&self.writer).write_all(&request);
         if let Err(e) = sent {
             let msg = format!(
                 "{}: connection lost: sending a request failed: {e}",
@@ -349,15 +422,19 @@ fn receive_one(shared: &Shared, s: &mut Stream) -> Result<()> {
     let p = shared.lookup(cookie)?;
     let expect = p.expect;
     match header {
-        ReplyHeader::Simple { error: 0, .. } => {
-            if expect.command != Command::Read {
+        ReplyHeader::Simple { error: 0, .. } => match expect.command {
+            Command::Read => {
+                read_exact(s, &mut lock(&p.data))?;
+                lock(&p.state).coverage.add(0, expect.length)?;
+            }
+            Command::BlockStatus => {
                 return Err(Error::integrity(
                     "malformed reply: simple reply without error to a block-status request",
-                ));
+                ))
             }
-            read_exact(s, &mut lock(&p.data))?;
-            lock(&p.state).coverage.add(0, expect.length)?;
-        }
+            // A bare acknowledgement is the whole answer to a write, zeroing or flush.
+            Command::Write | Command::WriteZeroes | Command::Flush => {}
+        },
         ReplyHeader::Simple { error, .. } => {
             lock(&p.state).error = Some(server_error(&shared.name, &expect, error, "", None));
         }
@@ -443,11 +520,12 @@ fn read_exact(s: &mut Stream, buf: &mut [u8]) -> Result<()> {
 
 /// "the read at offset X (N bytes)".
 fn describe(e: &Expect) -> String {
-    let what = match e.command {
-        Command::Read => "read",
-        Command::BlockStatus => "block status",
-    };
-    format!("the {what} at offset {} ({} bytes)", e.offset, e.length)
+    format!(
+        "the {} at offset {} ({} bytes)",
+        e.command.name(),
+        e.offset,
+        e.length
+    )
 }
 
 /// A request the server failed: an Io error for that request alone.
@@ -476,17 +554,28 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn client(size: u64) -> (Client, UnixStream) {
+        client_with(size, BlockLimits::default())
+    }
+
+    fn client_with(size: u64, limits: BlockLimits) -> (Client, UnixStream) {
         let (a, b) = UnixStream::pair().expect("socket pair");
         let c = Client::start(
             Stream::Unix(a),
             "NBD export test".into(),
             Duration::from_secs(5),
             size,
-            BlockLimits::default(),
+            limits,
         )
         .expect("start");
         (c, b)
     }
+
+    /// 512-byte minimum, 1 MiB maximum requests.
+    const SPLIT: BlockLimits = BlockLimits {
+        min: 512,
+        preferred: 4096,
+        max: 1 << 20,
+    };
 
     /// Read one request: (command, cookie, offset, length).
     fn request(s: &mut UnixStream) -> (u16, u64, u64, u32) {
@@ -627,22 +716,95 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Io);
     }
 
+    /// Read a write's payload of `len` bytes.
+    fn payload(s: &mut UnixStream, len: u32) -> Vec<u8> {
+        let mut b = vec![0u8; len as usize];
+        s.read_exact(&mut b).expect("payload");
+        b
+    }
+
+    fn ack(cookie: u64) -> Vec<u8> {
+        let mut b = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        b.extend(0u32.to_be_bytes());
+        b.extend(cookie.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn writes_split_carry_their_data_and_fail_alone() {
+        let (c, mut s) = client_with(4 << 20, SPLIT);
+        // 1.5 MiB: two requests, each followed by its own bytes, both sent at once.
+        let bytes: Vec<u8> = (0..3 << 19).map(|i| (i % 251) as u8).collect();
+        std::thread::scope(|scope| {
+            let w = scope.spawn(|| c.write(1 << 20, &bytes));
+            let r1 = request(&mut s);
+            let p1 = payload(&mut s, r1.3);
+            let r2 = request(&mut s);
+            let p2 = payload(&mut s, r2.3);
+            assert_eq!(
+                (r1.0, r1.2, r1.3, r2.0, r2.2, r2.3),
+                (
+                    proto::CMD_WRITE,
+                    1 << 20,
+                    1 << 20,
+                    proto::CMD_WRITE,
+                    2 << 20,
+                    1 << 19
+                )
+            );
+            assert_eq!([p1, p2].concat(), bytes);
+            // Acknowledged out of order; one as a simple reply, one as a NONE chunk.
+            s.write_all(&chunk(r2.1, true, proto::REPLY_TYPE_NONE, &[]))
+                .unwrap();
+            s.write_all(&ack(r1.1)).unwrap();
+            w.join().unwrap().expect("write");
+            // Zeroes and flush: no payload.
+            let z = scope.spawn(|| c.write_zeroes(0, 4096));
+            let r = request(&mut s);
+            assert_eq!((r.0, r.2, r.3), (proto::CMD_WRITE_ZEROES, 0, 4096));
+            s.write_all(&ack(r.1)).unwrap();
+            z.join().unwrap().expect("write zeroes");
+            let f = scope.spawn(|| c.flush());
+            let r = request(&mut s);
+            assert_eq!((r.0, r.2, r.3), (proto::CMD_FLUSH, 0, 0));
+            s.write_all(&ack(r.1)).unwrap();
+            f.join().unwrap().expect("flush");
+            // A server error (out of space) fails that write only.
+            let w = scope.spawn(|| c.write(0, &[1u8; 512]));
+            let r = request(&mut s);
+            payload(&mut s, r.3);
+            let mut e = 28u32.to_be_bytes().to_vec();
+            e.extend(0u16.to_be_bytes());
+            s.write_all(&chunk(r.1, true, proto::REPLY_TYPE_ERROR, &e))
+                .unwrap();
+            let e = w.join().unwrap().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Io);
+            assert!(
+                e.to_string().contains("write at offset 0 (512 bytes)")
+                    && e.to_string().contains("NBD_ENOSPC"),
+                "{e}"
+            );
+        });
+        // Writes cannot be widened: unaligned ones, and any past the end, are refused unsent.
+        let e = c.write(100, &[0u8; 512]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage);
+        assert!(e.to_string().contains("minimum block size of 512"), "{e}");
+        let e = c.write_zeroes(4 << 20, 512).unwrap_err();
+        assert!(e.to_string().contains("past the end"), "{e}");
+        // A data chunk in reply to a write breaks the protocol: the connection is given up.
+        std::thread::scope(|scope| {
+            let w = scope.spawn(|| c.write(0, &[2u8; 512]));
+            let r = request(&mut s);
+            payload(&mut s, r.3);
+            s.write_all(&data(r.1, true, 0, &[0; 16])).unwrap();
+            let e = w.join().unwrap().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
+        });
+    }
+
     #[test]
     fn block_status_keeps_its_context_and_reads_split_and_align() {
-        let limits = BlockLimits {
-            min: 512,
-            preferred: 4096,
-            max: 1 << 20,
-        };
-        let (a, mut s) = UnixStream::pair().unwrap();
-        let c = Client::start(
-            Stream::Unix(a),
-            "t".into(),
-            Duration::from_secs(5),
-            3 << 20,
-            limits,
-        )
-        .unwrap();
+        let (c, mut s) = client_with(3 << 20, SPLIT);
         std::thread::scope(|scope| {
             let st = scope.spawn(|| c.block_status(2, 0, 1 << 20));
             let r = request(&mut s);

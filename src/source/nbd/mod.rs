@@ -30,6 +30,7 @@ pub mod handshake;
 pub mod proto;
 pub mod stream;
 pub mod url;
+pub mod writer;
 
 use super::{whole_range, Access, BitmapInfo, ReadAt, Source, SourceKind};
 use crate::changes::ChangeList;
@@ -175,8 +176,17 @@ fn connect(
         Endpoint::Tcp { host, port } => format!("{host}:{port}"),
         Endpoint::Unix(p) => p.display().to_string(),
     };
-    let mut stream = Stream::connect(&target.endpoint, timeout)
-        .map_err(|e| Error::io(format!("NBD export {url}: cannot connect to {place}"), e))?;
+    let mut stream = Stream::connect(&target.endpoint, timeout).map_err(|e| {
+        // No socket, or nobody listening: most often a qemu-nbd that already served its one
+        // client (`inspect`, an earlier backup) and exited.
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                " (is the server running? qemu-nbd serves one client and exits unless started with --persistent)"
+            }
+            _ => "",
+        };
+        Error::io(format!("NBD export {url}: cannot connect to {place}{hint}"), e)
+    })?;
     stream
         .set_timeouts(Some(timeout), Some(timeout))
         .map_err(|e| Error::io(format!("NBD export {url}: cannot set socket timeouts"), e))?;

@@ -38,10 +38,26 @@ pub const MAGIC_LEN: usize = 4;
 
 /// `NBD_CMD_READ`.
 pub const CMD_READ: u16 = 0;
+/// `NBD_CMD_WRITE`: the request is followed by `length` bytes of data.
+pub const CMD_WRITE: u16 = 1;
 /// `NBD_CMD_DISC`: soft disconnect, no reply.
 pub const CMD_DISC: u16 = 2;
+/// `NBD_CMD_FLUSH`: offset and length 0.
+pub const CMD_FLUSH: u16 = 3;
+/// `NBD_CMD_WRITE_ZEROES`: make `length` bytes read as zeros (no payload).
+pub const CMD_WRITE_ZEROES: u16 = 6;
 /// `NBD_CMD_BLOCK_STATUS`.
 pub const CMD_BLOCK_STATUS: u16 = 7;
+
+/// `NBD_FLAG_HAS_FLAGS` (transmission flags, from `NBD_INFO_EXPORT`): the other bits mean
+/// something.
+pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
+/// `NBD_FLAG_READ_ONLY`: the export refuses writes.
+pub const FLAG_READ_ONLY: u16 = 1 << 1;
+/// `NBD_FLAG_SEND_FLUSH`: the server accepts `NBD_CMD_FLUSH`.
+pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
+/// `NBD_FLAG_SEND_WRITE_ZEROES`: the server accepts `NBD_CMD_WRITE_ZEROES`.
+pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 
 /// `NBD_REPLY_FLAG_DONE`: the last chunk of a reply.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -84,6 +100,42 @@ pub enum Command {
     Read,
     /// `NBD_CMD_BLOCK_STATUS`: one status chunk per negotiated context, or errors.
     BlockStatus,
+    /// `NBD_CMD_WRITE`: a simple reply, or a NONE or error chunk; never data.
+    Write,
+    /// `NBD_CMD_WRITE_ZEROES`: as a write.
+    WriteZeroes,
+    /// `NBD_CMD_FLUSH`: as a write.
+    Flush,
+}
+
+impl Command {
+    /// The request type on the wire.
+    pub fn code(self) -> u16 {
+        match self {
+            Command::Read => CMD_READ,
+            Command::BlockStatus => CMD_BLOCK_STATUS,
+            Command::Write => CMD_WRITE,
+            Command::WriteZeroes => CMD_WRITE_ZEROES,
+            Command::Flush => CMD_FLUSH,
+        }
+    }
+
+    /// How messages name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Read => "read",
+            Command::BlockStatus => "block status",
+            Command::Write => "write",
+            Command::WriteZeroes => "write-zeroes",
+            Command::Flush => "flush",
+        }
+    }
+
+    /// Whether a successful reply carries anything (data, extents): reads and block status.
+    /// The others are answered by a bare acknowledgement.
+    pub fn answers_with_content(self) -> bool {
+        matches!(self, Command::Read | Command::BlockStatus)
+    }
 }
 
 /// What the parser needs to know of the request a reply answers.
@@ -261,12 +313,13 @@ impl ChunkHeader {
     pub fn prefix_len(&self, expect: &Expect) -> Result<usize> {
         let len = self.length;
         let name = type_name(self.kind);
-        let read_only = |n: usize| -> Result<usize> {
-            if expect.command == Command::Read {
+        let only_for = |command: Command, n: usize| -> Result<usize> {
+            if expect.command == command {
                 Ok(n)
             } else {
                 Err(bad(format!(
-                    "chunk type {name} in a reply to a block-status request"
+                    "chunk type {name} in a reply to a {} request",
+                    expect.command.name()
                 )))
             }
         };
@@ -288,18 +341,16 @@ impl ChunkHeader {
                         expect.length
                     )));
                 }
-                read_only(8)
+                only_for(Command::Read, 8)
             }
             REPLY_TYPE_OFFSET_HOLE => {
                 if len != 12 {
                     return Err(bad(format!("chunk type {name} length {len}, not 12")));
                 }
-                read_only(12)
+                only_for(Command::Read, 12)
             }
             REPLY_TYPE_BLOCK_STATUS => {
-                if expect.command != Command::BlockStatus {
-                    return Err(bad(format!("chunk type {name} in a reply to a read")));
-                }
+                only_for(Command::BlockStatus, 0)?;
                 let extents = (len.saturating_sub(4) / 8) as usize;
                 if len < 12 || !(len - 4).is_multiple_of(8) || extents > MAX_EXTENTS {
                     return Err(bad(format!(
@@ -708,6 +759,49 @@ mod tests {
         assert!(e.to_string().contains("unknown chunk type 42"), "{e}");
         assert!(error_name(5).starts_with("NBD_EIO"));
         assert!(error_name(1234).contains("1234"));
+    }
+
+    #[test]
+    fn writes_are_answered_by_none_or_errors_only() {
+        for command in [Command::Write, Command::WriteZeroes, Command::Flush] {
+            let e = Expect {
+                command,
+                offset: 4096,
+                length: 8192,
+            };
+            assert_eq!(
+                parse(chunk(REPLY_TYPE_NONE, true, 0), &[], &e).unwrap(),
+                Chunk::None
+            );
+            let mut p = 28u32.to_be_bytes().to_vec();
+            p.extend(4u16.to_be_bytes());
+            p.extend(b"full");
+            assert_eq!(
+                parse(chunk(REPLY_TYPE_ERROR, true, 10), &p, &e).unwrap(),
+                Chunk::Error {
+                    code: 28,
+                    message: "full".into(),
+                    offset: None
+                }
+            );
+            for (kind, len) in [
+                (REPLY_TYPE_OFFSET_DATA, 8 + 100),
+                (REPLY_TYPE_OFFSET_HOLE, 12),
+                (REPLY_TYPE_BLOCK_STATUS, 12),
+            ] {
+                let err = chunk(kind, true, len).prefix_len(&e).unwrap_err();
+                assert!(
+                    err.to_string()
+                        .contains(&format!("in a reply to a {} request", command.name())),
+                    "{err}"
+                );
+            }
+            assert!(!command.answers_with_content());
+        }
+        assert_eq!(
+            [Command::Write, Command::WriteZeroes, Command::Flush].map(Command::code),
+            [CMD_WRITE, CMD_WRITE_ZEROES, CMD_FLUSH]
+        );
     }
 
     #[test]

@@ -18,7 +18,11 @@
 //! ```
 //! Every object key has its own 96-bit identity, so no two units of the vault share a tweak
 //! (up to a 2^-96 collision per pair of object keys). Rewriting an object under the same key
-//! reuses its tweaks, as a disk sector rewrite does; vault objects are written once.
+//! reuses its tweaks, as a disk sector rewrite does: packs and manifests are written once, but
+//! key records (rotation, recovery), escrow records (escrowing a name again) and KEK
+//! descriptors (recovery) are rewritten in place (docs/FORMAT.md §1.2), so an observer of both
+//! versions sees which 16-byte blocks of such an object changed. (The config, also rewritten
+//! by recovery, stays outside this layer.)
 
 use std::sync::Arc;
 use std::time::Duration;

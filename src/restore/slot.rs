@@ -1,0 +1,269 @@
+//! A snapshot's slots read back from the vault: every piece (a whole extent, or an overlaid
+//! slot's base and overlays) fetched with one ranged read and checked (frame CRC, GCM tag,
+//! decompressed length, its length against the manifest, the keyed id of its plaintext), an
+//! overlaid slot's assembly checked against its content id.
+//!
+//! Strictly ([`slot_content`], what the backup's parent diffs and a normal restore use) the
+//! first failed check fails the slot. Best effort ([`read_slot`] with a damage list, for
+//! `restore --skip-damaged`) a piece that fails reads as zeros and its bytes are listed as a
+//! [`Damage`], so everything intact is still restored. Only stored data is forgiven this
+//! way: a key that cannot unwrap, or a manifest that fails its checks, still fails.
+
+use std::ops::Range;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::vault::frame;
+use crate::vault::manifest::{Manifest, Overlay, Slot, CONTENT_UNHASHED, ZERO};
+use crate::vault::{Disk, Vault};
+
+/// Bytes of the disk that a best-effort restore wrote as zeros, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Damage {
+    /// Disk offset of the first byte.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+    /// The object at fault: the pack holding the piece (its object key).
+    pub pack: String,
+    /// The piece's extent id (hex), or for a slot whose pieces assemble wrongly its content id.
+    pub extent: String,
+    /// The check that failed, or why the piece could not be read.
+    pub error: String,
+}
+
+/// Read and open extent `e` of `m`.
+pub fn fetch_extent(vault: &Vault, disk: &Disk, m: &Manifest, e: u32) -> Result<Vec<u8>> {
+    let loc = &m.extents[e as usize];
+    let (pack, _) = m.packs[loc.pack as usize];
+    let key = pack.object_key();
+    let raw = vault
+        .store()
+        .get_range(&key, loc.offset as u64, loc.len as usize)?;
+    let what = || format!("extent {} in {key} at offset {}", loc.id, loc.offset);
+    let plain = frame::open(
+        raw,
+        &disk.binding,
+        &|g| disk.generation(g),
+        &disk.identity,
+        &loc.id,
+        &what,
+    )?;
+    if plain.len() != loc.plain_len as usize {
+        return Err(Error::integrity(format!(
+            "{}: holds {} bytes, the manifest says {}",
+            what(),
+            plain.len(),
+            loc.plain_len
+        )));
+    }
+    Ok(plain)
+}
+
+/// The plaintext of slot `i`, or `None` for a zero slot; any failed check is an error.
+pub fn slot_content(vault: &Vault, disk: &Disk, m: &Manifest, i: usize) -> Result<Option<Vec<u8>>> {
+    read_slot(vault, disk, m, i, None)
+}
+
+/// As [`slot_content`]; with `damaged`, a piece whose data fails its checks (or is missing)
+/// reads as zeros and its bytes are appended there instead.
+pub fn read_slot(
+    vault: &Vault,
+    disk: &Disk,
+    m: &Manifest,
+    i: usize,
+    damaged: Option<&mut Vec<Damage>>,
+) -> Result<Option<Vec<u8>>> {
+    let mut r = SlotReader {
+        vault,
+        disk,
+        m,
+        i,
+        len: m.slot_len(i as u64) as usize,
+        damaged,
+        found: false,
+    };
+    match &m.slots[i] {
+        Slot::Zero => Ok(None),
+        Slot::Extent(e) => {
+            let (len, mismatch) = (r.len, r.mismatch("extent"));
+            let b = r.fetch(*e, std::slice::from_ref(&(0..len)), |b| {
+                (b.len() == len)
+                    .then_some(())
+                    .ok_or_else(|| mismatch(b.len()))
+            })?;
+            Ok(Some(b.unwrap_or_else(|| vec![0; len])))
+        }
+        Slot::Overlaid(s) => r.overlaid(s.base, &s.overlays, s.content),
+    }
+}
+
+/// One slot being read.
+struct SlotReader<'a> {
+    vault: &'a Vault,
+    disk: &'a Disk,
+    m: &'a Manifest,
+    i: usize,
+    len: usize,
+    damaged: Option<&'a mut Vec<Damage>>,
+    /// A piece of this slot was damaged (best effort only).
+    found: bool,
+}
+
+impl SlotReader<'_> {
+    /// Extent `e`, checked by `check`; `None` if it failed and is recorded as damage over
+    /// `ranges` (offsets within the slot).
+    fn fetch(
+        &mut self,
+        e: u32,
+        ranges: &[Range<usize>],
+        check: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<Option<Vec<u8>>> {
+        let got =
+            fetch_extent(self.vault, self.disk, self.m, e).and_then(|b| check(&b).map(|()| b));
+        match got {
+            Ok(b) => Ok(Some(b)),
+            Err(err) => {
+                let loc = &self.m.extents[e as usize];
+                let pack = self.m.packs[loc.pack as usize].0.object_key();
+                self.record(ranges, &pack, &hex::encode(loc.id.0), err)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Record `err` as damage over `ranges` of the slot, or return it when reading strictly
+    /// or when it is no damage to stored data (a key error, say).
+    fn record(
+        &mut self,
+        ranges: &[Range<usize>],
+        pack: &str,
+        extent: &str,
+        err: Error,
+    ) -> Result<()> {
+        let stored_data = matches!(
+            err.kind(),
+            ErrorKind::Integrity | ErrorKind::NotFound | ErrorKind::Io
+        );
+        let Some(list) = self.damaged.as_deref_mut().filter(|_| stored_data) else {
+            return Err(err);
+        };
+        let slot_start = self.i as u64 * u64::from(self.m.slot_size);
+        for r in ranges.iter().filter(|r| !r.is_empty()) {
+            list.push(Damage {
+                offset: slot_start + r.start as u64,
+                length: r.len() as u64,
+                pack: pack.to_owned(),
+                extent: extent.to_owned(),
+                error: err.to_string(),
+            });
+        }
+        self.found = true;
+        Ok(())
+    }
+
+    /// The Integrity error "snapshot S: slot I WHAT is N bytes, the slot L" for a piece of
+    /// N bytes.
+    fn mismatch(&self, what: &'static str) -> impl Fn(usize) -> Error {
+        let (short, i, len) = (self.m.id.short(), self.i, self.len);
+        move |got| {
+            Error::integrity(format!(
+                "snapshot {short}: slot {i} {what} is {got} bytes, the slot {len}"
+            ))
+        }
+    }
+
+    /// A base (or zeros) with overlays laid over it, then the assembly's content id checked.
+    fn overlaid(
+        &mut self,
+        base: u32,
+        overlays: &[Overlay],
+        content: crate::crypto::ExtentId,
+    ) -> Result<Option<Vec<u8>>> {
+        let (len, i, short) = (self.len, self.i, self.m.id.short());
+        let spans: Vec<Range<u64>> = overlays
+            .iter()
+            .map(|o| u64::from(o.offset)..u64::from(o.offset) + u64::from(o.len))
+            .collect();
+        let mut buf = if base == ZERO {
+            vec![0u8; len]
+        } else {
+            // What the overlays do not cover is all a damaged base loses.
+            let uncovered: Vec<Range<usize>> = crate::ranges::subtract(0..len as u64, &spans)
+                .into_iter()
+                .map(|r| r.start as usize..r.end as usize)
+                .collect();
+            let mismatch = self.mismatch("base");
+            let b = self.fetch(base, &uncovered, |b| {
+                (b.len() <= len)
+                    .then_some(())
+                    .ok_or_else(|| mismatch(b.len()))
+            })?;
+            b.unwrap_or_default()
+        };
+        buf.resize(len, 0);
+        for (o, span) in overlays.iter().zip(&spans) {
+            let range = span.start as usize..span.end as usize;
+            if range.end > len {
+                return Err(Error::integrity(format!(
+                    "snapshot {short}: slot {i} overlay runs past the disk end"
+                )));
+            }
+            if o.extent == ZERO {
+                buf[range].fill(0);
+                continue;
+            }
+            let want = range.len();
+            let piece = self.fetch(o.extent, std::slice::from_ref(&range), |p| {
+                if p.len() == want {
+                    return Ok(());
+                }
+                Err(Error::integrity(format!(
+                    "snapshot {short}: slot {i} overlay at {} holds {} bytes, not {want}",
+                    o.offset,
+                    p.len()
+                )))
+            })?;
+            match piece {
+                Some(p) => buf[range].copy_from_slice(&p),
+                None => buf[range].fill(0),
+            }
+        }
+        // Every piece was checked against its id; this checks the assembly (slots made from
+        // a change list have no assembled id: their pieces and the manifest's digest are
+        // what is checked). With a damaged piece it cannot match, and need not.
+        if !self.found
+            && content != CONTENT_UNHASHED
+            && self.disk.identity.extent_id.id(&buf) != content
+        {
+            let err = Error::integrity(format!(
+                "snapshot {short}: slot {i} assembled from its overlays does not match its content id"
+            ));
+            let pack = match base {
+                ZERO => String::new(),
+                b => {
+                    let loc = &self.m.extents[b as usize];
+                    self.m.packs[loc.pack as usize].0.object_key()
+                }
+            };
+            self.record(
+                std::slice::from_ref(&(0..len)),
+                &pack,
+                &hex::encode(content.0),
+                err,
+            )?;
+            buf.fill(0);
+        }
+        Ok(Some(buf))
+    }
+}
+
+/// Extent indexes a slot references.
+pub fn slot_frames(m: &Manifest, i: usize) -> impl Iterator<Item = u32> + '_ {
+    let (base, overlays): (Option<u32>, &[Overlay]) = match &m.slots[i] {
+        Slot::Zero => (None, &[]),
+        Slot::Extent(e) => (Some(*e), &[]),
+        Slot::Overlaid(o) => ((o.base != ZERO).then_some(o.base), o.overlays.as_slice()),
+    };
+    base.into_iter()
+        .chain(overlays.iter().map(|o| o.extent).filter(|&e| e != ZERO))
+}

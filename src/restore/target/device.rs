@@ -1,0 +1,136 @@
+//! Block devices as restore targets: a whole disk, a partition, a logical volume, a LUN.
+//!
+//! Three gates before the first write, in this order:
+//! 1. in use: a device mounted (itself or a partition), held by device-mapper / md, or
+//!    opened exclusively by another program is refused, `--force` or not ([`super::in_use`]
+//!    names who, the O_EXCL open catches the rest). The device stays open with O_EXCL for
+//!    the whole restore, so nothing can mount it meanwhile;
+//! 2. size: it must hold the disk (bytes past the disk are left alone);
+//! 3. content: one that holds data ([`super::occupied`]) needs `--force`.
+//!
+//! Every byte of the disk is written, zeros included: a device keeps its old data.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use super::direct::DirectWriter;
+use super::{in_use, occupied, Abandoned, Format, Target, TargetKind};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::vault::frame::MAX_PLAIN;
+
+/// A block device open for writing, exclusively.
+pub(super) struct Device {
+    out: DirectWriter,
+    name: String,
+}
+
+impl Device {
+    /// Open the block device at `path` (`rdev` its device number) for a disk of `size` bytes.
+    pub(super) fn open(path: &Path, rdev: u64, size: u64, force: bool) -> Result<Device> {
+        let name = path.display().to_string();
+        let busy = |users: &[String]| {
+            Error::usage(format!(
+                "target device {name} is in use: {}; stop using it first (--force does not \
+                 override this)",
+                users.join("; ")
+            ))
+        };
+        let users = in_use::users(rdev, path);
+        if !users.is_empty() {
+            return Err(busy(&users));
+        }
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_EXCL)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // Mounted or claimed between the look and the open, or by something the look
+                // cannot see.
+                let mut users = in_use::users(rdev, path);
+                if users.is_empty() {
+                    users.push(
+                        "another program holds it open exclusively (a mount in another \
+                         namespace, a VM, LVM, RAID or swap)"
+                            .into(),
+                    );
+                }
+                return Err(busy(&users));
+            }
+            Err(e) => return Err(Error::io(format!("opening target device {name}"), e)),
+        };
+        let dev_size = device_size(&file).ctx(|| format!("reading the size of {name}"))?;
+        if dev_size < size {
+            return Err(Error::usage(format!(
+                "target device {name} holds {dev_size} bytes, the disk needs {size}"
+            )));
+        }
+        if !force {
+            let read = |offset: u64, buf: &mut [u8]| {
+                file.read_exact_at(buf, offset)
+                    .ctx(|| format!("reading target device {name} at offset {offset}"))
+            };
+            if let Some(what) = occupied::holds_data(&read, dev_size)? {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "target device {name} holds data ({what}); pass --force to overwrite it"
+                    ),
+                ));
+            }
+        }
+        Ok(Device {
+            out: DirectWriter::new(path, file, &name),
+            name,
+        })
+    }
+}
+
+impl Target for Device {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> TargetKind {
+        TargetKind::Device
+    }
+
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.out.write(data, offset)
+    }
+
+    /// Explicit zeros, from one shared block (never written, so it costs no memory).
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        static ZEROS: [u8; MAX_PLAIN] = [0; MAX_PLAIN];
+        let mut pos = 0;
+        while pos < len {
+            let n = (len - pos).min(MAX_PLAIN as u64);
+            self.out.write(&ZEROS[..n as usize], offset + pos)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn finish(&self, sync: bool) -> Result<()> {
+        self.out.finish(sync)
+    }
+
+    fn abandon(&self) -> Abandoned {
+        Abandoned::PartlyWritten
+    }
+}
+
+fn device_size(f: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = f;
+    let n = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(n)
+}
