@@ -268,6 +268,26 @@ fn a_two_disk_group_backed_up_under_writes_restores_its_point_in_time() {
         .ok();
     assert_eq!(std::fs::read_to_string(&cfg).expect("config"), xml);
     assert_files_eq(&a, &refs[0][0].1);
+    // A folder with --format qcow2 gets DISK.qcow2 images holding the same bytes.
+    let folder = bv.path("restored-qcow2");
+    bv.run(&["restore", "group:vm1", s(&folder), "--format", "qcow2"])
+        .ok();
+    for (disk, (_, copy)) in ["vm1-root", "vm1-data"].iter().zip(&refs[1]) {
+        let raw = bv.path(&format!("{disk}-from-qcow2.raw"));
+        let image = folder.join(format!("{disk}.qcow2"));
+        let out = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw", s(&image), s(&raw)])
+            .output()
+            .expect("qemu-img convert");
+        assert!(out.status.success(), "{out:?}");
+        assert_files_eq(&raw, copy);
+    }
+    // One disk's target is no folder: an NBD export or a file is refused, naming the form.
+    for one in ["nbd+unix:///x?socket=/nonexistent.sock", s(&a)] {
+        bv.run(&["restore", "group:vm1", one, "--force"])
+            .code(2)
+            .stderr_has(&[one, "a group restores to a folder", "DISK=TARGET"]);
+    }
     // A list must name every member.
     let only = format!("vm1-root={}", s(&a));
     bv.run(&["restore", "group:vm1", &only, "--force"])

@@ -25,7 +25,8 @@ pub struct Args {
     snapshot: String,
     /// File, block device, or NBD export (nbd://HOST:PORT/EXPORT,
     /// nbd+unix:///EXPORT?socket=PATH) to write; for a group, a folder (each disk to
-    /// FOLDER/DISK.raw) or DISK=PATH[,DISK=PATH…] naming every disk.
+    /// FOLDER/DISK.raw, DISK.qcow2 with --format qcow2) or DISK=TARGET[,DISK=TARGET...] naming
+    /// every disk.
     target: PathBuf,
     /// Overwrite a non-empty target file, or a device or NBD export that holds data (never a
     /// device that is mounted or in use).

@@ -15,6 +15,7 @@ use super::group::Group;
 use crate::engine::{require_disk, Progress};
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::{self, RestoreOptions, RestoreReport};
+use crate::source::nbd::is_nbd_url;
 use crate::vault::manifest::Manifest;
 use crate::vault::Vault;
 
@@ -40,8 +41,9 @@ pub struct Targets {
     pub folder: Option<PathBuf>,
 }
 
-/// Where each member goes: `target` is a folder, or `DISK=PATH[,…]` naming every member.
-pub fn targets(group: &Group, target: &Path) -> Result<Targets> {
+/// Where each member goes: `target` is a folder (each disk to `DISK.raw`, or `DISK.qcow2`
+/// when `qcow2`), or `DISK=TARGET[,…]` naming every member (a file, a device or an NBD URL).
+pub fn targets(group: &Group, target: &Path, qcow2: bool) -> Result<Targets> {
     let disks: Vec<&str> = group
         .record
         .members
@@ -54,10 +56,20 @@ pub fn targets(group: &Group, target: &Path) -> Result<Targets> {
         .map(|p| p.split_once('=').filter(|(d, _)| disks.contains(d)))
         .collect();
     let Some(pairs) = pairs else {
+        folder_only(target)?;
+        let ext = match qcow2 {
+            true => "qcow2",
+            false => "raw",
+        };
         return Ok(Targets {
             disks: disks
                 .iter()
-                .map(|d| (d.to_string(), target.join(format!("{}.raw", file_name(d)))))
+                .map(|d| {
+                    (
+                        d.to_string(),
+                        target.join(format!("{}.{ext}", file_name(d))),
+                    )
+                })
                 .collect(),
             folder: Some(target.to_owned()),
         });
@@ -85,6 +97,25 @@ pub fn targets(group: &Group, target: &Path) -> Result<Targets> {
         disks: out,
         folder: None,
     })
+}
+
+/// A group's target that is not a `DISK=TARGET` list must be a folder: an NBD export or a
+/// file holds one disk, so it is refused (saying how to name it) rather than taken for a
+/// folder to create.
+fn folder_only(target: &Path) -> Result<()> {
+    let text = target.to_string_lossy();
+    let one_disk = match std::fs::metadata(target) {
+        _ if is_nbd_url(&text) => Some("an NBD export"),
+        Ok(md) if !md.is_dir() => Some("not a folder"),
+        _ => None,
+    };
+    match one_disk {
+        Some(what) => Err(Error::usage(format!(
+            "{text} is {what}: a group restores to a folder, or to DISK=TARGET[,DISK=TARGET…] \
+             naming a target for every disk"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Restore every member of `group` to `targets` and, if the group has one and `vm_config`
@@ -121,6 +152,7 @@ pub fn restore_group(
     let folders: Vec<&Path> = targets
         .disks
         .iter()
+        .filter(|(_, p)| !is_nbd_url(&p.to_string_lossy()))
         .filter_map(|(_, p)| p.parent())
         .chain(config.as_deref().and_then(Path::parent))
         .collect();

@@ -18,9 +18,9 @@ use super::{created_text, merge, open_vault, options, snapshot_doc, snapshot_tex
 /// The options of a running VM's backup.
 #[derive(clap::Args, Debug)]
 pub struct VmArgs {
-    /// With a qmp:/// source: which drive goes to which vault disk, NODE=DISK[,NODE=DISK…]
+    /// With a qmp:/// source: which drive goes to which vault disk, NODE=DISK[,NODE=DISK...]
     /// (NODE: a block node name, or a device id). The disks form one group.
-    #[arg(long, value_name = "NODE=DISK,…")]
+    #[arg(long, value_name = "NODE=DISK,...")]
     disk_map: Option<String>,
     /// With qmp://: the VM's name in the group (default: QEMU's -name, else the socket's
     /// file name).

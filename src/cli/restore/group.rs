@@ -27,7 +27,8 @@ pub fn run(ctx: &Context, spec: &str, a: &Args) -> anyhow::Result<ExitCode> {
     }
     let vault = ctx.open_vault_unwrapping()?;
     let g = group::resolve(&vault, spec)?;
-    let targets = restore::targets(&g, &a.target)?;
+    let qcow2 = matches!(a.format.map(Format::from), Some(Format::Qcow2));
+    let targets = restore::targets(&g, &a.target, qcow2)?;
     let bar = ctx.out.progress("restore");
     let (done, config) = restore::restore_group(
         &vault,
