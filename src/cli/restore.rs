@@ -119,6 +119,18 @@ fn write_escrows(
     Ok(names)
 }
 
+/// How to restore, as the command line says (for one disk, or every member of a group).
+fn options(a: &Args) -> RestoreOptions {
+    RestoreOptions {
+        force: a.force,
+        sync: !a.no_sync,
+        range: a.range.clone(),
+        format: a.format.map(Format::from),
+        skip_damaged: a.skip_damaged,
+        ..RestoreOptions::default()
+    }
+}
+
 /// Restore a snapshot.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     if let Some(spec) = a.snapshot.strip_prefix(group::PREFIX) {
@@ -132,21 +144,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let disk = require_disk(&vault, name)?;
     let m = vault.resolve_snapshot(&disk, spec)?;
     let bar = ctx.out.progress("restore");
-    let r = restore::restore(
-        &vault,
-        &disk,
-        &m,
-        &a.target,
-        &RestoreOptions {
-            force: a.force,
-            sync: !a.no_sync,
-            range: a.range.clone(),
-            format: a.format.map(Format::from),
-            skip_damaged: a.skip_damaged,
-            ..RestoreOptions::default()
-        },
-        &bar,
-    )?;
+    let r = restore::restore(&vault, &disk, &m, &a.target, &options(&a), &bar)?;
     drop(bar);
     let secs = seconds(r.seconds);
     let escrowed = match &a.with_escrow {

@@ -6,14 +6,13 @@ use std::process::ExitCode;
 use serde_json::json;
 
 use blockvault::restore::target::Format;
-use blockvault::restore::RestoreOptions;
 use blockvault::util::human_bytes;
 use blockvault::vm::{group, restore};
 use blockvault::Error;
 
 use super::super::output::{mb_per_s, mib_per_s, seconds, time};
 use super::super::Context;
-use super::{damage_lines, Args};
+use super::{damage_lines, options, Args};
 
 /// What marks a group in `restore`'s first argument.
 pub const PREFIX: &str = "group:";
@@ -35,13 +34,7 @@ pub fn run(ctx: &Context, spec: &str, a: &Args) -> anyhow::Result<ExitCode> {
         &g,
         &targets,
         a.vm_config.as_deref(),
-        &RestoreOptions {
-            force: a.force,
-            sync: !a.no_sync,
-            format: a.format.map(Format::from),
-            skip_damaged: a.skip_damaged,
-            ..RestoreOptions::default()
-        },
+        &options(a),
         &bar,
     )?;
     drop(bar);
