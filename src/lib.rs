@@ -17,6 +17,8 @@
 //! - [`vault`]: the on-disk format (config, key records, frames, packs, manifests) and stores;
 //! - [`restore`]: restore and verify;
 //! - [`retention`]: retention policies, `forget` and `prune`.
+//! - [`qmp`] and [`vm`]: a running VM backed up through QEMU's QMP monitor, its disks as one
+//!   group at one point in time.
 //!
 //! # Garbage and locks
 //! | object | written by | removed by | lock held by the writer |
@@ -47,6 +49,7 @@ pub mod io;
 pub mod keys;
 pub mod layout;
 pub mod mount;
+pub mod qmp;
 mod ranges;
 pub mod reader;
 pub mod restore;
@@ -55,5 +58,6 @@ pub mod serve;
 pub mod source;
 pub mod util;
 pub mod vault;
+pub mod vm;
 
 pub use error::{Error, ErrorKind, Result};

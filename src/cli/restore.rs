@@ -1,5 +1,8 @@
 //! `blockvault restore DISK[@ID|@latest] TARGET`: to a file (raw or qcow2), a block device or
 //! an NBD export; `--skip-damaged` for a best-effort restore that lists what it could not.
+//! `restore group:VM[@ID] …` restores every disk of a VM's group ([`group`]).
+
+mod group;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,10 +20,13 @@ use super::Context;
 /// Arguments of `restore`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// DISK, DISK@latest or DISK@SNAPSHOT-ID (a unique prefix is enough).
+    /// DISK, DISK@latest or DISK@SNAPSHOT-ID (a unique prefix is enough); or a group:
+    /// group:VM, group:VM@latest, group:VM@GROUP-ID.
     snapshot: String,
     /// File, block device, or NBD export (nbd://HOST:PORT/EXPORT,
-    /// nbd+unix:///EXPORT?socket=PATH) to write.
+    /// nbd+unix:///EXPORT?socket=PATH) to write; for a group, a folder (each disk to
+    /// FOLDER/DISK.raw, DISK.qcow2 with --format qcow2) or DISK=TARGET[,DISK=TARGET...] naming
+    /// every disk.
     target: PathBuf,
     /// Overwrite a non-empty target file, or a device or NBD export that holds data (never a
     /// device that is mounted or in use).
@@ -45,6 +51,10 @@ pub struct Args {
     /// mode 0600 (the folder is created 0700).
     #[arg(long, value_name = "DIR")]
     with_escrow: Option<PathBuf>,
+    /// For a group: write the VM configuration kept with it here (default with a folder
+    /// target: FOLDER/<its file name>).
+    #[arg(long, value_name = "FILE")]
+    vm_config: Option<PathBuf>,
 }
 
 /// `--format` values.
@@ -126,8 +136,23 @@ fn write_escrows(
     Ok(names)
 }
 
+/// How to restore, as the command line says (for one disk, or every member of a group).
+fn options(a: &Args) -> RestoreOptions {
+    RestoreOptions {
+        force: a.force,
+        sync: !a.no_sync,
+        range: a.range.clone(),
+        format: a.format.map(Format::from),
+        skip_damaged: a.skip_damaged,
+        ..RestoreOptions::default()
+    }
+}
+
 /// Restore a snapshot.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
+    if let Some(spec) = a.snapshot.strip_prefix(group::PREFIX) {
+        return group::run(ctx, spec, &a);
+    }
     let vault = ctx.open_vault_unwrapping()?;
     let (name, spec) = a
         .snapshot
@@ -136,21 +161,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let disk = require_disk(&vault, name)?;
     let m = vault.resolve_snapshot(&disk, spec)?;
     let bar = ctx.out.progress("restore");
-    let r = restore::restore(
-        &vault,
-        &disk,
-        &m,
-        &a.target,
-        &RestoreOptions {
-            force: a.force,
-            sync: !a.no_sync,
-            range: a.range.clone(),
-            format: a.format.map(Format::from),
-            skip_damaged: a.skip_damaged,
-            ..RestoreOptions::default()
-        },
-        &bar,
-    )?;
+    let r = restore::restore(&vault, &disk, &m, &a.target, &options(&a), &bar)?;
     drop(bar);
     let secs = seconds(r.seconds);
     let escrowed = match &a.with_escrow {

@@ -12,6 +12,7 @@
 
 pub mod auto_bitmap;
 pub mod claim;
+pub mod gate;
 pub mod identity;
 pub mod overlay;
 pub mod pipeline;
@@ -87,6 +88,8 @@ pub struct BackupOptions {
     /// Back up a source whose partition table identity differs from the disk's latest
     /// snapshot ([`identity`]).
     pub force: bool,
+    /// Waited on just before the manifest is written ([`gate`]: a group commits together).
+    pub commit_gate: Option<std::sync::Arc<dyn gate::CommitGate>>,
 }
 
 /// A change source's claim, as the manifest will record it.
@@ -120,6 +123,7 @@ impl Default for BackupOptions {
             snapshot_id: None,
             info: SnapshotInfo::default(),
             force: false,
+            commit_gate: None,
         }
     }
 }
@@ -423,6 +427,9 @@ fn write_snapshot(
     // The last moment a stop asked for by a signal is honoured: after this, the backup is done.
     crate::interrupt::check()?;
     job.lease.check_before_commit()?;
+    if let Some(gate) = &opts.commit_gate {
+        gate.ready()?;
+    }
     vault.commit_snapshot(&disk, &m, &reservation, seals_before)?;
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {

@@ -6,11 +6,12 @@
 //! the `allow(dead_code)` below covers the submodules too. The submodules hold the fixtures
 //! made by external tools, imported by path where used (a glob re-export here would be an
 //! unused import in every binary that needs none of them): [`tools`] (is a tool installed;
-//! run one), [`qemu`] (the QEMU tools; a qemu-nbd server), [`keys`] (openssl PEM keys,
-//! SoftHSM2 tokens), [`layout_tools`] (sfdisk tables, cryptsetup volumes, layout checks),
-//! [`secrets`] (scans for key material stored in the clear), [`servers`] (Azurite and
-//! SeaweedFS object-storage servers), [`trust`] (what a storage holder does to a vault; its
-//! head read through the library) and [`v1_fixtures`] (the committed format 1 vaults).
+//! run one), [`qemu`] (the QEMU tools; a qemu-nbd server), [`vm`] (a running QEMU with
+//! drives, no guest), [`keys`] (openssl PEM keys, SoftHSM2 tokens), [`layout_tools`] (sfdisk
+//! tables, cryptsetup volumes, layout checks), [`secrets`] (scans for key material stored in
+//! the clear), [`servers`] (Azurite and SeaweedFS object-storage servers), [`trust`] (what a
+//! storage holder does to a vault; its head read through the library) and [`v1_fixtures`]
+//! (the committed format 1 vaults).
 #![allow(dead_code)]
 
 pub mod keys;
@@ -21,6 +22,7 @@ pub mod servers;
 pub mod tools;
 pub mod trust;
 pub mod v1_fixtures;
+pub mod vm;
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
