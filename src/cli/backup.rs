@@ -229,8 +229,11 @@ fn options(a: &Args) -> BackupOptions {
 /// The vault, created first with `--init` if the location holds none; whether it was.
 fn open_vault(ctx: &Context, a: &Args) -> anyhow::Result<(blockvault::vault::Vault, bool)> {
     let (vault, created) = if a.init {
-        let (vault, created) =
-            blockvault::keys::init::open_or_init(ctx.vault_url()?, &ctx.keystore()?, &ctx.key_access())?;
+        let (vault, created) = blockvault::keys::init::open_or_init(
+            ctx.vault_url()?,
+            &ctx.keystore()?,
+            &ctx.key_access(),
+        )?;
         super::opened(&vault);
         (vault, created)
     } else {
