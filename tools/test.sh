@@ -24,14 +24,6 @@ install_deps() {
     # (softhsm2, opensc), RSA keys (openssl), process control (procps), a second NBD server
     # with its plugins and filters (nbdkit).
     command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
-    # A running QEMU for tests/qmp.rs: BLOCKVAULT_TEST_QEMU_SYSTEM, else qemu-system-x86_64.
-    # Installed together with qemu-utils: Debian 12's qemu-system-x86 (7.2) needs qemu-utils
-    # of its own version, and replaces a newer one (a backport) for every user of the host; to
-    # keep a newer qemu-utils, unpack qemu-system-x86 elsewhere (apt-get download, dpkg -x)
-    # and point BLOCKVAULT_TEST_QEMU_SYSTEM at it.
-    if [ -z "${BLOCKVAULT_TEST_QEMU_SYSTEM:-}" ] && ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
-        missing+=(qemu-system-x86 qemu-utils)
-    fi
     command -v nbdkit >/dev/null 2>&1 || missing+=(nbdkit)
     command -v cryptsetup >/dev/null 2>&1 || missing+=(cryptsetup-bin)
     command -v sfdisk >/dev/null 2>&1 || missing+=(fdisk)
@@ -88,6 +80,13 @@ install_deps() {
 }
 
 install_deps
+# A running QEMU for tests/qmp.rs: BLOCKVAULT_TEST_QEMU_SYSTEM, else qemu-system-x86_64 on PATH,
+# else Debian 12's QEMU 7.2 unpacked beside the installed qemu-utils (tools/unpack-qemu-system.sh
+# says why it is not installed).
+if is_root && [ -z "${BLOCKVAULT_TEST_QEMU_SYSTEM:-}" ] && ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    BLOCKVAULT_TEST_QEMU_SYSTEM=$(tools/unpack-qemu-system.sh)
+    export BLOCKVAULT_TEST_QEMU_SYSTEM
+fi
 
 status=0
 step() {
