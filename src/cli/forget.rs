@@ -22,16 +22,16 @@ pub struct Args {
     /// Keep the newest snapshot of each of the N newest hours that have one (UTC).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     keep_hourly: Option<u32>,
-    /// … of the N newest days (UTC).
+    /// ... of the N newest days (UTC).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     keep_daily: Option<u32>,
-    /// … of the N newest ISO weeks.
+    /// ... of the N newest ISO weeks.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     keep_weekly: Option<u32>,
-    /// … of the N newest months.
+    /// ... of the N newest months.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     keep_monthly: Option<u32>,
-    /// … of the N newest years.
+    /// ... of the N newest years.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     keep_yearly: Option<u32>,
     /// Keep every snapshot within this span of the disk's newest one, e.g. 1y6m, 14d, 36h.

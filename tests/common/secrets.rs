@@ -165,13 +165,33 @@ pub fn deks(bv: &Bv, cmk_private: Option<&Path>) -> Vec<(String, Vec<u8>)> {
     let url = bv.vault.to_str().expect("UTF-8 path");
     let vault = Vault::open_with(url, &Keystore::new(&bv.keystore), &access)
         .unwrap_or_else(|e| panic!("opening {url} to read its DEKs: {e}"));
-    // Every stored key record (format 2: `keys/<disk id>/<gen>-<rev>`), decoded and unwrapped.
+    // Every key record the head lists (format 2: `keys/<disk id>/<gen>-<rev>`), unwrapped; and
+    // every other record stored under `keys/` (a killed rotation's leftover the head never
+    // listed) whose KEK this keystore still holds: one whose KEK version was destroyed cannot
+    // be unwrapped by anyone, so it holds no DEK to find.
+    let listed: Vec<(String, Vec<u8>)> = vault
+        .key_records()
+        .expect("reading the key records the head lists")
+        .into_iter()
+        .map(|r| {
+            let dek = r
+                .record
+                .unwrap(vault.keyring())
+                .unwrap_or_else(|e| panic!("unwrapping {}: {e}", r.key));
+            (format!("DEK of {}", r.key), dek.expose().to_vec())
+        })
+        .collect();
     let store = vault.store();
-    store
+    let leftovers: Vec<(String, Vec<u8>)> = store
         .list("keys")
         .expect("listing key records")
         .into_iter()
-        .map(|key| {
+        .filter(|key| {
+            !listed
+                .iter()
+                .any(|(what, _)| what == &format!("DEK of {key}"))
+        })
+        .filter_map(|key| {
             let disk: [u8; 16] = hex::decode(key.split('/').nth(1).expect("keys/<disk>/..."))
                 .ok()
                 .and_then(|d| d.try_into().ok())
@@ -179,12 +199,11 @@ pub fn deks(bv: &Bv, cmk_private: Option<&Path>) -> Vec<(String, Vec<u8>)> {
             let bytes = store.get(&key).expect("reading a key record");
             let record = KeyRecord::decode(&bytes, &key, &vault.config().vault_id, &disk)
                 .unwrap_or_else(|e| panic!("decoding {key}: {e}"));
-            let dek = record
-                .unwrap(vault.keyring())
-                .unwrap_or_else(|e| panic!("unwrapping {key}: {e}"));
-            (format!("DEK of {key}"), dek.expose().to_vec())
+            let dek = record.unwrap(vault.keyring()).ok()?;
+            Some((format!("DEK of {key} (not listed)"), dek.expose().to_vec()))
         })
-        .collect()
+        .collect();
+    listed.into_iter().chain(leftovers).collect()
 }
 
 /// The first of `needles` found in any of `files`: `(needle's name, file)`. Needles of 32
