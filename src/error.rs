@@ -31,6 +31,9 @@ pub enum ErrorKind {
     Unsupported,
     /// The source changed while it was being read (shrank, vanished).
     SourceChanged,
+    /// A compare-and-swap lost: the object changed (or appeared) since the caller read it.
+    /// The caller re-reads and applies its change again.
+    Conflict,
     /// SIGINT or SIGTERM asked the process to stop ([`crate::interrupt`]); the work was
     /// abandoned and cleaned up as after any other failure.
     Interrupted,

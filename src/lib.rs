@@ -15,22 +15,25 @@
 //! - [`engine`]: the backup pipeline (workers, writer, uploader);
 //! - [`crypto`]: keys, derivation, AEAD, keyed ids, the platform keystore;
 //! - [`vault`]: the on-disk format (config, key records, frames, packs, manifests) and stores;
-//! - [`restore`]: restore and verify.
+//! - [`restore`]: restore and verify;
+//! - [`retention`]: retention policies, `forget` and `prune`.
+//! - [`qmp`] and [`vm`]: a running VM backed up through QEMU's QMP monitor, its disks as one
+//!   group at one point in time.
 //!
 //! # Garbage and locks
 //! | object | written by | removed by | lock held by the writer |
 //! |---|---|---|---|
 //! | config | init (create-only) | never | none: `put_new` refuses a second |
-//! | packs | backup, before its manifest | the backup itself if it fails before its manifest; prune, once unreferenced (not built yet) | disk lock |
-//! | manifests | backup, last | forget (not built yet) | disk lock |
+//! | packs | backup, before its manifest | the backup itself if it fails before its manifest; prune, once unreferenced ([`retention::prune`]) | disk lock; a backup lease that prune waits for |
+//! | manifests | backup, last | forget, after the head swap that unlists them | disk lock (backup); forget takes none: its head swap decides |
 //! | key records | first backup of a disk (`new-disk` lock); a new DEK generation (disk lock) | never (replaced in place by `key rotate`/`key recover`) | create-only |
 //! | `kek/` descriptors | `init`, `key rotate --new-cmk` | never (re-MAC'd by `key recover`) | create-only |
 //! | `escrow/` records | `key escrow` | never (replaced by a new escrow of the same name) | none: last writer wins |
 //! | `infra-recovery` | `init` (infrastructure layer + recovery key) | never | create-only |
 //!
 //! Readers take no lock: every object is immutable once written. A backup that fails or is
-//! stopped by SIGINT/SIGTERM removes the packs it wrote ([`engine::uncommitted`]); until
-//! prune exists, a killed one leaves unreferenced packs and hidden `.tmp-*` files, which
+//! stopped by SIGINT/SIGTERM removes the packs it wrote ([`engine::uncommitted`]); a killed
+//! one leaves unreferenced packs, which `prune` deletes, and hidden `.tmp-*` files, which
 //! `verify` reports with their sizes and which are harmless.
 //!
 //! See docs/ARCHITECTURE.md, docs/FORMAT.md and docs/CRYPTO.md.
@@ -43,11 +46,18 @@ pub mod engine;
 pub mod error;
 pub mod interrupt;
 pub mod io;
+pub mod keys;
 pub mod layout;
+pub mod mount;
+pub mod qmp;
 mod ranges;
+pub mod reader;
 pub mod restore;
+pub mod retention;
+pub mod serve;
 pub mod source;
 pub mod util;
 pub mod vault;
+pub mod vm;
 
 pub use error::{Error, ErrorKind, Result};

@@ -4,6 +4,8 @@
 //! no secret is ever stored in the clear.
 
 use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use blockvault::crypto::export::{
@@ -24,11 +26,13 @@ impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = dir.path().join("vault");
-        let vault = Vault::init(
+        let vault = blockvault::keys::init::init(
             url.to_str().unwrap(),
             &Keystore::new(dir.path().join("keystore")),
+            &blockvault::keys::init::InitOptions::default(),
         )
-        .expect("init");
+        .expect("init")
+        .vault;
         Fixture { dir, vault }
     }
 
@@ -101,12 +105,18 @@ fn escrow_round_trip_replace_and_two_names() {
         "{shown}"
     );
 
-    // Re-escrowing the name replaces the record in place.
+    // Re-escrowing the name replaces the record: a new revision beside the first's name id
+    // (records are never rewritten), and the first revision is gone.
     let first = f.only_record(&disk);
+    let first_name = first.file_name().unwrap().to_str().unwrap().to_string();
+    assert!(first_name.ends_with("-00000001"), "{first_name}");
     f.vault
         .put_escrow(&disk, "bitlocker-C", b"new secret")
         .unwrap();
-    assert_eq!(f.only_record(&disk), first);
+    assert_eq!(
+        f.only_record(&disk),
+        first.with_file_name(first_name.replace("-00000001", "-00000002"))
+    );
     let all = f.vault.escrows(&disk).unwrap();
     assert_eq!(all.len(), 1);
     assert_eq!(&all[0].secret[..], b"new secret");
@@ -200,23 +210,47 @@ fn records_are_bound_to_disk_and_name() {
     f.vault.put_escrow(&a, "luks-root", b"hunter2").unwrap();
     let recs = f.records(&a);
 
-    // Copied into the other disk's folder under the same name id.
+    // Copied into the other disk's folder under the same name id: the head does not list it
+    // there, so disk vm2 has no escrow.
     let folder_b = f.root().join("escrow").join(b.id_hex());
     fs::create_dir_all(&folder_b).unwrap();
     let moved = folder_b.join(recs[0].file_name().unwrap());
     fs::copy(&recs[0], &moved).unwrap();
-    let err = f.vault.escrows(&b).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
-    assert!(err.to_string().contains(&object_key(&f, &moved)), "{err}");
-    fs::remove_file(&moved).unwrap();
     assert!(f.vault.escrows(&b).unwrap().is_empty());
+    // Nor would it open there if it were listed: its AAD names disk vm1 and its own key.
+    let moved_key = object_key(&f, &moved);
+    let rec = Record::decode(&fs::read(&recs[0]).unwrap(), &moved_key).unwrap();
+    let keys = a.generation(rec.generation).unwrap();
+    let err = rec.open(&b.binding, &keys, &moved_key).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+    assert!(err.to_string().contains(&moved_key), "{err}");
+    let err = rec
+        .open(&a.binding, &keys, &object_key(&f, &recs[1]))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+    fs::remove_file(&moved).unwrap();
 
-    // One name's record put in place of the other's (renamed to another name id).
+    // One name's record put in place of the other's: not the bytes the head lists.
     let saved = fs::read(&recs[1]).unwrap();
     fs::copy(&recs[0], &recs[1]).unwrap();
     let err = f.vault.escrows(&a).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
-    assert!(err.to_string().contains(&object_key(&f, &recs[1])), "{err}");
+    let key1 = object_key(&f, &recs[1]);
+    assert!(
+        err.to_string().contains(&format!(
+            "{key1} does not match the digest the vault head lists"
+        )),
+        "{err}"
+    );
+    // Deleted: the head still lists it.
+    fs::remove_file(&recs[1]).unwrap();
+    let err = f.vault.escrows(&a).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("{key1} is missing: the vault head lists it")),
+        "{err}"
+    );
     fs::write(&recs[1], saved).unwrap();
     assert_eq!(f.vault.escrows(&a).unwrap().len(), 2);
 
@@ -233,12 +267,29 @@ fn every_bit_flip_is_rejected_naming_the_object() {
     let path = f.only_record(&disk);
     let key = object_key(&f, &path);
     let good = fs::read(&path).unwrap();
+    let replaced = format!("{key} does not match the digest the vault head lists for it");
+    // What the record itself says of a flip (its header, AAD and tag), were it not for the
+    // head's digest: decoded and opened directly.
+    let opened = |b: &[u8]| -> blockvault::Error {
+        let open = || -> blockvault::Result<()> {
+            let rec = Record::decode(b, &key)?;
+            // As the vault names it: a generation this disk lacks is the record's problem.
+            let keys = disk
+                .generation(rec.generation)
+                .map_err(|e| e.within(format!("escrow record {key}")))?;
+            rec.open(&disk.binding, &keys, &key).map(|_| ())
+        };
+        open().unwrap_err()
+    };
     for byte in 0..good.len() {
         for bit in [0, 7] {
             let mut bad = good.clone();
             bad[byte] ^= 1 << bit;
             fs::write(&path, &bad).unwrap();
             let err = f.vault.escrows(&disk).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Integrity, "byte {byte}: {err}");
+            assert!(err.to_string().contains(&replaced), "byte {byte}: {err}");
+            let err = opened(&bad);
             assert!(err.to_string().contains(&key), "byte {byte}: {err}");
             // Version bytes: a newer format; generation bytes: a key this disk lacks.
             let expect = match byte {
@@ -258,6 +309,8 @@ fn every_bit_flip_is_rejected_naming_the_object() {
         fs::write(&path, bad).unwrap();
         let err = f.vault.escrows(&disk).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+        assert!(err.to_string().contains(&replaced), "{err}");
+        assert_eq!(opened(bad).kind(), ErrorKind::Integrity);
     }
     fs::write(&path, &good).unwrap();
     assert_eq!(&f.vault.escrows(&disk).unwrap()[0].secret[..], SECRET);
@@ -269,7 +322,16 @@ fn new_dek_generation_seals_new_escrows_and_keeps_old_ones_readable() {
     let disk = f.vault.create_disk("vm1").unwrap();
     f.vault.put_escrow(&disk, "old", b"first").unwrap();
     f.vault.put_escrow(&disk, "again", b"one").unwrap();
-    let disk = f.vault.new_generation(&disk).unwrap();
+    // A reservation of what is left of generation 0's nonce budget would reach the limit:
+    // generation 1 starts (a fresh generation has room for it, having sealed only the name).
+    let spent = f.vault.head().unwrap().disk(&disk.id).unwrap().generations[&0].seals;
+    let (disk, _) = f
+        .vault
+        .reserve(
+            disk,
+            blockvault::vault::snapshots::GENERATION_SEAL_LIMIT - spent,
+        )
+        .unwrap();
     assert_eq!(disk.current_generation(), 1);
     f.vault.put_escrow(&disk, "again", b"two").unwrap();
     f.vault.put_escrow(&disk, "new", b"second").unwrap();
@@ -324,7 +386,13 @@ fn exported() -> (Fixture, Vec<u8>, Vec<u8>) {
 fn export_import_round_trip_opens_the_vault() {
     let (f, file, exp) = exported();
     let id = f.vault.config().vault_id;
-    assert!(!contains(&exp, &file[24..56]), "auth key in the clear");
+    let keys = f.vault.keystore().load(&id).unwrap();
+    assert!(
+        !contains(&exp, keys.auth[0].key.expose()),
+        "auth key in the clear"
+    );
+    let kek = &keys.kek.versions()[0].key;
+    assert!(!contains(&exp, kek.expose()), "platform KEK in the clear");
     let (h, _) = Header::parse(&exp).unwrap();
     let argon2 = Kdf::Argon2id {
         memory_kib: MEMORY_KIB,
@@ -340,9 +408,16 @@ fn export_import_round_trip_opens_the_vault() {
     assert_eq!(got_id, id);
     assert_eq!(&bytes[..], &file[..]);
     // Saved into an empty keystore folder, the imported file opens the vault.
+    // (Key files and their folder must be private to their owner.)
     let ks = Keystore::new(f.dir.path().join("restored-keystore"));
-    fs::create_dir_all(ks.dir()).unwrap();
-    fs::write(ks.path_for(&got_id), &bytes[..]).unwrap();
+    fs::DirBuilder::new().mode(0o700).create(ks.dir()).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(ks.path_for(&got_id))
+        .and_then(|mut file| file.write_all(&bytes[..]))
+        .unwrap();
     Vault::open(f.root().to_str().unwrap(), &ks).unwrap();
 }
 

@@ -150,7 +150,8 @@ fn wrong_keystore_folder_is_a_clear_error() {
     let key = f.bv.key_file();
     let other = f.bv.path("other-keystore");
     std::fs::create_dir(&other).unwrap();
-    let expected = other.join(key.file_name().unwrap());
+    // A folder others may read is not used as is: keys would live in its `blockvault/`.
+    let expected = other.join("blockvault").join(key.file_name().unwrap());
     let src = f.bv.path("d.img");
     for args in [
         vec!["verify"],
@@ -191,10 +192,10 @@ fn missing_or_damaged_keystore_file_is_a_clear_error() {
         .stderr_has(&[key.to_str().unwrap()]);
     assert!(!key.exists(), "no new key file for the old vault");
 
-    // A flipped byte in the key file.
+    // A flipped byte in the key file (written private, as key files must be).
     let mut damaged = saved.clone();
     damaged[60] ^= 1;
-    write_file(&key, &damaged);
+    write_private(&key, &damaged);
     f.bv.run(&["verify"])
         .code(1)
         .stderr_has(&[key.to_str().unwrap(), "damaged"]);
@@ -204,13 +205,20 @@ fn missing_or_damaged_keystore_file_is_a_clear_error() {
     let osrc = other.path("x");
     write_file(&osrc, &random_data(5, 4096));
     other.backup(&osrc, "x", &[]);
-    std::fs::copy(other.key_file(), &key).unwrap();
+    write_private(&key, &read_file(&other.key_file()));
     f.bv.run(&["verify"]).code(1).stderr_has(&["another vault"]);
 
     // Restored, everything works again.
-    write_file(&key, &saved);
+    write_private(&key, &saved);
     f.bv.verify_ok();
     f.bv.restore_and_compare(&format!("d@{}", text(&f.s2, "short_id")), &f.v2);
+}
+
+/// Write `bytes` to `path` readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    write_file(path, bytes);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -225,10 +233,10 @@ fn vault_of_a_newer_format_version_is_refused() {
     assert_eq!(&b[..4], b"BVLT");
     assert_eq!(
         u16::from_le_bytes([b[4], b[5]]),
-        1,
-        "this build writes version 1"
+        2,
+        "this build writes version 2"
     );
-    b[4..6].copy_from_slice(&2u16.to_le_bytes());
+    b[4..6].copy_from_slice(&3u16.to_le_bytes());
     write_file(&config, &b);
     let src = f.bv.path("d.img");
     let t = f.bv.path("t");
@@ -239,7 +247,7 @@ fn vault_of_a_newer_format_version_is_refused() {
         vec!["restore", "d", t.to_str().unwrap()],
         vec!["backup", src.to_str().unwrap(), "--disk", "d"],
     ] {
-        f.bv.run(&args).failed().stderr_has(&["version 2"]);
+        f.bv.run(&args).failed().stderr_has(&["version 3"]);
     }
     assert!(!t.exists());
     f.bv.run(&["init"]).failed();
@@ -461,7 +469,7 @@ fn truncated_manifest_is_found_and_refused() {
 fn bit_flipped_key_record_is_found_and_refused() {
     let f = fixture();
     let disk = f.disk_id(&f.se);
-    let rec = f.bv.vault.join(format!("keys/{disk}/00000000"));
+    let rec = f.bv.vault.join(format!("keys/{disk}/00000000-00000001"));
     assert!(rec.exists(), "key record of disk e at {}", rec.display());
     let len = std::fs::metadata(&rec).unwrap().len();
     flip_byte(&rec, len / 2);
@@ -476,7 +484,7 @@ fn bit_flipped_key_record_is_found_and_refused() {
 fn damaged_key_record_of_one_disk_does_not_block_the_others() {
     let f = fixture();
     let disk = f.disk_id(&f.se);
-    let rec = f.bv.vault.join(format!("keys/{disk}/00000000"));
+    let rec = f.bv.vault.join(format!("keys/{disk}/00000000-00000001"));
     let len = std::fs::metadata(&rec).unwrap().len();
     flip_byte(&rec, len / 2);
     // Disk d's keys and data are intact: it must still restore and verify by itself.

@@ -33,6 +33,7 @@ use std::sync::OnceLock;
 use blockvault::crypto::kek::{KekId, KekKind};
 use blockvault::crypto::rsa::CmkKey;
 use blockvault::crypto::Keystore;
+use blockvault::vault::head::{self, Head};
 use blockvault::vault::kekdesc;
 use common::keys::{fixture_dir, pem_keys, softhsm, SoftHsm, SOFTHSM_MODULE};
 use common::secrets::tree;
@@ -229,8 +230,9 @@ fn hsm_keys_that_can_leave_the_token_are_refused_unless_allowed() {
         "CKA_EXTRACTABLE = true",
         "whoever gets the key out of the token can unwrap every DEK",
     ]);
+    // The rotation finished: the old key's descriptor left the head.
     let ids: Vec<String> = keks(&bv).iter().map(|k| text(k, "id")).collect();
-    assert_eq!(ids, ["cmk-pkcs11-v1", "cmk-pkcs11-v2"]);
+    assert_eq!(ids, ["cmk-pkcs11-v2"]);
     restore_eq(&bv, &a1);
     let a2 = random_data(2, MIB as usize);
     write_file(&img, &a2);
@@ -426,7 +428,7 @@ fn a_module_path_from_the_vault_is_never_loaded() {
     });
     let desc_path = bv.vault.join(&desc_key);
     let stored = fs::read(&desc_path).unwrap();
-    let key = kekdesc::decode(&stored, &desc_key, None).unwrap();
+    let key = kekdesc::decode(&stored, &desc_key).unwrap();
     let planted_uri = format!("{cmk}?module-path={}", s(&evil));
     let planted = CmkKey::from_spki(
         KekKind::CustomerPkcs11,
@@ -437,10 +439,9 @@ fn a_module_path_from_the_vault_is_never_loaded() {
     )
     .unwrap();
 
-    // a) Without the keystore it cannot authenticate the descriptor: every command refuses it.
-    let mut forged = planted.encode();
-    forged.extend_from_slice(&stored[stored.len() - 32..]);
-    fs::write(&desc_path, &forged).unwrap();
+    // a) Without the keystore it cannot list the descriptor in the vault head: every command
+    //    refuses it.
+    fs::write(&desc_path, planted.encode()).unwrap();
     let target = bv.path("refused.img");
     for r in [
         bv.run(&["backup", s(&img), "--disk", "d1"]),
@@ -449,23 +450,29 @@ fn a_module_path_from_the_vault_is_never_loaded() {
         bv.run(&["key", "show"]),
     ] {
         r.failed()
-            .stderr_has(&["cmk-pkcs11-00000001", "failed authentication"]);
+            .stderr_has(&["cmk-pkcs11-00000001", "does not match the digest"]);
         never_loaded(&r.what);
     }
 
-    // b) Authenticated, as an older build stored such a URI or as `key recover` re-MAC'd a
-    //    planted one before it checked MACs (review C1): the module path is ignored, SoftHSM
-    //    is found among the known modules, and every command works.
+    // b) Listed in the head, as an older build stored such a URI or as `key recover` adopted a
+    //    planted one before it checked anything (review C1): the module path is ignored,
+    //    SoftHSM is found among the known modules, and every command works.
     let vault_id: [u8; 16] = hex::decode(text(&init, "vault_id"))
         .unwrap()
         .try_into()
         .unwrap();
-    let auth = Keystore::new(&bv.keystore).load(&vault_id).unwrap().auth;
-    fs::write(
-        &desc_path,
-        kekdesc::encode(&planted, &kekdesc::mac_key(&auth)),
-    )
-    .unwrap();
+    let keys = Keystore::new(&bv.keystore).load(&vault_id).unwrap();
+    let head_path = bv.vault.join(head::KEY);
+    let raw = fs::read(&head_path).unwrap();
+    let auth = keys.auth(Head::peek(&raw).unwrap().1).unwrap();
+    let mut h = Head::decode(&raw, auth).unwrap();
+    let planted_bytes = kekdesc::encode(&planted);
+    for d in h.descriptors.iter_mut().filter(|d| d.id == planted.id()) {
+        d.digest = head::digest(&planted_bytes);
+    }
+    h.epoch += 1;
+    fs::write(&head_path, h.encode(auth)).unwrap();
+    fs::write(&desc_path, &planted_bytes).unwrap();
     assert_eq!(text(&keks(&bv)[0], "source"), planted_uri);
     let a2 = random_data(5, 2 * MIB as usize);
     write_file(&img, &a2);

@@ -1,8 +1,7 @@
 //! Which `--vault` URLs the binary accepts, and that only `init` and `backup --init` create
 //! a vault: a URL of an unknown scheme or a remote spec is refused by every command with a
 //! message listing what is accepted, and creates nothing; a path, `./name:x`, an absolute
-//! path with a colon and `file://PATH` are local folders; `s3://` and `az://` are recognised
-//! but not in this build; `backup` into a location without a vault fails naming the URL and
+//! path with a colon and `file://PATH` are local folders; `backup` into a location without a vault fails naming the URL and
 //! both ways to create one, and creates nothing; `backup --init` creates a platform-key vault
 //! (saying where its key is) and is an ordinary backup once the vault exists.
 
@@ -74,19 +73,6 @@ fn unknown_schemes_and_remote_specs_are_refused_and_create_nothing() {
         assert_eq!(names(&cwd), Vec::<String>::new(), "{url} created something");
         assert!(!bv.keystore.exists(), "{url} made a key");
     }
-}
-
-#[test]
-fn object_storage_is_recognised_but_not_in_this_build() {
-    let bv = Bv::new();
-    let cwd = bv.path("cwd");
-    std::fs::create_dir(&cwd).unwrap();
-    for url in ["s3://bucket/prefix", "az://container/prefix"] {
-        with_vault(&bv, &cwd, url, &["init"])
-            .code(1)
-            .stderr_has(&[url, "not supported by this build yet"]);
-    }
-    assert_eq!(names(&cwd), Vec::<String>::new());
 }
 
 #[test]

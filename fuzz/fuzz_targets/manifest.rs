@@ -18,7 +18,9 @@
 
 use blockvault::crypto::ExtentId;
 use blockvault::vault::frame::OVERHEAD;
-use blockvault::vault::info::{BitmapRecord, SnapshotInfo};
+use blockvault::vault::info::{
+    BitmapRecord, Consistency, GroupMember, GroupRecord, SnapshotInfo, VmConfig,
+};
 use blockvault::vault::manifest::{
     slot_count, ChangeSource, ExtentLoc, Manifest, Overlay, Slot, SnapshotId, Stats, MAX_SLOT_SIZE,
     MIN_SLOT_SIZE, OUTER_LEN, ZERO,
@@ -253,6 +255,38 @@ fn build(u: &mut Unstructured) -> arbitrary::Result<Manifest> {
                 None
             },
             notes: vec![short_string(u, 100)?],
+            identity_generation: u.arbitrary()?,
+            group: if u.arbitrary()? {
+                Some(GroupRecord {
+                    id: short_string(u, 32)?,
+                    vm: short_string(u, 20)?,
+                    time: u.arbitrary()?,
+                    consistency: if u.arbitrary()? {
+                        Consistency::Application
+                    } else {
+                        Consistency::Crash
+                    },
+                    members: (0..u.int_in_range(0..=3u8)?)
+                        .map(|_| {
+                            Ok(GroupMember {
+                                disk: short_string(u, 20)?,
+                                node: short_string(u, 20)?,
+                                snapshot: short_string(u, 32)?,
+                            })
+                        })
+                        .collect::<arbitrary::Result<_>>()?,
+                    vm_config: if u.arbitrary()? {
+                        Some(VmConfig {
+                            name: short_string(u, 20)?,
+                            text: short_string(u, 200)?,
+                        })
+                    } else {
+                        None
+                    },
+                })
+            } else {
+                None
+            },
         },
     })
 }
@@ -322,6 +356,22 @@ fn sample() -> Manifest {
             }],
             bitmap_created: Some("bv-2".into()),
             notes: Vec::new(),
+            identity_generation: 0,
+            group: Some(GroupRecord {
+                id: "ab".repeat(16),
+                vm: "vm1".into(),
+                time: 1_700_000_000,
+                consistency: Consistency::Crash,
+                members: vec![GroupMember {
+                    disk: "d".into(),
+                    node: "drive0".into(),
+                    snapshot: "cd".repeat(16),
+                }],
+                vm_config: Some(VmConfig {
+                    name: "vm1.xml".into(),
+                    text: "<domain/>".into(),
+                }),
+            }),
         },
     }
 }

@@ -201,3 +201,70 @@ pub fn scratch_dir(target: &str) -> &'static std::path::PathBuf {
         d
     })
 }
+
+/// A recovery key pair for the targets of objects wrapped to one (`anchor`,
+/// `infra_recovery`): its descriptor, the private half as a `--recovery-private` file, and the
+/// private half of another key (the wrong one). Generated once per process (RSA-3072).
+pub struct RecoveryKeys {
+    /// The public half, as the vault stores it.
+    pub key: blockvault::crypto::rsa::CmkKey,
+    /// The private half's PEM file.
+    pub private: blockvault::crypto::rsa::PrivateKeyFile,
+    /// Another key's private half.
+    pub wrong: blockvault::crypto::rsa::PrivateKeyFile,
+}
+
+/// The process's [`RecoveryKeys`], their files in [`scratch_dir`]`(target)`.
+pub fn recovery_keys(target: &str) -> &'static RecoveryKeys {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rsa::{KeySize, PrivateDecryptingKey};
+    use base64ct::Encoding;
+    static K: OnceLock<RecoveryKeys> = OnceLock::new();
+    K.get_or_init(|| {
+        let file = |name: &str| {
+            let key = PrivateDecryptingKey::generate(KeySize::Rsa3072).expect("RSA key");
+            let der = key.as_der().expect("PKCS#8");
+            let b64 = base64ct::Base64::encode_string(der.as_ref());
+            let mut text = String::from("-----BEGIN PRIVATE KEY-----\n");
+            for line in b64.as_bytes().chunks(64) {
+                text += std::str::from_utf8(line).expect("base64 is ASCII");
+                text.push('\n');
+            }
+            text += "-----END PRIVATE KEY-----\n";
+            let path = scratch_dir(target).join(name);
+            std::fs::write(&path, text).expect("writing the key file");
+            let spki = key.public_key().as_der().expect("SPKI").as_ref().to_vec();
+            (
+                spki,
+                blockvault::crypto::rsa::PrivateKeyFile {
+                    path,
+                    passphrase: None,
+                },
+            )
+        };
+        let (spki, private) = file("recovery.pem");
+        let (_, wrong) = file("wrong.pem");
+        let key = blockvault::crypto::rsa::CmkKey::from_spki(
+            KekKind::Recovery,
+            1,
+            blockvault::crypto::rsa::OaepHash::Sha256,
+            &spki,
+            "recovery.pem",
+        )
+        .expect("recovery key descriptor");
+        RecoveryKeys {
+            key,
+            private,
+            wrong,
+        }
+    })
+}
+
+/// XOR `pattern` over `buf` from byte `skip` on, wrapping around (`buf` longer than `skip`):
+/// damage anywhere past a prologue.
+pub fn xor_after(buf: &mut [u8], skip: usize, pattern: &[u8]) {
+    let span = buf.len() - skip;
+    for (i, x) in pattern.iter().enumerate() {
+        buf[skip + i % span] ^= x;
+    }
+}

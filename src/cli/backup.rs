@@ -1,4 +1,6 @@
-//! `blockvault backup SOURCE --disk NAME`
+//! `blockvault backup SOURCE --disk NAME`, and `backup qmp:///SOCKET --disk-map …` ([`vm`]).
+
+mod vm;
 
 use std::process::ExitCode;
 
@@ -9,7 +11,6 @@ use blockvault::engine::{self, auto_bitmap, BackupOptions, ChangeClaim, Compress
 use blockvault::source::{self, OpenOptions, Source};
 use blockvault::util::human_bytes;
 use blockvault::vault::manifest::ChangeSource;
-use blockvault::vault::Vault;
 
 use super::output::{mb_per_s, mib_per_s, seconds};
 use super::Context;
@@ -17,12 +18,17 @@ use super::Context;
 /// Arguments of `backup`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A raw or qcow2 disk image, a block device, or an NBD export
-    /// (`nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`).
+    /// A raw or qcow2 disk image, a block device, an NBD export
+    /// (`nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`), or a running VM's QMP
+    /// socket (`qmp:///PATH`, with --disk-map).
     source: String,
     /// Name of the disk in the vault.
-    #[arg(long)]
-    disk: String,
+    #[arg(
+        long,
+        required_unless_present = "disk_map",
+        conflicts_with = "disk_map"
+    )]
+    disk: Option<String>,
     /// Snapshot to compare with: an id, `latest` (default) or `none` for a full read.
     #[arg(long, default_value = "latest")]
     parent: String,
@@ -75,6 +81,8 @@ pub struct Args {
     /// differs from the disk's latest snapshot.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    vm: vm::VmArgs,
 }
 
 /// The change source named on the command line, loaded.
@@ -115,6 +123,14 @@ fn parse_slot_size(s: &str) -> Result<u32, String> {
 
 /// Run a backup (with `--init`, creating the vault first if the location holds none).
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
+    if blockvault::vm::is_qmp_url(&a.source) {
+        return vm::run(ctx, a);
+    }
+    let Some(disk) = a.disk.clone() else {
+        anyhow::bail!(blockvault::Error::usage(
+            "--disk-map is for qmp:/// sources: give --disk NAME"
+        ));
+    };
     let url = ctx.vault_url()?;
     let auto = a.bitmap.as_deref() == Some(AUTO);
     let open = OpenOptions {
@@ -137,34 +153,11 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         Some(src) => change_claim(&a, src.as_ref())?,
         None => None,
     };
-    let (vault, created) = if a.init {
-        let (vault, created) = Vault::open_or_init_with(url, &ctx.keystore()?, &ctx.key_access())?;
-        super::opened(&vault);
-        (vault, created)
-    } else {
-        (ctx.open_vault()?, false)
-    };
-    // Nothing is written with a key that cannot unwrap: no backups nobody could read.
-    super::key_access::require(&vault, &ctx.keys)?;
-    vault.check_keys()?;
+    let (vault, created) = open_vault(ctx, &a)?;
     let opts = BackupOptions {
-        disk: a.disk,
-        parent: match a.parent.as_str() {
-            "latest" => ParentSpec::Latest,
-            "none" => ParentSpec::None,
-            id => ParentSpec::Id(id.to_string()),
-        },
-        slot_size: a.slot_size,
-        compression: Compression {
-            level: (!a.no_compress).then_some(a.zstd_level),
-        },
-        force_pread: a.pread,
-        queue_depth: a.queue_depth.max(1),
-        threads: a.threads,
+        disk,
         changes,
-        verify_unchanged: a.verify_unchanged,
-        force: a.force,
-        ..BackupOptions::default()
+        ..options(&a)
     };
     let ks = vault.keystore_file().display().to_string();
     let bar = ctx.out.progress("backup");
@@ -187,13 +180,88 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     for line in r.remarks.recorded() {
         eprintln!("{line}");
     }
-    let s = r.stats;
-    let secs = seconds(s.duration_ms as f64 / 1000.0);
-    let doc = json!({
+    let mut doc = json!({
         "command": "backup",
         "vault": url,
         "vault_created": created,
         "keystore": ks,
+        "bitmaps_removed": removed,
+    });
+    merge(&mut doc, snapshot_doc(&r));
+    ctx.out.result(doc, || {
+        let mut t = String::new();
+        if created {
+            t += &created_text(url, &ks);
+        }
+        t += &snapshot_text(&r);
+        if let Some(b) = &r.info.bitmap_created {
+            t += &format!("  bitmap {b} added: the next --bitmap auto backup reads it\n");
+        }
+        for b in removed.iter().flatten() {
+            t += &format!("  bitmap {b} removed\n");
+        }
+        t
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The options of a backup the command line sets, other than its disk and change claim.
+fn options(a: &Args) -> BackupOptions {
+    BackupOptions {
+        parent: match a.parent.as_str() {
+            "latest" => ParentSpec::Latest,
+            "none" => ParentSpec::None,
+            id => ParentSpec::Id(id.to_string()),
+        },
+        slot_size: a.slot_size,
+        compression: Compression {
+            level: (!a.no_compress).then_some(a.zstd_level),
+        },
+        force_pread: a.pread,
+        queue_depth: a.queue_depth.max(1),
+        threads: a.threads,
+        verify_unchanged: a.verify_unchanged,
+        force: a.force,
+        ..BackupOptions::default()
+    }
+}
+
+/// The vault, created first with `--init` if the location holds none; whether it was.
+fn open_vault(ctx: &Context, a: &Args) -> anyhow::Result<(blockvault::vault::Vault, bool)> {
+    let (vault, created) = if a.init {
+        let (vault, created) = blockvault::keys::init::open_or_init(
+            ctx.vault_url()?,
+            &ctx.keystore()?,
+            &ctx.key_access(),
+        )?;
+        super::opened(&vault);
+        (vault, created)
+    } else {
+        (ctx.open_vault()?, false)
+    };
+    // Nothing is written with a key that cannot unwrap: no backups nobody could read.
+    super::key_access::require(&vault, &ctx.keys)?;
+    vault.check_keys()?;
+    Ok((vault, created))
+}
+
+/// Add the members of object `more` to object `doc`.
+fn merge(doc: &mut serde_json::Value, more: serde_json::Value) {
+    if let (Some(d), serde_json::Value::Object(m)) = (doc.as_object_mut(), more) {
+        d.extend(m);
+    }
+}
+
+/// What a first `backup --init` says about the vault it created.
+fn created_text(url: &str, ks: &str) -> String {
+    format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read; `blockvault key export`)\n")
+}
+
+/// The JSON figures of one snapshot a backup wrote.
+fn snapshot_doc(r: &engine::BackupReport) -> serde_json::Value {
+    let s = r.stats;
+    let secs = seconds(s.duration_ms as f64 / 1000.0);
+    json!({
         "disk": r.disk,
         "new_disk": r.new_disk,
         "snapshot": r.snapshot.hex(),
@@ -212,47 +280,44 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "verify_unchanged": r.verify_unchanged,
         "bitmaps": r.info.bitmaps,
         "bitmap_created": r.info.bitmap_created,
-        "bitmaps_removed": removed,
         "seconds": secs,
         "mb_per_s": mb_per_s(s.bytes_read, secs),
         "warnings": r.remarks.warnings,
         "notes": r.notes,
-    });
-    ctx.out.result(doc, || {
-        let mut t = String::new();
-        if created {
-            t += &format!("created vault at {url}\nplatform key stored in {ks}\n  (keep a copy: without it the vault cannot be read; `blockvault key export`)\n");
-        }
-        if !r.change_detail.is_empty() {
-            t += &format!("changes from {}\n", r.change_detail);
-        }
-        // Notes about the source were printed on stderr already.
-        let about_source = |n: &String| r.remarks.notes.contains(n);
-        for note in r.notes.iter().filter(|n| **n != r.change_detail && !about_source(n)) {
-            t += &format!("note: {note}\n");
-        }
-        t += &format!(
-            "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, read at {:.1} MiB/s\n",
-            r.snapshot.short(),
-            r.disk,
-            serde_json::to_value(r.change_source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-            r.parent.map(|p| format!(", parent {}", p.short())).unwrap_or_default(),
-            human_bytes(r.disk_size),
-            human_bytes(s.bytes_read),
-            human_bytes(s.bytes_stored),
-            s.slots_new,
-            s.slots_reused,
-            s.slots_zero,
-            secs,
-            mib_per_s(s.bytes_read, secs),
-        );
-        if let Some(b) = &r.info.bitmap_created {
-            t += &format!("  bitmap {b} added: the next --bitmap auto backup reads it\n");
-        }
-        for b in removed.iter().flatten() {
-            t += &format!("  bitmap {b} removed\n");
-        }
-        t
-    });
-    Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// What a person reads about one snapshot a backup wrote.
+fn snapshot_text(r: &engine::BackupReport) -> String {
+    let s = r.stats;
+    let secs = seconds(s.duration_ms as f64 / 1000.0);
+    let mut t = String::new();
+    if !r.change_detail.is_empty() {
+        t += &format!("changes from {}\n", r.change_detail);
+    }
+    // Notes about the source were printed on stderr already.
+    let about_source = |n: &String| r.remarks.notes.contains(n);
+    for note in r
+        .notes
+        .iter()
+        .filter(|n| **n != r.change_detail && !about_source(n))
+    {
+        t += &format!("note: {note}\n");
+    }
+    t += &format!(
+        "snapshot {} of disk {} ({}{})\n  disk {}, read {}, stored {} new\n  slots: {} new, {} unchanged, {} zero; {:.2} s, read at {:.1} MiB/s\n",
+        r.snapshot.short(),
+        r.disk,
+        serde_json::to_value(r.change_source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+        r.parent.map(|p| format!(", parent {}", p.short())).unwrap_or_default(),
+        human_bytes(r.disk_size),
+        human_bytes(s.bytes_read),
+        human_bytes(s.bytes_stored),
+        s.slots_new,
+        s.slots_reused,
+        s.slots_zero,
+        secs,
+        mib_per_s(s.bytes_read, secs),
+    );
+    t
 }

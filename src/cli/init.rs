@@ -1,4 +1,5 @@
-//! `blockvault init [--cmk rsa:PUB.pem|pkcs11:URI] [--recovery-key rsa:PUB.pem] [--infrastructure-encryption]`
+//! `blockvault init [--cmk rsa:PUB.pem|pkcs11:URI] [--recovery-key rsa:PUB.pem]
+//! [--infrastructure-encryption [--infra-recovery-key rsa:PUB.pem]] [--forget-vault ID]`
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -7,7 +8,7 @@ use serde_json::json;
 
 use blockvault::crypto::kek::KekKind;
 use blockvault::crypto::rsa::{self, CmkKey, EnrolPolicy, OaepHash, Pkcs11Kek};
-use blockvault::vault::{InitOptions, Vault};
+use blockvault::keys::init::{self, InitOptions};
 use blockvault::Error;
 
 use super::Context;
@@ -29,6 +30,22 @@ pub struct Args {
     infrastructure_encryption: bool,
     #[command(flatten)]
     enrol: EnrolArgs,
+    /// A second offline RSA public key (`rsa:PUBLIC.pem`) that alone recovers the
+    /// infrastructure layer's key, so that neither recovery key opens both layers (without it,
+    /// --recovery-key recovers that key too).
+    #[arg(long, value_name = "KEY", requires = "infrastructure_encryption")]
+    infra_recovery_key: Option<String>,
+    /// This host knew a vault at the URL that is gone for good: forget it (its id) and create
+    /// a new one in its place.
+    #[arg(long, value_name = "VAULT_ID", value_parser = parse_vault_id)]
+    forget_vault: Option<[u8; 16]>,
+}
+
+fn parse_vault_id(s: &str) -> Result<[u8; 16], String> {
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(s, &mut id)
+        .map_err(|_| format!("{s:?} is not a vault id (32 hex digits)"))?;
+    Ok(id)
 }
 
 /// How a new customer-managed key is enrolled (`init --cmk`, `key rotate --new-cmk`,
@@ -140,10 +157,17 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             .as_deref()
             .map(|s| read_key_spec(ctx, s, true, 1, &a.enrol))
             .transpose()?,
+        infra_recovery: a
+            .infra_recovery_key
+            .as_deref()
+            .map(|s| read_key_spec(ctx, s, true, 1, &a.enrol))
+            .transpose()?,
         infrastructure: a.infrastructure_encryption,
         access: ctx.key_access(),
+        forget_vault: a.forget_vault,
     };
-    let vault = Vault::init_with(url, &ctx.keystore()?, &opts)?;
+    let made = init::init(url, &ctx.keystore()?, &opts)?;
+    let vault = &made.vault;
     let ks = vault.keystore_file().display().to_string();
     let id = hex::encode(vault.config().vault_id);
     let kek = vault.keyring().primary_kind().to_string();
@@ -152,7 +176,9 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         "command": "init", "vault": url, "vault_id": id, "keystore": ks, "kek": kek,
         "cmk_fingerprint_sha256": fingerprint,
         "recovery_key": opts.recovery.is_some(),
+        "recovery_fingerprint": made.recovery_fingerprint,
         "infrastructure_encryption": opts.infrastructure,
+        "forgot_vault": made.forgot.map(hex::encode),
     });
     ctx.out.result(doc, || {
         let mut t = format!("created vault {id} at {url}\nkeystore file {ks}\n  (keep a copy: without it the vault cannot be read; `blockvault key export`)\n");
@@ -166,6 +192,14 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
         t += "\n";
         if opts.infrastructure {
             t += "infrastructure encryption (AES-256-XTS) on\n";
+            match (&opts.infra_recovery, &opts.recovery) {
+                (Some(_), _) => t += "  its key is recoverable only with the infrastructure recovery key\n",
+                (None, Some(_)) => t += "  warning: the recovery key alone now recovers both layers (the DEKs and the infrastructure key); give --infra-recovery-key to keep them apart\n",
+                (None, None) => {}
+            }
+        }
+        if let Some(fp) = &made.recovery_fingerprint {
+            t += &format!("auth fingerprint {fp}\n  (keep it with the recovery key: `key recover --take-over` asks for it)\n");
         }
         t
     });

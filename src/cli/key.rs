@@ -1,20 +1,17 @@
-//! `blockvault key show|rotate|revoke|enable|recover|export|import|escrow`
+//! `blockvault key show|rotate|revoke|enable|destroy|recover|export|import|escrow`: parses and
+//! prints; the rules are in the library's `keys` module.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use blockvault::crypto::export;
-use blockvault::crypto::kek::{KekId, KekKind, KekState, PlatformKek, PlatformKeyVersion};
-use blockvault::crypto::keystore;
+use blockvault::crypto::kek::KekKind;
 use blockvault::crypto::rsa::{PrivateKeyFile, SecretSource};
-use blockvault::crypto::Secret32;
-use blockvault::vault::frame::Binding;
-use blockvault::vault::manifest::Manifest;
-use blockvault::vault::{kekdesc, Vault};
-use blockvault::{Error, ErrorKind};
+use blockvault::keys::{destroy, recover, rotate, show, state, transfer};
+use blockvault::vault::kekdesc;
+use blockvault::Error;
 
 use super::init::{read_key_spec, EnrolArgs};
 use super::Context;
@@ -28,23 +25,33 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 enum KeyCommand {
-    /// Show the KEKs, their fingerprints, and which disks and snapshots depend on each.
+    /// Show the keys, their fingerprints and states, and which disks and snapshots depend on
+    /// each.
     Show,
     /// Re-wrap every DEK under a new KEK version (platform) or a new customer key, without
-    /// re-encrypting data.
+    /// re-encrypting data; the old platform version is destroyed once nothing needs it.
     Rotate {
         /// The new customer-managed key (`rsa:PUBLIC.pem` or `pkcs11:URI`); required for a
         /// vault with a customer key, whose old private key must also be reachable.
         #[arg(long, value_name = "KEY")]
         new_cmk: Option<String>,
-        /// Also start a new DEK generation on every disk: new data goes under new DEKs.
+        /// Also start a new DEK generation with a new content identity on every disk: new data
+        /// goes under new DEKs, and dedup with earlier snapshots stops there.
         #[arg(long)]
         new_dek: bool,
+        /// Rotate the auth key (the key that authenticates the vault's state) instead: every
+        /// other copy of the keystore stops working until it imports a new export.
+        #[arg(long, conflicts_with_all = ["new_cmk", "new_dek"])]
+        auth: bool,
+        /// Rotate the infrastructure encryption layer's key: every object under the layer is
+        /// re-encrypted (killed, run it again to finish); with --new-dek, after the KEK rotation.
+        #[arg(long, conflicts_with = "auth")]
+        infrastructure: bool,
         #[command(flatten)]
         enrol: EnrolArgs,
     },
     /// Revoke the platform KEK (every version, or one): backups, restores and verify
-    /// --read-data fail until it is enabled again.
+    /// --read-data fail until it is enabled again. An administrative lock: see `destroy`.
     Revoke {
         /// Only this version.
         #[arg(long)]
@@ -56,17 +63,42 @@ enum KeyCommand {
         #[arg(long)]
         version: Option<u32>,
     },
+    /// Destroy a platform KEK version for good (refused while any key record needs it).
+    Destroy {
+        /// The version.
+        #[arg(long)]
+        version: u32,
+    },
     /// Regain access with the recovery key after losing the keystore or the customer key.
     Recover {
-        /// The recovery key's PKCS#8 PEM private key.
+        /// The recovery key's PKCS#8 or PKCS#1 PEM private key.
         #[arg(long, value_name = "PEM")]
         recovery_private: PathBuf,
         /// File holding its passphrase if encrypted (or set BLOCKVAULT_RECOVERY_PASSPHRASE).
         #[arg(long, value_name = "FILE")]
         recovery_passphrase_file: Option<PathBuf>,
+        /// The private key of a separate infrastructure recovery key (`init
+        /// --infra-recovery-key`), for a vault with one whose keystore is lost.
+        #[arg(long, value_name = "PEM")]
+        infra_recovery_private: Option<PathBuf>,
         /// A new customer-managed key replacing a lost one.
         #[arg(long, value_name = "KEY")]
         new_cmk: Option<String>,
+        /// The keystore is lost: make a new one from the recovery key (the keystore it
+        /// replaces stops working wherever it still exists).
+        #[arg(long)]
+        take_over: bool,
+        /// The auth-key fingerprint printed at init (or by `key show`), which proves the
+        /// vault's recovery anchor was made by its keystore.
+        #[arg(long, value_name = "FP")]
+        anchor_fingerprint: Option<String>,
+        /// Take over without a fingerprint to check the anchor against (a vault forged by
+        /// whoever holds the storage would be accepted).
+        #[arg(long, conflicts_with = "anchor_fingerprint")]
+        unverified_anchor: bool,
+        /// Recover although the vault records revoked platform KEK versions.
+        #[arg(long)]
+        lift_revocation: bool,
         #[command(flatten)]
         enrol: EnrolArgs,
     },
@@ -78,7 +110,7 @@ enum KeyCommand {
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
     },
-    /// Put an exported keystore file back into the keystore.
+    /// Put an exported keystore file back into the keystore (checked against the vault).
     Import {
         /// The export file.
         file: PathBuf,
@@ -108,26 +140,56 @@ const EXPORT_PASSPHRASE_ENV: &str = "BLOCKVAULT_EXPORT_PASSPHRASE";
 /// Run a `key` subcommand.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     match a.command {
-        KeyCommand::Show => show(ctx),
+        KeyCommand::Show => show_keys(ctx),
         KeyCommand::Rotate {
             new_cmk,
             new_dek,
+            auth,
+            infrastructure,
             enrol,
-        } => rotate(ctx, new_cmk.as_deref(), new_dek, &enrol),
-        KeyCommand::Revoke { version } => set_state(ctx, version, KekState::Revoked),
-        KeyCommand::Enable { version } => set_state(ctx, version, KekState::Enabled),
+        } => rotate_keys(
+            ctx,
+            new_cmk.as_deref(),
+            new_dek,
+            auth,
+            infrastructure,
+            &enrol,
+        ),
+        KeyCommand::Revoke { version } => set_state(ctx, version, true),
+        KeyCommand::Enable { version } => set_state(ctx, version, false),
+        KeyCommand::Destroy { version } => destroy_key(ctx, version),
         KeyCommand::Recover {
             recovery_private,
             recovery_passphrase_file,
+            infra_recovery_private,
             new_cmk,
+            take_over,
+            anchor_fingerprint,
+            unverified_anchor,
+            lift_revocation,
             enrol,
-        } => recover(
-            ctx,
-            recovery_private,
-            recovery_passphrase_file,
-            new_cmk.as_deref(),
-            &enrol,
-        ),
+        } => {
+            let private = |path: PathBuf| PrivateKeyFile {
+                path,
+                passphrase: Some(match &recovery_passphrase_file {
+                    Some(f) => SecretSource::File(f.clone()),
+                    None => SecretSource::Env("BLOCKVAULT_RECOVERY_PASSPHRASE".into()),
+                }),
+            };
+            let opts = recover::RecoverOptions {
+                recovery_private: private(recovery_private),
+                infra_recovery_private: infra_recovery_private.map(private),
+                new_cmk: new_cmk
+                    .as_deref()
+                    .map(|spec| read_key_spec(ctx, spec, false, next_cmk_version(ctx)?, &enrol))
+                    .transpose()?,
+                take_over,
+                anchor_fingerprint,
+                unverified_anchor,
+                lift_revocation,
+            };
+            recover_keys(ctx, &opts)
+        }
         KeyCommand::Export {
             out,
             passphrase_file,
@@ -145,135 +207,83 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Open the vault's config and keystore file without unwrapping anything: `show`, `revoke`
-/// and `enable` must work with a revoked key.
-fn platform_keys(ctx: &Context) -> anyhow::Result<(Vault, keystore::VaultKeys)> {
+/// The version a replacement customer key gets, from the descriptors' names
+/// (`kek/<kind>-<version:08x>`; the recovery key's do not count). Read without the keystore
+/// (recovery may run without one): only a number is taken from it, and a number too high is
+/// harmless.
+fn next_cmk_version(ctx: &Context) -> anyhow::Result<u32> {
+    let raw = blockvault::vault::store::open(ctx.vault_url()?)?;
+    let recovery = format!("{}/{}-", kekdesc::PREFIX, KekKind::Recovery);
+    let newest = raw
+        .list(kekdesc::PREFIX)?
+        .iter()
+        .filter(|k| !k.starts_with(&recovery))
+        .filter_map(|k| u32::from_str_radix(k.rsplit('-').next()?, 16).ok())
+        .max()
+        .unwrap_or(0);
+    Ok(newest + 1)
+}
+
+fn show_keys(ctx: &Context) -> anyhow::Result<ExitCode> {
     let vault = ctx.open_vault()?;
-    let keys = ctx.keystore()?.load(&vault.config().vault_id)?;
-    Ok((vault, keys))
-}
-
-/// A short fingerprint of a platform KEK version that reveals nothing of the key.
-fn platform_fingerprint(key: &Secret32) -> String {
-    hex::encode(
-        &blake3::derive_key(
-            "blockvault 2026-11-28 platform kek fingerprint v1",
-            key.expose(),
-        )[..8],
-    )
-}
-
-fn show(ctx: &Context) -> anyhow::Result<ExitCode> {
-    let (vault, keys) = platform_keys(ctx)?;
-    let mut keks: Vec<Value> = Vec::new();
-    if vault.keyring().primary_kind() == KekKind::Platform {
-        for v in keys.kek.versions() {
-            keks.push(json!({
-                "id": format!("platform-v{}", v.version),
-                "kind": "platform",
-                "version": v.version,
-                "state": if v.state == KekState::Enabled { "enabled" } else { "revoked" },
-                "created": super::output::time(v.created),
-                "fingerprint": platform_fingerprint(&v.key),
-            }));
-        }
-    }
-    for key in vault.kek_descriptors()? {
-        keks.push(json!({
-            "id": key.id().to_string(),
-            "kind": key.id().kind.to_string(),
-            "version": key.id().version,
-            "fingerprint_sha256": hex::encode(key.fingerprint()),
-            "bits": key.bits(),
-            "oaep": key.oaep().to_string(),
-            "source": key.source(),
-        }));
-    }
-    // Which disks' DEK generations each KEK wraps, and the snapshots sealed under them.
-    let mut snapshots: BTreeMap<(String, u32), usize> = BTreeMap::new();
-    for key in vault.store().list("snapshots")? {
-        let disk = key.split('/').nth(1).unwrap_or_default().to_string();
-        let mut disk_id = [0u8; 16];
-        if hex::decode_to_slice(&disk, &mut disk_id).is_err() {
-            continue;
-        }
-        let binding = Binding {
-            vault_id: vault.config().vault_id,
-            disk_id,
-        };
-        // The generation is in the manifest's clear header: no key needed to count.
-        if let Ok((_, generation)) = vault
-            .store()
-            .get(&key)
-            .and_then(|raw| Manifest::peek(&raw, &binding, &key))
-        {
-            *snapshots.entry((disk, generation)).or_default() += 1;
-        }
-    }
+    let r = show::show(&vault)?;
     // Disk names are sealed under the DEKs: without the key they stay ids, and the note says
     // why (the same sentence `snapshots` or `restore` would fail with).
-    let (names, names_note): (BTreeMap<String, String>, Option<String>) =
-        match super::key_access::require(&vault, &ctx.keys).and_then(|_| vault.disks()) {
-            Ok(ds) => (ds.into_iter().map(|d| (d.id_hex(), d.name)).collect(), None),
-            Err(e) => (BTreeMap::new(), Some(e.to_string())),
-        };
-    let mut records = Vec::new();
-    for r in vault.key_records()? {
-        let disk = hex::encode(r.record.disk_id);
-        records.push(json!({
-            "disk_id": disk,
-            "disk": names.get(&disk),
-            "generation": r.record.generation,
-            "wrapped_by": r.record.wraps.iter().map(|w| w.0.to_string()).collect::<Vec<_>>(),
-            "snapshots": snapshots.get(&(disk.clone(), r.record.generation)).copied().unwrap_or(0),
-        }));
-    }
-    let doc = json!({
-        "command": "key show",
-        "kek_kind": vault.keyring().primary_kind().to_string(),
-        "infrastructure_encryption": vault.config().infrastructure != 0,
-        "keystore": vault.keystore_file().display().to_string(),
-        "keks": keks,
-        "dek_generations": records,
-        "disk_names_unreadable": names_note,
-    });
-    ctx.out.result(doc.clone(), || {
+    let names_note = super::key_access::require(&vault, &ctx.keys)
+        .err()
+        .map(|e| e.to_string());
+    let mut doc = serde_json::to_value(&r)?;
+    doc["command"] = "key show".into();
+    doc["disk_names_unreadable"] = names_note.clone().into();
+    ctx.out.result(doc, || {
         let mut t = format!(
-            "vault keys: {}{}\n",
-            doc["kek_kind"].as_str().unwrap_or_default(),
-            if vault.config().infrastructure != 0 {
-                ", infrastructure encryption AES-256-XTS"
-            } else {
-                ""
-            }
+            "vault keys: {} (current {}){}\nauth key v{} fingerprint {} (keep it with the recovery key)\nkeystore file {}\n",
+            r.kek_kind,
+            r.current_kek,
+            match r.infrastructure_key_version {
+                Some(v) => format!(", infrastructure encryption AES-256-XTS (key v{v})"),
+                None => String::new(),
+            },
+            r.auth_key_version,
+            r.auth_fingerprint,
+            r.keystore
         );
-        for k in &keks {
-            t += &format!(
-                "  {:<16} {}\n",
-                k["id"].as_str().unwrap_or_default(),
-                describe(k)
-            );
+        if let Some(op) = &r.unfinished_key_operation {
+            t += &format!("unfinished: {op} — run it again to finish\n");
+        }
+        for k in &r.keks {
+            t += &match (&k.fingerprint, &k.fingerprint_sha256) {
+                (Some(fp), _) => format!(
+                    "  {:<16} {} fingerprint {fp}\n",
+                    k.id,
+                    k.state.as_deref().unwrap_or_default()
+                ),
+                (None, Some(fp)) => format!(
+                    "  {:<16} RSA-{} {} sha256:{fp} ({})\n",
+                    k.id,
+                    k.bits.unwrap_or_default(),
+                    k.oaep.as_deref().unwrap_or_default(),
+                    k.source.as_deref().unwrap_or_default()
+                ),
+                (None, None) => format!("  {}\n", k.id),
+            };
+        }
+        for d in &r.destroyed {
+            t += &format!("  destroyed: {d}\n");
         }
         t += "DEK generations:\n";
         if let Some(note) = &names_note {
             t += &format!("  (disk names unreadable: {note})\n");
         }
-        for r in &records {
+        for g in &r.dek_generations {
             t += &format!(
-                "  disk {} generation {}: wrapped by {}; {} snapshot(s)\n",
-                r["disk"]
-                    .as_str()
-                    .unwrap_or_else(|| r["disk_id"].as_str().unwrap_or_default()),
-                r["generation"],
-                r["wrapped_by"]
-                    .as_array()
-                    .map(|a| a
-                        .iter()
-                        .filter_map(|v| v.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "))
-                    .unwrap_or_default(),
-                r["snapshots"],
+                "  disk {} generation {}{}{}: wrapped by {}; {} snapshot(s)\n",
+                g.disk.as_deref().unwrap_or(&g.disk_id),
+                g.generation,
+                if g.current { " (current)" } else { "" },
+                if g.identity { " (identity)" } else { "" },
+                g.wrapped_by.join(", "),
+                g.snapshots
             );
         }
         t
@@ -281,183 +291,156 @@ fn show(ctx: &Context) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn describe(k: &Value) -> String {
-    match k["kind"].as_str() {
-        Some("platform") => format!(
-            "{} fingerprint {}",
-            k["state"].as_str().unwrap_or_default(),
-            k["fingerprint"].as_str().unwrap_or_default()
-        ),
-        _ => format!(
-            "RSA-{} OAEP-{} sha256:{} ({})",
-            k["bits"],
-            k["oaep"].as_str().unwrap_or_default(),
-            k["fingerprint_sha256"].as_str().unwrap_or_default(),
-            k["source"].as_str().unwrap_or_default()
-        ),
-    }
-}
-
-/// Rotation: start DEK generations (`--new-dek`), unwrap every DEK with the current key, and
-/// only then store the new key and re-wrap (see `vault::rotation`).
-fn rotate(
+fn rotate_keys(
     ctx: &Context,
     new_cmk: Option<&str>,
     new_dek: bool,
+    auth: bool,
+    infrastructure: bool,
     enrol: &EnrolArgs,
 ) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
-    let (vault, mut keys) = platform_keys(ctx)?;
-    let kind = vault.keyring().primary_kind();
-    // The new key, read but not stored yet: `None` when a customer key names the newest
-    // descriptor already (a rotation run again after an interruption).
-    let (new_id, new_key) = match (kind, new_cmk) {
-        (KekKind::Platform, Some(_)) => {
-            return Err(Error::usage("this vault uses the platform key: a customer-managed key can only be chosen at init").into())
+    let new_cmk = match new_cmk {
+        Some(spec) => {
+            let vault = ctx.open_vault()?;
+            Some(read_key_spec(
+                ctx,
+                spec,
+                false,
+                rotate::next_cmk_version(&vault),
+                enrol,
+            )?)
         }
-        (KekKind::Platform, None) => {
-            let version = keys.kek.versions().iter().map(|v| v.version).max().unwrap_or(0) + 1;
-            (KekId { kind, version }, None)
-        }
-        (_, None) => {
-            return Err(Error::usage("this vault uses a customer-managed key: give the new one with --new-cmk (the current private key must be reachable too)").into())
-        }
-        (kind, Some(spec)) => {
-            let newest = vault.kek_descriptors()?.into_iter().filter(|k| k.id().kind == kind).max_by_key(|k| k.id().version);
-            let version = newest.as_ref().map_or(0, |k| k.id().version) + 1;
-            let key = read_key_spec(ctx, spec, false, version, enrol)?;
-            if key.id().kind != kind {
-                return Err(Error::usage(format!("the new key is {} but this vault's keys are {kind}", key.id().kind)).into());
-            }
-            match newest {
-                Some(n) if n.fingerprint() == key.fingerprint() => (n.id(), None),
-                _ => (key.id(), Some(key)),
-            }
-        }
+        None => None,
     };
-    let mut target = vault.keyring().wrapping_ids()?;
-    target[0] = new_id;
-    // The new customer key already stored, and records still to re-wrap: this resumes an
-    // interrupted rotation (see `vault::rotation`), which started its new DEK generations
-    // before storing the key. Starting more would need every disk read, and the records it
-    // re-wrapped no longer open with the old private key.
-    let resumed = new_key.is_none()
-        && kind != KekKind::Platform
-        && vault
-            .key_records()?
-            .iter()
-            .any(|r| !r.record.is_wrapped_by(&target));
-    let mut new_generations = 0;
-    if new_dek && !resumed {
-        // Every disk, or none: one that cannot be read stops the rotation here.
-        for id in vault.disk_ids()? {
-            vault.new_generation(&vault.load_disk(id)?)?;
-            new_generations += 1;
-        }
-    }
-    let pending = vault.unwrap_pending(&target)?;
-    match new_key {
-        Some(key) => vault.add_kek_descriptor(&key, &keys.auth)?,
-        None if kind == KekKind::Platform => {
-            let mut versions = keys.kek.into_versions();
-            versions.push(PlatformKeyVersion {
-                version: new_id.version,
-                state: KekState::Enabled,
-                created: blockvault::util::now_unix(),
-                key: Secret32::random()?,
-            });
-            keys.kek = PlatformKek::new(versions);
-            ctx.keystore()?.save(&vault.config().vault_id, &keys)?;
-        }
-        None => {}
-    }
-    // Reopen: the keyring now wraps with the new key.
-    let rewrapped = ctx.open_vault()?.rewrap(pending)?;
+    let r = rotate::rotate(
+        ctx.vault_url()?,
+        &ctx.keystore()?,
+        &ctx.key_access(),
+        &rotate::RotateOptions {
+            new_cmk,
+            new_dek,
+            auth,
+            infrastructure,
+        },
+    )?;
     let secs = started.elapsed().as_secs_f64();
+    let doc = json!({
+        "command": "key rotate",
+        "kek": r.kek.map(|k| k.to_string()),
+        "records_rewrapped": r.records_rewrapped,
+        "new_dek_generations": r.new_dek_generations,
+        "resumed": r.resumed,
+        "retired_versions": r.retired,
+        "auth_key_version": r.auth.as_ref().map(|a| a.0),
+        "auth_fingerprint": r.auth.as_ref().map(|a| a.1.clone()),
+        "infrastructure": r.infrastructure.as_ref().map(|i| json!({
+            "key_version": i.version,
+            "objects_reencrypted": i.reencrypted,
+            "objects_already_under_it": i.already,
+            "resumed": i.resumed,
+            "retired_versions": i.retired,
+        })),
+        "seconds": super::output::seconds(secs),
+    });
+    ctx.out.result(doc, || infrastructure_line(r.infrastructure.as_ref(), secs) + &match (&r.kek, &r.auth) {
+        (_, Some((v, fp))) => format!("auth key rotated to version {v}, fingerprint {fp} (keep it with the recovery key); other copies of the keystore need a new `key import`, {secs:.2} s\n"),
+        (Some(k), None) => format!(
+            "DEKs now wrapped by {k}: {} key record(s) re-wrapped, {} new DEK generation(s){}{}, {secs:.2} s\n",
+            r.records_rewrapped,
+            r.new_dek_generations,
+            if r.new_dek_generations > 0 { " (dedup with earlier snapshots stops at them: the next backup of each disk stores it whole)" } else { "" },
+            if r.retired.is_empty() { String::new() } else { format!("; platform KEK version(s) {:?} destroyed", r.retired) },
+        ) + if r.resumed { "  (an interrupted rotation was finished)\n" } else { "" },
+        (None, None) => String::new(),
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The text line of an infrastructure key rotation (empty without one).
+fn infrastructure_line(
+    r: Option<&blockvault::keys::infra_rotation::InfraRotation>,
+    secs: f64,
+) -> String {
+    let Some(r) = r else {
+        return String::new();
+    };
+    format!(
+        "infrastructure key rotated to version {}: {} object(s) re-encrypted{}{}, {secs:.2} s\n{}",
+        r.version,
+        r.reencrypted,
+        if r.already > 0 {
+            format!(", {} already under it", r.already)
+        } else {
+            String::new()
+        },
+        if r.retired.is_empty() {
+            String::new()
+        } else {
+            format!("; version(s) {:?} destroyed", r.retired)
+        },
+        if r.resumed {
+            "  (an interrupted rotation was finished)\n"
+        } else {
+            ""
+        },
+    )
+}
+
+fn set_state(ctx: &Context, version: Option<u32>, revoked: bool) -> anyhow::Result<ExitCode> {
+    let changed = state::set_revoked(
+        ctx.vault_url()?,
+        &ctx.keystore()?,
+        &ctx.key_access(),
+        version,
+        revoked,
+    )?;
+    let (verb, what) = if revoked {
+        ("revoke", "revoked")
+    } else {
+        ("enable", "enabled")
+    };
     ctx.out.result(
-        json!({"command": "key rotate", "kek": new_id.to_string(), "records_rewrapped": rewrapped, "new_dek_generations": new_generations, "resumed": resumed, "seconds": super::output::seconds(secs)}),
-        || format!("DEKs now wrapped by {new_id}: {rewrapped} key record(s) re-wrapped, {new_generations} new DEK generation(s){}, {secs:.2} s\n", if resumed { " (an interrupted rotation resumed)" } else { "" }),
+        json!({"command": format!("key {verb}"), "versions": changed, "state": what}),
+        || format!("platform KEK version(s) {changed:?} {what}\n"),
     );
     Ok(ExitCode::SUCCESS)
 }
 
-fn set_state(ctx: &Context, version: Option<u32>, state: KekState) -> anyhow::Result<ExitCode> {
-    let (vault, mut keys) = platform_keys(ctx)?;
-    if vault.keyring().primary_kind() != KekKind::Platform {
-        return Err(Error::usage(format!(
-            "this vault's DEKs are wrapped by a customer-managed key ({}): revoke or enable it where it lives — disable it in the HSM, or withhold its private key",
-            vault.keyring().primary_kind()
-        ))
-        .into());
-    }
-    let mut versions = keys.kek.into_versions();
-    let mut changed = Vec::new();
-    for v in versions
-        .iter_mut()
-        .filter(|v| version.is_none_or(|n| n == v.version))
-    {
-        v.state = state;
-        changed.push(v.version);
-    }
-    if changed.is_empty() {
-        return Err(Error::usage(format!(
-            "the keystore has no platform KEK version {}",
-            version.unwrap_or(0)
-        ))
-        .into());
-    }
-    keys.kek = PlatformKek::new(versions);
-    ctx.keystore()?.save(&vault.config().vault_id, &keys)?;
-    let what = if state == KekState::Enabled {
-        "enabled"
-    } else {
-        "revoked"
-    };
-    ctx.out.result(json!({"command": format!("key {}", if state == KekState::Enabled { "enable" } else { "revoke" }), "versions": changed, "state": what}), || {
-        format!("platform KEK version(s) {changed:?} {what}\n")
+fn destroy_key(ctx: &Context, version: u32) -> anyhow::Result<ExitCode> {
+    destroy::destroy(
+        ctx.vault_url()?,
+        &ctx.keystore()?,
+        &ctx.key_access(),
+        version,
+    )?;
+    ctx.out.result(json!({"command": "key destroy", "version": version}), || {
+        format!("platform KEK version {version} destroyed: gone from the keystore for good (destroy older `key export` files too: they still hold it)\n")
     });
     Ok(ExitCode::SUCCESS)
 }
 
-fn recover(
-    ctx: &Context,
-    private: PathBuf,
-    passphrase: Option<PathBuf>,
-    new_cmk: Option<&str>,
-    enrol: &EnrolArgs,
-) -> anyhow::Result<ExitCode> {
-    let url = ctx.vault_url()?;
-    let keystore = ctx.keystore()?;
-    let mut access = ctx.key_access();
-    access.recovery_private = Some(PrivateKeyFile {
-        path: private,
-        passphrase: Some(match passphrase {
-            Some(f) => SecretSource::File(f),
-            None => SecretSource::Env("BLOCKVAULT_RECOVERY_PASSPHRASE".into()),
-        }),
-    });
-    let new_key = match new_cmk {
-        Some(spec) => {
-            // The version after the newest customer key's, from the descriptors' names
-            // (`kek/<kind>-<version:08x>`; the recovery key's do not count).
-            let raw = blockvault::vault::store::open(url)?;
-            let recovery = format!("{}/{}-", kekdesc::PREFIX, KekKind::Recovery);
-            let newest = raw
-                .list(kekdesc::PREFIX)?
-                .iter()
-                .filter(|k| !k.starts_with(&recovery))
-                .filter_map(|k| u32::from_str_radix(k.rsplit('-').next()?, 16).ok())
-                .max()
-                .unwrap_or(0);
-            Some(read_key_spec(ctx, spec, false, newest + 1, enrol)?)
-        }
-        None => None,
-    };
-    let (vault, n) = Vault::recover(url, &keystore, &access, new_key)?;
-    let ks = vault.keystore_file().display().to_string();
+fn recover_keys(ctx: &Context, opts: &recover::RecoverOptions) -> anyhow::Result<ExitCode> {
+    let r = recover::recover(ctx.vault_url()?, &ctx.keystore()?, &ctx.key_access(), opts)?;
     ctx.out.result(
-        json!({"command": "key recover", "records_rewrapped": n, "keystore": ks}),
-        || format!("recovered: {n} key record(s) re-wrapped; keystore file {ks}\n"),
+        json!({
+            "command": "key recover",
+            "records_rewrapped": r.records_rewrapped,
+            "keystore": r.keystore_file,
+            "replaced_keystore_auth_fingerprint": r.replaced_keystore,
+            "auth_fingerprint": r.auth_fingerprint,
+            "kek": r.kek.to_string(),
+        }),
+        || {
+            let mut t = format!(
+                "recovered: {} key record(s) re-wrapped under {}; keystore file {}\n",
+                r.records_rewrapped, r.kek, r.keystore_file
+            );
+            if let Some(old) = &r.replaced_keystore {
+                t += &format!("took over from the keystore with auth fingerprint {old}: it no longer opens the vault\nnew auth fingerprint {} (keep it with the recovery key)\n", r.auth_fingerprint);
+            }
+            t
+        },
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -468,23 +451,13 @@ fn export_keys(
     passphrase: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let vault = ctx.open_vault()?;
-    let vault_id = vault.config().vault_id;
-    let file = zeroize::Zeroizing::new(
-        std::fs::read(vault.keystore_file())
-            .map_err(|e| Error::io(format!("reading {}", vault.keystore_file().display()), e))?,
-    );
     let pass = export::read_passphrase(passphrase.as_deref(), EXPORT_PASSPHRASE_ENV)?;
-    let sealed = export::export(&file, &vault_id, &pass)?;
+    let sealed = transfer::export_keys(&vault, &pass)?;
     write_private(&out, &sealed)?;
+    let id = hex::encode(vault.config().vault_id);
     ctx.out.result(
-        json!({"command": "key export", "file": out.display().to_string()}),
-        || {
-            format!(
-                "keystore of vault {} exported to {}\n",
-                hex::encode(vault_id),
-                out.display()
-            )
-        },
+        json!({"command": "key export", "file": out.display().to_string(), "vault_id": id}),
+        || format!("keystore of vault {id} exported to {}\n", out.display()),
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -513,24 +486,23 @@ fn import_keys(
     let bytes =
         std::fs::read(&file).map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
     let pass = export::read_passphrase(passphrase.as_deref(), EXPORT_PASSPHRASE_ENV)?;
-    let (vault_id, plain) = export::import(&bytes, &pass)?;
-    let keys = keystore::decode(&plain, &vault_id)?;
-    let ks = ctx.keystore()?;
-    if ks.path_for(&vault_id).exists() && !force {
-        return Err(Error::new(
-            ErrorKind::AlreadyExists,
-            format!(
-                "the keystore already holds keys for vault {} ({}); --force replaces them",
-                hex::encode(vault_id),
-                ks.path_for(&vault_id).display()
-            ),
-        )
-        .into());
-    }
-    let path = ks.save(&vault_id, &keys)?;
-    ctx.out.result(json!({"command": "key import", "vault_id": hex::encode(vault_id), "keystore": path.display().to_string()}), || {
-        format!("keys of vault {} imported into {}\n", hex::encode(vault_id), path.display())
-    });
+    let r = transfer::import_keys(ctx.vault_url()?, &ctx.keystore()?, &bytes, &pass, force)?;
+    let id = hex::encode(r.vault_id);
+    let dropped: Vec<String> = r
+        .dropped
+        .iter()
+        .map(|(c, v)| format!("{c} version {v}"))
+        .collect();
+    ctx.out.result(
+        json!({"command": "key import", "vault_id": id, "keystore": r.path.display().to_string(), "dropped_destroyed": dropped}),
+        || {
+            let mut t = format!("keys of vault {id} imported into {}\n", r.path.display());
+            if !dropped.is_empty() {
+                t += &format!("left out (destroyed here): {}\n", dropped.join(", "));
+            }
+            t
+        },
+    );
     Ok(ExitCode::SUCCESS)
 }
 

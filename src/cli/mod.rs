@@ -4,14 +4,19 @@
 
 mod backup;
 mod completions;
+mod forget;
 mod init;
 mod inspect;
 mod key;
 mod key_access;
 mod manpage;
+mod mount;
 mod output;
+mod prune;
 mod restore;
+mod serve;
 mod snapshots;
+mod upgrade;
 mod usage;
 mod verify;
 
@@ -37,7 +42,8 @@ pub use output::Output;
     after_long_help = usage::ENVIRONMENT_AND_EXIT_STATUS
 )]
 pub struct Cli {
-    /// Vault location: a folder path or file://PATH (or set BLOCKVAULT_VAULT).
+    /// Vault location: a folder path, file://PATH, s3://BUCKET/PREFIX or
+    /// az://CONTAINER/PREFIX (or set BLOCKVAULT_VAULT).
     #[arg(long, global = true, value_name = "URL", help_heading = usage::GLOBAL)]
     vault: Option<String>,
     /// Folder of the platform keystore (or set BLOCKVAULT_KEYSTORE; default:
@@ -63,13 +69,23 @@ enum Command {
     Snapshots(snapshots::Args),
     /// Restore a snapshot to a file (raw or qcow2), a block device or an NBD export.
     Restore(restore::Args),
+    /// Mount snapshots as read-only raw image files (FUSE), one folder per disk.
+    Mount(mount::Args),
+    /// Serve snapshots as NBD exports (read-only, or copy-on-write into a local overlay).
+    Serve(serve::Args),
     /// Check the vault's structure, or with --read-data every stored byte.
     Verify(verify::Args),
+    /// Remove the snapshots a retention policy does not keep (restic's --keep-* rules).
+    Forget(forget::Args),
+    /// Delete the packs no snapshot references (safe while other hosts back up).
+    Prune(prune::Args),
     /// Key management: show, rotate, revoke, enable, recover, export, import, escrow.
     Key(key::Args),
     /// Show what a backup of SOURCE would see: size, format, allocation, dirty bitmaps,
     /// partition table and encrypted volumes.
     Inspect(inspect::Args),
+    /// Bring a vault of an older format to the current one, in place (needs its keys).
+    Upgrade(upgrade::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     Completions(completions::Args),
     /// Print the manual page (roff) on stdout.
@@ -206,9 +222,14 @@ pub fn main() -> ExitCode {
         Command::Backup(a) => backup::run(&ctx, a),
         Command::Snapshots(a) => snapshots::run(&ctx, a),
         Command::Restore(a) => restore::run(&ctx, a),
+        Command::Mount(a) => mount::run(&ctx, a),
+        Command::Serve(a) => serve::run(&ctx, a),
         Command::Verify(a) => verify::run(&ctx, a),
+        Command::Forget(a) => forget::run(&ctx, a),
+        Command::Prune(a) => prune::run(&ctx, a),
         Command::Key(a) => key::run(&ctx, a),
         Command::Inspect(a) => inspect::run(&ctx, a),
+        Command::Upgrade(a) => upgrade::run(&ctx, a),
         Command::Completions(a) => completions::run(a),
         Command::Manpage => manpage::run(),
     };

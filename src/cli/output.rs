@@ -28,6 +28,14 @@ impl Output {
         print(text.as_bytes());
     }
 
+    /// Print one event of a long-running command: a compact JSON line on stdout, flushed at
+    /// once, with --json; nothing otherwise (its text goes to stderr).
+    pub fn event(&self, doc: Value) {
+        if self.json {
+            print(format!("{doc}\n").as_bytes());
+        }
+    }
+
     /// Report a failure: the error and its causes, on stderr (and as JSON on stdout with --json).
     pub fn error(&self, e: &anyhow::Error) {
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();

@@ -1,5 +1,8 @@
 //! `blockvault restore DISK[@ID|@latest] TARGET`: to a file (raw or qcow2), a block device or
 //! an NBD export; `--skip-damaged` for a best-effort restore that lists what it could not.
+//! `restore group:VM[@ID] …` restores every disk of a VM's group ([`group`]).
+
+mod group;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,10 +20,13 @@ use super::Context;
 /// Arguments of `restore`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// DISK, DISK@latest or DISK@SNAPSHOT-ID (a unique prefix is enough).
+    /// DISK, DISK@latest or DISK@SNAPSHOT-ID (a unique prefix is enough); or a group:
+    /// group:VM, group:VM@latest, group:VM@GROUP-ID.
     snapshot: String,
     /// File, block device, or NBD export (nbd://HOST:PORT/EXPORT,
-    /// nbd+unix:///EXPORT?socket=PATH) to write.
+    /// nbd+unix:///EXPORT?socket=PATH) to write; for a group, a folder (each disk to
+    /// FOLDER/DISK.raw, DISK.qcow2 with --format qcow2) or DISK=TARGET[,DISK=TARGET...] naming
+    /// every disk.
     target: PathBuf,
     /// Overwrite a non-empty target file, or a device or NBD export that holds data (never a
     /// device that is mounted or in use).
@@ -45,6 +51,10 @@ pub struct Args {
     /// mode 0600 (the folder is created 0700).
     #[arg(long, value_name = "DIR")]
     with_escrow: Option<PathBuf>,
+    /// For a group: write the VM configuration kept with it here (default with a folder
+    /// target: FOLDER/<its file name>).
+    #[arg(long, value_name = "FILE")]
+    vm_config: Option<PathBuf>,
 }
 
 /// `--format` values.
@@ -63,6 +73,20 @@ impl From<FormatArg> for Format {
     }
 }
 
+/// The file an escrowed key named `name` is written to. Names are printable text without `/`
+/// or NUL; keep the file name plain anyway.
+fn file_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.@".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// Write each escrowed secret of `disk` to `dir/<name>`; returns the names written.
 fn write_escrows(
     vault: &blockvault::vault::Vault,
@@ -72,33 +96,36 @@ fn write_escrows(
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let io = |what: String| move |e| blockvault::Error::io(what, e);
+    let escrows = vault.escrows(disk)?;
+    for (i, e) in escrows.iter().enumerate() {
+        let file = file_name(&e.name);
+        if let Some(other) = escrows[..i].iter().find(|o| file_name(&o.name) == file) {
+            anyhow::bail!("escrowed keys {:?} and {:?} would both be written to {}: nothing was written; rename one (`key escrow --name`)", other.name, e.name, dir.join(&file).display());
+        }
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(io(format!("creating {}", dir.display())))?;
     let mut names = Vec::new();
-    for e in vault.escrows(disk)? {
-        // Names are printable text without `/` or NUL; keep the file name plain anyway.
-        let file: String = e
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_alphanumeric() || "-_.@".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = dir.join(&file);
+    for e in escrows {
+        let path = dir.join(file_name(&e.name));
+        // O_NOFOLLOW: a link planted in DIR must not send the secret elsewhere.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .map_err(io(format!("creating {}", path.display())))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => blockvault::Error::new(
+                    blockvault::ErrorKind::Usage,
+                    format!("{} is a symbolic link: an escrowed key is never written through one (remove it or choose another folder)", path.display()),
+                ),
+                _ => io(format!("creating {}", path.display()))(e),
+            })?;
         // An existing file keeps its mode on open: make it private before writing.
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .and_then(|_| f.write_all(&e.secret))
@@ -109,8 +136,23 @@ fn write_escrows(
     Ok(names)
 }
 
+/// How to restore, as the command line says (for one disk, or every member of a group).
+fn options(a: &Args) -> RestoreOptions {
+    RestoreOptions {
+        force: a.force,
+        sync: !a.no_sync,
+        range: a.range.clone(),
+        format: a.format.map(Format::from),
+        skip_damaged: a.skip_damaged,
+        ..RestoreOptions::default()
+    }
+}
+
 /// Restore a snapshot.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
+    if let Some(spec) = a.snapshot.strip_prefix(group::PREFIX) {
+        return group::run(ctx, spec, &a);
+    }
     let vault = ctx.open_vault_unwrapping()?;
     let (name, spec) = a
         .snapshot
@@ -119,21 +161,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let disk = require_disk(&vault, name)?;
     let m = vault.resolve_snapshot(&disk, spec)?;
     let bar = ctx.out.progress("restore");
-    let r = restore::restore(
-        &vault,
-        &disk,
-        &m,
-        &a.target,
-        &RestoreOptions {
-            force: a.force,
-            sync: !a.no_sync,
-            range: a.range.clone(),
-            format: a.format.map(Format::from),
-            skip_damaged: a.skip_damaged,
-            ..RestoreOptions::default()
-        },
-        &bar,
-    )?;
+    let r = restore::restore(&vault, &disk, &m, &a.target, &options(&a), &bar)?;
     drop(bar);
     let secs = seconds(r.seconds);
     let escrowed = match &a.with_escrow {

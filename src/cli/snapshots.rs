@@ -1,4 +1,6 @@
-//! `blockvault snapshots`
+//! `blockvault snapshots`, with the groups their snapshots belong to ([`groups`]).
+
+mod groups;
 
 use std::process::ExitCode;
 
@@ -22,11 +24,13 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let vault = ctx.open_vault_unwrapping()?;
     let mut per_disk = Vec::new();
     for disk in vault.disks()? {
-        if a.disk.as_ref().is_some_and(|d| *d != disk.name) {
-            continue;
-        }
         per_disk.push(vault.snapshots(&disk)?);
     }
+    // Groups from every disk's snapshots: a group lists all its members, also those on
+    // disks --disk leaves out.
+    let all: Vec<_> = per_disk.iter().flatten().cloned().collect();
+    let groups = groups::of(&all, a.disk.as_deref());
+    per_disk.retain(|h| a.disk.is_none() || h.first().map(|m| &m.disk_name) == a.disk.as_ref());
     let rows = oldest_first(per_disk, |m| m.created, |m| &m.disk_name);
     if let Some(d) = &a.disk {
         if rows.is_empty() && vault.find_disk(d)?.is_none() {
@@ -54,8 +58,10 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             "bitmaps": m.info.bitmaps,
             "bitmap_created": m.info.bitmap_created,
             "notes": m.info.notes,
+            "group": m.info.group.as_ref().map(|g| &g.id),
             "layout": serde_json::from_str::<serde_json::Value>(&m.layout).ok(),
         })).collect::<Vec<_>>(),
+        "groups": groups::json(&groups),
     });
     ctx.out.result(doc, || {
         let mut t = format!(
@@ -78,6 +84,7 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             );
         }
         t += &format!("{} snapshots\n", rows.len());
+        t += &groups::text(&groups);
         t
     });
     Ok(ExitCode::SUCCESS)

@@ -2,8 +2,12 @@
 //! 6.9 GB/s on one core; see docs/ARCHITECTURE.md).
 //!
 //! Nonces are 96 bits from the OS CSPRNG, fresh for every seal. The number of seals per key is
-//! bounded by the caller (DEK generations, see `engine::GENERATION_SEAL_LIMIT`), keeping the random-nonce
-//! collision probability far below NIST SP 800-38D's 2^-32 bound.
+//! bounded by the caller (DEK generations, see `vault::snapshots::GENERATION_SEAL_LIMIT`),
+//! keeping the random-nonce collision probability far below NIST SP 800-38D's 2^-32 bound;
+//! every key counts its seals ([`AeadKey::seals`]) so that the bound is checked against what
+//! was really sealed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ring::aead::{Aad, LessSafeKey, Nonce as RingNonce, UnboundKey, AES_256_GCM};
 
@@ -19,21 +23,34 @@ pub type Nonce = [u8; NONCE_LEN];
 
 /// An AES-256-GCM key. `ring` keeps the expanded key; it is dropped (and `ring` clears it) with
 /// this value. Not `Clone` or `Debug`.
-pub struct AeadKey(LessSafeKey);
+pub struct AeadKey {
+    key: LessSafeKey,
+    /// Seals made with this key object (each took a nonce, whether or not it was stored).
+    seals: AtomicU64,
+}
 
 impl AeadKey {
     /// Expand a 256-bit secret into a GCM key.
     pub fn new(key: &Secret32) -> Self {
         // A 32-byte key is always valid for AES-256-GCM.
         let unbound = UnboundKey::new(&AES_256_GCM, key.expose()).expect("32-byte AES-256-GCM key");
-        AeadKey(LessSafeKey::new(unbound))
+        AeadKey {
+            key: LessSafeKey::new(unbound),
+            seals: AtomicU64::new(0),
+        }
+    }
+
+    /// Seals made with this key object so far.
+    pub fn seals(&self) -> u64 {
+        self.seals.load(Ordering::Relaxed)
     }
 
     /// Encrypt `buf` in place under a fresh random nonce; returns the nonce and the tag.
     pub fn seal(&self, aad: &[u8], buf: &mut [u8]) -> Result<(Nonce, [u8; TAG_LEN])> {
         let nonce: Nonce = random_bytes()?;
+        self.seals.fetch_add(1, Ordering::Relaxed);
         let tag = self
-            .0
+            .key
             .seal_in_place_separate_tag(
                 RingNonce::assume_unique_for_key(nonce),
                 Aad::from(aad),
@@ -65,7 +82,7 @@ impl AeadKey {
         buf: &'a mut [u8],
         what: &dyn Fn() -> String,
     ) -> Result<&'a mut [u8]> {
-        self.0
+        self.key
             .open_in_place(
                 RingNonce::assume_unique_for_key(*nonce),
                 Aad::from(aad),

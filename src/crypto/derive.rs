@@ -33,6 +33,12 @@ pub struct GenerationKeys {
 }
 
 impl GenerationKeys {
+    /// Seals made with any of these keys so far (by this process): what a job adds to its
+    /// generation's nonce budget.
+    pub fn seals(&self) -> u64 {
+        self.extent.seals() + self.manifest.seals() + self.pack_index.seals() + self.meta.seals()
+    }
+
     /// Derive all sealing keys of a DEK generation.
     pub fn derive(dek: &Secret32) -> Self {
         GenerationKeys {
@@ -44,8 +50,11 @@ impl GenerationKeys {
     }
 }
 
-/// Keys that identify content, derived once from the disk's first DEK (generation 0) so that
-/// ids stay stable when a new DEK generation starts (dedup and change detection keep working).
+/// Keys that identify content, derived from the DEK of the disk's *identity generation*: the
+/// first generation, until `key rotate --new-dek` starts a new identity. Ids stay stable while
+/// only the sealing keys change (a generation started for the nonce budget), so dedup and
+/// change detection keep working; a new identity is the compromise response when a DEK leaked,
+/// and dedup with earlier snapshots stops there.
 pub struct IdentityKeys {
     /// Keyed hash of extent plaintext.
     pub extent_id: IdKey,
@@ -54,7 +63,7 @@ pub struct IdentityKeys {
 }
 
 impl IdentityKeys {
-    /// Derive from the generation-0 DEK.
+    /// Derive from the identity generation's DEK.
     pub fn derive(dek0: &Secret32) -> Self {
         IdentityKeys {
             extent_id: IdKey::new(derive(context::EXTENT_ID, dek0)),

@@ -75,6 +75,12 @@ pub trait KekProvider: Send + Sync {
     fn wrap(&self, id: KekId, dek: &Secret32, aad: &[u8]) -> Result<Vec<u8>>;
     /// Unwrap with the key named by `id`.
     fn unwrap(&self, id: KekId, wrapped: &[u8], aad: &[u8]) -> Result<Secret32>;
+    /// Whether wraps by keys of `kind` are this provider's to open at all (a record's other
+    /// wraps are skipped, so that an error names the key that should have opened it).
+    fn handles(&self, kind: KekKind) -> bool {
+        let _ = kind;
+        true
+    }
 }
 
 /// AAD of the round trip [`check_unwrap`] makes; never used for a stored wrap.
@@ -118,15 +124,37 @@ pub struct PlatformKeyVersion {
     pub key: Secret32,
 }
 
-/// The platform-managed KEK: all versions from the keystore; the newest enabled one wraps.
+/// The platform-managed KEK: all versions from the keystore; the vault's current one wraps.
 pub struct PlatformKek {
     versions: Vec<PlatformKeyVersion>,
+    /// The version the vault head names as current (`None`: the newest held).
+    current: Option<u32>,
 }
 
 impl PlatformKek {
     /// Build from the versions a keystore holds.
     pub fn new(versions: Vec<PlatformKeyVersion>) -> Self {
-        PlatformKek { versions }
+        PlatformKek {
+            versions,
+            current: None,
+        }
+    }
+
+    /// Apply the vault's own view (its head): `current` wraps new DEKs, and every version in
+    /// `revoked` refuses use whatever the keystore says (a revocation holds even against a
+    /// keystore restored from an export made before it).
+    pub fn with_vault_state(
+        mut self,
+        current: u32,
+        revoked: &std::collections::BTreeSet<u32>,
+    ) -> Self {
+        for v in &mut self.versions {
+            if revoked.contains(&v.version) {
+                v.state = KekState::Revoked;
+            }
+        }
+        self.current = Some(current);
+        self
     }
 
     /// The versions, for `key show` and rotation.
@@ -162,15 +190,19 @@ impl PlatformKek {
 
 impl KekProvider for PlatformKek {
     fn current(&self) -> Result<KekId> {
-        let newest = self
-            .versions
-            .iter()
-            .max_by_key(|v| v.version)
-            .ok_or_else(|| Error::new(ErrorKind::Key, "the keystore holds no platform KEK"))?;
-        self.enabled(newest.version)?;
+        let version = match self.current {
+            Some(v) => v,
+            None => self
+                .versions
+                .iter()
+                .map(|v| v.version)
+                .max()
+                .ok_or_else(|| Error::new(ErrorKind::Key, "the keystore holds no platform KEK"))?,
+        };
+        self.enabled(version)?;
         Ok(KekId {
             kind: KekKind::Platform,
-            version: newest.version,
+            version,
         })
     }
 

@@ -83,12 +83,18 @@ impl KekProvider for Keyring {
     fn unwrap(&self, id: KekId, wrapped: &[u8], aad: &[u8]) -> Result<Secret32> {
         self.provider(id.kind)?.unwrap(id, wrapped, aad)
     }
+
+    fn handles(&self, kind: KekKind) -> bool {
+        kind == self.primary_kind || (kind == KekKind::Recovery && self.recovery.is_some())
+    }
 }
 
 /// Several versions of one customer key kind (rotation to a new RSA key adds a version):
 /// the newest wraps, each unwraps its own.
 pub struct Versions {
     versions: std::collections::BTreeMap<u32, Box<dyn KekProvider>>,
+    /// The version that wraps new DEKs (the vault head's; `None`: the newest).
+    current: Option<u32>,
 }
 
 impl Versions {
@@ -96,7 +102,14 @@ impl Versions {
     pub fn new(versions: impl IntoIterator<Item = (u32, Box<dyn KekProvider>)>) -> Self {
         Versions {
             versions: versions.into_iter().collect(),
+            current: None,
         }
+    }
+
+    /// Wrap new DEKs with `version` (the one the vault head names), not the newest held.
+    pub fn with_current(mut self, version: u32) -> Self {
+        self.current = Some(version);
+        self
     }
 
     fn get(&self, id: KekId) -> Result<&dyn KekProvider> {
@@ -111,11 +124,16 @@ impl Versions {
 
 impl KekProvider for Versions {
     fn current(&self) -> Result<KekId> {
-        self.versions
-            .values()
-            .next_back()
+        let provider = match self.current {
+            Some(v) => self.versions.get(&v),
+            None => self.versions.values().next_back(),
+        };
+        provider
             .ok_or_else(|| {
-                Error::new(ErrorKind::Key, "the vault holds no customer key descriptor")
+                Error::new(
+                    ErrorKind::Key,
+                    "the vault holds no descriptor of its current customer key",
+                )
             })?
             .current()
     }

@@ -114,7 +114,9 @@ fn follow(
                 name: name.clone(),
                 ..BitmapRecord::default()
             });
-        now.dirty_bytes = Some(claim.list.bytes());
+        // Counted the way the source counted it for the parent's record where it can (QMP's
+        // count rounds a partial last granule up; block status clips it), else from the claim.
+        now.dirty_bytes.get_or_insert(claim.list.bytes());
         if let Some(why) = lineage::broken(&parent.info, &parent.id.short(), &now) {
             return Ok(by_hash(
                 format!("bitmap {name} not trusted: {why}; compared every slot by hash instead"),

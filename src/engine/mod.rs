@@ -12,6 +12,7 @@
 
 pub mod auto_bitmap;
 pub mod claim;
+pub mod gate;
 pub mod identity;
 pub mod overlay;
 pub mod pipeline;
@@ -42,10 +43,6 @@ use writer::Writer;
 
 /// Default slot size.
 pub const DEFAULT_SLOT_SIZE: u32 = 1 << 20;
-/// Seals one DEK generation may make before a new generation starts. Random 96-bit nonces
-/// stay far inside NIST SP 800-38D's 2^32 limit: at 2^30 seals the chance of any nonce
-/// collision is below 2^-35.
-pub const GENERATION_SEAL_LIMIT: u64 = 1 << 30;
 /// Bytes of slot buffers in flight.
 pub(crate) const BUFFER_BUDGET: usize = 32 << 20;
 
@@ -91,6 +88,8 @@ pub struct BackupOptions {
     /// Back up a source whose partition table identity differs from the disk's latest
     /// snapshot ([`identity`]).
     pub force: bool,
+    /// Waited on just before the manifest is written ([`gate`]: a group commits together).
+    pub commit_gate: Option<std::sync::Arc<dyn gate::CommitGate>>,
 }
 
 /// A change source's claim, as the manifest will record it.
@@ -124,6 +123,7 @@ impl Default for BackupOptions {
             snapshot_id: None,
             info: SnapshotInfo::default(),
             force: false,
+            commit_gate: None,
         }
     }
 }
@@ -171,27 +171,31 @@ fn check_slot_size(s: u32) -> Result<()> {
     Ok(())
 }
 
-/// Everything a backup settles before reading: the disk and its lock, the parent, the slot
-/// size and the DEK generation that will seal.
+/// Everything a backup settles before planning: the disk and its lock, the parent and the
+/// slot size.
 struct Job {
     disk: Disk,
     new_disk: bool,
     _lock: Box<dyn Send>,
+    /// Held from before the head is read to the end: prune waits for it (retention::lease).
+    lease: crate::retention::lease::BackupLease,
     parent: Option<Manifest>,
     /// What the disk's latest snapshot recorded of its source.
     latest: Option<identity::Recorded>,
     slot_size: u32,
-    generation: u32,
-    seals_before: u64,
-    /// Sequence number of the snapshot this job writes.
-    next_sequence: u64,
+    /// Why the parent was not used for dedup, when it could not be.
+    note: Option<String>,
 }
 
 impl Job {
-    fn prepare(vault: &Vault, opts: &BackupOptions, disk_size: u64) -> Result<Job> {
-        let (mut disk, new_disk) = {
-            // Registering a disk takes moments: wait for another registration rather than fail.
+    fn prepare(vault: &Vault, opts: &BackupOptions) -> Result<Job> {
+        let lease = crate::retention::lease::BackupLease::start(vault.raw_store())?;
+        let (disk, new_disk) = {
+            // Registering a disk takes moments: wait for another registration on this host
+            // rather than fail (across hosts the head's compare-and-swap refuses a duplicate).
             let _lock = vault.store().lock("new-disk", Duration::from_secs(60))?;
+            // Read the head anew: the registration waited for may have listed the disk.
+            vault.head()?;
             match vault.find_disk(&opts.disk)? {
                 Some(d) => (d, false),
                 None => (vault.create_disk(&opts.disk)?, true),
@@ -201,47 +205,57 @@ impl Job {
             .store()
             .lock(&disk.id_hex(), Duration::ZERO)
             .map_err(|e| e.within(format!("disk {}", opts.disk)))?;
-        let history = vault.snapshots(&disk)?;
-        let next_sequence = history.last().map_or(0, |m| m.sequence + 1);
-        let parent = match &opts.parent {
+        // A backup of this disk that held the lock until now may have committed meanwhile.
+        vault.head()?;
+        let latest = vault.latest_snapshot(&disk)?;
+        let mut parent = match &opts.parent {
             ParentSpec::None => None,
-            ParentSpec::Latest => history.last().cloned(),
+            ParentSpec::Latest => latest.clone(),
             ParentSpec::Id(id) => Some(vault.resolve_snapshot(&disk, id)?),
         };
-        // The slot size is fixed by the disk's first backup, so snapshots compare slot by slot.
-        let slot_size = history.first().map_or(opts.slot_size, |m| m.slot_size);
-
-        // Nonce budget: count this job's worst case (a frame per slot, a pack index per
-        // frame, the manifest) before sealing anything with the current generation.
-        let mut generation = disk.current_generation();
-        let mut seals_before = history
-            .iter()
-            .filter(|m| m.generation == generation)
-            .map(|m| m.seals_in_generation)
-            .max()
-            .unwrap_or(0);
-        let worst_case = manifest::slot_count(disk_size, slot_size) * 2 + 16;
-        if seals_before + worst_case >= GENERATION_SEAL_LIMIT {
-            disk = vault.new_generation(&disk)?;
-            generation = disk.current_generation();
-            seals_before = 0;
-            tracing::info!(
-                generation,
-                "nonce budget of the DEK generation spent: started a new DEK generation"
+        let mut note = None;
+        if let Some(p) = parent.take_if(|p| p.info.identity_generation != disk.identity_generation)
+        {
+            let why = format!(
+                "the disk's content-identity key was rotated after parent {} (key rotate --new-dek): reading the whole disk, dedup with earlier snapshots stops here",
+                p.id.short()
             );
+            tracing::warn!(disk = %disk.name, "{why}");
+            note = Some(why);
         }
+        if let Some(why) = parent.as_ref().map_or(Ok(None), |p| {
+            crate::retention::lease::parent_blocked(vault, p)
+        })? {
+            tracing::warn!(disk = %disk.name, "{why}");
+            parent = None;
+            note = Some(why);
+        }
+        // The slot size is fixed by the disk's first backup, so snapshots compare slot by slot.
+        let slot_size = match vault.cached_head().disk(&disk.id)?.slot_size {
+            0 => opts.slot_size,
+            fixed => fixed,
+        };
         Ok(Job {
-            next_sequence,
             disk,
             new_disk,
             _lock: lock,
+            lease,
             parent,
-            latest: history.last().map(identity::Recorded::of),
+            latest: latest.as_ref().map(identity::Recorded::of),
             slot_size,
-            generation,
-            seals_before,
+            note,
         })
     }
+}
+
+/// The most AES-GCM seals a job that reads `slots` slots can make: a slot stored whole is at
+/// most two frames (the compression trial's and the rest), a slot stored as overlays at most
+/// [`overlay::MAX_OVERLAYS`] pieces; a pack holds at least one frame, so there are at most as
+/// many pack indexes as frames; and the manifest. Reserved in the head before anything is
+/// sealed, and settled to the seals really made at commit.
+fn worst_case_seals(slots: u64) -> u64 {
+    let per_slot = (overlay::MAX_OVERLAYS as u64).max(2);
+    slots.saturating_mul(per_slot * 2).saturating_add(16)
 }
 
 /// Back up `source` into `vault` as a new snapshot of `opts.disk`. A run that fails or is
@@ -277,7 +291,7 @@ fn write_snapshot(
     let _g = span.enter();
 
     let disk_size = source.size();
-    let job = Job::prepare(vault, opts, disk_size)?;
+    let job = Job::prepare(vault, opts)?;
     if manifest::slot_count(disk_size, job.slot_size) > manifest::MAX_SLOTS {
         return Err(Error::usage(format!(
             "a {disk_size}-byte disk has more than {} slots of {} bytes: choose a larger --slot-size for its first backup",
@@ -285,18 +299,36 @@ fn write_snapshot(
         )));
     }
     let Job {
-        ref disk,
+        disk,
         new_disk,
         ref parent,
         slot_size,
-        generation,
-        seals_before,
+        note,
         ..
     } = job;
     let nslots = manifest::slot_count(disk_size, slot_size);
-    let keys = disk.generation(generation)?;
     let layout = scan_layout(source);
     let remarks = identity::compare(job.latest.as_ref(), source, layout.as_ref(), opts.force)?;
+
+    // The bitmaps as they are before any data is read (changes::lineage::record).
+    let bitmaps = crate::changes::lineage::record(source)?;
+    let data = source.data_ranges()?;
+    let decided = claim::decide(
+        vault,
+        &disk,
+        parent.as_ref(),
+        source,
+        opts,
+        &data,
+        &bitmaps,
+        slot_size,
+    )?;
+    let plan = decided.plan;
+    // Sequence and nonce budget, before anything is sealed (a new DEK generation may start).
+    let (disk, reservation) = vault.reserve(disk, worst_case_seals(plan.slots_read()))?;
+    let generation = reservation.generation;
+    let keys = disk.generation(generation)?;
+    let seals_before = keys.seals();
 
     let parent_extents: HashMap<_, _> = parent
         .iter()
@@ -312,28 +344,13 @@ fn write_snapshot(
         buffers: Recycler::new(64),
         parent: parent
             .as_ref()
-            .map(|manifest| overlay::ParentView::new(vault, disk, manifest)),
+            .map(|manifest| overlay::ParentView::new(vault, &disk, manifest)),
         slot_size,
         ciphertext: layout
             .as_ref()
             .map(|l| l.ciphertext_ranges())
             .unwrap_or_default(),
     };
-
-    // The bitmaps as they are before any data is read (changes::lineage::record).
-    let bitmaps = crate::changes::lineage::record(source)?;
-    let data = source.data_ranges()?;
-    let decided = claim::decide(
-        vault,
-        disk,
-        parent.as_ref(),
-        source,
-        opts,
-        &data,
-        &bitmaps,
-        slot_size,
-    )?;
-    let plan = decided.plan;
     let mut stats = Stats {
         slots_zero: nslots - plan.slots_read() - plan.carried.len() as u64,
         ..Stats::default()
@@ -352,9 +369,6 @@ fn write_snapshot(
         &parent_extents,
     )?;
     let (writer, local, reader) = pipeline::run(source, plan, &ctx, writer, opts, progress)?;
-    // Every frame a worker sealed spent a nonce, even one the writer then dropped as a
-    // duplicate; add the pack indexes and the manifest.
-    let seals_in_job = local.slots_new + writer.seals + 1;
     let bytes_stored = writer.bytes_stored;
     let tables = writer.finish()?;
     stats.bytes_read = local.bytes_read;
@@ -366,12 +380,14 @@ fn write_snapshot(
 
     let mut info = opts.info.clone();
     info.bitmaps = bitmaps;
-    let notes: Vec<String> = decided
-        .notes
+    info.identity_generation = disk.identity_generation;
+    let notes: Vec<String> = note
         .iter()
+        .chain(&decided.notes)
         .chain(&remarks.notes)
         .cloned()
         .collect();
+    info.notes.extend(note);
     info.notes.extend(decided.notes);
     info.notes.extend(remarks.recorded());
     let mut m = Manifest {
@@ -381,7 +397,7 @@ fn write_snapshot(
         },
         generation,
         created: crate::util::now_unix(),
-        sequence: job.next_sequence,
+        sequence: reservation.sequence,
         disk_name: disk.name.clone(),
         source: source.name().to_string(),
         parent: parent.as_ref().map(|p| p.id),
@@ -389,7 +405,8 @@ fn write_snapshot(
         slot_size,
         change_source: decided.change_source,
         change_detail: decided.change_detail,
-        seals_in_generation: seals_before + seals_in_job,
+        // The frames and pack indexes this job sealed, and its manifest.
+        seals_in_generation: keys.seals() - seals_before + 1,
         stats,
         digest: [0; 32],
         packs: tables.packs,
@@ -409,7 +426,11 @@ fn write_snapshot(
     );
     // The last moment a stop asked for by a signal is honoured: after this, the backup is done.
     crate::interrupt::check()?;
-    vault.put_manifest(disk, &m)?;
+    job.lease.check_before_commit()?;
+    if let Some(gate) = &opts.commit_gate {
+        gate.ready()?;
+    }
+    vault.commit_snapshot(&disk, &m, &reservation, seals_before)?;
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {
         snapshot: m.id,

@@ -17,7 +17,7 @@ use std::ops::Range;
 use super::worker::{Outcome, WorkerContext};
 use crate::crypto::ExtentId;
 use crate::error::Result;
-use crate::restore::slot_content;
+use crate::reader::slot_content;
 use crate::vault::manifest::{Manifest, Slot, CONTENT_UNHASHED, ZERO};
 use crate::vault::{Disk, Vault};
 

@@ -38,7 +38,6 @@ mod tests {
     use crate::restore::{restore, RestoreOptions};
     use crate::source::{self, OpenOptions};
     use crate::vault::manifest::ChangeSource;
-    use crate::vault::Vault;
 
     const MIB: u64 = 1 << 20;
 
@@ -94,11 +93,13 @@ mod tests {
     #[test]
     fn backup_counts_the_bytes_it_reads_and_restore_the_bytes_it_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let vault = Vault::init(
+        let vault = crate::keys::init::init(
             dir.path().join("vault").to_str().unwrap(),
             &Keystore::new(dir.path().join("keystore")),
+            &crate::keys::init::InitOptions::default(),
         )
-        .unwrap();
+        .unwrap()
+        .vault;
         let path = sparse_disk(dir.path());
         let src = source::open(path.to_str().unwrap(), &OpenOptions::default()).unwrap();
 

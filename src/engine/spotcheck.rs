@@ -16,7 +16,7 @@ use super::worker::is_zero;
 use crate::crypto::secret::random_bytes;
 use crate::error::Result;
 use crate::io::{self, AlignedBuf};
-use crate::restore::slot_content;
+use crate::reader::slot_content;
 use crate::source::Source;
 use crate::vault::manifest::{Manifest, Slot, CONTENT_UNHASHED};
 use crate::vault::{Disk, Vault};

@@ -41,8 +41,6 @@ pub struct Writer<'a> {
     uploader: Option<JoinHandle<Result<()>>>,
     /// Bytes of new frames.
     pub bytes_stored: u64,
-    /// Pack indexes sealed (frames are sealed, and counted, by the workers).
-    pub seals: u64,
 }
 
 impl<'a> Writer<'a> {
@@ -94,7 +92,6 @@ impl<'a> Writer<'a> {
             spare_packs,
             uploader: Some(uploader),
             bytes_stored: 0,
-            seals: 0,
         })
     }
 
@@ -233,7 +230,6 @@ impl<'a> Writer<'a> {
             return Ok(());
         };
         let (id, bytes) = pack.finish(&self.binding, &self.keys)?;
-        self.seals += 1;
         self.tables.packs[idx as usize] = (id, bytes.len() as u64);
         self.pack_index.insert(id, idx);
         tracing::debug!(pack = %id, bytes = bytes.len(), "writer: pack sealed, handed to the uploader");

@@ -11,12 +11,12 @@
 //!
 //! ```text
 //!  digest check ─► target::open (probe, refuse) ─► rayon: per slot ─► interrupt::check
-//!                                                     │  slot::read_slot (fetch, check)
+//!                                                     │  reader::read_slot (fetch, check)
 //!                                                     └► Target::write / zero
 //!  ─► Target::finish (qcow2 metadata, fsync / NBD flush)      on error: Target::abandon
 //! ```
 
-pub mod slot;
+pub mod subset;
 pub mod target;
 pub mod verify;
 
@@ -34,7 +34,8 @@ use crate::source::NbdOptions;
 use crate::vault::manifest::{Manifest, Slot};
 use crate::vault::{Disk, Vault};
 
-pub use slot::{fetch_extent, read_slot, slot_content, slot_frames, Damage};
+pub use crate::reader::Damage;
+use crate::reader::{read_slot, slot_frames};
 use target::{Format, Target, TargetKind, TargetOptions};
 
 /// What a restore did.
@@ -106,12 +107,7 @@ pub fn restore(
     let started = Instant::now();
     let span = tracing::info_span!("restore", disk = %disk.name, snapshot = %m.id.short());
     let _g = span.enter();
-    if m.compute_digest(&disk.identity.digest) != m.digest {
-        return Err(Error::integrity(format!(
-            "snapshot {}: slot table does not match its recorded disk digest",
-            m.id.short()
-        )));
-    }
+    crate::reader::check_digest(disk, m)?;
     let range = opts.range.clone().unwrap_or(0..m.disk_size);
     if range.start > range.end || range.end > m.disk_size {
         return Err(Error::usage(format!(

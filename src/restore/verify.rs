@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rayon::prelude::*;
 use serde::Serialize;
 
+pub use super::subset::ReadData;
 use crate::engine::Progress;
 use crate::error::Result;
 use crate::vault::frame;
@@ -33,8 +34,12 @@ pub struct Problem {
 /// Result of a verify run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
-    /// Whether every stored byte was read.
+    /// Whether stored bytes were read (all, or the subset below).
     pub read_data: bool,
+    /// The subset of packs read (`n/m`, `p%`), or null when all or none were.
+    pub read_data_subset: Option<String>,
+    /// Packs read whole.
+    pub packs_read: u64,
     /// Disks checked.
     pub disks: u64,
     /// Snapshots checked.
@@ -66,21 +71,26 @@ pub struct VerifyReport {
 struct PackUse {
     size: u64,
     disk: usize,
+    /// The identity generation of the snapshots using it (a pack is written by one job, and a
+    /// new identity never carries a parent's packs over).
+    identity_generation: u32,
     /// (offset, len, id) → extent, for frames snapshots reference.
     frames: BTreeMap<(u32, u32), crate::crypto::ExtentId>,
     snapshots: BTreeSet<String>,
 }
 
-/// Verify the vault (or one disk of it).
+/// Verify the vault (or one disk of it), reading the packs `read_data` selects.
 pub fn verify(
     vault: &Vault,
     only_disk: Option<&str>,
-    read_data: bool,
+    read_data: ReadData,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
     let started = std::time::Instant::now();
     let mut report = VerifyReport {
-        read_data,
+        read_data: read_data != ReadData::None,
+        read_data_subset: matches!(read_data, ReadData::Slice { .. } | ReadData::Percent(_))
+            .then(|| read_data.to_string()),
         ..Default::default()
     };
     let mut disks: Vec<Disk> = Vec::new();
@@ -131,7 +141,7 @@ pub fn verify(
             };
             report.snapshots += 1;
             let label = format!("{}@{}", disk.name, m.id.short());
-            if m.compute_digest(&disk.identity.digest) != m.digest {
+            if m.compute_digest(&disk.identity_for(&m)?.digest) != m.digest {
                 report.problems.push(Problem {
                     object: key,
                     problem: "slot table does not match the disk digest".into(),
@@ -169,14 +179,20 @@ pub fn verify(
         count_leftovers(vault, &packs, &mut report)?;
     }
 
-    if read_data {
+    if read_data != ReadData::None {
         let damaged: BTreeSet<String> = report.problems.iter().map(|p| p.object.clone()).collect();
+        let chosen = read_data.select(&packs.keys().copied().collect())?;
+        let packs: BTreeMap<&PackId, &PackUse> = packs
+            .iter()
+            .filter(|(id, _)| chosen.contains(*id))
+            .collect();
+        report.packs_read = packs.len() as u64;
         progress.start(packs.values().map(|u| u.size).sum());
         let checked: Vec<_> = packs
             .par_iter()
             .filter(|(id, _)| !damaged.contains(&id.object_key()))
             .map(|(id, u)| {
-                let r = check_pack_data(vault, &disks[u.disk], *id, u);
+                let r = check_pack_data(vault, &disks[u.disk], **id, u);
                 progress.advance(u.size);
                 r
             })
@@ -226,6 +242,7 @@ fn collect_packs(m: &Manifest, disk: usize, label: &str, packs: &mut BTreeMap<Pa
         let u = packs.entry(pid).or_insert_with(|| PackUse {
             size,
             disk,
+            identity_generation: m.info.identity_generation,
             frames: BTreeMap::new(),
             snapshots: BTreeSet::new(),
         });
@@ -261,6 +278,10 @@ fn check_pack_data(
     if let Err(e) = pack::read_index(&bytes, &disk.binding, &|g| disk.generation(g), &key) {
         problems.push(problem(format!("pack index: {e}")));
     }
+    let identity = match disk.identity_of(u.identity_generation) {
+        Ok(i) => i,
+        Err(e) => return (vec![problem(e.to_string())], 0, n),
+    };
     let mut checked = 0;
     for (&(o, l), xid) in &u.frames {
         let Some(raw) = bytes.get(o as usize..o as usize + l as usize) else {
@@ -272,7 +293,7 @@ fn check_pack_data(
             raw.to_vec(),
             &disk.binding,
             &|g| disk.generation(g),
-            &disk.identity,
+            &identity,
             xid,
             &what,
         ) {

@@ -4,7 +4,8 @@
 //! whoever can restore the disk can read them and nobody else can.
 //!
 //! ```text
-//! escrow/<disk id hex>/<name id hex>      one record per escrow name, replaced on re-escrow
+//! escrow/<disk id hex>/<name id hex>-<rev:08x>   one record per escrow name; escrowing the
+//!                                                name again writes rev + 1 (never rewritten)
 //!
 //! "BVES" | u16 version=1 | u16 0 | u32 generation | u64 created
 //! | sealed = nonce [12] ‖ AES-256-GCM( u16 name len ‖ name ‖ secret ) ‖ tag [16]
@@ -14,9 +15,11 @@
 //! - AAD: "blockvault escrow v1" ‖ vault id ‖ disk id ‖ u32 generation ‖ u64 created ‖
 //!   object key, so a record copied to another vault, disk or name id, or with its header
 //!   edited, fails to open.
-//! - Name id: keyed BLAKE3 of the name under a key derived from the disk's identity keys
-//!   (generation 0, so it survives new DEK generations): listings show no names, and
-//!   escrowing a name again replaces its record.
+//! - Name id: keyed BLAKE3 of the name under a key derived from the disk's current identity
+//!   keys: listings show no names, and escrowing a name again replaces its record. A rotation
+//!   that starts a new identity generation re-seals every escrow record under it.
+//! - The vault head lists each record (name id, revision, digest): a record planted, replaced
+//!   by an older one of the same name, or deleted is noticed.
 //!
 //! Byte layout in docs/FORMAT.md ("Escrow records"), reasons in docs/CRYPTO.md.
 
@@ -26,11 +29,11 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::codec::{Dec, Enc};
 use super::frame::Binding;
-use super::{parse_id, Disk, Vault};
+use super::{Disk, Vault};
 use crate::crypto::{GenerationKeys, IdKey, IdentityKeys, Secret32, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 
-const MAGIC: &[u8; 4] = b"BVES";
+pub(crate) const MAGIC: &[u8; 4] = b"BVES";
 const VERSION: u16 = 1;
 const AAD_PREFIX: &[u8] = b"blockvault escrow v1";
 /// Input of the keyed hash (under the disk-digest key) that makes the name-id key. Fixed
@@ -209,58 +212,83 @@ impl Record {
     }
 }
 
-/// Hex of the name id: keyed BLAKE3 of the name under a key that is itself the keyed BLAKE3
-/// of [`NAME_ID_KEY_INPUT`] under the disk-digest key.
-fn name_id_hex(identity: &IdentityKeys, name: &str) -> String {
+/// The name id: keyed BLAKE3 of the name under a key that is itself the keyed BLAKE3 of
+/// [`NAME_ID_KEY_INPUT`] under the disk-digest key.
+pub fn name_id(identity: &IdentityKeys, name: &str) -> [u8; 32] {
     let mut raw = identity.digest.id(NAME_ID_KEY_INPUT).0;
     let key = IdKey::new(Secret32::from_bytes(raw));
     raw.zeroize();
-    hex::encode(key.id(name.as_bytes()).0)
+    key.id(name.as_bytes()).0
 }
 
-fn prefix(disk: &Disk) -> String {
-    format!("escrow/{}", disk.id_hex())
+/// Object key of revision `rev` of the record of name id `id` of disk `disk_id`.
+pub fn object_key(disk_id: &[u8; 16], id: &[u8; 32], rev: u32) -> String {
+    format!(
+        "escrow/{}/{}-{rev:08x}",
+        hex::encode(disk_id),
+        hex::encode(id)
+    )
 }
 
 impl Vault {
     /// Escrow `secret` under `name` for `disk`, sealed under its current DEK generation.
-    /// Escrowing a name again replaces its record. Names are 1 to 200 bytes of printable
-    /// text, secrets 1 byte to 64 KiB (`Usage` otherwise). The secret is never logged.
+    /// Escrowing a name again replaces its record (a new revision; the old one is deleted once
+    /// the head no longer lists it). Names are 1 to 200 bytes of printable text, secrets
+    /// 1 byte to 64 KiB (`Usage` otherwise). The secret is never logged.
     pub fn put_escrow(&self, disk: &Disk, name: &str, secret: &[u8]) -> Result<()> {
         let generation = disk.current_generation();
-        let key = format!("{}/{}", prefix(disk), name_id_hex(&disk.identity, name));
-        let rec = Record::seal(
-            &disk.binding,
-            &*disk.generation(generation)?,
-            generation,
-            &key,
-            name,
-            secret,
-        )?;
-        self.store.put(&key, &rec.encode())?;
+        let id = name_id(&disk.identity, name);
+        let rev = self
+            .cached_head()
+            .disk(&disk.id)?
+            .escrows
+            .get(&id)
+            .map_or(1, |e| e.rev + 1);
+        let keys = disk.generation(generation)?;
+        let first = rev;
+        let (rev, bytes) = super::revisions::put_at_free_revision(&*self.store, first, |rev| {
+            let key = object_key(&disk.id, &id, rev);
+            let rec = Record::seal(&disk.binding, &keys, generation, &key, name, secret)?;
+            Ok((key, rec.encode()))
+        })?;
+        let digest = super::head::digest(&bytes);
+        let (_, old) = self.update_head(|h| {
+            let e = h.disk_mut(&disk.id)?;
+            let old = e.escrows.get(&id).copied();
+            if old.is_some_and(|o| o.rev >= rev) {
+                return Err(Error::new(
+                    crate::error::ErrorKind::Conflict,
+                    format!("escrow {name} of disk {} was escrowed again by another process meanwhile: run the command again", disk.name),
+                ));
+            }
+            e.escrows.insert(id, super::head::EscrowEntry { rev, digest });
+            // Each seal above (one per revision tried) spent a nonce of the generation's
+            // metadata key.
+            if let Some(g) = e.generations.get_mut(&generation) {
+                g.seals = g.seals.saturating_add(u64::from(rev - first + 1));
+            }
+            Ok(old)
+        })?;
+        if let Some(old) = old {
+            self.store.delete(&object_key(&disk.id, &id, old.rev))?;
+        }
         tracing::info!(disk = %disk.name, escrow = name, generation, "secret escrowed");
         Ok(())
     }
 
-    /// Every escrowed secret of `disk`, by name. A record that fails to parse or to open, or
-    /// whose name does not hash to its object key, is an error naming the object key.
+    /// Every escrowed secret of `disk` the head lists, by name. A record that is missing,
+    /// does not match the head, fails to open, or whose name does not hash to its id is an
+    /// error naming the object key.
     pub fn escrows(&self, disk: &Disk) -> Result<Vec<Escrow>> {
-        let prefix = prefix(disk);
         let mut all = Vec::new();
-        for key in self.store.list(&prefix)? {
-            // Only names this module writes; anything else under the folder is not ours.
-            let Some(id) = key.strip_prefix(&prefix).and_then(|k| k.strip_prefix('/')) else {
-                continue;
-            };
-            if parse_id::<32>(id).is_none() {
-                continue;
-            }
-            let rec = Record::decode(&self.store.get(&key)?, &key)?;
+        for (id, entry) in &self.cached_head().disk(&disk.id)?.escrows {
+            let key = object_key(&disk.id, id, entry.rev);
+            let rec = Record::decode(&self.get_bound(&key, &entry.digest)?, &key)?;
             let keys = disk
                 .generation(rec.generation)
                 .map_err(|e| e.within(format!("escrow record {key}")))?;
             let escrow = rec.open(&disk.binding, &keys, &key)?;
-            if name_id_hex(&disk.identity, &escrow.name) != id {
+            if &name_id(&disk.identity, &escrow.name) != id {
                 return Err(Error::integrity(format!(
                     "escrow record {key}: holds another name's secret"
                 )));
@@ -269,6 +297,44 @@ impl Vault {
         }
         all.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(all)
+    }
+
+    /// Re-seal every escrow record of `disk` under DEK generation `generation` (its keys
+    /// `keys`, its identity keys `identity`): what a rotation that starts a new identity does,
+    /// since name ids come from the identity keys. Returns the head entries of the new records;
+    /// the old ones stay until the head no longer lists them.
+    pub(crate) fn reseal_escrows(
+        &self,
+        disk: &Disk,
+        generation: u32,
+        keys: &GenerationKeys,
+        identity: &IdentityKeys,
+    ) -> Result<std::collections::BTreeMap<[u8; 32], super::head::EscrowEntry>> {
+        let old = self.cached_head().disk(&disk.id)?.escrows.clone();
+        let mut out = std::collections::BTreeMap::new();
+        for escrow in self.escrows(disk)? {
+            let id = name_id(identity, &escrow.name);
+            let rev = old.get(&id).map_or(1, |e| e.rev + 1);
+            let key = object_key(&disk.id, &id, rev);
+            let rec = Record::seal(
+                &disk.binding,
+                keys,
+                generation,
+                &key,
+                &escrow.name,
+                &escrow.secret,
+            )?;
+            let bytes = rec.encode();
+            self.store.put(&key, &bytes)?;
+            out.insert(
+                id,
+                super::head::EscrowEntry {
+                    rev,
+                    digest: super::head::digest(&bytes),
+                },
+            );
+        }
+        Ok(out)
     }
 
     /// Names of the escrowed secrets of `disk`, sorted (each record is opened to read its

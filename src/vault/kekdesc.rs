@@ -1,12 +1,12 @@
 //! `kek/<kind>-<version:08x>`: the public descriptor of a customer-managed or recovery RSA
-//! key ([`CmkKey::encode`]), followed by a MAC so that whoever holds the storage cannot swap
-//! in a public key of their own (new DEKs would then be wrapped to them).
+//! key, exactly its [`CmkKey::encode`] bytes (docs/CRYPTO.md). Whoever holds the storage must
+//! not be able to swap in a public key of their own (new DEKs would then be wrapped to them):
+//! a descriptor counts only if the vault head lists its digest.
 //!
-//! ```text
-//! CmkKey encoding (docs/CRYPTO.md) | MAC [32] = keyed BLAKE3(derive_key(CONTEXT, auth key), preceding bytes)
-//! ```
-//! Written with `put_new` at `init`, rotation and recovery; never rewritten except by
-//! recovery, which re-authenticates everything under a new keystore.
+//! Written with `put_new` at `init` and `key rotate --new-cmk`; never rewritten. Version 1
+//! vaults followed the encoding with a MAC under the keystore's auth key
+//! (`[32] = keyed BLAKE3(derive_key(CONTEXT, auth key), preceding bytes)`); `upgrade` reads
+//! those with [`decode_v1`] and rewrites them without it.
 
 use crate::crypto::kek::{KekId, KekKind};
 use crate::crypto::rsa::CmkKey;
@@ -24,37 +24,43 @@ pub fn object_key(id: KekId) -> String {
     format!("{PREFIX}/{}-{:08x}", id.kind, id.version)
 }
 
-/// The key that authenticates descriptors, derived from the keystore's auth key.
+/// The key that authenticated version 1 descriptors, derived from the keystore's auth key.
 pub fn mac_key(auth: &Secret32) -> Secret32 {
     Secret32::from_bytes(blake3::derive_key(MAC_CONTEXT, auth.expose()))
 }
 
-/// Serialise and authenticate.
-pub fn encode(key: &CmkKey, mac: &Secret32) -> Vec<u8> {
-    let mut b = key.encode();
-    let tag = blake3::keyed_hash(mac.expose(), &b);
-    b.extend_from_slice(tag.as_bytes());
-    b
+/// Serialise.
+pub fn encode(key: &CmkKey) -> Vec<u8> {
+    key.encode()
 }
 
-/// Parse `b`, found under `what`, checking its MAC (unless `mac` is `None`: recovery without
-/// the keystore) and that it is the descriptor of the key its name says.
-pub fn decode(b: &[u8], what: &str, mac: Option<&Secret32>) -> Result<CmkKey> {
+/// Parse `b`, found under `what`: it must be the descriptor of the key its name says. Its
+/// authenticity is the caller's to check (the digest the vault head lists).
+pub fn decode(b: &[u8], what: &str) -> Result<CmkKey> {
+    let key = CmkKey::decode(b, what)?;
+    named(key, what)
+}
+
+/// Parse a version 1 descriptor (`upgrade`), checking its MAC with `mac` (from [`mac_key`]).
+/// Bytes without a valid MAC are refused, the version 2 form included: in a version 1 vault
+/// nothing else vouches for them (`upgrade` rewrites descriptors only after its switch).
+pub fn decode_v1(b: &[u8], what: &str, mac: &Secret32) -> Result<CmkKey> {
     let Some(body_len) = b.len().checked_sub(MAC_LEN) else {
         return Err(Error::integrity(format!(
             "{what}: truncated key descriptor"
         )));
     };
     let (body, tag) = b.split_at(body_len);
-    if let Some(mac) = mac {
-        let tag: [u8; MAC_LEN] = tag.try_into().expect("split at MAC_LEN");
-        if blake3::keyed_hash(mac.expose(), body) != blake3::Hash::from(tag) {
-            return Err(Error::integrity(format!(
-                "{what}: key descriptor failed authentication: it was altered or replaced"
-            )));
-        }
+    let tag: [u8; MAC_LEN] = tag.try_into().expect("split at MAC_LEN");
+    if blake3::keyed_hash(mac.expose(), body) != blake3::Hash::from(tag) {
+        return Err(Error::integrity(format!(
+            "{what}: key descriptor failed authentication: it was altered or replaced"
+        )));
     }
-    let key = CmkKey::decode(body, what)?;
+    named(CmkKey::decode(body, what)?, what)
+}
+
+fn named(key: CmkKey, what: &str) -> Result<CmkKey> {
     if object_key(key.id()) != what {
         return Err(Error::integrity(format!(
             "{what}: holds the descriptor of {}",

@@ -1,14 +1,17 @@
-//! Key records: `keys/<disk id>/<generation>`, one per DEK generation of a disk, holding that
-//! DEK wrapped by one or more KEKs and the disk's name sealed under the DEK.
+//! Key records: one per DEK generation of a disk, holding that DEK wrapped by one or more
+//! KEKs and the disk's name sealed under the DEK.
 //!
 //! ```text
-//! "BVKR" | u16 version=1 | u16 0 | vault id [16] | disk id [16] | u32 generation | u64 created
-//! | u16 n | n × ( u8 KEK kind | u32 KEK version | u16 len | wrapped [len] = nonce‖ct‖tag )
-//! | u16 len | sealed name [len] = nonce‖ct‖tag | MAC [32]
+//! "BVKR" | u16 version=2 | u16 0 | vault id [16] | disk id [16] | u32 generation | u64 created
+//! | u16 n × ( u8 KEK kind | u32 KEK version | u16 len | wrapped [len] = nonce‖ct‖tag )
+//! | u16 len | sealed name [len] = nonce‖ct‖tag
 //! ```
-//! MAC: keyed BLAKE3 of every preceding byte under a key derived from the keystore's auth key
-//! ([`mac_key`]). Wraps by an RSA public key prove nothing about who made them (anyone holding
-//! the storage has the public key); the MAC does: only a holder of the keystore writes records.
+//! Stored at `keys/<disk id>/<generation:08x>-<rev:08x>` and never rewritten: a rewrap
+//! (rotation, recovery) writes revision rev + 1 and the vault head switches to it. A record is
+//! authentic because the head lists its digest (an RSA public-key wrap proves nothing about who
+//! made it: anyone holding the storage has the public key). Version 1 records
+//! (`keys/<disk id>/<generation:08x>`, followed by a MAC under the keystore's auth key) are
+//! read only by `upgrade`.
 //! Wrap AAD: "blockvault dek wrap v1" ‖ vault id ‖ disk id ‖ u32 generation ‖ u64 created ‖
 //! u8 kind ‖ u32 version, so a wrap cannot be moved to another vault, disk, generation, record
 //! time or KEK.
@@ -20,14 +23,15 @@ use crate::crypto::keyring::Keyring;
 use crate::crypto::{GenerationKeys, Secret32};
 use crate::error::{Error, ErrorKind, Result};
 
-const MAGIC: &[u8; 4] = b"BVKR";
-const VERSION: u16 = 1;
+pub(crate) const MAGIC: &[u8; 4] = b"BVKR";
+const VERSION: u16 = 2;
+const VERSION_1: u16 = 1;
 const WRAP_AAD: &[u8] = b"blockvault dek wrap v1";
 const NAME_AAD: &[u8] = b"blockvault disk name v1";
 const MAC_CONTEXT: &str = "blockvault 2026-11-28 key record mac v1";
 const MAC_LEN: usize = 32;
 
-/// The key that authenticates key records, derived from the keystore's auth key.
+/// The key that authenticated version 1 key records, derived from the keystore's auth key.
 pub fn mac_key(auth: &Secret32) -> Secret32 {
     Secret32::from_bytes(blake3::derive_key(MAC_CONTEXT, auth.expose()))
 }
@@ -48,9 +52,27 @@ pub struct KeyRecord {
     pub sealed_name: Vec<u8>,
 }
 
-/// Object key of a record.
-pub fn object_key(disk_id: &[u8; 16], generation: u32) -> String {
+/// Object key of revision `rev` of a record.
+pub fn object_key(disk_id: &[u8; 16], generation: u32, rev: u32) -> String {
+    format!("keys/{}/{generation:08x}-{rev:08x}", hex::encode(disk_id))
+}
+
+/// Object key of a version 1 record (one per generation, rewritten in place).
+pub fn object_key_v1(disk_id: &[u8; 16], generation: u32) -> String {
     format!("keys/{}/{generation:08x}", hex::encode(disk_id))
+}
+
+/// `(generation, rev)` from the last component of a version 2 record's name, if it is one.
+pub fn parse_name(name: &str) -> Option<(u32, u32)> {
+    let (g, r) = name.split_once('-')?;
+    let hex8 = |s: &str| {
+        (s.len() == 8
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| u32::from_str_radix(s, 16).ok())
+        .flatten()
+    };
+    Some((hex8(g)?, hex8(r)?))
 }
 
 fn wrap_aad(
@@ -126,10 +148,10 @@ impl KeyRecord {
     }
 
     /// Unwrap the DEK with the first wrap `kek` can open. Errors say which key failed and why
-    /// (the first wrap's error: the vault's primary KEK).
+    /// (the first wrap of a kind `kek` handles: the vault's primary KEK, else the recovery key).
     pub fn unwrap(&self, kek: &dyn KekProvider) -> Result<Secret32> {
         let mut first = None;
-        for (id, wrapped) in &self.wraps {
+        for (id, wrapped) in self.wraps.iter().filter(|(id, _)| kek.handles(id.kind)) {
             match kek.unwrap(
                 *id,
                 wrapped,
@@ -148,10 +170,17 @@ impl KeyRecord {
             }
         }
         Err(first
-            .unwrap_or_else(|| Error::new(ErrorKind::Key, "no wrapped DEK in record"))
+            .unwrap_or_else(|| {
+                let by: Vec<String> = self.wraps.iter().map(|(id, _)| id.to_string()).collect();
+                Error::new(
+                    ErrorKind::Key,
+                    format!("no wrap by a key at hand (wrapped by {})", by.join(", ")),
+                )
+            })
             .within(format!(
-                "key record {}",
-                object_key(&self.disk_id, self.generation)
+                "key record of disk {} generation {}",
+                hex::encode(self.disk_id),
+                self.generation
             )))
     }
 
@@ -159,8 +188,9 @@ impl KeyRecord {
     pub fn name(&self, keys: &GenerationKeys) -> Result<String> {
         let what = || {
             format!(
-                "disk name in {}",
-                object_key(&self.disk_id, self.generation)
+                "disk name in the key record of disk {} generation {}",
+                hex::encode(self.disk_id),
+                self.generation
             )
         };
         let b = keys.meta.open_vec(
@@ -171,8 +201,8 @@ impl KeyRecord {
         String::from_utf8(b).map_err(|_| Error::integrity(format!("{}: not UTF-8", what())))
     }
 
-    /// Serialise and authenticate with `mac` (from [`mac_key`]).
-    pub fn encode(&self, mac: &Secret32) -> Vec<u8> {
+    /// Serialise (version 2: the vault head binds it by digest).
+    pub fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
         e.bytes(MAGIC)
             .u16(VERSION)
@@ -190,35 +220,53 @@ impl KeyRecord {
         }
         e.u16(self.sealed_name.len() as u16)
             .bytes(&self.sealed_name);
-        let tag = blake3::keyed_hash(mac.expose(), &e.0);
-        e.bytes(tag.as_bytes());
         e.finish()
     }
 
-    /// Parse, checking that the record names the vault and disk it was found under and, given
-    /// `mac`, that the keystore's holder wrote it. (`None` only where the keystore is lost:
-    /// recovery with the recovery key.)
-    pub fn decode(
+    /// Parse a version 2 record found under `what`, checking that it names the vault and
+    /// disk it was found under. Its authenticity is the caller's to check: the digest the
+    /// vault head lists for it.
+    pub fn decode(b: &[u8], what: &str, vault_id: &[u8; 16], disk_id: &[u8; 16]) -> Result<Self> {
+        let mut d = Dec::new(b, what);
+        d.prologue(MAGIC, VERSION, "key record")?;
+        let rec = Self::decode_fields(&mut d, what, vault_id, disk_id)?;
+        d.end()?;
+        Ok(rec)
+    }
+
+    /// Parse a version 1 record (`upgrade`), checking its MAC with `mac` (from [`mac_key`])
+    /// and that it names the vault and disk it was found under.
+    pub fn decode_v1(
         b: &[u8],
         what: &str,
         vault_id: &[u8; 16],
         disk_id: &[u8; 16],
-        mac: Option<&Secret32>,
+        mac: &Secret32,
     ) -> Result<Self> {
         let Some(body_len) = b.len().checked_sub(MAC_LEN) else {
             return Err(Error::integrity(format!("{what}: truncated key record")));
         };
         let (body, tag) = b.split_at(body_len);
-        if let Some(mac) = mac {
-            let tag: [u8; MAC_LEN] = tag.try_into().expect("split at MAC_LEN");
-            if blake3::keyed_hash(mac.expose(), body) != blake3::Hash::from(tag) {
-                return Err(Error::integrity(format!(
-                    "{what}: key record failed authentication: it was altered or forged, or the keystore belongs to another vault"
-                )));
-            }
+        let tag: [u8; MAC_LEN] = tag.try_into().expect("split at MAC_LEN");
+        if blake3::keyed_hash(mac.expose(), body) != blake3::Hash::from(tag) {
+            return Err(Error::integrity(format!(
+                "{what}: key record failed authentication: it was altered or forged, or the keystore belongs to another vault"
+            )));
         }
         let mut d = Dec::new(body, what);
-        d.prologue(MAGIC, VERSION, "key record")?;
+        d.prologue(MAGIC, VERSION_1, "key record")?;
+        let rec = Self::decode_fields(&mut d, what, vault_id, disk_id)?;
+        d.end()?;
+        Ok(rec)
+    }
+
+    /// The fields after the prologue, identical in versions 1 and 2.
+    fn decode_fields(
+        d: &mut Dec,
+        what: &str,
+        vault_id: &[u8; 16],
+        disk_id: &[u8; 16],
+    ) -> Result<Self> {
         let rec_vault: [u8; 16] = d.array()?;
         let rec_disk: [u8; 16] = d.array()?;
         if &rec_vault != vault_id {
@@ -254,7 +302,6 @@ impl KeyRecord {
         }
         let len = d.u16()? as usize;
         let sealed_name = d.take(len)?.to_vec();
-        d.end()?;
         Ok(KeyRecord {
             vault_id: rec_vault,
             disk_id: rec_disk,
@@ -287,31 +334,45 @@ mod tests {
         let dek = Secret32::from_bytes([8; 32]);
         let rec = KeyRecord::create([1; 16], [2; 16], 0, &dek, "vm1", &k).unwrap();
         assert_eq!(rec.unwrap(&k).unwrap().expose(), dek.expose());
-        let mac = mac_key(&Secret32::from_bytes([9; 32]));
-        let bytes = rec.encode(&mac);
-        let back = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16], Some(&mac)).unwrap();
+        let bytes = rec.encode();
+        let back = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16]).unwrap();
         assert_eq!(back.name(&GenerationKeys::derive(&dek)).unwrap(), "vm1");
         // Found under another disk or vault: refused by the header check.
-        assert!(KeyRecord::decode(&bytes, "r", &[1; 16], &[3; 16], Some(&mac)).is_err());
-        assert!(KeyRecord::decode(&bytes, "r", &[7; 16], &[2; 16], Some(&mac)).is_err());
-        // Made or altered without the keystore: the MAC refuses.
-        let other = mac_key(&Secret32::from_bytes([10; 32]));
-        let Err(e) = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16], Some(&other)) else {
-            panic!("a record under another MAC key must be refused")
-        };
-        assert!(e.to_string().contains("failed authentication"), "{e}");
-        let mut flipped = bytes.clone();
-        flipped[40] ^= 1;
-        assert!(KeyRecord::decode(&flipped, "r", &[1; 16], &[2; 16], Some(&mac)).is_err());
+        assert!(KeyRecord::decode(&bytes, "r", &[1; 16], &[3; 16]).is_err());
+        assert!(KeyRecord::decode(&bytes, "r", &[7; 16], &[2; 16]).is_err());
         // Header rewritten to claim another disk or generation: the wrap's AAD refuses.
         for edit in [
             |r: &mut KeyRecord| r.disk_id = [3; 16],
             |r: &mut KeyRecord| r.generation = 1,
             |r: &mut KeyRecord| r.created += 1,
         ] {
-            let mut forged = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16], None).unwrap();
+            let mut forged = KeyRecord::decode(&bytes, "r", &[1; 16], &[2; 16]).unwrap();
             edit(&mut forged);
             assert!(forged.unwrap(&k).is_err());
         }
+    }
+
+    /// A version 1 record (as the previous build wrote it: the same fields with version 1,
+    /// then a MAC) reads through `decode_v1` only, and only with its MAC key.
+    #[test]
+    fn version_1_records_need_their_mac() {
+        let k = kek();
+        let dek = Secret32::from_bytes([8; 32]);
+        let rec = KeyRecord::create([1; 16], [2; 16], 0, &dek, "vm1", &k).unwrap();
+        let mut v1 = rec.encode();
+        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let mac = mac_key(&Secret32::from_bytes([9; 32]));
+        let tag = blake3::keyed_hash(mac.expose(), &v1);
+        v1.extend_from_slice(tag.as_bytes());
+        let back = KeyRecord::decode_v1(&v1, "r", &[1; 16], &[2; 16], &mac).unwrap();
+        assert_eq!(back.unwrap(&k).unwrap().expose(), dek.expose());
+        let other = mac_key(&Secret32::from_bytes([10; 32]));
+        let Err(e) = KeyRecord::decode_v1(&v1, "r", &[1; 16], &[2; 16], &other) else {
+            panic!("a record under another MAC key must be refused")
+        };
+        assert!(e.to_string().contains("failed authentication"), "{e}");
+        assert!(KeyRecord::decode(&v1, "r", &[1; 16], &[2; 16]).is_err());
+        assert_eq!(parse_name("00000001-0000000a"), Some((1, 10)));
+        assert_eq!(parse_name("00000001"), None);
     }
 }

@@ -18,7 +18,7 @@ use super::pack::PackId;
 use crate::crypto::{ExtentId, GenerationKeys, IdKey};
 use crate::error::{Error, ErrorKind, Result};
 
-const MAGIC: &[u8; 4] = b"BVSN";
+pub(crate) const MAGIC: &[u8; 4] = b"BVSN";
 /// The version this build writes: 2 adds the snapshot info (docs/FORMAT.md, "Manifest info").
 const VERSION: u16 = 2;
 /// The oldest version this build reads (version 1 has no snapshot info: it reads as empty).

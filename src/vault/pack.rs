@@ -24,7 +24,7 @@ use super::frame::Binding;
 use crate::crypto::{ExtentId, GenerationKeys};
 use crate::error::{Error, Result};
 
-const MAGIC: &[u8; 4] = b"BVPK";
+pub(crate) const MAGIC: &[u8; 4] = b"BVPK";
 const FOOTER_MAGIC: &[u8; 4] = b"BVPF";
 /// The version [`PackWriter`] writes; [`read_index`] also reads version 1.
 pub const VERSION: u16 = 2;
@@ -180,6 +180,27 @@ fn index_aad(binding: &Binding, header: &[u8], frames: Option<&blake3::Hash>) ->
     }
 }
 
+/// Where the frames of a pack of `len` bytes end and its index starts, read from its last
+/// [`FOOTER_LEN`] bytes, `footer` (prune reads only these to count a pack's frame bytes).
+pub fn frames_end(footer: &[u8], len: u64, what: &str) -> Result<u64> {
+    if len < (HEADER_LEN + FOOTER_LEN) as u64 || footer.len() != FOOTER_LEN {
+        return Err(Error::integrity(format!(
+            "{what}: {len} bytes is too short for a pack"
+        )));
+    }
+    let mut f = Dec::new(footer, what);
+    let index_offset = f.u64()?;
+    let index_len = f.u32()? as u64;
+    f.magic(FOOTER_MAGIC)?;
+    let body_end = len - FOOTER_LEN as u64;
+    if index_offset < HEADER_LEN as u64 || index_offset.checked_add(index_len) != Some(body_end) {
+        return Err(Error::integrity(format!(
+            "{what}: index at {index_offset}+{index_len} does not end where the footer starts"
+        )));
+    }
+    Ok(index_offset)
+}
+
 /// Parse and decrypt a whole pack's index (used by `verify --read-data` and repair), of
 /// either version. `keys_for` maps the header's DEK generation to its keys.
 pub fn read_index(
@@ -200,22 +221,12 @@ pub fn read_index(
     }
     let generation = d.u32()?;
     d.reserved(4)?;
-    if pack.len() < HEADER_LEN + FOOTER_LEN {
-        return Err(Error::integrity(format!(
-            "{what}: {} bytes is too short for a pack",
-            pack.len()
-        )));
-    }
-    let mut f = Dec::new(&pack[pack.len() - FOOTER_LEN..], what);
-    let index_offset = f.u64()?;
-    let index_len = f.u32()? as u64;
-    f.magic(FOOTER_MAGIC)?;
+    let index_offset = frames_end(
+        &pack[pack.len().saturating_sub(FOOTER_LEN)..],
+        pack.len() as u64,
+        what,
+    )?;
     let body_end = (pack.len() - FOOTER_LEN) as u64;
-    if index_offset < HEADER_LEN as u64 || index_offset.checked_add(index_len) != Some(body_end) {
-        return Err(Error::integrity(format!(
-            "{what}: index at {index_offset}+{index_len} does not end where the footer starts"
-        )));
-    }
     let keys = keys_for(generation)?;
     let before_index = &pack[..index_offset as usize];
     let frames = (version >= 2).then(|| blake3::hash(before_index));

@@ -14,6 +14,7 @@ use std::process::Command;
 use blockvault::crypto::keyring::KeyAccess;
 use blockvault::crypto::rsa::PrivateKeyFile;
 use blockvault::crypto::Keystore;
+use blockvault::vault::keyrecord::KeyRecord;
 use blockvault::vault::Vault;
 
 use super::tools::run_tool;
@@ -48,35 +49,73 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The raw secrets of a keystore file: the auth key, every platform KEK version's key and,
-/// when present, both halves of the infrastructure key.
+/// The raw secrets of a keystore file (docs/FORMAT.md §3.6), parsed here from the documented
+/// layout rather than through the library: every auth key version, every platform KEK
+/// version's key and both halves of every infrastructure key version. Versions 1 and 2 (one
+/// auth key, at most one infrastructure key) are what a format 1 vault's keystore holds.
 pub fn keystore_secrets(file: &[u8]) -> Vec<(String, Vec<u8>)> {
     assert_eq!(&file[..4], b"BVKS", "a keystore file");
     let le16 = |at: usize| u16::from_le_bytes([file[at], file[at + 1]]) as usize;
+    let le32 = |at: usize| u32::from_le_bytes(file[at..at + 4].try_into().unwrap());
     let version = le16(4);
-    let n = le16(56);
-    let mut out = vec![("auth key".to_string(), file[24..56].to_vec())];
-    for i in 0..n {
-        let e = 58 + 48 * i;
-        let v = u32::from_le_bytes(file[e..e + 4].try_into().unwrap());
-        out.push((format!("platform KEK v{v}"), file[e + 16..e + 48].to_vec()));
-    }
-    let infra = 58 + 48 * n;
-    if version == 2 {
-        assert_eq!(file.len(), 158 + 48 * n);
-        if file[infra] == 1 {
+    let mut out = Vec::new();
+    let infra = |out: &mut Vec<(String, Vec<u8>)>, v: u32, key: &[u8]| {
+        out.push((format!("infrastructure key v{v} K1"), key[..32].to_vec()));
+        out.push((format!("infrastructure key v{v} K2"), key[32..64].to_vec()));
+    };
+    if version < 3 {
+        let n = le16(56);
+        out.push(("auth key v1".to_string(), file[24..56].to_vec()));
+        for i in 0..n {
+            let e = 58 + 48 * i;
             out.push((
-                "infrastructure key K1".into(),
-                file[infra + 4..infra + 36].to_vec(),
-            ));
-            out.push((
-                "infrastructure key K2".into(),
-                file[infra + 36..infra + 68].to_vec(),
+                format!("platform KEK v{}", le32(e)),
+                file[e + 16..e + 48].to_vec(),
             ));
         }
-    } else {
-        assert_eq!(file.len(), 90 + 48 * n);
+        let at = 58 + 48 * n;
+        if version == 2 {
+            assert_eq!(file.len(), 158 + 48 * n, "a version 2 keystore file");
+            if file[at] == 1 {
+                infra(&mut out, 1, &file[at + 4..at + 68]);
+            }
+        } else {
+            assert_eq!(file.len(), 90 + 48 * n, "a version 1 keystore file");
+        }
+        return out;
     }
+    assert_eq!(version, 3, "keystore format version");
+    let mut at = 24;
+    for _ in 0..le16(at) {
+        let e = at + 2;
+        out.push((
+            format!("auth key v{}", le32(e)),
+            file[e + 12..e + 44].to_vec(),
+        ));
+        at += 44;
+    }
+    at += 2;
+    for _ in 0..le16(at) {
+        let e = at + 2;
+        out.push((
+            format!("platform KEK v{}", le32(e)),
+            file[e + 16..e + 48].to_vec(),
+        ));
+        at += 48;
+    }
+    at += 2;
+    for _ in 0..le16(at) {
+        let e = at + 2;
+        infra(&mut out, le32(e), &file[e + 12..e + 76]);
+        at += 76;
+    }
+    at += 2;
+    let destroyed = le16(at);
+    assert_eq!(
+        file.len(),
+        at + 2 + 5 * destroyed + 32,
+        "a version 3 keystore file's length follows its entry counts"
+    );
     out
 }
 
@@ -126,9 +165,13 @@ pub fn deks(bv: &Bv, cmk_private: Option<&Path>) -> Vec<(String, Vec<u8>)> {
     let url = bv.vault.to_str().expect("UTF-8 path");
     let vault = Vault::open_with(url, &Keystore::new(&bv.keystore), &access)
         .unwrap_or_else(|e| panic!("opening {url} to read its DEKs: {e}"));
-    vault
+    // Every key record the head lists (format 2: `keys/<disk id>/<gen>-<rev>`), unwrapped; and
+    // every other record stored under `keys/` (a killed rotation's leftover the head never
+    // listed) whose KEK this keystore still holds: one whose KEK version was destroyed cannot
+    // be unwrapped by anyone, so it holds no DEK to find.
+    let listed: Vec<(String, Vec<u8>)> = vault
         .key_records()
-        .expect("key records")
+        .expect("reading the key records the head lists")
         .into_iter()
         .map(|r| {
             let dek = r
@@ -137,7 +180,30 @@ pub fn deks(bv: &Bv, cmk_private: Option<&Path>) -> Vec<(String, Vec<u8>)> {
                 .unwrap_or_else(|e| panic!("unwrapping {}: {e}", r.key));
             (format!("DEK of {}", r.key), dek.expose().to_vec())
         })
-        .collect()
+        .collect();
+    let store = vault.store();
+    let leftovers: Vec<(String, Vec<u8>)> = store
+        .list("keys")
+        .expect("listing key records")
+        .into_iter()
+        .filter(|key| {
+            !listed
+                .iter()
+                .any(|(what, _)| what == &format!("DEK of {key}"))
+        })
+        .filter_map(|key| {
+            let disk: [u8; 16] = hex::decode(key.split('/').nth(1).expect("keys/<disk>/..."))
+                .ok()
+                .and_then(|d| d.try_into().ok())
+                .unwrap_or_else(|| panic!("{key}: not a disk id"));
+            let bytes = store.get(&key).expect("reading a key record");
+            let record = KeyRecord::decode(&bytes, &key, &vault.config().vault_id, &disk)
+                .unwrap_or_else(|e| panic!("decoding {key}: {e}"));
+            let dek = record.unwrap(vault.keyring()).ok()?;
+            Some((format!("DEK of {key} (not listed)"), dek.expose().to_vec()))
+        })
+        .collect();
+    listed.into_iter().chain(leftovers).collect()
 }
 
 /// The first of `needles` found in any of `files`: `(needle's name, file)`. Needles of 32

@@ -27,7 +27,7 @@ pub const MIN_RSA_BITS: usize = 3072;
 /// u16 length.
 pub const MAX_RSA_BITS: usize = 8192;
 
-const MAGIC: &[u8; 4] = b"BVCK";
+pub(crate) const MAGIC: &[u8; 4] = b"BVCK";
 const FORMAT: u16 = 1;
 /// An SPKI of an 8192-bit key is about 1.1 KB; anything longer is not one.
 const MAX_SPKI_LEN: usize = 2048;

@@ -29,10 +29,18 @@ pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Prefix of every option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 
-const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-const FLAG_NO_ZEROES: u16 = 1 << 1;
-const CLIENT_FIXED_NEWSTYLE: u32 = 1 << 0;
-const CLIENT_NO_ZEROES: u32 = 1 << 1;
+/// `NBD_FLAG_FIXED_NEWSTYLE` (handshake flags).
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+/// `NBD_FLAG_NO_ZEROES` (handshake flags).
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+/// `NBD_FLAG_C_FIXED_NEWSTYLE` (client flags).
+pub const CLIENT_FIXED_NEWSTYLE: u32 = 1 << 0;
+/// `NBD_FLAG_C_NO_ZEROES` (client flags).
+pub const CLIENT_NO_ZEROES: u32 = 1 << 1;
+/// `NBD_OPT_EXPORT_NAME`: the old way to pick an export; no reply but the export's data.
+pub const OPT_EXPORT_NAME: u32 = 1;
+/// `NBD_OPT_INFO`: as `NBD_OPT_GO` without entering transmission.
+pub const OPT_INFO: u32 = 6;
 
 /// `NBD_OPT_ABORT`.
 pub const OPT_ABORT: u32 = 2;
@@ -57,10 +65,18 @@ pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 /// Bit 31 marks error replies.
 pub const REP_ERR_BIT: u32 = 1 << 31;
-const REP_ERR_UNSUP: u32 = REP_ERR_BIT | 1;
-const REP_ERR_POLICY: u32 = REP_ERR_BIT | 2;
-const REP_ERR_TLS_REQD: u32 = REP_ERR_BIT | 5;
-const REP_ERR_UNKNOWN: u32 = REP_ERR_BIT | 6;
+/// `NBD_REP_ERR_UNSUP`: the option is unknown.
+pub const REP_ERR_UNSUP: u32 = REP_ERR_BIT | 1;
+/// `NBD_REP_ERR_POLICY`: refused by policy.
+pub const REP_ERR_POLICY: u32 = REP_ERR_BIT | 2;
+/// `NBD_REP_ERR_INVALID`: the option's data is malformed.
+pub const REP_ERR_INVALID: u32 = REP_ERR_BIT | 3;
+/// `NBD_REP_ERR_TLS_REQD`: TLS first.
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR_BIT | 5;
+/// `NBD_REP_ERR_UNKNOWN`: no such export.
+pub const REP_ERR_UNKNOWN: u32 = REP_ERR_BIT | 6;
+/// `NBD_REP_ERR_TOO_BIG`: the option's data is longer than the server accepts.
+pub const REP_ERR_TOO_BIG: u32 = REP_ERR_BIT | 9;
 
 /// `NBD_INFO_EXPORT`: u64 size, u16 transmission flags.
 pub const INFO_EXPORT: u16 = 0;

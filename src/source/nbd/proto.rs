@@ -44,6 +44,8 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 /// `NBD_CMD_FLUSH`: offset and length 0.
 pub const CMD_FLUSH: u16 = 3;
+/// `NBD_CMD_TRIM`: the range may be discarded (no payload).
+pub const CMD_TRIM: u16 = 4;
 /// `NBD_CMD_WRITE_ZEROES`: make `length` bytes read as zeros (no payload).
 pub const CMD_WRITE_ZEROES: u16 = 6;
 /// `NBD_CMD_BLOCK_STATUS`.
@@ -58,6 +60,37 @@ pub const FLAG_READ_ONLY: u16 = 1 << 1;
 pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
 /// `NBD_FLAG_SEND_WRITE_ZEROES`: the server accepts `NBD_CMD_WRITE_ZEROES`.
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// `NBD_FLAG_SEND_FUA`: the server honours `NBD_CMD_FLAG_FUA`.
+pub const FLAG_SEND_FUA: u16 = 1 << 3;
+/// `NBD_FLAG_SEND_TRIM`: the server accepts `NBD_CMD_TRIM`.
+pub const FLAG_SEND_TRIM: u16 = 1 << 5;
+/// `NBD_FLAG_SEND_DF`: the server honours `NBD_CMD_FLAG_DF` on reads.
+pub const FLAG_SEND_DF: u16 = 1 << 7;
+/// `NBD_FLAG_CAN_MULTI_CONN`: every connection sees the others' writes once flushed.
+pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+
+/// `NBD_CMD_FLAG_FUA`: the write is durable when acknowledged.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+/// `NBD_CMD_FLAG_DF`: answer a read with one data chunk, no holes.
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// `NBD_CMD_FLAG_REQ_ONE`: block status with one extent.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// `NBD_EPERM`: the export is read-only.
+pub const EPERM: u32 = 1;
+/// `NBD_EIO`: the data could not be read.
+pub const EIO: u32 = 5;
+/// `NBD_EINVAL`: a malformed or out-of-range request (and what the client takes an
+/// unexpected error value as).
+pub const EINVAL: u32 = 22;
+/// `NBD_ENOSPC`: a write past the end of the export.
+pub const ENOSPC: u32 = 28;
+/// `NBD_EOVERFLOW`: a request longer than the server serves.
+pub const EOVERFLOW: u32 = 75;
+/// `NBD_ENOTSUP`: a command the server does not support.
+pub const ENOTSUP: u32 = 95;
+/// `NBD_ESHUTDOWN`: the server is shutting down.
+pub const ESHUTDOWN: u32 = 108;
 
 /// `NBD_REPLY_FLAG_DONE`: the last chunk of a reply.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -233,9 +266,6 @@ pub struct Extent {
     /// Status flags, meaning defined by the context.
     pub flags: u32,
 }
-
-/// `NBD_EINVAL`: what an unexpected error value is taken as.
-const EINVAL: u32 = 22;
 
 /// A malformed reply: names the field and what was wrong.
 fn bad(what: String) -> Error {

@@ -9,13 +9,19 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::io::AlignedBuf;
 
-use super::{Store, Unfinished};
+use super::names::check_key;
+use super::{Precondition, Store, Tag, Unfinished};
+
+/// The local tag of an object: the BLAKE3 of its bytes (an ETag that changes with content).
+fn tag_of(bytes: &[u8]) -> Tag {
+    Tag(blake3::hash(bytes).to_hex().to_string())
+}
 
 /// A store rooted at a folder.
 pub struct LocalStore {
@@ -29,14 +35,35 @@ impl LocalStore {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
-        if key.is_empty()
-            || key
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('.'))
-        {
-            return Err(Error::usage(format!("invalid object key {key:?}")));
-        }
+        check_key(key)?;
+        self.refuse_links(key)?;
         Ok(self.root.join(key))
+    }
+
+    /// Refuse a symbolic link at any component of `key` below the root: whoever holds the
+    /// vault folder could plant one (a `snapshots/<disk>` link to another folder made a backup
+    /// write its manifest outside the vault). The root itself may be a link the user chose.
+    /// This checks before each operation; a link planted between the check and the open is
+    /// not seen (openat2's RESOLVE_NO_SYMLINKS would close that window).
+    fn refuse_links(&self, key: &str) -> Result<()> {
+        let mut at = self.root.clone();
+        for part in key.split('/') {
+            at.push(part);
+            match fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(Error::integrity(format!(
+                        "{} in vault {} is a symbolic link: blockvault follows no links inside a vault (one planted there could send reads and writes elsewhere)",
+                        at.strip_prefix(&self.root).unwrap_or(&at).display(),
+                        self.root.display()
+                    )))
+                }
+                Ok(_) => {}
+                // Nothing further down exists either.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(Error::io(format!("stat {}", at.display()), e)),
+            }
+        }
+        Ok(())
     }
 
     /// Call `visit(key, entry)` for every file under `dir` (whose key is `rel`), hidden
@@ -212,6 +239,40 @@ impl Store for LocalStore {
         fs::read(&path).ctx(|| format!("reading object {key} in vault {}", self.root.display()))
     }
 
+    fn get_tagged(&self, key: &str) -> Result<(Vec<u8>, Tag)> {
+        let bytes = self.get(key)?;
+        let tag = tag_of(&bytes);
+        Ok((bytes, tag))
+    }
+
+    /// Compare and swap under an exclusive `flock` on `locks/cas`, which every `put_if` of
+    /// this folder takes (from any process on any host that mounts it with working locks):
+    /// the comparison and the atomic rename cannot interleave with another writer's.
+    fn put_if(&self, key: &str, data: &[u8], pre: &Precondition) -> Result<Tag> {
+        let _lock = self.lock("cas", Duration::from_secs(60))?;
+        let current = match self.get(key) {
+            Ok(b) => Some(tag_of(&b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let holds = match (pre, &current) {
+            (Precondition::Absent, None) => true,
+            (Precondition::Matches(want), Some(have)) => want == have,
+            _ => false,
+        };
+        if !holds {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "object {key} in vault {} changed since it was read",
+                    self.root.display()
+                ),
+            ));
+        }
+        self.put(key, data)?;
+        Ok(tag_of(data))
+    }
+
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let path = self.path(key)?;
         let f = File::open(&path).ctx(|| format!("opening object {key}"))?;
@@ -282,10 +343,16 @@ impl Store for LocalStore {
             .len())
     }
 
+    fn modified(&self, key: &str) -> Result<SystemTime> {
+        fs::metadata(self.path(key)?)
+            .and_then(|m| m.modified())
+            .ctx(|| format!("stat object {key}"))
+    }
+
     fn lock(&self, name: &str, wait: Duration) -> Result<Box<dyn Send>> {
-        let dir = self.root.join("locks");
-        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(name);
+        let path = self.path(&format!("locks/{name}"))?;
+        let dir = path.parent().expect("under locks/");
+        fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
         let f = File::options()
             .create(true)
             .truncate(false)

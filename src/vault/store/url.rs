@@ -1,7 +1,7 @@
 //! Vault URLs: which store a `--vault` argument names.
 //!
 //! Accepted: a path (`/srv/vault`, `vault`, `./name:x`), `file://PATH`, and the object-storage
-//! schemes `s3://` and `az://` (recognised, refused as not in this build yet). Everything
+//! schemes `s3://` and `az://` (the object-store backend, `cloud`). Everything
 //! else that looks like a URL or a remote spec is refused rather than taken as a folder name:
 //! `scheme://…` of any other scheme (`sftp://`, `azure://`, `gs://`, `https://`), and
 //! `name:rest` with the colon before any `/` (`b2:bucket`, `sftp:host:/x`, `rclone:remote`,
@@ -12,18 +12,18 @@
 
 use std::path::PathBuf;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 
 /// What a vault URL names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VaultUrl {
     /// A folder on this machine.
     Local(PathBuf),
-    /// Object storage of a scheme this build recognises but cannot reach yet (`s3`, `az`).
+    /// Object storage (`s3`, `az`), reached through the object-store backend.
     ObjectStorage(&'static str),
 }
 
-/// Object-storage schemes the vault will support; their backends are not in this build.
+/// Object-storage schemes the vault supports.
 const OBJECT_SCHEMES: [&str; 2] = ["s3", "az"];
 
 /// What `--vault` accepts, for error messages.
@@ -68,17 +68,10 @@ impl VaultUrl {
     }
 }
 
-/// The error for object storage this build cannot reach yet.
-pub(super) fn not_in_this_build(url: &str, scheme: &str) -> Error {
-    Error::new(
-        ErrorKind::Unsupported,
-        format!("vault URL {url}: object storage ({scheme}://) is not supported by this build yet"),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     fn local(url: &str) -> PathBuf {
         match VaultUrl::parse(url) {

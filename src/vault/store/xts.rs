@@ -18,13 +18,23 @@
 //! ```
 //! Every object key has its own 96-bit identity, so no two units of the vault share a tweak
 //! (up to a 2^-96 collision per pair of object keys). Rewriting an object under the same key
-//! reuses its tweaks, as a disk sector rewrite does: packs and manifests are written once, but
-//! key records (rotation, recovery), escrow records (escrowing a name again) and KEK
-//! descriptors (recovery) are rewritten in place (docs/FORMAT.md §1.2), so an observer of both
-//! versions sees which 16-byte blocks of such an object changed. (The config, also rewritten
-//! by recovery, stays outside this layer.)
+//! would reuse its tweaks, as a disk sector rewrite does; the vault writes every object under
+//! the layer once (a changed key record or escrow record is a new revision under a new name,
+//! docs/FORMAT.md §1.2), and what is rewritten in place (config, head, recovery records) stays
+//! outside the layer. The one exception, a leftover of a killed run that no head lists being
+//! written again, shows only which 16-byte blocks of that unlisted object differ.
+//!
+//! **Key rotation** (`key rotate --infrastructure`, `keys::infra_rotation`) re-encrypts every
+//! object under a new key, under the same name (the layer preserves lengths, so nothing above
+//! it notices). While it runs, or after it was killed, objects are under either key: the store
+//! is then in two-key mode ([`XtsStore::rotating_from`]) and tells them apart by their first
+//! unit, which decrypts under the right key to the start of a vault object (magic, version,
+//! reserved zeros: a wrong key gives random bytes, which pass with a chance of about 2^-56).
+//! Objects only move from the previous key to the current one, so an answer "current" is
+//! cached for the object, while "previous" is checked again at every read.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use aes::cipher::array::Array;
@@ -34,7 +44,7 @@ use aes::Aes256;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::xts_unit::Xts;
-use super::{Store, Unfinished};
+use super::{Precondition, Store, Tag, Unfinished};
 use crate::crypto::secret::fill_random;
 use crate::crypto::Secret32;
 use crate::error::{Error, ErrorKind, Result};
@@ -217,8 +227,41 @@ fn stored_units(key: &str, len: u64) -> Result<Units> {
 /// Listing, deleting, sizes and locks pass through unchanged.
 pub struct XtsStore {
     inner: Arc<dyn Store>,
+    /// The key every write uses.
     cipher: InfraCipher,
+    /// During a key rotation: the key objects not yet re-encrypted are still under.
+    rotation: Option<Rotation>,
 }
+
+/// The two-key mode of a rotation: the previous key, how to recognise a correctly decrypted
+/// first unit, and the objects found under the current key already (they stay there).
+struct Rotation {
+    previous: InfraCipher,
+    recognise: fn(&[u8]) -> bool,
+    current: Mutex<HashSet<String>>,
+}
+
+/// Which key of a rotation an object is under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Under {
+    Current,
+    Previous,
+}
+
+/// What [`XtsStore::reencrypt`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reencrypted {
+    /// The object was under the previous key and is now under the current one.
+    Moved,
+    /// It was under the current key already (a rotation that was killed got that far).
+    Already,
+    /// It no longer exists (deleted since it was listed).
+    Gone,
+}
+
+/// How often [`XtsStore::reencrypt`] reads an object again after it changed between its read
+/// and its compare-and-swap (objects are written once, so once is the most it should take).
+const REENCRYPT_ATTEMPTS: u32 = 8;
 
 impl XtsStore {
     /// Wrap `inner` with the platform key `key` (consumed, and zeroized with the ciphers).
@@ -226,10 +269,132 @@ impl XtsStore {
         XtsStore {
             inner,
             cipher: InfraCipher::new(key),
+            rotation: None,
         }
     }
 
-    /// The stored form of `data`.
+    /// Two-key mode, while a rotation from `previous` to this store's key is unfinished:
+    /// writes use the new key; a read decrypts each object with the key its first unit shows
+    /// it is under, `recognise` telling whether a decrypted first unit (up to 4111 bytes) is
+    /// the start of an object the vault writes. An object under neither key is decrypted with
+    /// the current one, so the inner layer reports it as damaged, as it would without a
+    /// rotation.
+    pub fn rotating_from(mut self, previous: InfraKey, recognise: fn(&[u8]) -> bool) -> Self {
+        self.rotation = Some(Rotation {
+            previous: InfraCipher::new(previous),
+            recognise,
+            current: Mutex::new(HashSet::new()),
+        });
+        self
+    }
+
+    /// Which key the stored object `key` (laid out as `units`, its first unit's stored bytes
+    /// `unit0`) is under; `None` if neither key gives a recognised start. Without a rotation,
+    /// always the current key.
+    fn under(&self, key: &str, units: Units, unit0: &[u8]) -> Option<Under> {
+        let Some(r) = &self.rotation else {
+            return Some(Under::Current);
+        };
+        let known = r
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(key);
+        if known {
+            return Some(Under::Current);
+        }
+        for (under, cipher) in [
+            (Under::Current, &self.cipher),
+            (Under::Previous, &r.previous),
+        ] {
+            let mut trial = unit0.to_vec();
+            cipher.apply(key, units, 0, &mut trial, false);
+            if (r.recognise)(&trial) {
+                if under == Under::Current {
+                    r.current
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(key.to_string());
+                }
+                return Some(under);
+            }
+        }
+        None
+    }
+
+    /// The cipher for an object under `under` (the current one when neither key fits).
+    fn cipher(&self, under: Option<Under>) -> &InfraCipher {
+        match (under, &self.rotation) {
+            (Some(Under::Previous), Some(r)) => &r.previous,
+            _ => &self.cipher,
+        }
+    }
+
+    /// Decrypt a whole stored object `buf` with the key it is under.
+    fn open(&self, key: &str, buf: &mut [u8]) -> Result<()> {
+        let units = stored_units(key, buf.len() as u64)?;
+        let first = units.span(0).end as usize;
+        let under = self.under(key, units, &buf[..first]);
+        self.cipher(under).apply(key, units, 0, buf, false);
+        Ok(())
+    }
+
+    /// Which key `key` is under, read from its first unit (two-key mode only).
+    fn probe(&self, key: &str, units: Units) -> Result<Option<Under>> {
+        let first = units.span(0).end as usize;
+        let unit0 = self.inner.get_range(key, 0, first)?;
+        Ok(self.under(key, units, &unit0))
+    }
+
+    /// Re-encrypt `key` under the current key if it is under the previous one (two-key mode).
+    /// The replacement is a compare-and-swap against the bytes read, so an object deleted or
+    /// replaced meanwhile is never brought back: it is read again. An object under neither key
+    /// is an `Integrity` error naming it.
+    pub fn reencrypt(&self, key: &str) -> Result<Reencrypted> {
+        let Some(r) = &self.rotation else {
+            return Err(Error::usage(format!(
+                "object {key}: no infrastructure key rotation to re-encrypt it for"
+            )));
+        };
+        for _ in 0..REENCRYPT_ATTEMPTS {
+            let (mut stored, tag) = match self.inner.get_tagged(key) {
+                Ok(got) => got,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Reencrypted::Gone),
+                Err(e) => return Err(e),
+            };
+            let units = stored_units(key, stored.len() as u64)?;
+            let first = units.span(0).end as usize;
+            match self.under(key, units, &stored[..first]) {
+                Some(Under::Current) => return Ok(Reencrypted::Already),
+                Some(Under::Previous) => {
+                    r.previous.apply(key, units, 0, &mut stored, false);
+                    self.cipher.apply(key, units, 0, &mut stored, true);
+                    match self.inner.put_if(key, &stored, &Precondition::Matches(tag)) {
+                        Ok(_) => {
+                            r.current
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .insert(key.to_string());
+                            return Ok(Reencrypted::Moved);
+                        }
+                        // Changed or deleted since it was read: look at it again.
+                        Err(e) if e.kind() == ErrorKind::Conflict => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                None => {
+                    return Err(Error::integrity(format!(
+                        "object {key}: decrypts to no vault object under either infrastructure key (the current or the previous one): damaged, or not written by blockvault"
+                    )))
+                }
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Conflict,
+            format!("object {key} changed under {REENCRYPT_ATTEMPTS} attempts to re-encrypt it"),
+        ))
+    }
+
     /// Encrypt `data` into the calling thread's scratch buffer and hand it to `write`. The
     /// buffer is kept between calls: a fresh 32 MiB allocation per pack costs more in page
     /// faults than the encryption itself.
@@ -263,13 +428,32 @@ impl Store for XtsStore {
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let mut buf = self.inner.get(key)?;
-        self.cipher.decrypt(key, &mut buf)?;
+        self.open(key, &mut buf)?;
         Ok(buf)
+    }
+
+    fn get_tagged(&self, key: &str) -> Result<(Vec<u8>, Tag)> {
+        let (mut buf, tag) = self.inner.get_tagged(key)?;
+        self.open(key, &mut buf)?;
+        Ok((buf, tag))
+    }
+
+    fn put_if(&self, key: &str, data: &[u8], pre: &Precondition) -> Result<Tag> {
+        let mut tag = None;
+        self.sealed(key, data, |b| {
+            tag = Some(self.inner.put_if(key, b, pre)?);
+            Ok(())
+        })?;
+        Ok(tag.expect("sealed calls its writer once or fails"))
     }
 
     /// Reads and decrypts only the units covering the range. The unit layout depends on the
     /// object's size, read first: an object replaced by one of another size between the two
-    /// reads decrypts to bytes the inner layer rejects (vault objects are never replaced).
+    /// reads decrypts to bytes the inner layer rejects (vault objects are never replaced, and
+    /// a rotation keeps their size). In two-key mode, a range that does not start at unit 0
+    /// needs the first unit read too, to tell the key; if that says "previous", it is read
+    /// again after the range, since a rotation may have re-encrypted the object in between
+    /// (it never goes back, so two agreeing probes bracket a read under that key).
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let size = self.inner.size(key)?;
         let end = offset
@@ -287,15 +471,34 @@ impl Store for XtsStore {
         let (first, last) = (units.containing(offset), units.containing(end - 1));
         let covered = units.span(first).start..units.span(last).end;
         let want = (covered.end - covered.start) as usize;
-        let mut buf = self.inner.get_range(key, covered.start, want)?;
-        if buf.len() != want {
-            return Err(Error::integrity(format!(
-                "object {key}: the store returned {} bytes at offset {} instead of {want}",
-                buf.len(),
-                covered.start
-            )));
-        }
-        self.cipher.apply(key, units, first, &mut buf, false);
+        let read = || -> Result<Vec<u8>> {
+            let buf = self.inner.get_range(key, covered.start, want)?;
+            if buf.len() != want {
+                return Err(Error::integrity(format!(
+                    "object {key}: the store returned {} bytes at offset {} instead of {want}",
+                    buf.len(),
+                    covered.start
+                )));
+            }
+            Ok(buf)
+        };
+        let (mut buf, under) = if first == 0 {
+            let buf = read()?;
+            let under = self.under(key, units, &buf[..units.span(0).end as usize]);
+            (buf, under)
+        } else if self.rotation.is_none() {
+            (read()?, Some(Under::Current))
+        } else {
+            let before = self.probe(key, units)?;
+            let buf = read()?;
+            match before {
+                Some(Under::Previous) if self.probe(key, units)? != before => {
+                    (read()?, Some(Under::Current))
+                }
+                _ => (buf, before),
+            }
+        };
+        self.cipher(under).apply(key, units, first, &mut buf, false);
         let skip = (offset - covered.start) as usize;
         buf.copy_within(skip..skip + len, 0);
         buf.truncate(len);
@@ -312,6 +515,10 @@ impl Store for XtsStore {
 
     fn size(&self, key: &str) -> Result<u64> {
         self.inner.size(key)
+    }
+
+    fn modified(&self, key: &str) -> Result<std::time::SystemTime> {
+        self.inner.modified(key)
     }
 
     fn unfinished(&self) -> Result<Vec<Unfinished>> {
@@ -530,6 +737,69 @@ mod tests {
         assert_eq!(
             hex::encode(ring::digest::digest(&ring::digest::SHA256, &stored)),
             "8a6a8f28a4e93b200646130f453278ee214ad4b94a5ea5a2b0907d9691a7adfc"
+        );
+    }
+
+    /// Test objects start like vault objects: magic, version 1, reserved zeros.
+    fn object(len: usize, seed: u8) -> Vec<u8> {
+        let mut b = pattern(len, seed);
+        b[..8].copy_from_slice(b"BVPK\x01\0\0\0");
+        b
+    }
+
+    fn starts_like_object(b: &[u8]) -> bool {
+        b.len() >= 8 && b[..8] == *b"BVPK\x01\0\0\0"
+    }
+
+    /// Two-key mode: objects under the previous key and under the current one read back
+    /// (whole and by range, also past unit 0); `reencrypt` moves the former, skips the latter
+    /// and reports objects gone; the stored bytes then equal what the current key writes;
+    /// an object under neither key is an Integrity error naming it.
+    #[test]
+    fn rotation_reads_both_keys_and_reencrypts() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path().join("vault")));
+        let old = XtsStore::new(inner.clone(), key(1));
+        let new_only = XtsStore::new(inner.clone(), key(100));
+        let rotating =
+            XtsStore::new(inner.clone(), key(100)).rotating_from(key(1), starts_like_object);
+        for (i, len) in SIZES.iter().enumerate() {
+            let data = object(*len, i as u8);
+            let (a, b) = (format!("packs/a{i}"), format!("packs/b{i}"));
+            old.put(&a, &data).unwrap();
+            rotating.put(&b, &data).unwrap();
+            for name in [&a, &b] {
+                assert_eq!(rotating.get(name).unwrap(), data, "{name}");
+                assert_eq!(rotating.get_tagged(name).unwrap().0, data, "{name}");
+                let at = len / 2;
+                assert_eq!(
+                    rotating.get_range(name, at as u64, len - at).unwrap(),
+                    data[at..],
+                    "{name}"
+                );
+            }
+            assert_eq!(rotating.reencrypt(&a).unwrap(), Reencrypted::Moved);
+            assert_eq!(rotating.reencrypt(&a).unwrap(), Reencrypted::Already);
+            assert_eq!(rotating.reencrypt(&b).unwrap(), Reencrypted::Already);
+            assert_eq!(new_only.get(&a).unwrap(), data);
+            let mut expected = data.clone();
+            new_only.cipher.encrypt(&a, &mut expected).unwrap();
+            assert_eq!(
+                inner.get(&a).unwrap(),
+                expected,
+                "{a}: not as the new key writes it"
+            );
+        }
+        assert_eq!(rotating.reencrypt("packs/none").unwrap(), Reencrypted::Gone);
+        XtsStore::new(inner.clone(), key(50))
+            .put("packs/foreign", &object(5000, 9))
+            .unwrap();
+        let e = rotating.reencrypt("packs/foreign").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Integrity);
+        assert!(e.to_string().contains("packs/foreign"), "{e}");
+        assert!(
+            new_only.reencrypt("packs/a0").is_err(),
+            "one-key mode has nothing to do"
         );
     }
 }

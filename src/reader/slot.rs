@@ -44,7 +44,7 @@ pub fn fetch_extent(vault: &Vault, disk: &Disk, m: &Manifest, e: u32) -> Result<
         raw,
         &disk.binding,
         &|g| disk.generation(g),
-        &disk.identity,
+        &*disk.identity_for(m)?,
         &loc.id,
         &what,
     )?;
@@ -233,7 +233,7 @@ impl SlotReader<'_> {
         // what is checked). With a damaged piece it cannot match, and need not.
         if !self.found
             && content != CONTENT_UNHASHED
-            && self.disk.identity.extent_id.id(&buf) != content
+            && self.disk.identity_for(self.m)?.extent_id.id(&buf) != content
         {
             let err = Error::integrity(format!(
                 "snapshot {short}: slot {i} assembled from its overlays does not match its content id"

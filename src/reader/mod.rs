@@ -1,0 +1,203 @@
+//! Random access to a snapshot's bytes: the one read path behind `restore`, `serve` (NBD),
+//! `mount` (FUSE) and the backup's parent diffs.
+//!
+//! A snapshot is a table of fixed slots ([`Manifest::slots`]); byte `o` lives in slot
+//! `o / slot_size`. A read locates its slots, fetches each slot's frames with one ranged read
+//! per frame through the vault's `Store`, authenticates, decompresses and lays overlays over
+//! the base ([`slot`]), and copies the asked-for part out:
+//!
+//! ```text
+//!  read_at(off, buf) ─► slots off/ss ..= (off+len-1)/ss ─► zero slot: zeros, nothing read
+//!                                 │
+//!                                 ├─ LRU cache hit (decrypted slots, CACHE_BYTES) ─► copy
+//!                                 └─ miss ─► slot::slot_content (fetch, open, overlay, check)
+//!                                            on a sequential read (it starts where the last
+//!                                            ended): its slots and the next PREFETCH_SLOTS
+//!                                            decoded in parallel into the cache
+//! ```
+//!
+//! Which bytes hold data and which are holes comes from the manifest alone ([`extents`]).
+//! A slot that fails a check fails the read that touches it, with an error naming the object
+//! and the disk range; nothing of the failure is cached, and every other slot still reads.
+//!
+//! The reader borrows the vault, disk and manifest, opened by the caller the usual way
+//! (`Vault::resolve_snapshot`), and is `Sync`: many threads (NBD connections, FUSE requests)
+//! share one reader and its cache.
+
+pub mod extents;
+pub mod slot;
+
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::vault::manifest::{Manifest, Slot};
+use crate::vault::{Disk, Vault};
+
+pub use extents::{extents, Extent, ExtentKind};
+pub use slot::{read_slot, slot_content, slot_frames, Damage};
+
+/// Memory for decrypted slots kept per reader (64 slots of the default 1 MiB): enough for
+/// the read-ahead window and a guest's hot metadata, small beside a VM's own page cache.
+pub const CACHE_BYTES: usize = 64 << 20;
+
+/// Slots decoded ahead of a sequential reader, in parallel (8 MiB at the default slot size).
+pub const PREFETCH_SLOTS: usize = 8;
+
+/// A decrypted slot, shared between the cache and the reads copying from it.
+type SlotBytes = Arc<Vec<u8>>;
+
+/// Check the manifest's slot table against its recorded disk digest: done once before a
+/// snapshot is read (restored, served, mounted), since each slot is then checked only
+/// against the ids this table holds.
+pub fn check_digest(disk: &Disk, m: &Manifest) -> Result<()> {
+    if m.compute_digest(&disk.identity_for(m)?.digest) != m.digest {
+        return Err(Error::integrity(format!(
+            "snapshot {}: slot table does not match its recorded disk digest",
+            m.id.short()
+        )));
+    }
+    Ok(())
+}
+
+/// Random access to one snapshot's bytes (see the module doc).
+pub struct SnapshotReader<'a> {
+    vault: &'a Vault,
+    disk: &'a Disk,
+    m: &'a Manifest,
+    cache: Mutex<LruCache<usize, SlotBytes>>,
+    /// One past the last slot a read touched: a read starting there is sequential.
+    next: AtomicUsize,
+}
+
+impl<'a> SnapshotReader<'a> {
+    /// A reader of snapshot `m` of `disk` whose cache holds at most `cache_bytes` of slots
+    /// (at least the read-ahead window plus one).
+    pub fn new(vault: &'a Vault, disk: &'a Disk, m: &'a Manifest, cache_bytes: usize) -> Self {
+        let slots = (cache_bytes / m.slot_size.max(1) as usize).max(PREFETCH_SLOTS + 1);
+        SnapshotReader {
+            vault,
+            disk,
+            m,
+            cache: Mutex::new(LruCache::new(
+                NonZeroUsize::new(slots).unwrap_or(NonZeroUsize::MIN),
+            )),
+            next: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// The snapshot read.
+    pub fn manifest(&self) -> &'a Manifest {
+        self.m
+    }
+
+    /// Disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.m.disk_size
+    }
+
+    /// Fill `buf` with the bytes at `offset`; the range must lie within the disk.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.m.disk_size)
+            .ok_or_else(|| {
+                Error::usage(format!(
+                    "read of {} bytes at {offset} runs past the end of the {}-byte disk {}",
+                    buf.len(),
+                    self.m.disk_size,
+                    self.name()
+                ))
+            })?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let ss = u64::from(self.m.slot_size);
+        let slots = (offset / ss) as usize..end.div_ceil(ss) as usize;
+        let sequential = self.next.swap(slots.end, Ordering::Relaxed) == slots.start;
+        if sequential && self.missing(slots.clone()) {
+            // One parallel batch for this read and the window after it, so a streaming
+            // reader waits for a batch once per PREFETCH_SLOTS slots, not for each slot.
+            self.prefetch(slots.start..(slots.end + PREFETCH_SLOTS).min(self.m.slots.len()));
+        }
+        for i in slots {
+            let start = i as u64 * ss;
+            let (from, to) = (offset.max(start), end.min(start + ss));
+            let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            match self.slot(i)? {
+                None => out.fill(0),
+                Some(b) => out.copy_from_slice(&b[(from - start) as usize..(to - start) as usize]),
+            }
+        }
+        Ok(())
+    }
+
+    /// The runs of data and holes covering `range` (see [`extents`]).
+    pub fn extents(&self, range: Range<u64>) -> Vec<Extent> {
+        extents(self.m, range)
+    }
+
+    /// Slot `i` decoded (`None`: a zero slot), from the cache or the vault.
+    fn slot(&self, i: usize) -> Result<Option<SlotBytes>> {
+        if matches!(self.m.slots[i], Slot::Zero) {
+            return Ok(None);
+        }
+        if let Some(b) = self.lock().get(&i) {
+            return Ok(Some(b.clone()));
+        }
+        let b = self.decode(i)?;
+        self.lock().put(i, b.clone());
+        Ok(Some(b))
+    }
+
+    /// Whether a stored slot of `slots` is not in the cache.
+    fn missing(&self, slots: Range<usize>) -> bool {
+        let cache = self.lock();
+        slots
+            .into_iter()
+            .any(|i| !matches!(self.m.slots[i], Slot::Zero) && !cache.contains(&i))
+    }
+
+    /// Decode the uncached stored slots of `slots` in parallel into the cache; failures are
+    /// left for the read that reaches them to report.
+    fn prefetch(&self, slots: Range<usize>) {
+        let todo: Vec<usize> = {
+            let cache = self.lock();
+            slots
+                .filter(|&i| !matches!(self.m.slots[i], Slot::Zero) && !cache.contains(&i))
+                .collect()
+        };
+        let decoded: Vec<(usize, SlotBytes)> = todo
+            .into_par_iter()
+            .filter_map(|i| self.decode(i).ok().map(|b| (i, b)))
+            .collect();
+        let mut cache = self.lock();
+        for (i, b) in decoded {
+            cache.put(i, b);
+        }
+    }
+
+    /// Slot `i` (stored) read and checked, its errors naming the disk range.
+    fn decode(&self, i: usize) -> Result<SlotBytes> {
+        let ss = u64::from(self.m.slot_size);
+        let start = i as u64 * ss;
+        let end = start + u64::from(self.m.slot_len(i as u64));
+        slot_content(self.vault, self.disk, self.m, i)
+            .map(|b| Arc::new(b.unwrap_or_else(|| vec![0; (end - start) as usize])))
+            .map_err(|e| e.within(format!("{} bytes {start}..{end}", self.name())))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<usize, SlotBytes>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `DISK@SHORT-ID`, as errors name the snapshot.
+    pub fn name(&self) -> String {
+        format!("{}@{}", self.disk.name, self.m.id.short())
+    }
+}

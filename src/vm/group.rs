@@ -1,0 +1,126 @@
+//! Groups as the vault holds them: not objects of their own, but the record every member's
+//! manifest carries ([`GroupRecord`]). A group is found through any member; it is complete
+//! when every member it names is there (a member missing means its manifest was never
+//! written: the run was killed between two manifest writes, or one of them failed).
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::vault::info::GroupRecord;
+use crate::vault::manifest::Manifest;
+use crate::vault::Vault;
+
+/// A group, with its members as found in the vault.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// The record (from the first member found).
+    pub record: GroupRecord,
+    /// Each member of the record, in its order: its snapshot when present.
+    pub members: Vec<Option<Manifest>>,
+}
+
+impl Group {
+    /// Whether every member's snapshot is in the vault.
+    pub fn complete(&self) -> bool {
+        self.members.iter().all(Option::is_some)
+    }
+
+    /// The members not in the vault, as `disk@id`.
+    pub fn missing(&self) -> Vec<String> {
+        self.record
+            .members
+            .iter()
+            .zip(&self.members)
+            .filter(|(_, found)| found.is_none())
+            .map(|(m, _)| format!("{}@{}", m.disk, &m.snapshot[..m.snapshot.len().min(8)]))
+            .collect()
+    }
+}
+
+/// Every group with a member in the vault, oldest point in time first.
+pub fn groups(vault: &Vault) -> Result<Vec<Group>> {
+    let mut all = Vec::new();
+    for disk in vault.disks()? {
+        all.extend(vault.snapshots(&disk)?);
+    }
+    Ok(from_manifests(&all))
+}
+
+/// The groups of `manifests` (every snapshot of the vault, for completeness to be right),
+/// oldest point in time first.
+pub fn from_manifests(manifests: &[Manifest]) -> Vec<Group> {
+    let mut by_id: BTreeMap<&str, (&GroupRecord, Vec<&Manifest>)> = BTreeMap::new();
+    for m in manifests {
+        if let Some(g) = &m.info.group {
+            by_id
+                .entry(&g.id)
+                .or_insert_with(|| (g, Vec::new()))
+                .1
+                .push(m);
+        }
+    }
+    let mut out: Vec<Group> = by_id
+        .into_values()
+        .map(|(record, found)| {
+            let members = record
+                .members
+                .iter()
+                .map(|member| {
+                    found
+                        .iter()
+                        .find(|m| m.disk_name == member.disk && m.id.hex() == member.snapshot)
+                        .map(|m| (*m).clone())
+                })
+                .collect();
+            Group {
+                record: record.clone(),
+                members,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (a.record.time, &a.record.id).cmp(&(b.record.time, &b.record.id)));
+    out
+}
+
+/// The group `spec` names: `VM` or `VM@latest` (its newest complete group) or `VM@ID` (a
+/// group id or unique prefix of one, of that VM).
+pub fn resolve(vault: &Vault, spec: &str) -> Result<Group> {
+    let (vm, id) = spec.split_once('@').unwrap_or((spec, "latest"));
+    let all = groups(vault)?;
+    let of_vm: Vec<Group> = all.into_iter().filter(|g| g.record.vm == vm).collect();
+    if of_vm.is_empty() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "vault {} has no group of a VM named {vm}",
+                vault.store().location()
+            ),
+        ));
+    }
+    if id == "latest" {
+        return of_vm
+            .into_iter()
+            .rev()
+            .find(Group::complete)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("VM {vm} has no complete group: name one with {vm}@ID"),
+                )
+            });
+    }
+    let mut found: Vec<Group> = of_vm
+        .into_iter()
+        .filter(|g| g.record.id.starts_with(id))
+        .collect();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::new(
+            ErrorKind::NotFound,
+            format!("VM {vm} has no group {id}"),
+        )),
+        _ => Err(Error::usage(format!(
+            "group id {id} of VM {vm} is ambiguous: give more digits"
+        ))),
+    }
+}
