@@ -181,19 +181,15 @@ fn replace_cmk(
     let descriptors = target_head.descriptors.clone();
     let (_, switched) = super::rotate::switch_records(&vault, &from, &to, false, |h| {
         h.primary = target;
-        h.descriptors = descriptors
-            .iter()
-            .filter(|d| d.id.kind == KekKind::Recovery || d.id == target)
-            .copied()
-            .collect();
+        h.descriptors = super::rotate::kept_descriptors(&descriptors, target);
         Ok(())
     })?;
     guard.finished();
     switched.delete_replaced(&vault)?;
-    for d in &head.descriptors {
-        if d.id != target && d.id.kind != KekKind::Recovery {
-            vault.store().delete(&kekdesc::object_key(d.id))?;
-        }
+    // The descriptors the new head no longer lists go from the store too.
+    let kept = super::rotate::kept_descriptors(&head.descriptors, target);
+    for d in head.descriptors.iter().filter(|d| !kept.contains(d)) {
+        vault.store().delete(&kekdesc::object_key(d.id))?;
     }
     Ok(Recovered {
         records_rewrapped: switched.records_rewrapped,
@@ -507,11 +503,7 @@ fn finish_take_over(
         h.auth_version = new_auth;
         h.recovery_anchor = Some(anchor_digest);
         h.revoked.clear();
-        h.descriptors = descriptors
-            .iter()
-            .filter(|d| d.id.kind == KekKind::Recovery || d.id == target)
-            .copied()
-            .collect();
+        h.descriptors = super::rotate::kept_descriptors(&descriptors, target);
         Ok(())
     })?;
     guard.finished();

@@ -169,11 +169,7 @@ fn rotate_kek(
     let (new_head, switched) =
         switch_records(&vault, vault.keyring(), &target_ring, opts.new_dek, |h| {
             h.primary = target;
-            h.descriptors = descriptors
-                .iter()
-                .filter(|d| d.id.kind == KekKind::Recovery || d.id == target)
-                .copied()
-                .collect();
+            h.descriptors = kept_descriptors(&descriptors, target);
             Ok(())
         })?;
     report.records_rewrapped = switched.records_rewrapped;
@@ -580,4 +576,18 @@ fn check_before_writing(vault: &Vault, opts: &RotateOptions) -> Result<()> {
         }));
     }
     vault.check_keys()
+}
+
+/// The descriptors a head keeps once `primary` is the vault's KEK: the recovery keys' and
+/// `primary`'s own; any other customer key it listed is dropped (rotation, recovery and
+/// take-over share this rule).
+pub(super) fn kept_descriptors(
+    descriptors: &[DescriptorEntry],
+    primary: KekId,
+) -> Vec<DescriptorEntry> {
+    descriptors
+        .iter()
+        .filter(|d| d.id.kind == KekKind::Recovery || d.id == primary)
+        .copied()
+        .collect()
 }
