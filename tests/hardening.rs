@@ -702,9 +702,13 @@ fn commands_holding_keys_are_not_dumpable() {
         .arg("600")
         .spawn()
         .unwrap();
+    // Wait for `sleep` itself: between setpriv's setuid and its exec the process is setpriv
+    // with the new uid, not dumpable (a credential change resets the attribute) and so owned
+    // by root; exec of `sleep` makes it dumpable again.
     let control = loop {
+        let name = fs::read_to_string(format!("/proc/{}/comm", sleeper.id())).unwrap_or_default();
         match proc_owner_and_uid(sleeper.id()) {
-            Some((owner, uid)) if uid == NOBODY => break owner,
+            Some((owner, uid)) if uid == NOBODY && name.trim() == "sleep" => break owner,
             _ => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
     };
