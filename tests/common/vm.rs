@@ -307,6 +307,15 @@ impl Vm {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            // A killed QEMU leaves its FUSE exports mounted (dead, "transport endpoint is not
+            // connected"): detach them, or every run leaves mounts behind in /tmp.
+            for d in &self.drives {
+                let _ = Command::new("umount")
+                    .arg("--lazy")
+                    .arg(&d.guest)
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
 
