@@ -566,7 +566,29 @@ fn a_group_missing_a_member_is_listed_incomplete_and_not_restored_as_one() {
     let b_image = bv.path("b.raw");
     std::fs::write(&b_image, vm.read(1)).expect("write b.raw");
     bv.backup(&b_image, "b", &[]);
-    bv.run(&["forget", "--disk", "b", "--keep-last", "1"]).ok();
+    // A member stays while its group does, unless the group is split on purpose.
+    let kept = bv.json(&["forget", "--disk", "b", "--keep-last", "1"]);
+    assert_eq!(kept["removed"], 0, "{kept}");
+    assert!(
+        kept["disks"][0]["kept"][1]["reasons"][0]
+            .as_str()
+            .is_some_and(|r| r.starts_with("group vm6@")),
+        "{kept}"
+    );
+    let split = bv.json(&[
+        "forget",
+        "--disk",
+        "b",
+        "--keep-last",
+        "1",
+        "--split-groups",
+    ]);
+    assert_eq!(split["removed"], 1, "{split}");
+    assert_eq!(
+        split["groups"][0]["split"][0],
+        format!("b@{}", &gone[..8]),
+        "{split}"
+    );
     let listed = bv.json(&["snapshots"]);
     assert_eq!(listed["groups"][0]["complete"], false);
     assert_eq!(listed["groups"][0]["members"][1]["present"], false);
@@ -583,4 +605,62 @@ fn a_group_missing_a_member_is_listed_incomplete_and_not_restored_as_one() {
     // Its other member is a snapshot like any other.
     let a = text(&doc["disks"][0], "snapshot");
     bv.restore_and_compare(&format!("a@{a}"), &vm.read(0));
+}
+
+#[test]
+fn forget_keeps_and_drops_groups_as_units() {
+    const T: &str = "forget_keeps_and_drops_groups_as_units";
+    let Some(bin) = qemu(T) else { return };
+    let bv = Bv::new();
+    let vm = Vm::start(
+        &bin,
+        bv.dir.path(),
+        "vm7",
+        &[("d0", 8 * MIB), ("d1", 8 * MIB)],
+    );
+    let mut docs = Vec::new();
+    for round in 0..3u64 {
+        vm.write(0, round * MIB, &random_data(70 + round, 64 * KIB as usize));
+        vm.write(1, round * MIB, &random_data(80 + round, 64 * KIB as usize));
+        docs.push(backup(&bv, &vm, "d0=a,d1=b", &[]));
+    }
+    let newest = (vm.read(0), vm.read(1));
+    // Disk scope: the policy would drop disk a's two older members, but disk b's stay, so
+    // their groups do, and with them a's members.
+    let kept = bv.json(&["forget", "--disk", "a", "--keep-last", "1"]);
+    assert_eq!(kept["removed"], 0, "{kept}");
+    assert_eq!(kept["kept"], 3, "{kept}");
+    assert_eq!(kept["groups"].as_array().map(Vec::len), Some(3), "{kept}");
+    // Every disk at once with the same rule: each group's members go together.
+    let dry = bv.json(&["forget", "--keep-last", "2", "--dry-run"]);
+    assert_eq!(dry["removed"], 2, "{dry}");
+    assert_eq!(dry["groups"][0]["kept"], false, "{dry}");
+    // The VM's groups, counted as groups: the two older go, both disks' members with them,
+    // in one head swap.
+    let gone = bv.json(&["forget", "--group", "vm7", "--keep-last", "1"]);
+    assert_eq!(gone["removed"], 4, "{gone}");
+    assert_eq!(gone["kept"], 2, "{gone}");
+    let listed = bv.json(&["snapshots"]);
+    let groups = listed["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 1, "{listed}");
+    assert_eq!(groups[0]["complete"], true, "{listed}");
+    assert_eq!(text(&groups[0], "id"), text(&docs[2], "group"));
+    let out = bv.path("out");
+    bv.json(&["restore", "group:vm7", s(&out)]);
+    assert_eq!(std::fs::read(out.join("a.raw")).expect("a.raw"), newest.0);
+    assert_eq!(std::fs::read(out.join("b.raw")).expect("b.raw"), newest.1);
+    bv.run(&["forget", "--group", "nosuchvm", "--keep-last", "1"])
+        .code(1)
+        .stderr_has(&["no group of a VM named nosuchvm"]);
+    bv.run(&[
+        "forget",
+        "--group",
+        "vm7",
+        "--disk",
+        "a",
+        "--keep-last",
+        "1",
+    ])
+    .code(2);
+    bv.json(&["verify", "--read-data"]);
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use blockvault::retention::forget::{self, Decision};
+use blockvault::retention::forget::{self, Decision, GroupOutcome, Scope};
 use blockvault::retention::policy::{Policy, Within};
 
 use super::output::time;
@@ -16,6 +16,14 @@ pub struct Args {
     /// Only this disk (default: every disk, each on its own).
     #[arg(long)]
     disk: Option<String>,
+    /// The groups of this VM (`backup qmp://`): the rules count groups by their point in
+    /// time, and a removed group's members go together.
+    #[arg(long, value_name = "VM", conflicts_with = "disk")]
+    group: Option<String>,
+    /// Let a rule remove a group's member while another member stays (a disk that left the
+    /// VM): the group becomes incomplete. Without it a member stays while its group does.
+    #[arg(long, conflicts_with = "group")]
+    split_groups: bool,
     /// Keep the N newest snapshots.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     keep_last: Option<u32>,
@@ -54,6 +62,17 @@ fn decision(d: &Decision) -> serde_json::Value {
     })
 }
 
+fn group(g: &GroupOutcome) -> serde_json::Value {
+    json!({
+        "vm": g.vm,
+        "id": g.id,
+        "time": time(g.time),
+        "kept": !g.reasons.is_empty(),
+        "reasons": g.reasons,
+        "split": g.split,
+    })
+}
+
 /// Forget the snapshots the policy does not keep.
 pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let policy = Policy {
@@ -67,7 +86,13 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     };
     policy.check()?;
     let vault = ctx.open_vault_unwrapping()?;
-    let outcomes = forget::forget(&vault, a.disk.as_deref(), &policy, a.dry_run)?;
+    let scope = match (&a.disk, &a.group) {
+        (Some(disk), _) => Scope::Disk(disk),
+        (None, Some(vm)) => Scope::Vm(vm),
+        (None, None) => Scope::AllDisks,
+    };
+    let outcome = forget::forget(&vault, scope, &policy, a.dry_run, a.split_groups)?;
+    let outcomes = &outcome.disks;
     let pruned = if a.prune {
         Some(blockvault::retention::prune::prune(&vault, false)?)
     } else {
@@ -84,13 +109,14 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             "removed": o.removed.iter().map(decision).collect::<Vec<_>>(),
             "manifests_left": o.manifests_left,
         })).collect::<Vec<_>>(),
+        "groups": outcome.groups.iter().map(group).collect::<Vec<_>>(),
     });
     if let Some(r) = &pruned {
         doc["prune"] = super::prune::json(r)?;
     }
     ctx.out.result(doc, || {
         let mut t = String::new();
-        for o in &outcomes {
+        for o in outcomes {
             t += &format!(
                 "disk {}: keep {}, {} {}\n",
                 o.disk,
@@ -109,6 +135,28 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
             for d in &o.removed {
                 t += &format!("  remove  {}  {}\n", d.id.short(), time(d.time));
             }
+        }
+        for g in &outcome.groups {
+            let verdict = match (g.reasons.is_empty(), g.split.is_empty()) {
+                (true, _) if a.dry_run => "would be removed".to_owned(),
+                (true, _) => "removed".to_owned(),
+                (false, true) => format!("kept ({})", g.reasons.join(", ")),
+                (false, false) => format!(
+                    "split: {} {}, the group incomplete",
+                    g.split.join(", "),
+                    if a.dry_run {
+                        "would be removed"
+                    } else {
+                        "removed"
+                    }
+                ),
+            };
+            t += &format!(
+                "group {}@{}  {}  {verdict}\n",
+                g.vm,
+                &g.id[..8.min(g.id.len())],
+                time(g.time)
+            );
         }
         if let Some(r) = &pruned {
             t += &super::prune::human(r);
