@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::policy::{self, Candidate, Policy, Reasons};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 use crate::vault::manifest::{Manifest, SnapshotId};
 use crate::vault::{Disk, Vault};
 use crate::vm::group::{self, Group};
@@ -265,19 +265,7 @@ fn by_groups(
     vm: &str,
     policy: &Policy,
 ) -> Result<Outcome> {
-    let groups: Vec<Group> = groups_touching(vault, listed)?
-        .into_iter()
-        .filter(|g| g.record.vm == vm)
-        .collect();
-    if groups.is_empty() {
-        return Err(Error::new(
-            ErrorKind::NotFound,
-            format!(
-                "vault {} has no group of a VM named {vm}",
-                vault.store().location()
-            ),
-        ));
-    }
+    let groups = group::of_vm(vault, groups_touching(vault, listed)?, vm)?;
     let candidates: Vec<Candidate> = groups
         .iter()
         .enumerate()

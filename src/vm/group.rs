@@ -82,11 +82,8 @@ pub fn from_manifests(manifests: &[Manifest]) -> Vec<Group> {
     out
 }
 
-/// The group `spec` names: `VM` or `VM@latest` (its newest complete group) or `VM@ID` (a
-/// group id or unique prefix of one, of that VM).
-pub fn resolve(vault: &Vault, spec: &str) -> Result<Group> {
-    let (vm, id) = spec.split_once('@').unwrap_or((spec, "latest"));
-    let all = groups(vault)?;
+/// The groups of `all` that are `vm`'s; none is an error (`NotFound`) naming the vault.
+pub fn of_vm(vault: &Vault, all: Vec<Group>, vm: &str) -> Result<Vec<Group>> {
     let of_vm: Vec<Group> = all.into_iter().filter(|g| g.record.vm == vm).collect();
     if of_vm.is_empty() {
         return Err(Error::new(
@@ -97,6 +94,14 @@ pub fn resolve(vault: &Vault, spec: &str) -> Result<Group> {
             ),
         ));
     }
+    Ok(of_vm)
+}
+
+/// The group `spec` names: `VM` or `VM@latest` (its newest complete group) or `VM@ID` (a
+/// group id or unique prefix of one, of that VM).
+pub fn resolve(vault: &Vault, spec: &str) -> Result<Group> {
+    let (vm, id) = spec.split_once('@').unwrap_or((spec, "latest"));
+    let of_vm = of_vm(vault, groups(vault)?, vm)?;
     if id == "latest" {
         return of_vm
             .into_iter()
