@@ -262,3 +262,42 @@ fn a_killed_backup_into_seaweedfs_is_resumed() {
     assert_resumed(&bv, &doc, 2, &data, "d");
     assert_eq!(segments(), Vec::<String>::new(), "checkpoint left");
 }
+
+/// The object server is SIGKILLed under a running backup after two packs are durable: the
+/// backup fails (once the client's retries give up) saying no snapshot was written and that
+/// it kept its packs; the server restarts on its data, and the same command resumes.
+#[test]
+fn a_backup_whose_store_is_killed_and_restarted_is_resumed() {
+    let test = "a_backup_whose_store_is_killed_and_restarted_is_resumed";
+    let Some(mut own) = servers::own_seaweed(test) else {
+        return;
+    };
+    let bv = cloud_bv(&own.server);
+    bv.run(&["init"]).ok();
+    let store = CloudStore::open(&bv.vault.to_string_lossy(), &own.server.config()).unwrap();
+    let (img, data) = image(&bv, 8);
+    let args = slow_backup(&img, "d");
+    let (mut child, _) = bv.spawn(&args);
+    while store.list("checkpoints").unwrap().len() < 2 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before two checkpoint segments were written"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    own.kill();
+    let out = child.wait_with_output().unwrap();
+    let run = Run::from_output("backup with its store killed".into(), out);
+    run.code(1).stderr_has(&[
+        "backup of disk d failed, no snapshot written, kept the ",
+        "for a re-run of the same backup to resume",
+    ]);
+    own.restart();
+    let doc = bv.json(&args);
+    assert_resumed(&bv, &doc, 2, &data, "d");
+    assert_eq!(
+        store.list("checkpoints").unwrap(),
+        Vec::<String>::new(),
+        "checkpoint left"
+    );
+}
