@@ -28,27 +28,14 @@ use common::*;
 /// The image: 96 MiB of random data (three packs, stored fast), then 64 MiB of text (slow
 /// at zstd level 19).
 fn image(bv: &Bv, seed: u64) -> (PathBuf, Vec<u8>) {
-    let mut data = random_data(seed, 96 * MIB as usize);
-    data.extend_from_slice(&text_data(seed + 1, 64 * MIB as usize));
-    let path = bv.path("disk.img");
-    write_file(&path, &data);
-    (path, data)
+    slow_image(bv, "disk.img", seed, 64)
 }
 
 /// `backup` arguments that keep a backup of [`image`] running long after its first packs.
 fn slow_backup<'a>(img: &'a Path, disk: &'a str) -> Vec<&'a str> {
-    vec![
-        "backup",
-        img.to_str().unwrap(),
-        "--disk",
-        disk,
-        "--parent",
-        "none",
-        "--zstd-level",
-        "19",
-        "--threads",
-        "1",
-    ]
+    let mut args = common::slow_backup(img, disk);
+    args.extend(["--parent", "none"]);
+    args
 }
 
 /// A backup started in a process group of its own, as a shell starts a foreground job.

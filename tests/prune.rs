@@ -149,18 +149,9 @@ fn prune_frees_exactly_the_unreferenced_packs() {
 /// A backup started in its own process, with `env` added.
 fn start_backup(bv: &Bv, img: &Path, disk: &str, env: &[(&str, &str)]) -> Child {
     let mut c = bv.command();
-    c.args([
-        "backup",
-        img.to_str().unwrap(),
-        "--disk",
-        disk,
-        "--zstd-level",
-        "19",
-        "--threads",
-        "1",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    c.args(slow_backup(img, disk))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         c.env(k, v);
     }

@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Child;
 use std::time::Duration;
 
@@ -22,42 +22,25 @@ use common::*;
 
 /// 96 MiB of random data, then 24 MiB of text.
 fn image(bv: &Bv, seed: u64) -> (PathBuf, Vec<u8>) {
-    let mut data = random_data(seed, 96 * MIB as usize);
-    data.extend_from_slice(&text_data(seed + 1, 24 * MIB as usize));
-    let path = bv.path(&format!("disk-{seed}.img"));
-    write_file(&path, &data);
-    (path, data)
-}
-
-/// The backup command of every run of a test: the same for the killed run and its re-run.
-fn slow_backup<'a>(img: &'a Path, disk: &'a str) -> Vec<&'a str> {
-    vec![
-        "backup",
-        img.to_str().unwrap(),
-        "--disk",
-        disk,
-        "--zstd-level",
-        "19",
-        "--threads",
-        "1",
-    ]
+    slow_image(bv, &format!("disk-{seed}.img"), seed, 24)
 }
 
 /// Checkpoint segment keys of the vault, by whatever lists them.
 type Segments<'a> = &'a dyn Fn() -> Vec<String>;
 
-/// Wait until `segments()` lists at least `n`, then SIGKILL the backup; panics if it ended
-/// first.
-fn kill_after_segments(mut child: Child, segments: Segments, n: usize) {
-    loop {
-        if segments().len() >= n {
-            break;
-        }
+/// Wait until `segments()` lists at least `n`; panics if the backup ended first.
+fn wait_for_segments(child: &mut Child, segments: Segments, n: usize) {
+    while segments().len() < n {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("the backup ended ({status}) before {n} checkpoint segments were written");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Wait until `segments()` lists at least `n`, then SIGKILL the backup.
+fn kill_after_segments(mut child: Child, segments: Segments, n: usize) {
+    wait_for_segments(&mut child, segments, n);
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert!(
@@ -278,13 +261,7 @@ fn a_backup_whose_store_is_killed_and_restarted_is_resumed() {
     let (img, data) = image(&bv, 8);
     let args = slow_backup(&img, "d");
     let (mut child, _) = bv.spawn(&args);
-    while store.list("checkpoints").unwrap().len() < 2 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the backup ended before two checkpoint segments were written"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_segments(&mut child, &|| store.list("checkpoints").unwrap(), 2);
     own.kill();
     let out = child.wait_with_output().unwrap();
     let run = Run::from_output("backup with its store killed".into(), out);
