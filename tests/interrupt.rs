@@ -2,11 +2,12 @@
 //! backup's process group, as a terminal delivers Ctrl-C), failed by a full vault, a
 //! read-only vault or a source that fails with EIO mid-read, or killed by SIGKILL.
 //!
-//! A stop or a failure ends with a message saying what happened and what was cleaned up,
-//! exit 130/143 (signals) or 1, no snapshot, none of the run's packs or temp files left
-//! behind, a vault that verifies, and a next backup that succeeds and restores exactly. A
-//! SIGKILL cleans up nothing: `verify` reports its unreferenced packs and temp files, with
-//! their sizes, as harmless.
+//! A stop or a failure ends with a message saying what happened and what became of the
+//! run's packs, exit 130/143 (signals) or 1, no snapshot, no temp files left behind, a vault
+//! that verifies, and a next backup that succeeds and restores exactly. The packs of a signal
+//! or a failing source are kept for the re-run to resume (tests/resume.rs), and what it does
+//! not reuse prune collects; a full vault's are removed. A SIGKILL cleans up nothing: `verify`
+//! reports its unreferenced packs and temp files, with their sizes, as harmless.
 //!
 //! The interrupted backups run with `--zstd-level 19 --threads 1` over an image whose last
 //! 64 MiB are compressible text, so that whatever point a test waits for (observed in the
@@ -27,27 +28,14 @@ use common::*;
 /// The image: 96 MiB of random data (three packs, stored fast), then 64 MiB of text (slow
 /// at zstd level 19).
 fn image(bv: &Bv, seed: u64) -> (PathBuf, Vec<u8>) {
-    let mut data = random_data(seed, 96 * MIB as usize);
-    data.extend_from_slice(&text_data(seed + 1, 64 * MIB as usize));
-    let path = bv.path("disk.img");
-    write_file(&path, &data);
-    (path, data)
+    slow_image(bv, "disk.img", seed, 64)
 }
 
 /// `backup` arguments that keep a backup of [`image`] running long after its first packs.
 fn slow_backup<'a>(img: &'a Path, disk: &'a str) -> Vec<&'a str> {
-    vec![
-        "backup",
-        img.to_str().unwrap(),
-        "--disk",
-        disk,
-        "--parent",
-        "none",
-        "--zstd-level",
-        "19",
-        "--threads",
-        "1",
-    ]
+    let mut args = common::slow_backup(img, disk);
+    args.extend(["--parent", "none"]);
+    args
 }
 
 /// A backup started in a process group of its own, as a shell starts a foreground job.
@@ -130,13 +118,13 @@ fn temp_files(bv: &Bv) -> Vec<(PathBuf, u64)> {
     out
 }
 
-/// How many packs the failure message says were removed.
-fn removed_packs(stderr: &str) -> u64 {
-    if stderr.contains("removed the pack (") {
+/// How many packs the failure message says were `verb` (kept, removed).
+fn settled_packs(stderr: &str, verb: &str) -> u64 {
+    if stderr.contains(&format!("{verb} the pack (")) {
         return 1;
     }
     stderr
-        .split("removed the ")
+        .split(&format!("{verb} the "))
         .nth(1)
         .and_then(|rest| rest.split(' ').next())
         .and_then(|n| n.parse().ok())
@@ -224,20 +212,29 @@ fn sigint_and_sigterm_stop_a_backup_cleanly_at_every_point() {
             run.code(code).stderr_has(&[&format!(
                 "backup of disk d interrupted by {name}: no snapshot written, "
             )]);
-            // A pack whose write had begun is finished, then removed with the others.
+            // A pack whose write had begun is finished, then kept with the others.
             let at_least = match point {
                 Point::FirstPackWriting => stored.max(1),
                 _ => stored,
             };
+            let kept = settled_packs(&run.stderr, "kept");
             assert!(
-                removed_packs(&run.stderr) >= at_least,
+                kept >= at_least,
                 "{point:?}: {stored} packs were stored when the signal came:\n{}",
                 run.stderr
             );
-            assert_eq!(packs(&bv), before, "{point:?}, {name}: packs left behind");
+            assert_eq!(
+                packs(&bv).difference(&before).count() as u64,
+                kept,
+                "{point:?}, {name}: {}",
+                run.stderr
+            );
             assert_eq!(bv.snapshots().len(), snapshots, "{point:?}, {name}");
-            assert_clean(&bv);
+            // The next backup resumes; prune collects the kept packs it had no use for
+            // (content its parent already held).
             next_backup_is_exact(&bv, &img, "d", &data);
+            bv.json(&["prune"]);
+            assert_clean(&bv);
         }
     }
 }
@@ -387,7 +384,11 @@ fn a_full_vault_fails_cleanly_and_the_next_backup_that_fits_succeeds() {
             "No space left on device",
             bv.vault.to_str().unwrap(),
         ]);
-        assert!(removed_packs(&r.stderr) >= 1, "round {round}: {}", r.stderr);
+        assert!(
+            settled_packs(&r.stderr, "removed") >= 1,
+            "round {round}: {}",
+            r.stderr
+        );
         assert_eq!(packs(&bv).len(), round, "round {round}: packs left behind");
         assert_clean(&bv);
         next_backup_is_exact(&bv, &small, &format!("small{round}"), &small_data);
@@ -476,8 +477,8 @@ impl Drop for FailingExport {
 }
 
 #[test]
-fn a_source_failing_with_eio_mid_read_removes_what_the_backup_stored() {
-    let test = "a_source_failing_with_eio_mid_read_removes_what_the_backup_stored";
+fn a_source_failing_with_eio_mid_read_keeps_what_the_backup_stored_for_the_re_run() {
+    let test = "a_source_failing_with_eio_mid_read_keeps_what_the_backup_stored_for_the_re_run";
     if !tools(test, &[("nbdkit", "nbdkit")]) {
         return;
     }
@@ -492,15 +493,24 @@ fn a_source_failing_with_eio_mid_read_removes_what_the_backup_stored() {
     let export = FailingExport::start(bv.dir.path(), &file, size, 128 * MIB..129 * MIB);
     let r = bv.run(&["backup", &export.url, "--disk", "d"]);
     r.code(1).stderr_has(&[
-        "backup of disk d failed, no snapshot written, removed the ",
+        "backup of disk d failed, no snapshot written, kept the ",
+        "for a re-run of the same backup to resume",
         &export.url,
         "offset 134217728",
         "NBD_EIO",
     ]);
-    assert!(removed_packs(&r.stderr) >= 1, "{}", r.stderr);
-    assert_eq!(packs(&bv), BTreeSet::new(), "packs left behind");
+    let kept = settled_packs(&r.stderr, "kept");
+    assert!(kept >= 1, "{}", r.stderr);
+    assert_eq!(packs(&bv).len() as u64, kept, "{}", r.stderr);
     assert!(bv.snapshots().is_empty());
-    assert_clean(&bv);
     drop(export);
-    next_backup_is_exact(&bv, &file, "d", &data);
+    // The re-run reads the whole source again and uploads only what the first did not store;
+    // every kept pack is its now.
+    let doc = bv.backup(&file, "d", &[]);
+    assert!(
+        num(&doc, "bytes_uploaded") < num(&doc, "bytes_stored"),
+        "{doc}"
+    );
+    bv.restore_and_compare(&format!("d@{}", text(&doc, "short_id")), &data);
+    assert_clean(&bv);
 }

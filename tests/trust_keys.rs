@@ -136,9 +136,10 @@ fn platform_rotation_leaves_no_old_version_and_new_dek_changes_the_identity() {
 // 4. The nonce budget
 // ---------------------------------------------------------------------------------------------
 
-/// The GCM seals really stored under each DEK generation of the vault's only disk: one per
-/// frame listed in a pack index, one per pack index, one per committed manifest, and the
-/// sealed disk name of each generation's key record.
+/// The GCM seals really made under each DEK generation of the vault's only disk: one per
+/// frame listed in a pack index, one per pack index, one per pack's checkpoint segment (sealed
+/// while the backup ran, deleted by its commit), one per committed manifest, and the sealed
+/// disk name of each generation's key record.
 fn stored_seals(bv: &Bv) -> std::collections::BTreeMap<u32, u64> {
     let vault = Vault::open_with(
         s(&bv.vault),
@@ -159,7 +160,7 @@ fn stored_seals(bv: &Bv) -> std::collections::BTreeMap<u32, u64> {
         let frames = pack::read_index(&bytes, &disk.binding, &|g| disk.generation(g), &key)
             .unwrap()
             .len() as u64;
-        *seals.entry(generation).or_default() += frames + 1;
+        *seals.entry(generation).or_default() += frames + 2;
     }
     for snap in &entry.snapshots {
         let m = vault.load_manifest(&disk, snap.id).unwrap();

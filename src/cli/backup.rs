@@ -274,6 +274,7 @@ fn snapshot_doc(r: &engine::BackupReport) -> serde_json::Value {
         "slot_size": r.slot_size,
         "bytes_read": s.bytes_read,
         "bytes_stored": s.bytes_stored,
+        "bytes_uploaded": r.bytes_uploaded,
         "slots_new": s.slots_new,
         "slots_reused": s.slots_reused,
         "slots_zero": s.slots_zero,

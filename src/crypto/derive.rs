@@ -12,6 +12,7 @@ mod context {
     pub const MANIFEST_SEAL: &str = "blockvault 2026-11-28 manifest seal v1";
     pub const PACK_INDEX_SEAL: &str = "blockvault 2026-11-28 pack index seal v1";
     pub const DISK_META_SEAL: &str = "blockvault 2026-11-28 disk metadata seal v1";
+    pub const CHECKPOINT_SEAL: &str = "blockvault 2026-12-07 checkpoint seal v1";
     pub const EXTENT_ID: &str = "blockvault 2026-11-28 extent id v1";
     pub const DISK_DIGEST: &str = "blockvault 2026-11-28 disk digest v1";
 }
@@ -30,13 +31,19 @@ pub struct GenerationKeys {
     pub pack_index: AeadKey,
     /// Seals the disk's name in its key record.
     pub meta: AeadKey,
+    /// Seals a backup run's checkpoint segments (what a resumed run may reuse).
+    pub checkpoint: AeadKey,
 }
 
 impl GenerationKeys {
     /// Seals made with any of these keys so far (by this process): what a job adds to its
     /// generation's nonce budget.
     pub fn seals(&self) -> u64 {
-        self.extent.seals() + self.manifest.seals() + self.pack_index.seals() + self.meta.seals()
+        self.extent.seals()
+            + self.manifest.seals()
+            + self.pack_index.seals()
+            + self.meta.seals()
+            + self.checkpoint.seals()
     }
 
     /// Derive all sealing keys of a DEK generation.
@@ -46,6 +53,7 @@ impl GenerationKeys {
             manifest: AeadKey::new(&derive(context::MANIFEST_SEAL, dek)),
             pack_index: AeadKey::new(&derive(context::PACK_INDEX_SEAL, dek)),
             meta: AeadKey::new(&derive(context::DISK_META_SEAL, dek)),
+            checkpoint: AeadKey::new(&derive(context::CHECKPOINT_SEAL, dek)),
         }
     }
 }
@@ -84,6 +92,7 @@ mod tests {
             context::MANIFEST_SEAL,
             context::PACK_INDEX_SEAL,
             context::DISK_META_SEAL,
+            context::CHECKPOINT_SEAL,
             context::EXTENT_ID,
             context::DISK_DIGEST,
         ];

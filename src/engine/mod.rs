@@ -14,16 +14,17 @@ pub mod auto_bitmap;
 pub mod claim;
 pub mod gate;
 pub mod identity;
+pub mod known;
 pub mod overlay;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod resume;
 pub mod spotcheck;
 pub mod uncommitted;
 pub mod worker;
 pub mod writer;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::changes::ChangeList;
@@ -31,9 +32,12 @@ use crate::crypto::secret::random_bytes;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io;
 use crate::source::Source;
+use crate::vault::checkpoint::Checkpoint;
 use crate::vault::info::SnapshotInfo;
 use crate::vault::manifest::{self, ChangeSource, Manifest, SnapshotId, Stats};
+use crate::vault::pack::PackId;
 use crate::vault::{Disk, Vault};
+use known::Known;
 use uncommitted::UncommittedPacks;
 
 pub use progress::{NoProgress, Progress};
@@ -151,6 +155,9 @@ pub struct BackupReport {
     pub reader: io::ReaderKind,
     /// Figures.
     pub stats: Stats,
+    /// Bytes of frames this run uploaded: `stats.bytes_stored` less what it reused from the
+    /// packs of an interrupted run it resumed.
+    pub bytes_uploaded: u64,
     /// What `--verify-unchanged` re-read, when a change claim was checked.
     pub verify_unchanged: Option<spotcheck::Sampled>,
     /// What the snapshot records about how it was made (bitmaps, notes).
@@ -251,16 +258,16 @@ impl Job {
 /// The most AES-GCM seals a job that reads `slots` slots can make: a slot stored whole is at
 /// most two frames (the compression trial's and the rest), a slot stored as overlays at most
 /// [`overlay::MAX_OVERLAYS`] pieces; a pack holds at least one frame, so there are at most as
-/// many pack indexes as frames; and the manifest. Reserved in the head before anything is
-/// sealed, and settled to the seals really made at commit.
+/// many pack indexes, and as many checkpoint segments, as frames; and the manifest. Reserved
+/// in the head before anything is sealed, and settled to the seals really made at commit.
 fn worst_case_seals(slots: u64) -> u64 {
     let per_slot = (overlay::MAX_OVERLAYS as u64).max(2);
-    slots.saturating_mul(per_slot * 2).saturating_add(16)
+    slots.saturating_mul(per_slot * 3).saturating_add(16)
 }
 
 /// Back up `source` into `vault` as a new snapshot of `opts.disk`. A run that fails or is
-/// stopped by SIGINT/SIGTERM writes no snapshot and removes the packs it stored; its error
-/// says so ([`uncommitted`]).
+/// stopped by SIGINT/SIGTERM writes no snapshot and keeps the packs it stored for a re-run
+/// to resume (removes them if the vault is full); its error says so ([`uncommitted`]).
 pub fn backup(
     vault: &Vault,
     source: &dyn Source,
@@ -269,11 +276,11 @@ pub fn backup(
 ) -> Result<BackupReport> {
     let packs = UncommittedPacks::new(vault.store().clone());
     match write_snapshot(vault, source, opts, progress, &packs) {
-        Ok(report) => {
-            packs.commit();
-            Ok(report)
+        Ok(report) => Ok(report),
+        Err(e) => {
+            let settled = packs.settle(&e);
+            Err(uncommitted::explain(e, &opts.disk, &settled))
         }
-        Err(e) => Err(uncommitted::explain(e, &opts.disk, &packs.discard())),
     }
 }
 
@@ -330,16 +337,25 @@ fn write_snapshot(
     let keys = disk.generation(generation)?;
     let seals_before = keys.seals();
 
-    let parent_extents: HashMap<_, _> = parent
-        .iter()
-        .flat_map(|p| p.extents.iter().map(|x| (x.id, *x)))
-        .collect();
+    // What this run can reference: its parent's extents, and those an interrupted run of this
+    // disk made durable (read after the lease and the reservation: resume.rs).
+    let mut known = Known::of_parent(parent.as_ref());
+    let run = Checkpoint {
+        generation,
+        pack: PackId([0; 32]),
+        pack_size: 0,
+        parent: parent.as_ref().map(|p| p.id),
+        slot_size,
+        identity_generation: disk.identity_generation,
+        extents: Vec::new(),
+    };
+    let resumed = resume::load(vault, &disk, &keys, &run, &mut known)?;
     let ctx = WorkerContext {
         binding: disk.binding,
         identity: &disk.identity,
         keys: &keys,
         generation,
-        known: &parent_extents,
+        known: &known.extents,
         compression: opts.compression,
         buffers: Recycler::new(64),
         parent: parent
@@ -363,13 +379,12 @@ fn write_snapshot(
         packs,
         disk.binding,
         keys.clone(),
-        generation,
         nslots as usize,
-        parent.as_ref(),
-        &parent_extents,
+        &known,
+        run,
     )?;
     let (writer, local, reader) = pipeline::run(source, plan, &ctx, writer, opts, progress)?;
-    let bytes_stored = writer.bytes_stored;
+    let (bytes_stored, bytes_uploaded) = (writer.bytes_stored, writer.bytes_uploaded);
     let tables = writer.finish()?;
     stats.bytes_read = local.bytes_read;
     stats.bytes_stored = bytes_stored;
@@ -385,6 +400,7 @@ fn write_snapshot(
         .iter()
         .chain(&decided.notes)
         .chain(&remarks.notes)
+        .chain(&resumed.notes)
         .cloned()
         .collect();
     info.notes.extend(note);
@@ -431,6 +447,7 @@ fn write_snapshot(
         gate.ready()?;
     }
     vault.commit_snapshot(&disk, &m, &reservation, seals_before)?;
+    resume::clear(vault, &disk);
     tracing::info!(snapshot = %m.id.short(), bytes_read = stats.bytes_read, bytes_stored = stats.bytes_stored, "snapshot written");
     Ok(BackupReport {
         snapshot: m.id,
@@ -443,6 +460,7 @@ fn write_snapshot(
         slot_size,
         reader,
         stats,
+        bytes_uploaded,
         verify_unchanged: decided.verify_unchanged,
         info: m.info,
         remarks,

@@ -3,19 +3,21 @@
 //! A backup stores packs first and its manifest last (the commit point). Until the manifest
 //! is written the packs are the run's own: their names are content hashes of ciphertext
 //! sealed under the disk's keys with fresh nonces, so no earlier snapshot names them, and a
-//! disk has one writer at a time (its lock). A run that fails or is interrupted removes them,
-//! so a full vault, a dead source or Ctrl-C leaves nothing to reclaim and the next backup
-//! that fits succeeds. A run killed outright leaves them for `verify` to report (and prune,
-//! later, to remove).
+//! disk has one writer at a time (its lock). Each durable pack is followed by its checkpoint
+//! segment ([`crate::vault::checkpoint`]), so a run that fails, is interrupted or is killed
+//! leaves packs the next run of the same disk reuses ([`super::resume`]) instead of
+//! uploading them again; packs no run resumes are unreferenced, for prune to collect.
+//!
+//! One failure deletes instead: a full vault (no space, quota). Keeping its packs would keep
+//! the vault full, so the next backup that fits could not run; the packs go, with their
+//! segments, and the re-run stores them again once there is room.
 //!
 //! ```text
-//! uploader: begin(id) → store.put(pack) → stored(id, size)
+//! uploader: begin(id) → store.put(pack) → store.put(segment) → stored(id, size)
 //! backup:   … manifest written → commit()      (the packs now belong to the snapshot)
-//!           … any failure       → discard()     (every pack begun is deleted)
-//!           … a panic           → Drop          (the same, silently)
+//!           … the vault is full → discard()     (every pack begun and its segment deleted)
+//!           … any other failure → keep()        (left for a re-run to resume)
 //! ```
-//! The list is the run's one piece of state about what it wrote, kept apart from the writer
-//! so that a later resumable run can keep it as a checkpoint instead of discarding it.
 
 use std::sync::{Arc, Mutex};
 
@@ -25,9 +27,11 @@ use crate::vault::pack::PackId;
 use crate::vault::store::Store;
 
 /// One pack the run began writing.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Written {
     id: PackId,
+    /// The key of its checkpoint segment.
+    segment: String,
     /// Its size once `put` returned; `None` while writing, or if the write failed (a failed
     /// `put` may still have left the object: it is deleted all the same).
     stored: Option<u64>,
@@ -46,9 +50,13 @@ impl PackLog {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Pack `id` is about to be written.
-    pub fn begin(&self, id: PackId) {
-        self.packs().push(Written { id, stored: None });
+    /// Pack `id` is about to be written, then its segment `segment`.
+    pub fn begin(&self, id: PackId, segment: &str) {
+        self.packs().push(Written {
+            id,
+            segment: segment.to_string(),
+            stored: None,
+        });
     }
 
     /// Pack `id`, of `size` bytes, is durable.
@@ -59,11 +67,13 @@ impl PackLog {
     }
 }
 
-/// What [`UncommittedPacks::discard`] did, for the message of the failed run.
+/// What became of the packs of a run that did not commit, for its error message.
 #[derive(Debug, Default)]
-pub struct Discarded {
-    /// Packs that had been stored and were removed.
-    pub removed: u64,
+pub struct Settled {
+    /// Whether they were kept for a re-run to resume (else removed).
+    pub kept: bool,
+    /// Packs that had been stored.
+    pub packs: u64,
     /// Their bytes.
     pub bytes: u64,
     /// The first removal that failed, and how many failed: those packs stay behind,
@@ -71,13 +81,19 @@ pub struct Discarded {
     pub failed: Option<(Error, u64)>,
 }
 
-impl std::fmt::Display for Discarded {
+impl std::fmt::Display for Settled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let bytes = human_bytes(self.bytes);
-        match self.removed {
+        let verb = if self.kept { "kept" } else { "removed" };
+        match self.packs {
             0 => f.write_str("nothing left behind")?,
-            1 => write!(f, "removed the pack ({bytes}) it had stored")?,
-            n => write!(f, "removed the {n} packs ({bytes}) it had stored")?,
+            1 => write!(f, "{verb} the pack ({bytes}) it had stored")?,
+            n => write!(f, "{verb} the {n} packs ({bytes}) it had stored")?,
+        }
+        if self.kept && self.packs > 0 {
+            f.write_str(
+                " for a re-run of the same backup to resume (`blockvault prune` collects them if none does)",
+            )?;
         }
         if let Some((e, n)) = &self.failed {
             write!(
@@ -93,8 +109,8 @@ impl std::fmt::Display for Discarded {
 /// The error of a backup of `disk` that stopped with `e` before committing, saying that no
 /// snapshot was written and what became of its packs. A usage error that left nothing
 /// behind (a refused request) is returned as is.
-pub fn explain(e: Error, disk: &str, discarded: &Discarded) -> Error {
-    let nothing = discarded.removed == 0 && discarded.failed.is_none();
+pub fn explain(e: Error, disk: &str, discarded: &Settled) -> Error {
+    let nothing = discarded.packs == 0 && discarded.failed.is_none();
     match e.kind() {
         ErrorKind::Usage if nothing => e,
         ErrorKind::Interrupted => Error::new(
@@ -110,12 +126,11 @@ pub fn explain(e: Error, disk: &str, discarded: &Discarded) -> Error {
     }
 }
 
-/// The packs of a run not committed yet: deleted unless [`UncommittedPacks::commit`] is
-/// called once the manifest naming them is written.
+/// The packs of a run not committed yet: kept for a re-run to resume, unless the vault
+/// is full.
 pub struct UncommittedPacks {
     store: Arc<dyn Store>,
     log: Arc<PackLog>,
-    settled: bool,
 }
 
 impl UncommittedPacks {
@@ -124,7 +139,6 @@ impl UncommittedPacks {
         UncommittedPacks {
             store,
             log: Arc::default(),
-            settled: false,
         }
     }
 
@@ -138,25 +152,36 @@ impl UncommittedPacks {
         self.log.clone()
     }
 
-    /// The manifest naming the packs is written: they stay.
-    pub fn commit(mut self) {
-        self.settled = true;
+    /// The run failed with `e` once the uploader stopped (the writer finished or dropped):
+    /// keep its packs and checkpoint for a re-run, or delete them if `e` says the vault is
+    /// full.
+    pub fn settle(self, e: &Error) -> Settled {
+        if vault_full(e) {
+            return self.delete_all();
+        }
+        let packs = self.log.packs();
+        let stored = packs.iter().filter_map(|w| w.stored);
+        Settled {
+            kept: true,
+            packs: stored.clone().count() as u64,
+            bytes: stored.sum(),
+            failed: None,
+        }
     }
 
-    /// Delete every pack the run began. Call only once the uploader has stopped (the writer
-    /// finished or dropped), so no pack is written after its deletion.
-    pub fn discard(mut self) -> Discarded {
-        self.settled = true;
-        self.delete_all()
-    }
-
-    fn delete_all(&self) -> Discarded {
-        let mut done = Discarded::default();
+    fn delete_all(&self) -> Settled {
+        let mut done = Settled::default();
         for w in self.log.packs().drain(..) {
-            match self.store.delete(&w.id.object_key()) {
+            // The segment first: a segment whose pack is gone is skipped by a resumed run,
+            // but is better not left at all.
+            let deleted = self
+                .store
+                .delete(&w.segment)
+                .and_then(|()| self.store.delete(&w.id.object_key()));
+            match deleted {
                 Ok(()) => {
                     if let Some(size) = w.stored {
-                        done.removed += 1;
+                        done.packs += 1;
                         done.bytes += size;
                     }
                 }
@@ -166,29 +191,46 @@ impl UncommittedPacks {
                 },
             }
         }
-        if done.removed > 0 {
+        if done.packs > 0 {
             tracing::info!(
-                packs = done.removed,
+                packs = done.packs,
                 bytes = done.bytes,
-                "removed the packs of a backup that did not commit"
+                "removed the packs of a backup that did not commit: the vault is full"
             );
         }
         done
     }
 }
 
-impl Drop for UncommittedPacks {
-    fn drop(&mut self) {
-        if !self.settled {
-            let _ = self.delete_all();
+/// Whether `e` comes from a store out of space (ENOSPC) or over its quota (EDQUOT).
+fn vault_full(e: &Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::StorageFull
+                || io.kind() == std::io::ErrorKind::QuotaExceeded
+                || matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            {
+                return true;
+            }
         }
+        cause = c.source();
     }
+    false
 }
 
-/// Run `store.put` of pack `id` under `log`'s record.
-pub fn put_logged(store: &dyn Store, log: &PackLog, id: PackId, bytes: &[u8]) -> Result<()> {
-    log.begin(id);
+/// Run `store.put` of pack `id` under `log`'s record, then of its checkpoint segment
+/// (`segment`: key and bytes), so that the segment exists only for a durable pack.
+pub fn put_logged(
+    store: &dyn Store,
+    log: &PackLog,
+    id: PackId,
+    bytes: &[u8],
+    segment: (&str, &[u8]),
+) -> Result<()> {
+    log.begin(id, segment.0);
     store.put(&id.object_key(), bytes)?;
+    store.put(segment.0, segment.1)?;
     log.stored(id, bytes.len() as u64);
     Ok(())
 }

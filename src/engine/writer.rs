@@ -7,13 +7,19 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::known::Known;
 use super::overlay::{Overlaid, Piece};
 use super::uncommitted::{put_logged, UncommittedPacks};
 use crate::crypto::{ExtentId, GenerationKeys};
 use crate::error::{Error, ErrorKind, Result};
+use crate::vault::checkpoint::{self, Checkpoint};
 use crate::vault::frame::Binding;
-use crate::vault::manifest::{ExtentLoc, Manifest, Overlay, Slot, ZERO};
+use crate::vault::manifest::{ExtentLoc, Overlay, Slot, ZERO};
 use crate::vault::pack::{PackId, PackWriter, TARGET_SIZE};
+
+/// A sealed pack on its way to the store, with the checkpoint segment that records it once
+/// it is durable: (pack id, pack bytes, segment key, segment bytes).
+type Upload = (PackId, Vec<u8>, String, Vec<u8>);
 
 /// Tables of the snapshot being written.
 pub struct Tables {
@@ -30,44 +36,50 @@ pub struct Writer<'a> {
     binding: Binding,
     keys: Arc<GenerationKeys>,
     generation: u32,
-    parent: Option<&'a Manifest>,
-    parent_extents: &'a HashMap<ExtentId, ExtentLoc>,
+    known: &'a Known,
+    /// The run's state, copied into each pack's checkpoint segment.
+    run: Checkpoint,
+    /// The extents of the pack being filled, for its checkpoint segment.
+    pack_extents: Vec<ExtentLoc>,
     tables: Tables,
     extent_index: HashMap<ExtentId, u32>,
     pack_index: HashMap<PackId, u32>,
     current: Option<(PackWriter, u32)>,
-    uploads: Option<SyncSender<(PackId, Vec<u8>)>>,
+    uploads: Option<SyncSender<Upload>>,
     spare_packs: Receiver<Vec<u8>>,
     uploader: Option<JoinHandle<Result<()>>>,
-    /// Bytes of new frames.
+    /// Bytes of frames new to the snapshot (not in the parent): uploaded or resumed.
     pub bytes_stored: u64,
+    /// Bytes of frames this run sealed and uploaded itself.
+    pub bytes_uploaded: u64,
 }
 
 impl<'a> Writer<'a> {
-    /// A writer for a disk of `slot_count` slots, deduplicating against `parent`; the packs
-    /// it stores go to the store of `packs`, recorded there as the run's uncommitted ones.
+    /// A writer for a disk of `slot_count` slots, referencing what `known` holds; the packs
+    /// it stores go to the store of `packs`, recorded there as the run's uncommitted ones,
+    /// each followed by its checkpoint segment (`run`: the run's state, sealed with `keys`).
     pub fn new(
         packs: &UncommittedPacks,
         binding: Binding,
         keys: Arc<GenerationKeys>,
-        generation: u32,
         slot_count: usize,
-        parent: Option<&'a Manifest>,
-        parent_extents: &'a HashMap<ExtentId, ExtentLoc>,
+        known: &'a Known,
+        run: Checkpoint,
     ) -> Result<Self> {
         // One pack may be uploading while the next fills: packs overlap with sealing, and
         // memory stays at two packs.
-        let (tx, rx) = sync_channel::<(PackId, Vec<u8>)>(0);
+        let (tx, rx) = sync_channel::<Upload>(0);
         // Stored packs' buffers come back for reuse: no 32 MiB allocation per pack.
         let (spare_tx, spare_packs) = sync_channel::<Vec<u8>>(1);
         let (store, log) = (packs.store(), packs.log());
         let uploader = std::thread::Builder::new()
             .name("bv-upload".into())
             .spawn(move || -> Result<()> {
-                for (id, bytes) in rx {
-                    // A stop asked for by a signal: no new pack (one being written finishes).
+                for (id, bytes, segment_key, segment) in rx {
+                    // A stop asked for by a signal: no new pack (one being written finishes,
+                    // with its checkpoint segment).
                     crate::interrupt::check()?;
-                    put_logged(&*store, &log, id, &bytes)?;
+                    put_logged(&*store, &log, id, &bytes, (&segment_key, &segment))?;
                     tracing::debug!(pack = %id, bytes = bytes.len(), "uploader: pack stored");
                     let _ = spare_tx.try_send(bytes);
                 }
@@ -77,9 +89,10 @@ impl<'a> Writer<'a> {
         Ok(Writer {
             binding,
             keys,
-            generation,
-            parent,
-            parent_extents,
+            generation: run.generation,
+            known,
+            run,
+            pack_extents: Vec::new(),
             tables: Tables {
                 slots: vec![Slot::Zero; slot_count],
                 extents: Vec::new(),
@@ -92,6 +105,7 @@ impl<'a> Writer<'a> {
             spare_packs,
             uploader: Some(uploader),
             bytes_stored: 0,
+            bytes_uploaded: 0,
         })
     }
 
@@ -153,16 +167,18 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
-    /// Index of an extent in the new tables, carrying it over from the parent if needed.
+    /// Index of an extent in the new tables, carrying it over from the parent or from a
+    /// resumed run's pack if needed.
     pub fn extent_for(&mut self, id: &ExtentId) -> Option<u32> {
         if let Some(&e) = self.extent_index.get(id) {
             return Some(e);
         }
-        let loc = *self.parent_extents.get(id)?;
-        let (pack_id, size) = self
-            .parent
-            .expect("parent extents come from a parent")
-            .packs[loc.pack as usize];
+        let loc = *self.known.extents.get(id)?;
+        let (pack_id, size) = self.known.packs[loc.pack as usize];
+        if self.known.is_resumed(loc.pack) {
+            // New to the snapshot, though not uploaded by this run.
+            self.bytes_stored += loc.len as u64;
+        }
         let pack = *self.pack_index.entry(pack_id).or_insert_with(|| {
             self.tables.packs.push((pack_id, size));
             (self.tables.packs.len() - 1) as u32
@@ -215,7 +231,9 @@ impl<'a> Writer<'a> {
             len: frame.len() as u32,
             plain_len,
         };
+        self.pack_extents.push(ExtentLoc { pack: 0, ..loc });
         self.bytes_stored += frame.len() as u64;
+        self.bytes_uploaded += frame.len() as u64;
         let full = pack.len() >= TARGET_SIZE;
         let e = self.push_extent(loc);
         if full {
@@ -232,9 +250,17 @@ impl<'a> Writer<'a> {
         let (id, bytes) = pack.finish(&self.binding, &self.keys)?;
         self.tables.packs[idx as usize] = (id, bytes.len() as u64);
         self.pack_index.insert(id, idx);
+        let segment = Checkpoint {
+            pack: id,
+            pack_size: bytes.len() as u64,
+            extents: std::mem::take(&mut self.pack_extents),
+            ..self.run.clone()
+        }
+        .seal(&self.binding, &self.keys)?;
+        let segment_key = checkpoint::object_key(&self.binding.disk_id, &id);
         tracing::debug!(pack = %id, bytes = bytes.len(), "writer: pack sealed, handed to the uploader");
         let tx = self.uploads.as_ref().expect("uploads open until finish");
-        if tx.send((id, bytes)).is_err() {
+        if tx.send((id, bytes, segment_key, segment)).is_err() {
             // The uploader stopped: its error is the one to report.
             return Err(self
                 .join_uploader()

@@ -27,6 +27,7 @@
 //! compare-and-swap orders commits. Readers take no lock.
 
 pub mod anchor;
+pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod disks;

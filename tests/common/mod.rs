@@ -134,6 +134,31 @@ pub fn content(fill: Fill, seed: u64, len: usize) -> Vec<u8> {
     }
 }
 
+/// An image file `name` in `bv`'s folder for backups that must still run when a test acts on
+/// them: 96 MiB of random data (three 32 MiB packs, stored fast) then `text_mib` MiB of text
+/// (slow under [`slow_backup`]'s `--zstd-level 19 --threads 1`). Returns its path and bytes.
+pub fn slow_image(bv: &Bv, name: &str, seed: u64, text_mib: u64) -> (PathBuf, Vec<u8>) {
+    let mut data = random_data(seed, 96 * MIB as usize);
+    data.extend_from_slice(&text_data(seed + 1, (text_mib * MIB) as usize));
+    let path = bv.path(name);
+    write_file(&path, &data);
+    (path, data)
+}
+
+/// `backup IMG --disk DISK --zstd-level 19 --threads 1`: slow over [`slow_image`]'s text.
+pub fn slow_backup<'a>(img: &'a Path, disk: &'a str) -> Vec<&'a str> {
+    vec![
+        "backup",
+        img.to_str().unwrap(),
+        "--disk",
+        disk,
+        "--zstd-level",
+        "19",
+        "--threads",
+        "1",
+    ]
+}
+
 /// A mixed image of `len` bytes: text, random and zero regions of 256 KiB..4 MiB.
 pub fn mixed_data(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = Rng::new(seed);

