@@ -1,4 +1,4 @@
-//! `frame`: extent frames (`vault::frame::check`, `vault::frame::open` and `open_into`, which
+//! `frame`: extent frames (`vault::frame::check`, `vault::frame::open` and `Expect::open_into`, which
 //! must agree), with generation
 //! keys and identity keys derived from fixed DEKs (`GenerationKeys::derive`,
 //! `IdentityKeys::derive`).
@@ -35,15 +35,14 @@ fn open(frame: Vec<u8>, expect: &ExtentId) -> blockvault::Result<Vec<u8>> {
         .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
         .min(MAX_PLAIN);
     let mut out = vec![0u8; claimed];
-    let into = frame::open_into(
-        frame.clone(),
-        &binding(),
-        &generation_keys,
-        identity(),
-        expect,
-        &what,
-        &mut out,
-    );
+    let into = frame::Expect {
+        binding: &binding(),
+        generation_keys: &generation_keys,
+        identity: identity(),
+        id: expect,
+        what: &what,
+    }
+    .open_into(frame.clone(), &mut out);
     let r = frame::open(
         frame,
         &binding(),

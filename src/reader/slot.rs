@@ -47,15 +47,14 @@ fn fetch_extent_into(
         .store()
         .get_range(&key, loc.offset as u64, loc.len as usize)?;
     let what = || format!("extent {} in {key} at offset {}", loc.id, loc.offset);
-    frame::open_into(
-        raw,
-        &disk.binding,
-        &|g| disk.generation(g),
-        &*disk.identity_for(m)?,
-        &loc.id,
-        &what,
-        out,
-    )
+    frame::Expect {
+        binding: &disk.binding,
+        generation_keys: &|g| disk.generation(g),
+        identity: &*disk.identity_for(m)?,
+        id: &loc.id,
+        what: &what,
+    }
+    .open_into(raw, out)
 }
 
 /// The plaintext of slot `i`, or `None` for a zero slot; any failed check is an error.

@@ -140,10 +140,17 @@ pub fn open(
     expect: &ExtentId,
     what: &dyn Fn() -> String,
 ) -> Result<Vec<u8>> {
-    let h = decrypt(&mut frame, binding, generation_keys, expect, what)?;
+    let e = Expect {
+        binding,
+        generation_keys,
+        identity,
+        id: expect,
+        what,
+    };
+    let h = e.decrypt(&mut frame)?;
     let payload = payload(&frame);
     let plain = if h.compressed {
-        let out = decompress(payload, h.plain_len).map_err(|e| undecompressable(what, e))?;
+        let out = decompress(payload, h.plain_len).map_err(|err| undecompressable(what, err))?;
         if out.len() != h.plain_len {
             return Err(decompressed_short(what, out.len(), h.plain_len));
         }
@@ -155,67 +162,82 @@ pub fn open(
         frame.truncate(n);
         frame
     };
-    check_id(identity, &plain, expect, what)?;
+    e.check_id(&plain)?;
     Ok(plain)
 }
 
-/// As [`open`], with the plaintext written into `out`, which must be exactly as long as it:
-/// a restore decompresses straight into its aligned write buffers, with no copy between
-/// decoding and an O_DIRECT write.
-pub fn open_into(
-    mut frame: Vec<u8>,
-    binding: &Binding,
-    generation_keys: &dyn Fn(u32) -> Result<std::sync::Arc<GenerationKeys>>,
-    identity: &IdentityKeys,
-    expect: &ExtentId,
-    what: &dyn Fn() -> String,
-    out: &mut [u8],
-) -> Result<()> {
-    let h = decrypt(&mut frame, binding, generation_keys, expect, what)?;
-    if h.plain_len != out.len() {
-        return Err(Error::integrity(format!(
-            "{}: holds {} bytes where {} are expected",
-            what(),
-            h.plain_len,
-            out.len()
-        )));
-    }
-    let payload = payload(&frame);
-    if h.compressed {
-        let n = decompress_into(payload, out).map_err(|e| undecompressable(what, e))?;
-        if n != h.plain_len {
-            return Err(decompressed_short(what, n, h.plain_len));
-        }
-    } else {
-        check_stored_len(what, payload.len(), h.plain_len)?;
-        out.copy_from_slice(payload);
-    }
-    check_id(identity, out, expect, what)
+/// What a frame is opened against (the arguments of [`open`]): the vault and disk it is
+/// bound to, the keys, the id the caller expects, and how errors name it.
+pub struct Expect<'a> {
+    /// The vault and disk.
+    pub binding: &'a Binding,
+    /// The keys of a DEK generation.
+    pub generation_keys: &'a dyn Fn(u32) -> Result<std::sync::Arc<GenerationKeys>>,
+    /// The keys of the content ids.
+    pub identity: &'a IdentityKeys,
+    /// The extent id the frame must hold, and its plaintext hash to.
+    pub id: &'a ExtentId,
+    /// The frame, for messages.
+    pub what: &'a dyn Fn() -> String,
 }
 
-/// Check the frame (see [`check`]) and its id, and decrypt its payload in place.
-fn decrypt(
-    frame: &mut [u8],
-    binding: &Binding,
-    generation_keys: &dyn Fn(u32) -> Result<std::sync::Arc<GenerationKeys>>,
-    expect: &ExtentId,
-    what: &dyn Fn() -> String,
-) -> Result<Header> {
-    let h = check(frame, what)?;
-    if &h.id != expect {
-        return Err(Error::integrity(format!(
-            "{}: holds extent {} where {} was expected",
-            what(),
-            h.id,
-            expect
-        )));
+impl Expect<'_> {
+    /// As [`open`], with the plaintext written into `out`, which must be exactly as long as
+    /// it: a restore decompresses straight into its aligned write buffers, with no copy
+    /// between decoding and an O_DIRECT write.
+    pub fn open_into(&self, mut frame: Vec<u8>, out: &mut [u8]) -> Result<()> {
+        let what = self.what;
+        let h = self.decrypt(&mut frame)?;
+        if h.plain_len != out.len() {
+            return Err(Error::integrity(format!(
+                "{}: holds {} bytes where {} are expected",
+                what(),
+                h.plain_len,
+                out.len()
+            )));
+        }
+        let payload = payload(&frame);
+        if h.compressed {
+            let n = decompress_into(payload, out).map_err(|e| undecompressable(what, e))?;
+            if n != h.plain_len {
+                return Err(decompressed_short(what, n, h.plain_len));
+            }
+        } else {
+            check_stored_len(what, payload.len(), h.plain_len)?;
+            out.copy_from_slice(payload);
+        }
+        self.check_id(out)
     }
-    let keys = generation_keys(h.generation)?;
-    let aad = binding.aad(&frame[..HEADER_LEN]);
-    let nonce: Nonce = frame[52..64].try_into().expect("12 bytes");
-    keys.extent
-        .open(&nonce, &aad, &mut frame[HEADER_LEN..], what)?;
-    Ok(h)
+
+    /// Check the frame (see [`check`]) and its id, and decrypt its payload in place.
+    fn decrypt(&self, frame: &mut [u8]) -> Result<Header> {
+        let h = check(frame, self.what)?;
+        if &h.id != self.id {
+            return Err(Error::integrity(format!(
+                "{}: holds extent {} where {} was expected",
+                (self.what)(),
+                h.id,
+                self.id
+            )));
+        }
+        let keys = (self.generation_keys)(h.generation)?;
+        let aad = self.binding.aad(&frame[..HEADER_LEN]);
+        let nonce: Nonce = frame[52..64].try_into().expect("12 bytes");
+        keys.extent
+            .open(&nonce, &aad, &mut frame[HEADER_LEN..], self.what)?;
+        Ok(h)
+    }
+
+    /// The plaintext's keyed hash is the expected id.
+    fn check_id(&self, plain: &[u8]) -> Result<()> {
+        if &self.identity.extent_id.id(plain) != self.id {
+            return Err(Error::integrity(format!(
+                "{}: content does not match its extent id",
+                (self.what)()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The payload of a frame [`decrypt`] opened: what lies between header and tag.
@@ -238,21 +260,6 @@ fn check_stored_len(what: &dyn Fn() -> String, got: usize, want: usize) -> Resul
     if got != want {
         return Err(Error::integrity(format!(
             "{}: payload is {got} bytes, header says {want}",
-            what()
-        )));
-    }
-    Ok(())
-}
-
-fn check_id(
-    identity: &IdentityKeys,
-    plain: &[u8],
-    expect: &ExtentId,
-    what: &dyn Fn() -> String,
-) -> Result<()> {
-    if &identity.extent_id.id(plain) != expect {
-        return Err(Error::integrity(format!(
-            "{}: content does not match its extent id",
             what()
         )));
     }
@@ -329,7 +336,7 @@ mod tests {
         )
     }
 
-    /// `open_into` gives what `open` gives, compressed or stored, and refuses an `out` of
+    /// `Expect::open_into` gives what `open` gives, compressed or stored, and refuses an `out` of
     /// another length than the frame's plaintext.
     #[test]
     fn open_into_equals_open() {
@@ -345,15 +352,14 @@ mod tests {
             assert_eq!(open_as(frame.clone(), home, &id).unwrap(), data);
             let into = |len: usize| {
                 let mut out = vec![7u8; len];
-                open_into(
-                    frame.clone(),
-                    &home,
-                    &|_| Ok(keys.clone()),
-                    &identity,
-                    &id,
-                    &|| "frame".into(),
-                    &mut out,
-                )
+                Expect {
+                    binding: &home,
+                    generation_keys: &|_| Ok(keys.clone()),
+                    identity: &identity,
+                    id: &id,
+                    what: &|| "frame".into(),
+                }
+                .open_into(frame.clone(), &mut out)
                 .map(|()| out)
             };
             assert_eq!(into(data.len()).unwrap(), data);
