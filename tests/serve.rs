@@ -549,3 +549,66 @@ fn a_damaged_slot_fails_its_range_only_and_the_error_names_the_object() {
     }
     srv.stop();
 }
+
+/// `serve group:VM` serves every disk of the VM's group as its own read-only export, named
+/// as one disk's export is; each equals what the guest saw at the point in time. The group
+/// is a real one: `backup qmp://` of a QEMU with two drives (no guest OS).
+#[test]
+fn a_group_is_served_one_read_only_export_per_disk() {
+    const T: &str = "a_group_is_served_one_read_only_export_per_disk";
+    if !tools(T, QEMU) {
+        return;
+    }
+    let Some(bin) = common::vm::qemu_system(T) else {
+        return;
+    };
+    let bv = Bv::new();
+    let vm = common::vm::Vm::start(
+        &bin,
+        bv.dir.path(),
+        "vm7",
+        &[("d0", 8 * MIB), ("d1", 6 * MIB)],
+    );
+    vm.write(0, 0, &random_data(70, MIB as usize));
+    vm.write(1, 2 * MIB + 4096, &text_data(71, 700_000));
+    let url = vm.url();
+    let doc = bv.json(&["backup", &url, "--disk-map", "d0=g-root,d1=g-data"]);
+    let group = doc["group"].as_str().expect("group id").to_owned();
+    let mut served = Served::start(&bv, &[&format!("group:vm7@{}", &group[..8])]);
+    let exports = served.ready["exports"].as_array().expect("exports").clone();
+    assert_eq!(exports.len(), 2, "{}", served.ready);
+    for (i, disk) in ["g-root", "g-data"].iter().enumerate() {
+        let snap = doc["disks"][i]["snapshot"].as_str().expect("snapshot");
+        assert_eq!(served.name(i), format!("{disk}@{}", &snap[..8]));
+        assert_eq!(exports[i]["writable"], false);
+        let copy = bv.path(&format!("{disk}.raw"));
+        run_in(
+            bv.path("").as_path(),
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                &served.url(i),
+                s(&copy),
+            ],
+        );
+        assert_file_eq(&copy, &vm.read(i));
+    }
+    served.stop();
+    // A group is several disks: one overlay file cannot take them.
+    bv.run(&[
+        "serve",
+        "group:vm7",
+        "--writable",
+        "--overlay",
+        s(&bv.path("o.overlay")),
+    ])
+    .code(2)
+    .stderr_has(&["--writable serves one disk", "a group has several"]);
+    bv.run(&["serve", "group:nosuchvm"])
+        .code(1)
+        .stderr_has(&["no group of a VM named nosuchvm"]);
+}

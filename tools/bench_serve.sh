@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# tools/bench_serve.sh [IMAGE] — figures for `serve` (README "Figures"):
-#   1. restore of IMAGE's snapshot to a file vs `nbdcopy --connections 4` of the served
-#      snapshot to a file (both page cache hot, compared byte for byte with IMAGE);
-#   2. time from `serve` start to the first byte read (qemu-io, 4 KiB) on a 1 TiB sparse disk's
-#      snapshot, and the serving process's peak RSS (VmHWM) after nbdcopy;
-#   3. if fio has its nbd engine: random 4 KiB reads, iodepth 32, 30 s, against `serve` and
-#      against qemu-nbd serving IMAGE as raw.
+# tools/bench_serve.sh [IMAGE] — figures for restore and `serve` (README "Figures"), in one run:
+#   1. the write ceiling: `dd if=IMAGE of=FILE bs=4M oflag=direct`;
+#   2. `restore` of IMAGE's snapshot to a file, and `restic restore` of the same image (if
+#      restic is installed; RESTIC=0 skips it), each compared byte for byte with IMAGE;
+#   3. `nbdcopy --connections 4` of the served snapshot to a file (compared with IMAGE), and
+#      the serving process's peak RSS (VmHWM) after it and the fio run;
+#   4. if fio has its nbd engine: random 4 KiB reads, iodepth 32, RUNTIME s each, against
+#      `serve` and against qemu-nbd serving IMAGE as raw and as qcow2;
+#   5. time from `serve` start to the first byte read (qemu-io, 4 KiB) on a 1 TiB sparse disk's
+#      snapshot, and that process's peak RSS.
+# Every step starts after `sync`, with IMAGE, the vault and restic's repository page cache hot.
 # IMAGE defaults to $BENCH_DIR/disk.raw (tools/workload/make-image.sh), else a 1 GiB image of
-# random and zero MiBs made here. Needs qemu-utils, libnbd-bin, fio.
-# Env: BENCH_DIR (default <repo>/bench-out), PORT (default 10899).
+# random and zero MiBs made here. Needs qemu-utils, libnbd-bin, fio (restic optional).
+# Env: BENCH_DIR (default <repo>/bench-out), PORT (default 10899), RUNTIME (fio, default 20).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BV=$ROOT/target/release/blockvault
 DIR=${BENCH_DIR:-$ROOT/bench-out}/serve
 PORT=${PORT:-10899}
+RUNTIME=${RUNTIME:-20}
 mkdir -p "$DIR"
-rm -rf "$DIR/vault" "$DIR/keys" "$DIR/out.raw" "$DIR/nbd.raw"
+rm -rf "$DIR/vault" "$DIR/keys" "$DIR/restic" "$DIR/out.raw" "$DIR/nbd.raw" "$DIR/dd.raw" "$DIR/rr"
 IMAGE=${1:-${BENCH_DIR:-$ROOT/bench-out}/disk.raw}
 if [ ! -f "$IMAGE" ]; then
     IMAGE=$DIR/gen.raw
@@ -26,37 +31,86 @@ if [ ! -f "$IMAGE" ]; then
         done
     fi
 fi
-bv() { "$BV" --vault "$DIR/vault" --keystore "$DIR/keys" "$@"; }
+IMAGE=$(realpath "$IMAGE")
+VAULT=(--vault "$DIR/vault" --keystore "$DIR/keys")
+bv() { "$BV" "${VAULT[@]}" "$@"; }
 now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.0f", b / s / 1e6 }'; }
+hot() { find "$@" -type f -exec cat {} + >/dev/null; }
+# A URL answers NBD requests (a server that is starting: process $2, which must not end).
+wait_nbd() {
+    until nbdinfo --size "$1" >/dev/null 2>&1; do
+        kill -0 "$2" 2>/dev/null || { echo "the server of $1 ended" >&2; exit 1; }
+        sleep 0.05
+    done
+}
 size=$(stat -c %s "$IMAGE")
 bv init >/dev/null
 bv backup "$IMAGE" --disk vm --json >/dev/null
-cat "$IMAGE" >/dev/null
+have_restic=0
+if [ "${RESTIC:-1}" != 0 ] && command -v restic >/dev/null; then
+    have_restic=1
+    export RESTIC_REPOSITORY=$DIR/restic/repo RESTIC_PASSWORD_FILE=$DIR/restic/password \
+        RESTIC_CACHE_DIR=$DIR/restic/cache
+    mkdir -p "$DIR/restic"
+    head -c 24 /dev/urandom | base64 >"$RESTIC_PASSWORD_FILE"
+    restic init >/dev/null
+    (cd "$(dirname "$IMAGE")" && restic backup "$(basename "$IMAGE")" >/dev/null)
+fi
+hot "$IMAGE" "$DIR/vault" "$DIR/restic" 2>/dev/null || true
 
-t0=$(now); bv restore vm "$DIR/out.raw" >/dev/null; t1=$(now)
-cmp "$DIR/out.raw" "$IMAGE"
-restore_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+sync; t0=$(now)
+dd if="$IMAGE" of="$DIR/dd.raw" bs=4M oflag=direct status=none
+dd_s=$(since "$t0"); rm -f "$DIR/dd.raw"
 
-bv serve vm --listen "127.0.0.1:$PORT" 2>"$DIR/serve.err" & pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-until grep -q serving "$DIR/serve.err"; do sleep 0.05; done
-t0=$(now); nbdcopy --connections 4 "nbd://127.0.0.1:$PORT" "$DIR/nbd.raw"; t1=$(now)
-cmp "$DIR/nbd.raw" "$IMAGE"
-nbdcopy_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
-rss=$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status")
-fio_bv=-; fio_qemu=-
+sync; t0=$(now)
+bv restore vm "$DIR/out.raw" >/dev/null
+restore_s=$(since "$t0")
+cmp "$DIR/out.raw" "$IMAGE"; rm -f "$DIR/out.raw"
+
+restic_s=-
+if [ "$have_restic" = 1 ]; then
+    sync; t0=$(now)
+    restic restore latest --target "$DIR/rr" >/dev/null
+    sync # restic writes through the page cache: its bytes on disk count, as restore's do
+    restic_s=$(since "$t0")
+    cmp "$DIR/rr/$(basename "$IMAGE")" "$IMAGE"; rm -rf "$DIR/rr"
+fi
+
+# The binary itself in the background (not the bv function's subshell): $pid is the serving
+# process, whose VmHWM is read and which gets the SIGTERM.
+"$BV" "${VAULT[@]}" serve vm --listen "127.0.0.1:$PORT" 2>"$DIR/serve.err" & pid=$!
+qpid=
+trap 'kill $pid $qpid 2>/dev/null || true' EXIT
+wait_nbd "nbd://127.0.0.1:$PORT" $pid
+sync; t0=$(now)
+nbdcopy --connections 4 "nbd://127.0.0.1:$PORT" "$DIR/nbd.raw"
+nbdcopy_s=$(since "$t0")
+cmp "$DIR/nbd.raw" "$IMAGE"; rm -f "$DIR/nbd.raw"
+fio_bv=-; fio_raw=-; fio_qcow2=-
+have_fio=0
 if fio --enghelp 2>/dev/null | grep -qw nbd; then
+    have_fio=1
     run_fio() { fio --name=r --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 \
-        --time_based --runtime=30 --output-format=json | awk -F: '/"iops"/ { gsub(/[ ,]/, "", $2); print int($2); exit }'; }
+        --time_based --runtime="$RUNTIME" --output-format=json |
+        awk -F: '/"iops"/ { gsub(/[ ,]/, "", $2); print int($2); exit }'; }
     fio_bv=$(run_fio "nbd://127.0.0.1:$PORT")
 fi
+rss=$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status")
 kill -TERM $pid; wait $pid || true
-if [ "$fio_bv" != - ]; then
+if [ "$have_fio" = 1 ]; then
     qemu-nbd -r -f raw -t -p $((PORT + 1)) "$IMAGE" & qpid=$!
-    sleep 1
-    fio_qemu=$(run_fio "nbd://127.0.0.1:$((PORT + 1))")
+    wait_nbd "nbd://127.0.0.1:$((PORT + 1))" $qpid
+    fio_raw=$(run_fio "nbd://127.0.0.1:$((PORT + 1))")
     kill $qpid; wait $qpid || true
+    [ -f "$DIR/disk.qcow2" ] || qemu-img convert -f raw -O qcow2 "$IMAGE" "$DIR/disk.qcow2"
+    hot "$DIR/disk.qcow2"
+    qemu-nbd -r -f qcow2 -t -p $((PORT + 1)) "$DIR/disk.qcow2" & qpid=$!
+    wait_nbd "nbd://127.0.0.1:$((PORT + 1))" $qpid
+    fio_qcow2=$(run_fio "nbd://127.0.0.1:$((PORT + 1))")
+    kill $qpid; wait $qpid || true
+    qpid=
 fi
 
 # 1 TiB sparse disk: a 4 KiB block of data in the middle.
@@ -64,18 +118,27 @@ sparse=$DIR/sparse.raw
 rm -f "$sparse"; truncate -s 1T "$sparse"
 printf 'first byte' | dd of="$sparse" bs=4096 seek=$((1 << 27)) conv=notrunc status=none
 bv backup "$sparse" --disk big >/dev/null
+rm -f "$sparse"
 t0=$(now)
-bv serve big --listen "127.0.0.1:$PORT" 2>"$DIR/serve2.err" & pid=$!
-until qemu-io -r -f raw -c "read -P 0x66 $((1 << 39)) 1" "nbd://127.0.0.1:$PORT" >/dev/null 2>&1; do sleep 0.01; done
-t1=$(now)
-first_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
+"$BV" "${VAULT[@]}" serve big --listen "127.0.0.1:$PORT" 2>"$DIR/serve2.err" & pid=$!
+until qemu-io -r -f raw -c "read -P 0x66 $((1 << 39)) 1" "nbd://127.0.0.1:$PORT" >/dev/null 2>&1; do
+    kill -0 $pid 2>/dev/null || { cat "$DIR/serve2.err" >&2; exit 1; }
+    sleep 0.01
+done
+first_s=$(since "$t0")
 rss_big=$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status")
 kill -TERM $pid; wait $pid || true
 trap - EXIT
 
-printf '%-44s %s\n' "image" "$IMAGE ($size bytes)"
-printf '%-44s %s s, %s MB/s\n' "restore to a file" "$restore_s" "$(mbps "$size" "$restore_s")"
-printf '%-44s %s s, %s MB/s\n' "nbdcopy --connections 4 from serve" "$nbdcopy_s" "$(mbps "$size" "$nbdcopy_s")"
-printf '%-44s %s KiB\n' "serve peak RSS (after nbdcopy)" "$rss"
-printf '%-44s %s s (peak RSS %s KiB)\n' "serve start to first byte, 1 TiB sparse" "$first_s" "$rss_big"
-printf '%-44s %s / %s\n' "fio randread 4k qd32 IOPS: serve / qemu-nbd" "$fio_bv" "$fio_qemu"
+printf '%-46s %s\n' "image" "$IMAGE ($size bytes)"
+printf '%-46s %s s, %s MB/s\n' "dd bs=4M oflag=direct (write ceiling)" "$dd_s" "$(mbps "$size" "$dd_s")"
+printf '%-46s %s s, %s MB/s\n' "restore to a file" "$restore_s" "$(mbps "$size" "$restore_s")"
+if [ "$restic_s" != - ]; then
+    printf '%-46s %s s, %s MB/s (restore: %sx)\n' "restic restore (+ sync)" "$restic_s" \
+        "$(mbps "$size" "$restic_s")" "$(awk -v a="$restic_s" -v b="$restore_s" 'BEGIN { printf "%.1f", a / b }')"
+fi
+printf '%-46s %s s, %s MB/s (%s %% of restore)\n' "nbdcopy --connections 4 from serve" "$nbdcopy_s" \
+    "$(mbps "$size" "$nbdcopy_s")" "$(awk -v a="$nbdcopy_s" -v b="$restore_s" 'BEGIN { printf "%.0f", 100 * b / a }')"
+printf '%-46s %s KiB\n' "serve peak RSS (after nbdcopy and fio)" "$rss"
+printf '%-46s %s / %s / %s\n' "fio randread 4k qd32 IOPS: serve / qemu-nbd raw / qcow2" "$fio_bv" "$fio_raw" "$fio_qcow2"
+printf '%-46s %s s (peak RSS %s KiB)\n' "serve start to first byte, 1 TiB sparse" "$first_s" "$rss_big"

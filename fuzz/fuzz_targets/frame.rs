@@ -1,4 +1,5 @@
-//! `frame`: extent frames (`vault::frame::check` and `vault::frame::open`), with generation
+//! `frame`: extent frames (`vault::frame::check`, `vault::frame::open` and `Expect::open_into`, which
+//! must agree), with generation
 //! keys and identity keys derived from fixed DEKs (`GenerationKeys::derive`,
 //! `IdentityKeys::derive`).
 //!
@@ -26,15 +27,36 @@ fn what() -> String {
     "extent fuzz in packs/fuzz".to_string()
 }
 
+/// `open`, checked against `open_into` (restore's path, into a buffer of the header's
+/// plaintext length): both give the same plaintext, or both fail with the same kind.
 fn open(frame: Vec<u8>, expect: &ExtentId) -> blockvault::Result<Vec<u8>> {
-    frame::open(
+    let claimed = frame
+        .get(12..16)
+        .map_or(0, |b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
+        .min(MAX_PLAIN);
+    let mut out = vec![0u8; claimed];
+    let into = frame::Expect {
+        binding: &binding(),
+        generation_keys: &generation_keys,
+        identity: identity(),
+        id: expect,
+        what: &what,
+    }
+    .open_into(frame.clone(), &mut out);
+    let r = frame::open(
         frame,
         &binding(),
         &generation_keys,
         identity(),
         expect,
         &what,
-    )
+    );
+    match (&r, &into) {
+        (Ok(p), Ok(())) => assert_eq!(p, &out, "open_into gives what open gives"),
+        (Err(a), Err(b)) => assert_eq!(a.kind(), b.kind(), "{a} / {b}"),
+        _ => panic!("open {:?} but open_into {:?}", r.as_ref().map(Vec::len), into),
+    }
+    r
 }
 
 fn header_id(b: &[u8]) -> ExtentId {

@@ -2,7 +2,7 @@
 //! an NBD export; `--skip-damaged` for a best-effort restore that lists what it could not.
 //! `restore group:VM[@ID] …` restores every disk of a VM's group ([`group`]).
 
-mod group;
+pub(super) mod group;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

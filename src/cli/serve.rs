@@ -1,4 +1,4 @@
-//! `blockvault serve DISK[@ID]… [--listen HOST:PORT | --socket PATH] [--writable --overlay FILE]`:
+//! `blockvault serve DISK[@ID]|group:VM[@ID]… [--listen HOST:PORT | --socket PATH] [--writable --overlay FILE]`:
 //! snapshots as NBD exports until SIGINT or SIGTERM.
 
 use std::path::PathBuf;
@@ -11,6 +11,7 @@ use blockvault::engine::require_disk;
 use blockvault::reader::{check_digest, SnapshotReader, CACHE_BYTES};
 use blockvault::serve::overlay::{Overlay, OverlayId};
 use blockvault::serve::{serve, Export, Listen, Listener};
+use blockvault::vm::group;
 
 use super::Context;
 
@@ -18,8 +19,9 @@ use super::Context;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// DISK, DISK@latest or DISK@SNAPSHOT-ID (a unique prefix is enough); each is served as
-    /// an export named DISK@ID (ID: the snapshot's short id).
-    #[arg(required = true, value_name = "DISK[@ID]")]
+    /// an export named DISK@ID (ID: the snapshot's short id). group:VM, group:VM@latest or
+    /// group:VM@GROUP-ID serves every disk of a VM's group, each as its own export.
+    #[arg(required = true, value_name = "DISK[@ID]|group:VM[@ID]")]
     snapshots: Vec<String>,
     /// TCP address to listen on (port 0: any free port, shown in the ready line).
     #[arg(
@@ -51,11 +53,26 @@ pub fn run(ctx: &Context, a: Args) -> anyhow::Result<ExitCode> {
     let vault = ctx.open_vault_unwrapping()?;
     let mut opened = Vec::new();
     for spec in &a.snapshots {
+        if let Some(vm) = spec.strip_prefix(super::restore::group::PREFIX) {
+            // Every member, each its own export: one point in time of the whole VM.
+            let g = group::resolve(&vault, vm)?;
+            for (member, m) in g.require_complete()? {
+                let disk = require_disk(&vault, &member.disk)?;
+                check_digest(&disk, m)?;
+                opened.push((disk, m.clone()));
+            }
+            continue;
+        }
         let (name, id) = spec.split_once('@').unwrap_or((spec, "latest"));
         let disk = require_disk(&vault, name)?;
         let m = vault.resolve_snapshot(&disk, id)?;
         check_digest(&disk, &m)?;
         opened.push((disk, m));
+    }
+    if a.writable && opened.len() != 1 {
+        bail!(blockvault::Error::usage(
+            "--writable serves one disk (one overlay file belongs to one snapshot); a group has several"
+        ));
     }
     let mut exports = Vec::new();
     for (disk, m) in &opened {

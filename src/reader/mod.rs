@@ -40,7 +40,7 @@ use crate::vault::manifest::{Manifest, Slot};
 use crate::vault::{Disk, Vault};
 
 pub use extents::{extents, Extent, ExtentKind};
-pub use slot::{read_slot, slot_content, slot_frames, Damage};
+pub use slot::{read_slot, read_slot_into, slot_content, slot_frames, Damage};
 
 /// Memory for decrypted slots kept per reader (64 slots of the default 1 MiB): enough for
 /// the read-ahead window and a guest's hot metadata, small beside a VM's own page cache.

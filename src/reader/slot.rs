@@ -31,8 +31,15 @@ pub struct Damage {
     pub error: String,
 }
 
-/// Read and open extent `e` of `m`.
-pub fn fetch_extent(vault: &Vault, disk: &Disk, m: &Manifest, e: u32) -> Result<Vec<u8>> {
+/// Read and open extent `e` of `m` into `out`, which is as long as the manifest says its
+/// plaintext is.
+fn fetch_extent_into(
+    vault: &Vault,
+    disk: &Disk,
+    m: &Manifest,
+    e: u32,
+    out: &mut [u8],
+) -> Result<()> {
     let loc = &m.extents[e as usize];
     let (pack, _) = m.packs[loc.pack as usize];
     let key = pack.object_key();
@@ -40,23 +47,14 @@ pub fn fetch_extent(vault: &Vault, disk: &Disk, m: &Manifest, e: u32) -> Result<
         .store()
         .get_range(&key, loc.offset as u64, loc.len as usize)?;
     let what = || format!("extent {} in {key} at offset {}", loc.id, loc.offset);
-    let plain = frame::open(
-        raw,
-        &disk.binding,
-        &|g| disk.generation(g),
-        &*disk.identity_for(m)?,
-        &loc.id,
-        &what,
-    )?;
-    if plain.len() != loc.plain_len as usize {
-        return Err(Error::integrity(format!(
-            "{}: holds {} bytes, the manifest says {}",
-            what(),
-            plain.len(),
-            loc.plain_len
-        )));
+    frame::Expect {
+        binding: &disk.binding,
+        generation_keys: &|g| disk.generation(g),
+        identity: &*disk.identity_for(m)?,
+        id: &loc.id,
+        what: &what,
     }
-    Ok(plain)
+    .open_into(raw, out)
 }
 
 /// The plaintext of slot `i`, or `None` for a zero slot; any failed check is an error.
@@ -73,28 +71,52 @@ pub fn read_slot(
     i: usize,
     damaged: Option<&mut Vec<Damage>>,
 ) -> Result<Option<Vec<u8>>> {
+    if matches!(m.slots[i], Slot::Zero) {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; m.slot_len(i as u64) as usize];
+    read_slot_into(vault, disk, m, i, damaged, &mut buf)?;
+    Ok(Some(buf))
+}
+
+/// As [`read_slot`], decoded into `out` (exactly the slot's length, any content): `false`
+/// for a zero slot, `out` then untouched. What a restore uses, `out` being one of its
+/// aligned write buffers, so nothing is copied between decompression and the write.
+pub fn read_slot_into(
+    vault: &Vault,
+    disk: &Disk,
+    m: &Manifest,
+    i: usize,
+    damaged: Option<&mut Vec<Damage>>,
+    out: &mut [u8],
+) -> Result<bool> {
+    let len = m.slot_len(i as u64) as usize;
+    if out.len() != len {
+        return Err(Error::usage(format!(
+            "slot {i} is {len} bytes, not the {} of its buffer",
+            out.len()
+        )));
+    }
     let mut r = SlotReader {
         vault,
         disk,
         m,
         i,
-        len: m.slot_len(i as u64) as usize,
+        len,
         damaged,
         found: false,
     };
     match &m.slots[i] {
-        Slot::Zero => Ok(None),
+        Slot::Zero => return Ok(false),
         Slot::Extent(e) => {
-            let (len, mismatch) = (r.len, r.mismatch("extent"));
-            let b = r.fetch(*e, std::slice::from_ref(&(0..len)), |b| {
-                (b.len() == len)
-                    .then_some(())
-                    .ok_or_else(|| mismatch(b.len()))
+            let mismatch = r.mismatch("extent");
+            r.fetch(*e, std::slice::from_ref(&(0..len)), out, |n| {
+                (n == len).then_some(()).ok_or_else(|| mismatch(n))
             })?;
-            Ok(Some(b.unwrap_or_else(|| vec![0; len])))
         }
-        Slot::Overlaid(s) => r.overlaid(s.base, &s.overlays, s.content),
+        Slot::Overlaid(s) => r.overlaid(s.base, &s.overlays, s.content, out)?,
     }
+    Ok(true)
 }
 
 /// One slot being read.
@@ -110,27 +132,30 @@ struct SlotReader<'a> {
 }
 
 impl SlotReader<'_> {
-    /// Extent `e`, checked by `check`; `None` if it failed and is recorded as damage over
-    /// `ranges` (offsets within the slot).
+    /// Extent `e` into the start of `out`, its manifest length first checked by `check`;
+    /// returns its length. If it failed and is recorded as damage over `ranges` (offsets
+    /// within the slot), all of `out` is zeros and the length is 0.
     fn fetch(
         &mut self,
         e: u32,
         ranges: &[Range<usize>],
-        check: impl FnOnce(&[u8]) -> Result<()>,
-    ) -> Result<Option<Vec<u8>>> {
-        let got =
-            fetch_extent(self.vault, self.disk, self.m, e).and_then(|b| check(&b).map(|()| b));
+        out: &mut [u8],
+        check: impl FnOnce(usize) -> Result<()>,
+    ) -> Result<usize> {
+        let n = self.m.extents[e as usize].plain_len as usize;
+        let got = check(n)
+            .and_then(|()| fetch_extent_into(self.vault, self.disk, self.m, e, &mut out[..n]));
         match got {
-            Ok(b) => Ok(Some(b)),
+            Ok(()) => Ok(n),
             Err(err) => {
                 let loc = &self.m.extents[e as usize];
                 let pack = self.m.packs[loc.pack as usize].0.object_key();
                 self.record(ranges, &pack, &hex::encode(loc.id.0), err)?;
-                Ok(None)
+                out.fill(0);
+                Ok(0)
             }
         }
     }
-
     /// Record `err` as damage over `ranges` of the slot, or return it when reading strictly
     /// or when it is no damage to stored data (a key error, say).
     fn record(
@@ -172,20 +197,22 @@ impl SlotReader<'_> {
         }
     }
 
-    /// A base (or zeros) with overlays laid over it, then the assembly's content id checked.
+    /// A base (or zeros) with overlays laid over it in `buf`, then the assembly's content id
+    /// checked.
     fn overlaid(
         &mut self,
         base: u32,
         overlays: &[Overlay],
         content: crate::crypto::ExtentId,
-    ) -> Result<Option<Vec<u8>>> {
+        buf: &mut [u8],
+    ) -> Result<()> {
         let (len, i, short) = (self.len, self.i, self.m.id.short());
         let spans: Vec<Range<u64>> = overlays
             .iter()
             .map(|o| u64::from(o.offset)..u64::from(o.offset) + u64::from(o.len))
             .collect();
-        let mut buf = if base == ZERO {
-            vec![0u8; len]
+        let based = if base == ZERO {
+            0
         } else {
             // What the overlays do not cover is all a damaged base loses.
             let uncovered: Vec<Range<usize>> = crate::ranges::subtract(0..len as u64, &spans)
@@ -193,14 +220,11 @@ impl SlotReader<'_> {
                 .map(|r| r.start as usize..r.end as usize)
                 .collect();
             let mismatch = self.mismatch("base");
-            let b = self.fetch(base, &uncovered, |b| {
-                (b.len() <= len)
-                    .then_some(())
-                    .ok_or_else(|| mismatch(b.len()))
-            })?;
-            b.unwrap_or_default()
+            self.fetch(base, &uncovered, buf, |n| {
+                (n <= len).then_some(()).ok_or_else(|| mismatch(n))
+            })?
         };
-        buf.resize(len, 0);
+        buf[based..].fill(0);
         for (o, span) in overlays.iter().zip(&spans) {
             let range = span.start as usize..span.end as usize;
             if range.end > len {
@@ -213,27 +237,27 @@ impl SlotReader<'_> {
                 continue;
             }
             let want = range.len();
-            let piece = self.fetch(o.extent, std::slice::from_ref(&range), |p| {
-                if p.len() == want {
-                    return Ok(());
-                }
-                Err(Error::integrity(format!(
-                    "snapshot {short}: slot {i} overlay at {} holds {} bytes, not {want}",
-                    o.offset,
-                    p.len()
-                )))
-            })?;
-            match piece {
-                Some(p) => buf[range].copy_from_slice(&p),
-                None => buf[range].fill(0),
-            }
+            let at = o.offset;
+            self.fetch(
+                o.extent,
+                std::slice::from_ref(&range),
+                &mut buf[range.clone()],
+                |n| {
+                    if n == want {
+                        return Ok(());
+                    }
+                    Err(Error::integrity(format!(
+                        "snapshot {short}: slot {i} overlay at {at} holds {n} bytes, not {want}"
+                    )))
+                },
+            )?;
         }
         // Every piece was checked against its id; this checks the assembly (slots made from
         // a change list have no assembled id: their pieces and the manifest's digest are
         // what is checked). With a damaged piece it cannot match, and need not.
         if !self.found
             && content != CONTENT_UNHASHED
-            && self.disk.identity_for(self.m)?.extent_id.id(&buf) != content
+            && self.disk.identity_for(self.m)?.extent_id.id(buf) != content
         {
             let err = Error::integrity(format!(
                 "snapshot {short}: slot {i} assembled from its overlays does not match its content id"
@@ -253,7 +277,7 @@ impl SlotReader<'_> {
             )?;
             buf.fill(0);
         }
-        Ok(Some(buf))
+        Ok(())
     }
 }
 

@@ -11,8 +11,11 @@
 //!
 //! ```text
 //!  digest check ─► target::open (probe, refuse) ─► rayon: per slot ─► interrupt::check
-//!                                                     │  reader::read_slot (fetch, check)
-//!                                                     └► Target::write / zero
+//!                                                     │  aligned buffer from a BufferPool
+//!                                                     │  reader::read_slot_into (fetch,
+//!                                                     │    check, decompress into it)
+//!                                                     └► Target::write / zero (O_DIRECT
+//!                                                        straight from that buffer)
 //!  ─► Target::finish (qcow2 metadata, fsync / NBD flush)      on error: Target::abandon
 //! ```
 
@@ -34,9 +37,10 @@ use crate::source::NbdOptions;
 use crate::vault::manifest::{Manifest, Slot};
 use crate::vault::{Disk, Vault};
 
+use crate::io::BufferPool;
 pub use crate::reader::Damage;
-use crate::reader::{read_slot, slot_frames};
-use target::{Format, Target, TargetKind, TargetOptions};
+use crate::reader::{read_slot_into, slot_frames};
+use target::{Format, Target, TargetKind, TargetOptions, DIRECT_ALIGN};
 
 /// What a restore did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -215,23 +219,38 @@ fn write_all(
         }
     };
     progress.start(slots.clone().map(work).sum());
+    // One aligned buffer per restore thread, taken for a slot and back when it is written:
+    // memory stays threads x slot size whatever the disk, and each slot is decompressed
+    // straight into the buffer an O_DIRECT write sends (no staging copy).
+    let pool = BufferPool::new(
+        rayon::current_num_threads(),
+        m.slot_size as usize,
+        DIRECT_ALIGN,
+    );
     slots.into_par_iter().try_for_each(|i| -> Result<()> {
         crate::interrupt::check()?;
         let (from, to, at) = part(i);
         let mut found = Vec::new();
-        let content = read_slot(vault, disk, m, i, skip_damaged.then_some(&mut found))?;
+        let mut buf = pool.get();
+        buf.set_len(m.slot_len(i as u64) as usize);
+        let stored = read_slot_into(
+            vault,
+            disk,
+            m,
+            i,
+            skip_damaged.then_some(&mut found),
+            &mut buf,
+        )?;
         let found: Vec<Damage> = found.into_iter().filter_map(|d| clip(d, range)).collect();
-        match content {
-            None => {
-                zero.fetch_add(1, Ordering::Relaxed);
-                target.zero(at, (to - from) as u64)?;
-            }
-            Some(buf) => {
-                target.write(at, &buf[from..to])?;
-                let lost: u64 = found.iter().map(|d| d.length).sum();
-                written.fetch_add((to - from) as u64 - lost, Ordering::Relaxed);
-            }
+        if stored {
+            target.write(at, &buf[from..to])?;
+            let lost: u64 = found.iter().map(|d| d.length).sum();
+            written.fetch_add((to - from) as u64 - lost, Ordering::Relaxed);
+        } else {
+            zero.fetch_add(1, Ordering::Relaxed);
+            target.zero(at, (to - from) as u64)?;
         }
+        drop(buf);
         if !found.is_empty() {
             damaged
                 .lock()

@@ -140,55 +140,130 @@ pub fn open(
     expect: &ExtentId,
     what: &dyn Fn() -> String,
 ) -> Result<Vec<u8>> {
-    let h = check(&frame, what)?;
-    if &h.id != expect {
-        return Err(Error::integrity(format!(
-            "{}: holds extent {} where {} was expected",
-            what(),
-            h.id,
-            expect
-        )));
-    }
-    let keys = generation_keys(h.generation)?;
-    let aad = binding.aad(&frame[..HEADER_LEN]);
-    let nonce: Nonce = frame[52..64].try_into().expect("12 bytes");
-    let payload = keys
-        .extent
-        .open(&nonce, &aad, &mut frame[HEADER_LEN..], what)?;
+    let e = Expect {
+        binding,
+        generation_keys,
+        identity,
+        id: expect,
+        what,
+    };
+    let h = e.decrypt(&mut frame)?;
+    let payload = payload(&frame);
     let plain = if h.compressed {
-        let out = decompress(payload, h.plain_len).map_err(|e| {
-            Error::integrity(format!("{}: zstd payload does not decompress: {e}", what()))
-        })?;
+        let out = decompress(payload, h.plain_len).map_err(|err| undecompressable(what, err))?;
         if out.len() != h.plain_len {
-            return Err(Error::integrity(format!(
-                "{}: decompressed to {} bytes, header says {}",
-                what(),
-                out.len(),
-                h.plain_len
-            )));
+            return Err(decompressed_short(what, out.len(), h.plain_len));
         }
         out
     } else {
-        if payload.len() != h.plain_len {
-            return Err(Error::integrity(format!(
-                "{}: payload is {} bytes, header says {}",
-                what(),
-                payload.len(),
-                h.plain_len
-            )));
-        }
+        check_stored_len(what, payload.len(), h.plain_len)?;
         let n = payload.len();
         frame.copy_within(HEADER_LEN..HEADER_LEN + n, 0);
         frame.truncate(n);
         frame
     };
-    if &identity.extent_id.id(&plain) != expect {
+    e.check_id(&plain)?;
+    Ok(plain)
+}
+
+/// What a frame is opened against (the arguments of [`open`]): the vault and disk it is
+/// bound to, the keys, the id the caller expects, and how errors name it.
+pub struct Expect<'a> {
+    /// The vault and disk.
+    pub binding: &'a Binding,
+    /// The keys of a DEK generation.
+    pub generation_keys: &'a dyn Fn(u32) -> Result<std::sync::Arc<GenerationKeys>>,
+    /// The keys of the content ids.
+    pub identity: &'a IdentityKeys,
+    /// The extent id the frame must hold, and its plaintext hash to.
+    pub id: &'a ExtentId,
+    /// The frame, for messages.
+    pub what: &'a dyn Fn() -> String,
+}
+
+impl Expect<'_> {
+    /// As [`open`], with the plaintext written into `out`, which must be exactly as long as
+    /// it: a restore decompresses straight into its aligned write buffers, with no copy
+    /// between decoding and an O_DIRECT write.
+    pub fn open_into(&self, mut frame: Vec<u8>, out: &mut [u8]) -> Result<()> {
+        let what = self.what;
+        let h = self.decrypt(&mut frame)?;
+        if h.plain_len != out.len() {
+            return Err(Error::integrity(format!(
+                "{}: holds {} bytes where {} are expected",
+                what(),
+                h.plain_len,
+                out.len()
+            )));
+        }
+        let payload = payload(&frame);
+        if h.compressed {
+            let n = decompress_into(payload, out).map_err(|e| undecompressable(what, e))?;
+            if n != h.plain_len {
+                return Err(decompressed_short(what, n, h.plain_len));
+            }
+        } else {
+            check_stored_len(what, payload.len(), h.plain_len)?;
+            out.copy_from_slice(payload);
+        }
+        self.check_id(out)
+    }
+
+    /// Check the frame (see [`check`]) and its id, and decrypt its payload in place.
+    fn decrypt(&self, frame: &mut [u8]) -> Result<Header> {
+        let h = check(frame, self.what)?;
+        if &h.id != self.id {
+            return Err(Error::integrity(format!(
+                "{}: holds extent {} where {} was expected",
+                (self.what)(),
+                h.id,
+                self.id
+            )));
+        }
+        let keys = (self.generation_keys)(h.generation)?;
+        let aad = self.binding.aad(&frame[..HEADER_LEN]);
+        let nonce: Nonce = frame[52..64].try_into().expect("12 bytes");
+        keys.extent
+            .open(&nonce, &aad, &mut frame[HEADER_LEN..], self.what)?;
+        Ok(h)
+    }
+
+    /// The plaintext's keyed hash is the expected id.
+    fn check_id(&self, plain: &[u8]) -> Result<()> {
+        if &self.identity.extent_id.id(plain) != self.id {
+            return Err(Error::integrity(format!(
+                "{}: content does not match its extent id",
+                (self.what)()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The payload of a frame [`decrypt`] opened: what lies between header and tag.
+fn payload(frame: &[u8]) -> &[u8] {
+    &frame[HEADER_LEN..frame.len() - TAG_LEN]
+}
+
+fn undecompressable(what: &dyn Fn() -> String, e: std::io::Error) -> Error {
+    Error::integrity(format!("{}: zstd payload does not decompress: {e}", what()))
+}
+
+fn decompressed_short(what: &dyn Fn() -> String, got: usize, want: usize) -> Error {
+    Error::integrity(format!(
+        "{}: decompressed to {got} bytes, header says {want}",
+        what()
+    ))
+}
+
+fn check_stored_len(what: &dyn Fn() -> String, got: usize, want: usize) -> Result<()> {
+    if got != want {
         return Err(Error::integrity(format!(
-            "{}: content does not match its extent id",
+            "{}: payload is {got} bytes, header says {want}",
             what()
         )));
     }
-    Ok(plain)
+    Ok(())
 }
 
 thread_local! {
@@ -200,14 +275,23 @@ thread_local! {
 
 /// Decompress a payload of one or more zstd frames into a new buffer of at most `capacity`.
 fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    with_decompressor(|d| d.decompress(payload, capacity))
+}
+
+/// Decompress a payload into `out`; the bytes written (more than fit is an error).
+fn decompress_into(payload: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
+    with_decompressor(|d| d.decompress_to_buffer(payload, out))
+}
+
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
     DECOMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
         if cell.is_none() {
             *cell = Some(zstd::bulk::Decompressor::new()?);
         }
-        cell.as_mut()
-            .expect("set above")
-            .decompress(payload, capacity)
+        f(cell.as_mut().expect("set above"))
     })
 }
 
@@ -250,6 +334,41 @@ mod tests {
             id,
             &|| "frame".into(),
         )
+    }
+
+    /// `Expect::open_into` gives what `open` gives, compressed or stored, and refuses an `out` of
+    /// another length than the frame's plaintext.
+    #[test]
+    fn open_into_equals_open() {
+        let (keys, identity, home) = setup();
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let id = identity.extent_id.id(&data);
+        let packed = zstd::bulk::compress(&data, 1).unwrap();
+        let mut compressed = vec![0u8; HEADER_LEN];
+        compressed.extend_from_slice(&packed);
+        let compressed = seal(compressed, &home, &keys, 0, &id, data.len() as u32, true).unwrap();
+        let (stored, _) = sealed(&data);
+        for frame in [compressed, stored] {
+            assert_eq!(open_as(frame.clone(), home, &id).unwrap(), data);
+            let into = |len: usize| {
+                let mut out = vec![7u8; len];
+                Expect {
+                    binding: &home,
+                    generation_keys: &|_| Ok(keys.clone()),
+                    identity: &identity,
+                    id: &id,
+                    what: &|| "frame".into(),
+                }
+                .open_into(frame.clone(), &mut out)
+                .map(|()| out)
+            };
+            assert_eq!(into(data.len()).unwrap(), data);
+            for len in [data.len() - 1, data.len() + 1] {
+                let e = into(len).unwrap_err();
+                assert_eq!(e.kind(), crate::ErrorKind::Integrity);
+                assert!(e.to_string().contains("are expected"), "{e}");
+            }
+        }
     }
 
     #[test]

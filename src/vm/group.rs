@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::vault::info::GroupRecord;
+use crate::vault::info::{GroupMember, GroupRecord};
 use crate::vault::manifest::Manifest;
 use crate::vault::Vault;
 
@@ -23,6 +23,31 @@ impl Group {
     /// Whether every member's snapshot is in the vault.
     pub fn complete(&self) -> bool {
         self.members.iter().all(Option::is_some)
+    }
+
+    /// Every member with its snapshot, in the record's order; an incomplete group is an
+    /// error naming what is missing, since restoring or serving part of it as the VM would
+    /// give a point in time the VM never had.
+    pub fn require_complete(&self) -> Result<Vec<(&GroupMember, &Manifest)>> {
+        if !self.complete() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "group {} of VM {} is incomplete: {} never committed (that run was killed \
+                     or failed between its manifest writes); name its other disks one by one \
+                     with DISK@ID",
+                    self.record.id,
+                    self.record.vm,
+                    self.missing().join(", ")
+                ),
+            ));
+        }
+        Ok(self
+            .record
+            .members
+            .iter()
+            .zip(self.members.iter().flatten())
+            .collect())
     }
 
     /// The members not in the vault, as `disk@id`.

@@ -16,7 +16,6 @@ use crate::engine::{require_disk, Progress};
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::{self, RestoreOptions, RestoreReport};
 use crate::source::nbd::is_nbd_url;
-use crate::vault::manifest::Manifest;
 use crate::vault::Vault;
 
 /// One member restored.
@@ -130,19 +129,7 @@ pub fn restore_group(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<(Vec<Restored>, Option<PathBuf>)> {
-    if !group.complete() {
-        return Err(Error::new(
-            ErrorKind::NotFound,
-            format!(
-                "group {} of VM {} is incomplete: {} never committed (that run was killed or \
-                 failed between its manifest writes); restore its other disks one by one \
-                 with DISK@ID",
-                group.record.id,
-                group.record.vm,
-                group.missing().join(", ")
-            ),
-        ));
-    }
+    let members = group.require_complete()?;
     let config = match (&group.record.vm_config, vm_config, &targets.folder) {
         (None, _, _) => None,
         (Some(_), Some(p), _) => Some(p.to_owned()),
@@ -164,8 +151,7 @@ pub fn restore_group(
         write_config(path, &c.text, opts.force)?;
     }
     let mut done: Vec<Restored> = Vec::new();
-    for (member, m) in group.record.members.iter().zip(&group.members) {
-        let m: &Manifest = m.as_ref().expect("a complete group has every member");
+    for (member, m) in members {
         let target = &targets
             .disks
             .iter()

@@ -2,8 +2,9 @@
 //!
 //! Restored data goes to the device without a page-cache copy and without a long flush at the
 //! end (measured here: 1.7 GB/s direct vs 0.7 GB/s buffered + fsync). O_DIRECT needs aligned
-//! offsets, lengths and buffer addresses: each write is copied into the thread's aligned
-//! staging buffer, its aligned part written direct, and an unaligned head or tail (a range
+//! offsets, lengths and buffer addresses: data already in an aligned buffer (restore's, see
+//! `restore::write_all`) is written as it is; other data is copied into the thread's aligned
+//! staging buffer first. Either way the aligned part goes direct, and an unaligned head or tail (a range
 //! restore, the last bytes of an odd-sized disk, a qcow2 header) through the buffered
 //! descriptor of the same file.
 
@@ -15,8 +16,9 @@ use std::path::Path;
 use crate::error::{IoContext, Result};
 use crate::io::AlignedBuf;
 
-/// Alignment of O_DIRECT writes: covers 512- and 4096-byte logical blocks.
-const DIRECT_ALIGN: usize = 4096;
+/// Alignment of O_DIRECT writes: covers 512- and 4096-byte logical blocks. Restore decodes
+/// into buffers aligned to it, so their writes need no staging copy.
+pub const DIRECT_ALIGN: usize = 4096;
 
 thread_local! {
     /// Each restore thread's aligned staging buffer for O_DIRECT writes.
@@ -59,21 +61,31 @@ impl DirectWriter {
             return self.buffered(data, offset);
         };
         let whole = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-        ALIGNED.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            if buf.capacity() < whole {
-                *buf = AlignedBuf::new(whole, DIRECT_ALIGN);
-            }
-            buf.set_len(whole);
-            buf.copy_from_slice(&data[..whole]);
-            direct
-                .write_all_at(&buf, offset)
-                .ctx(|| format!("writing {whole} bytes at offset {offset} of {}", self.name))
-        })?;
+        let what = || format!("writing {whole} bytes at offset {offset} of {}", self.name);
+        if (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+            // Already aligned (restore's pooled buffers): written as it is.
+            direct.write_all_at(&data[..whole], offset).ctx(what)?;
+        } else {
+            self.staged(direct, &data[..whole], offset).ctx(what)?;
+        }
         if whole < data.len() {
             self.buffered(&data[whole..], offset + whole as u64)?;
         }
         Ok(())
+    }
+
+    /// Write aligned-length `data` at `offset` of `direct` through this thread's aligned
+    /// staging buffer.
+    fn staged(&self, direct: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+        ALIGNED.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.capacity() < data.len() {
+                *buf = AlignedBuf::new(data.len(), DIRECT_ALIGN);
+            }
+            buf.set_len(data.len());
+            buf.copy_from_slice(data);
+            direct.write_all_at(&buf, offset)
+        })
     }
 
     fn buffered(&self, data: &[u8], offset: u64) -> Result<()> {

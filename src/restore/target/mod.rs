@@ -22,6 +22,8 @@ mod qcow2;
 mod qcow2_format;
 mod sparse;
 
+pub use direct::DIRECT_ALIGN;
+
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
