@@ -403,15 +403,7 @@ fn snapshots_come_from_the_manifest_cache_the_second_time() {
         write_file(&img, &data);
         bv.backup(&img, "vm1", &[]);
     }
-    let cache: Vec<PathBuf> = walk(&bv.keystore)
-        .into_iter()
-        .filter(|p| {
-            p.parent()
-                .unwrap()
-                .to_string_lossy()
-                .ends_with(".manifests")
-        })
-        .collect();
+    let cache = cache_files(&bv);
     assert!(cache.is_empty(), "backups fill no cache: {cache:?}");
     let (first, cold) = snapshots_and_gets(&bv);
     let (second, warm) = snapshots_and_gets(&bv);
@@ -419,17 +411,8 @@ fn snapshots_come_from_the_manifest_cache_the_second_time() {
     assert_eq!(first["snapshots"].as_array().unwrap().len(), 3);
     assert_eq!(cold - warm, 3, "cold {cold} GETs, warm {warm}");
 
-    let mut cache: Vec<PathBuf> = walk(&bv.keystore)
-        .into_iter()
-        .filter(|p| {
-            p.parent()
-                .unwrap()
-                .to_string_lossy()
-                .ends_with(".manifests")
-        })
-        .collect();
+    let cache = cache_files(&bv);
     assert_eq!(cache.len(), 3, "{cache:?}");
-    cache.sort();
     let good = std::fs::read(&cache[0]).unwrap();
     let mut bad = good.clone();
     bad[40] ^= 1;
@@ -438,6 +421,21 @@ fn snapshots_come_from_the_manifest_cache_the_second_time() {
     assert_eq!(third, first);
     assert_eq!(tampered, warm + 1);
     assert_eq!(std::fs::read(&cache[0]).unwrap(), good);
+}
+
+/// The manifest cache's files in the keystore of `bv`, sorted.
+fn cache_files(bv: &Bv) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = walk(&bv.keystore)
+        .into_iter()
+        .filter(|p| {
+            p.parent()
+                .unwrap()
+                .to_string_lossy()
+                .ends_with(".manifests")
+        })
+        .collect();
+    files.sort();
+    files
 }
 
 /// Every file under `dir`.
