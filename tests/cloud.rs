@@ -2,7 +2,7 @@
 //! (Azure Blob over HTTPS with a test CA) and SeaweedFS (S3). The whole life of a vault there,
 //! two hosts sharing one, and the refusals: credentials never shown, plain HTTP and unknown CAs
 //! refused, a store that ignores conditional writes refused at open, a killed backup's lease
-//! taken over by the next run.
+//! taken over by the next run; `snapshots` served from the local manifest cache.
 
 mod common;
 
@@ -16,6 +16,7 @@ use blockvault::vault::store::Store;
 use blockvault::ErrorKind;
 use common::servers::{self, Kind, Server};
 use common::*;
+use serde_json::Value;
 
 /// A `Bv` whose vault is a fresh prefix on `server`, with the server's settings in its
 /// environment (and nothing else of the caller's `AWS_*`/`AZURE_*`).
@@ -346,4 +347,107 @@ fn a_store_that_ignores_conditional_writes_is_refused() {
             }
         }
     }
+}
+
+/// `snapshots --json` with the store's debug request counters on: the document and the GETs
+/// the run made (summed over the store's counter lines).
+fn snapshots_and_gets(bv: &Bv) -> (Value, u64) {
+    let mut c = bv.command();
+    c.env("RUST_LOG", "blockvault=debug");
+    let r = bv.run_cmd(c, &["--json", "snapshots"]);
+    r.ok();
+    let plain = String::from_utf8(strip_ansi(r.stderr.as_bytes())).unwrap();
+    let gets: Vec<u64> = plain
+        .lines()
+        .filter(|l| l.contains("object store requests"))
+        .map(|l| {
+            let at = l.find(" get=").expect("get counter") + 5;
+            let digits: String = l[at..].chars().take_while(|c| c.is_ascii_digit()).collect();
+            digits.parse().unwrap()
+        })
+        .collect();
+    assert!(!gets.is_empty(), "no request counters in {}", r.stderr);
+    (r.json(), gets.iter().sum())
+}
+
+fn strip_ansi(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == 0x1b {
+            while i < bytes.len() && bytes[i] != b'm' {
+                i += 1;
+            }
+        } else {
+            out.push(bytes[i]);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The second `snapshots` on a SeaweedFS vault reads no manifest (exactly as many GETs fewer
+/// as there are snapshots) and lists the same; a tampered cache entry is ignored, the manifest
+/// fetched again and the entry rewritten.
+#[test]
+fn snapshots_come_from_the_manifest_cache_the_second_time() {
+    let Some(server) = servers::seaweed("snapshots_come_from_the_manifest_cache") else {
+        return;
+    };
+    let bv = cloud_bv(server);
+    bv.json(&["init"]);
+    let img = bv.path("disk.img");
+    let mut data = mixed_data(3, 4 * MIB as usize);
+    for round in 0..3u64 {
+        data[0..4096].copy_from_slice(&random_data(90 + round, 4096));
+        write_file(&img, &data);
+        bv.backup(&img, "vm1", &[]);
+    }
+    let cache = cache_files(&bv);
+    assert!(cache.is_empty(), "backups fill no cache: {cache:?}");
+    let (first, cold) = snapshots_and_gets(&bv);
+    let (second, warm) = snapshots_and_gets(&bv);
+    assert_eq!(first, second);
+    assert_eq!(first["snapshots"].as_array().unwrap().len(), 3);
+    assert_eq!(cold - warm, 3, "cold {cold} GETs, warm {warm}");
+
+    let cache = cache_files(&bv);
+    assert_eq!(cache.len(), 3, "{cache:?}");
+    let good = std::fs::read(&cache[0]).unwrap();
+    let mut bad = good.clone();
+    bad[40] ^= 1;
+    std::fs::write(&cache[0], &bad).unwrap();
+    let (third, tampered) = snapshots_and_gets(&bv);
+    assert_eq!(third, first);
+    assert_eq!(tampered, warm + 1);
+    assert_eq!(std::fs::read(&cache[0]).unwrap(), good);
+}
+
+/// The manifest cache's files in the keystore of `bv`, sorted.
+fn cache_files(bv: &Bv) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = walk(&bv.keystore)
+        .into_iter()
+        .filter(|p| {
+            p.parent()
+                .unwrap()
+                .to_string_lossy()
+                .ends_with(".manifests")
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

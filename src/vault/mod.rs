@@ -42,6 +42,7 @@ pub mod keyrecord;
 pub mod layer;
 pub mod location;
 pub mod manifest;
+pub mod manifest_cache;
 pub mod pack;
 mod revisions;
 pub mod snapshots;

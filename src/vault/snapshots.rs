@@ -13,6 +13,8 @@
 
 use super::head::{self, Head, SnapshotEntry};
 use super::manifest::{Manifest, SnapshotId};
+use super::manifest_cache::ManifestCache;
+use super::store::url::VaultUrl;
 use super::{Disk, Vault};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -63,14 +65,55 @@ impl Vault {
     fn load_entry(&self, disk: &Disk, entry: &SnapshotEntry) -> Result<Manifest> {
         let key = entry.id.object_key(&disk.id);
         let raw = self.get_bound(&key, &entry.digest)?;
-        let (found, generation) = Manifest::peek(&raw, &disk.binding, &key)?;
+        self.decode_entry(disk, entry, &key, &raw)
+    }
+
+    /// As [`Vault::load_entry`], through the manifest cache when there is one: the cached
+    /// bytes are used only if their digest is the head's, and are then authenticated and
+    /// decrypted as fetched ones are.
+    fn load_entry_cached(
+        &self,
+        disk: &Disk,
+        entry: &SnapshotEntry,
+        cache: &ManifestCache,
+    ) -> Result<Manifest> {
+        let key = entry.id.object_key(&disk.id);
+        let raw = match cache.get(&entry.digest) {
+            Some(raw) => raw,
+            None => {
+                let raw = self.get_bound(&key, &entry.digest)?;
+                cache.put(&entry.digest, &raw);
+                raw
+            }
+        };
+        self.decode_entry(disk, entry, &key, &raw)
+    }
+
+    /// The manifest cache, for a vault on object storage (a local folder is read as fast as
+    /// a cache would be).
+    fn manifest_cache(&self) -> Option<ManifestCache> {
+        matches!(
+            VaultUrl::parse(&self.location),
+            Ok(VaultUrl::ObjectStorage(_))
+        )
+        .then(|| ManifestCache::new(&self.keystore, &self.config.vault_id))
+    }
+
+    fn decode_entry(
+        &self,
+        disk: &Disk,
+        entry: &SnapshotEntry,
+        key: &str,
+        raw: &[u8],
+    ) -> Result<Manifest> {
+        let (found, generation) = Manifest::peek(raw, &disk.binding, key)?;
         if found != entry.id {
             return Err(Error::integrity(format!(
                 "{key}: holds snapshot {}",
                 found.hex()
             )));
         }
-        let m = Manifest::decode(&raw, &disk.binding, &*disk.generation(generation)?, &key)?;
+        let m = Manifest::decode(raw, &disk.binding, &*disk.generation(generation)?, key)?;
         if m.sequence != entry.sequence {
             return Err(Error::integrity(format!(
                 "{key}: has sequence {}, the vault head {}",
@@ -82,12 +125,20 @@ impl Vault {
 
     /// Every committed snapshot of a disk, oldest first. Any that is missing, replaced or
     /// damaged fails the whole listing, naming it: a listing (and `@latest`) that skipped it
-    /// would silently stand an older snapshot in for a newer one.
+    /// would silently stand an older snapshot in for a newer one. On object storage the
+    /// manifests come through the local cache ([`super::manifest_cache`]); `verify` reads
+    /// each from the store ([`Vault::load_manifest`]).
     pub fn snapshots(&self, disk: &Disk) -> Result<Vec<Manifest>> {
-        self.snapshot_entries(disk)?
+        let entries = self.snapshot_entries(disk)?;
+        let Some(cache) = self.manifest_cache() else {
+            return entries.iter().map(|e| self.load_entry(disk, e)).collect();
+        };
+        let all = entries
             .iter()
-            .map(|e| self.load_entry(disk, e))
-            .collect()
+            .map(|e| self.load_entry_cached(disk, e, &cache))
+            .collect();
+        cache.trim();
+        all
     }
 
     /// The newest committed snapshot of a disk, if any.
