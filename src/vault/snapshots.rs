@@ -61,8 +61,7 @@ impl Vault {
     }
 
     fn load_entry(&self, disk: &Disk, entry: &SnapshotEntry) -> Result<Manifest> {
-        let key = entry.id.object_key(&disk.id);
-        let raw = self.get_bound(&key, &entry.digest)?;
+        let (key, raw) = self.manifest_bytes(disk, entry)?;
         let (found, generation) = Manifest::peek(&raw, &disk.binding, &key)?;
         if found != entry.id {
             return Err(Error::integrity(format!(
@@ -78,6 +77,31 @@ impl Vault {
             )));
         }
         Ok(m)
+    }
+
+    /// The manifest object of `entry` and its bytes, checked against the head's digest: at
+    /// its own key, or (a manifest `prune` rewrote when it repacked) at
+    /// [`SnapshotId::rewritten_key`]. The rewritten key is tried only when the original is
+    /// missing or holds other bytes, and a failure names the original key.
+    pub(crate) fn manifest_bytes(
+        &self,
+        disk: &Disk,
+        entry: &SnapshotEntry,
+    ) -> Result<(String, Vec<u8>)> {
+        let key = entry.id.object_key(&disk.id);
+        match self.get_bound(&key, &entry.digest) {
+            Ok(raw) => Ok((key, raw)),
+            Err(e) if e.kind() == ErrorKind::Integrity => {
+                let rewritten = entry.id.rewritten_key(&disk.id, &entry.digest);
+                match self.store.get(&rewritten) {
+                    Ok(raw) if head::digest(&raw) == entry.digest => Ok((rewritten, raw)),
+                    Ok(_) => Err(e),
+                    Err(r) if r.kind() == ErrorKind::NotFound => Err(e),
+                    Err(r) => Err(r),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Every committed snapshot of a disk, oldest first. Any that is missing, replaced or
