@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # tools/soak.sh [WRITERS] [ROUNDS] — the many-writers test of tests/prune.rs, longer: WRITERS
 # writer processes (default 64) each back up their own 2 MiB disk ROUNDS times (default 8),
-# every backup rewriting a slot whole and overlaying 8 KiB of the other, into one vault on a
+# every backup rewriting a slot whole and overlaying 128 KiB of the other, into one vault on a
 # SeaweedFS cluster on loopback (master, three volume servers, filer, S3 gateway: started by
-# the test harness, tests/common/servers.rs) while `forget --keep-last 2 --prune` (repacking
+# the test harness, tests/common/servers.rs) while `forget --keep-last 1 --prune` (repacking
 # at the default 5 %) runs in a loop. Then every remaining snapshot is restored and compared
 # byte for byte, the vault verified with --read-data and a last prune must find nothing to
 # delete. Any failed backup, prune, restore or verify fails the run.
