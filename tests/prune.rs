@@ -402,13 +402,13 @@ fn many_writers_and_a_forget_prune_loop_share_a_seaweedfs_cluster() {
     bv.env
         .push(("BLOCKVAULT_LEASE_TTL_MS".into(), "10000".into()));
     bv.json(&["init"]);
-    let done = std::sync::atomic::AtomicU64::new(0);
     let stored = std::sync::atomic::AtomicU64::new(0);
     let images = std::sync::Mutex::new(BTreeMap::new());
     let (prunes, freed, repacked) = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
         for w in 0..writers {
-            let (bv, done, images, stored) = (&bv, &done, &images, &stored);
-            scope.spawn(move || {
+            let (bv, images, stored) = (&bv, &images, &stored);
+            handles.push(scope.spawn(move || {
                 let disk = format!("w{w}");
                 let img = bv.path(&format!("{disk}.img"));
                 let mut data = random_data(100 + w, 2 << 20);
@@ -432,11 +432,11 @@ fn many_writers_and_a_forget_prune_loop_share_a_seaweedfs_cluster() {
                         .unwrap()
                         .insert(text(&doc, "snapshot"), data.clone());
                 }
-                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            });
+            }));
         }
         let (mut prunes, mut freed, mut repacked) = (0u64, 0u64, 0u64);
-        while done.load(std::sync::atomic::Ordering::SeqCst) < writers {
+        // Until every writer has ended, a failed one included (the scope re-raises its panic).
+        while !handles.iter().all(|h| h.is_finished()) {
             let doc = bv.json(&["forget", "--keep-last", "1", "--prune"]);
             freed += num(&doc["prune"], "bytes_freed");
             repacked += num(&doc["prune"], "packs_repacked");
