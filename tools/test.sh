@@ -46,6 +46,8 @@ install_deps() {
     command -v fio >/dev/null 2>&1 || missing+=(fio)
     # mount: fusermount3 (fuse3), which mounts and unmounts FUSE filesystems.
     command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
+    # prune's clock-skew test: a store whose clock is off (libfaketime preloaded into it).
+    [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || missing+=(libfaketime)
     if ((${#missing[@]})); then
         if is_root; then
             echo "test.sh: installing ${missing[*]}" >&2

@@ -1,15 +1,19 @@
-//! `prune`: delete the packs no committed snapshot references, safely while other hosts back
-//! up into the same vault (docs/FORMAT.md, "Prune and concurrent backups", has the argument).
+//! `prune`: repack mostly dead packs and delete the packs no committed snapshot references,
+//! safely while other hosts back up into the same vault (docs/FORMAT.md, "Prune and
+//! concurrent backups" and "Repacking", have the argument).
 //!
 //! ```text
 //!  lock prune (only prunes exclude each other) ─▶ clock skew ≤ 5 min? ─▶ remove plans of killed prunes
+//!  ─▶ remove rewritten manifests the head does not list
+//!  ─▶ repack packs whose dead share exceeds --max-unused (`repack`: new packs, manifests
+//!     rewritten in one head swap; the old packs become unreferenced)
 //!  ─▶ referenced = packs of every snapshot the head lists (manifests only, no pack data)
 //!  ─▶ candidates = listed packs − referenced ─▶ write plan prune/plan-* (candidates)
 //!  ─▶ list backup leases ─▶ wait until each has ended or lapsed
 //!  ─▶ referenced again (head and manifests re-read) ─▶ delete candidates still unreferenced
 //!  ─▶ delete lapsed leases, delete the plan
 //! ```
-//! Packs are never repacked: a pack stays whole while any snapshot references any frame in it;
+//! Pack data is read only for the packs repacked; every other live pack is kept whole, and
 //! the report says how many bytes such packs hold that no snapshot needs.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+use super::repack::{self, PackUse, RepackReport};
 use super::{lease, plan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vault::pack::{self, PackId};
@@ -46,9 +51,17 @@ pub struct PruneReport {
     pub packs_kept_for_backups: u64,
     /// Packs some snapshot references.
     pub live_packs: u64,
-    /// Bytes of frames inside live packs that no snapshot references (left: packs are not
-    /// repacked).
+    /// Bytes of frames inside live packs that no snapshot references (left in packs whose
+    /// dead share is within `--max-unused`).
     pub dead_bytes: u64,
+    /// The `--max-unused` percentage the repack used.
+    pub max_unused_percent: f64,
+    /// What repacking did (a dry run: `packs_repacked` and `bytes_repacked` it would).
+    #[serde(flatten)]
+    pub repack: RepackReport,
+    /// Rewritten manifests no head lists (a killed repack's, or a forgotten snapshot's),
+    /// removed.
+    pub stale_manifests_removed: u64,
     /// Backup leases prune waited for.
     pub leases_waited: u64,
     /// Lapsed leases of backups that will never commit, removed.
@@ -61,11 +74,49 @@ pub struct PruneReport {
     pub seconds: f64,
 }
 
+/// How to prune.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Change nothing; say what would be done.
+    pub dry_run: bool,
+    /// Repack live packs with more than this percentage of their frame bytes unreferenced
+    /// (0 to 100; 100 never repacks).
+    pub max_unused: f64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            dry_run: false,
+            max_unused: repack::DEFAULT_MAX_UNUSED,
+        }
+    }
+}
+
+/// Prune `vault` with the default `--max-unused` (what `forget --prune` runs).
+pub fn prune(vault: &Vault, dry_run: bool) -> Result<PruneReport> {
+    prune_with(
+        vault,
+        &Options {
+            dry_run,
+            ..Options::default()
+        },
+    )
+}
+
 /// Prune `vault`. Errors: another prune running (`AlreadyExists`), a clock skew over
 /// [`MAX_SKEW`], a disk whose keys or manifests cannot be read (prune must see every
-/// reference before it deletes anything), a stop asked for by a signal (the plan is removed).
-pub fn prune(vault: &Vault, dry_run: bool) -> Result<PruneReport> {
+/// reference before it deletes anything), a pack to repack whose bytes do not match its name,
+/// a stop asked for by a signal (the plan is removed).
+pub fn prune_with(vault: &Vault, opts: &Options) -> Result<PruneReport> {
     let started = Instant::now();
+    let dry_run = opts.dry_run;
+    if !(0.0..=100.0).contains(&opts.max_unused) {
+        return Err(Error::usage(format!(
+            "--max-unused {} is not a percentage from 0 to 100",
+            opts.max_unused
+        )));
+    }
     // Packs are under the infrastructure layer, if any; leases, plans and locks (no secrets,
     // and some too short for it) are not.
     let store = vault.store().as_ref();
@@ -89,6 +140,7 @@ pub fn prune(vault: &Vault, dry_run: bool) -> Result<PruneReport> {
     let mut report = PruneReport {
         dry_run,
         clock_skew_ms: skew.offset_ms,
+        max_unused_percent: opts.max_unused,
         ..PruneReport::default()
     };
     if !dry_run {
@@ -96,6 +148,28 @@ pub fn prune(vault: &Vault, dry_run: bool) -> Result<PruneReport> {
             plan::remove(raw, &key)?;
             report.stale_plans_removed += 1;
         }
+        report.stale_manifests_removed = repack::sweep_unlisted(vault)?;
+    }
+    let uses = pack_uses(store, &references(vault)?)?;
+    let doomed: BTreeSet<PackId> = uses
+        .iter()
+        .filter(|(_, u)| u.worth_repacking(opts.max_unused))
+        .map(|(id, _)| *id)
+        .collect();
+    if dry_run {
+        report.repack.packs_repacked = doomed.len() as u64;
+        report.repack.bytes_repacked = doomed
+            .iter()
+            .map(|p| {
+                uses[p]
+                    .frames
+                    .iter()
+                    .map(|(_, l)| u64::from(*l))
+                    .sum::<u64>()
+            })
+            .sum();
+    } else {
+        report.repack = repack::repack(vault, &doomed)?;
     }
     let listed = list_packs(store)?;
     report.packs = listed.len() as u64;
@@ -125,9 +199,9 @@ pub fn prune(vault: &Vault, dry_run: bool) -> Result<PruneReport> {
     };
     report.packs_deleted = deleted.len() as u64;
     report.bytes_freed = deleted.iter().map(|p| listed[p]).sum();
-    let live = references(vault)?;
+    let live = pack_uses(store, &references(vault)?)?;
     report.live_packs = live.len() as u64;
-    report.dead_bytes = dead_bytes(store, &live)?;
+    report.dead_bytes = live.values().map(PackUse::dead).sum();
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -280,10 +354,13 @@ fn references(vault: &Vault) -> Result<BTreeMap<PackId, Frames>> {
     Ok(out)
 }
 
-/// Bytes of unreferenced frames in live packs: each pack's frame area (its footer says where
-/// the index starts) less the frames some snapshot references.
-fn dead_bytes(store: &dyn Store, live: &BTreeMap<PackId, Frames>) -> Result<u64> {
-    let mut dead = 0;
+/// Each live pack's referenced frames and frame bytes: its footer (the only bytes read)
+/// says where the index starts, so where the frames end.
+fn pack_uses(
+    store: &dyn Store,
+    live: &BTreeMap<PackId, Frames>,
+) -> Result<BTreeMap<PackId, PackUse>> {
+    let mut out = BTreeMap::new();
     for (id, (frames, size)) in live {
         let key = id.object_key();
         let footer = store.get_range(
@@ -292,8 +369,13 @@ fn dead_bytes(store: &dyn Store, live: &BTreeMap<PackId, Frames>) -> Result<u64>
             pack::FOOTER_LEN,
         )?;
         let end = pack::frames_end(&footer, *size, &key)?;
-        let used: u64 = frames.iter().map(|(_, len)| u64::from(*len)).sum();
-        dead += (end - pack::HEADER_LEN as u64).saturating_sub(used);
+        out.insert(
+            *id,
+            PackUse {
+                frames: frames.clone(),
+                frame_bytes: end - pack::HEADER_LEN as u64,
+            },
+        );
     }
-    Ok(dead)
+    Ok(out)
 }

@@ -42,6 +42,10 @@ pub const MAX_SLOTS: u64 = 1 << 26;
 /// 1 MiB slots with every slot a distinct extent.
 const MAX_BODY: u64 = 1 << 30;
 
+/// Bytes of the head's manifest digest in a rewritten manifest's name
+/// ([`SnapshotId::rewritten_key`]).
+pub const REWRITTEN_DIGEST_LEN: usize = 8;
+
 /// A snapshot's id: 16 random bytes; people see the first 8 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct SnapshotId(pub [u8; 16]);
@@ -58,6 +62,18 @@ impl SnapshotId {
     /// Object key of the manifest.
     pub fn object_key(&self, disk_id: &[u8; 16]) -> String {
         format!("snapshots/{}/{}", hex::encode(disk_id), self.hex())
+    }
+
+    /// Object key of a manifest `prune` rewrote (its packs repacked): the original key, a dot
+    /// and the first 16 hex digits of the digest the head lists for the new bytes. Manifests
+    /// are written once, so a rewrite needs a new name; deriving it from the digest lets a
+    /// reader find it from the head alone, with no new head field.
+    pub fn rewritten_key(&self, disk_id: &[u8; 16], digest: &[u8; 32]) -> String {
+        format!(
+            "{}.{}",
+            self.object_key(disk_id),
+            hex::encode(&digest[..REWRITTEN_DIGEST_LEN])
+        )
     }
 }
 

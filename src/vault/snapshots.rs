@@ -63,8 +63,7 @@ impl Vault {
     }
 
     fn load_entry(&self, disk: &Disk, entry: &SnapshotEntry) -> Result<Manifest> {
-        let key = entry.id.object_key(&disk.id);
-        let raw = self.get_bound(&key, &entry.digest)?;
+        let (key, raw) = self.manifest_bytes(disk, entry)?;
         self.decode_entry(disk, entry, &key, &raw)
     }
 
@@ -77,13 +76,12 @@ impl Vault {
         entry: &SnapshotEntry,
         cache: &ManifestCache,
     ) -> Result<Manifest> {
-        let key = entry.id.object_key(&disk.id);
-        let raw = match cache.get(&entry.digest) {
-            Some(raw) => raw,
+        let (key, raw) = match cache.get(&entry.digest) {
+            Some(raw) => (entry.id.object_key(&disk.id), raw),
             None => {
-                let raw = self.get_bound(&key, &entry.digest)?;
+                let (key, raw) = self.manifest_bytes(disk, entry)?;
                 cache.put(&entry.digest, &raw);
-                raw
+                (key, raw)
             }
         };
         self.decode_entry(disk, entry, &key, &raw)
@@ -121,6 +119,31 @@ impl Vault {
             )));
         }
         Ok(m)
+    }
+
+    /// The manifest object of `entry` and its bytes, checked against the head's digest: at
+    /// its own key, or (a manifest `prune` rewrote when it repacked) at
+    /// [`SnapshotId::rewritten_key`]. The rewritten key is tried only when the original is
+    /// missing or holds other bytes, and a failure names the original key.
+    pub(crate) fn manifest_bytes(
+        &self,
+        disk: &Disk,
+        entry: &SnapshotEntry,
+    ) -> Result<(String, Vec<u8>)> {
+        let key = entry.id.object_key(&disk.id);
+        match self.get_bound(&key, &entry.digest) {
+            Ok(raw) => Ok((key, raw)),
+            Err(e) if e.kind() == ErrorKind::Integrity => {
+                let rewritten = entry.id.rewritten_key(&disk.id, &entry.digest);
+                match self.store.get(&rewritten) {
+                    Ok(raw) if head::digest(&raw) == entry.digest => Ok((rewritten, raw)),
+                    Ok(_) => Err(e),
+                    Err(r) if r.kind() == ErrorKind::NotFound => Err(e),
+                    Err(r) => Err(r),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Every committed snapshot of a disk, oldest first. Any that is missing, replaced or

