@@ -50,6 +50,17 @@ impl Group {
             .collect())
     }
 
+    /// The highest sequence number among the members present: orders groups taken in the
+    /// same second.
+    pub fn newest_sequence(&self) -> u64 {
+        self.members
+            .iter()
+            .flatten()
+            .map(|m| m.sequence)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The members not in the vault, as `disk@id`.
     pub fn missing(&self) -> Vec<String> {
         self.record
@@ -103,7 +114,9 @@ pub fn from_manifests(manifests: &[Manifest]) -> Vec<Group> {
             }
         })
         .collect();
-    out.sort_by(|a, b| (a.record.time, &a.record.id).cmp(&(b.record.time, &b.record.id)));
+    // Points in time are whole seconds: groups of one second are ordered by their members'
+    // sequence numbers (each disk's count of snapshots, which only grows), then by id.
+    out.sort_by_cached_key(|g| (g.record.time, g.newest_sequence(), g.record.id.clone()));
     out
 }
 
