@@ -18,6 +18,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::head::{self, Digest};
 use crate::crypto::keystore::Keystore;
@@ -28,6 +29,9 @@ pub const CACHE_BOUND: u64 = 256 << 20;
 /// The manifest cache of one vault.
 pub struct ManifestCache {
     dir: PathBuf,
+    /// Whether this handle wrote an entry: only then can the cache have outgrown its bound,
+    /// so only then does [`ManifestCache::trim`] list the folder.
+    grown: AtomicBool,
 }
 
 impl ManifestCache {
@@ -37,6 +41,7 @@ impl ManifestCache {
             dir: keystore
                 .dir()
                 .join(format!("{}.manifests", hex::encode(vault_id))),
+            grown: AtomicBool::new(false),
         }
     }
 
@@ -89,14 +94,21 @@ impl ManifestCache {
             f.write_all(bytes)?;
             fs::rename(&tmp, &path)
         };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            tracing::debug!(file = %path.display(), error = %e, "cannot write a manifest cache entry");
+        match write() {
+            Ok(()) => self.grown.store(true, Ordering::Relaxed),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                tracing::debug!(file = %path.display(), error = %e, "cannot write a manifest cache entry");
+            }
         }
     }
 
-    /// Remove the oldest entries while the cache holds more than [`CACHE_BOUND`] bytes.
+    /// Remove the oldest entries while the cache holds more than [`CACHE_BOUND`] bytes; a
+    /// listing that wrote nothing cannot have grown it, and leaves the folder unread.
     pub fn trim(&self) {
+        if !self.grown.swap(false, Ordering::Relaxed) {
+            return;
+        }
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
