@@ -404,10 +404,15 @@ impl Raw {
     }
 
     fn request(&mut self, kind: u16, offset: u64, length: u32) {
+        self.request_as(42, kind, offset, length);
+    }
+
+    /// A request with its own cookie.
+    fn request_as(&mut self, cookie: u64, kind: u16, offset: u64, length: u32) {
         let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
         b.extend(0u16.to_be_bytes());
         b.extend(kind.to_be_bytes());
-        b.extend(42u64.to_be_bytes());
+        b.extend(cookie.to_be_bytes());
         b.extend(offset.to_be_bytes());
         b.extend(length.to_be_bytes());
         self.0.write_all(&b).unwrap();
@@ -415,11 +420,23 @@ impl Raw {
 
     /// The chunks of one structured reply up to DONE: (data read, error (errno, message)).
     fn reply(&mut self) -> (Vec<u8>, Option<(u32, String)>) {
-        let (mut data, mut err) = (Vec::new(), None);
+        let (_, data, err) = self.reply_with_cookie();
+        (data, err)
+    }
+
+    /// [`Raw::reply`] and its cookie: this server sends each reply's chunks together.
+    fn reply_with_cookie(&mut self) -> (u64, Vec<u8>, Option<(u32, String)>) {
+        let (mut data, mut err, mut cookie) = (Vec::new(), None, None);
         loop {
             let mut h = [0u8; 20];
             self.0.read_exact(&mut h).unwrap();
             assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x668e_33ef);
+            let this = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            assert_eq!(
+                *cookie.get_or_insert(this),
+                this,
+                "chunks of two replies interleaved"
+            );
             let flags = u16::from_be_bytes([h[4], h[5]]);
             let kind = u16::from_be_bytes([h[6], h[7]]);
             let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
@@ -441,7 +458,7 @@ impl Raw {
                 _ => {}
             }
             if flags & 1 != 0 {
-                return (data, err);
+                return (this, data, err);
             }
         }
     }
@@ -510,6 +527,62 @@ fn hostile_clients_get_errors_and_the_server_serves_others() {
         "another client",
     );
     srv.stop();
+}
+
+#[test]
+fn pipelined_requests_are_answered_by_cookie_and_a_client_that_stops_reading_cannot_block_shutdown()
+{
+    let bv = Bv::new();
+    let (_, data) = disk(&bv);
+    let mut srv = Served::start(&bv, &["vm"]);
+    let addr = srv.addr();
+    // 64 reads sent before any reply is read, across slots, holes and slot edges: every
+    // cookie answered once, each with its own bytes, in whatever order the workers finish.
+    let mut c = Raw::connect(&addr);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut asked = std::collections::HashMap::new();
+    for cookie in 0..64u64 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let len = 1 + rng % (2 * MIB);
+        let off = (rng >> 24) % (12 * MIB - len);
+        c.request_as(cookie, 0, off, len as u32);
+        asked.insert(cookie, (off as usize, len as usize));
+    }
+    for _ in 0..64 {
+        let (cookie, got, e) = c.reply_with_cookie();
+        assert!(e.is_none(), "read {cookie}: {e:?}");
+        let (off, len) = asked
+            .remove(&cookie)
+            .expect("a cookie asked for, answered once");
+        assert_bytes_eq(&got, &data[off..off + len], &format!("read {cookie}"));
+    }
+    // A client that queues 256 MiB of reads and never reads a reply: the server's workers
+    // block on its full socket, yet SIGTERM still ends the server (exit 0).
+    let mut stuck = Raw::connect(&addr);
+    for cookie in 0..256 {
+        stuck.request_as(cookie, 0, (cookie % 11) * MIB, MIB as u32);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut child = srv.child.take().expect("running");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve did not stop within 30 s of SIGTERM with a client not reading");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    drop(stuck);
 }
 
 #[test]

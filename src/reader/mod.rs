@@ -10,6 +10,7 @@
 //!  read_at(off, buf) ─► slots off/ss ..= (off+len-1)/ss ─► zero slot: zeros, nothing read
 //!                                 │
 //!                                 ├─ LRU cache hit (decrypted slots, CACHE_BYTES) ─► copy
+//!                                 ├─ being decoded by another read ─► wait for it, then copy
 //!                                 └─ miss ─► slot::slot_content (fetch, open, overlay, check)
 //!                                            on a sequential read (it starts where the last
 //!                                            ended): its slots and the next PREFETCH_SLOTS
@@ -21,16 +22,20 @@
 //! and the disk range; nothing of the failure is cached, and every other slot still reads.
 //!
 //! The reader borrows the vault, disk and manifest, opened by the caller the usual way
-//! (`Vault::resolve_snapshot`), and is `Sync`: many threads (NBD connections, FUSE requests)
-//! share one reader and its cache.
+//! (`Vault::resolve_snapshot`), and is `Sync`: many threads (NBD connections and the requests
+//! in flight on each, FUSE requests) share one reader and its cache. A slot is decoded once
+//! however many reads miss it at the same moment: the first decodes, the others wait for the
+//! result (a client's parallel 256 KiB reads of one 1 MiB slot would otherwise decode it four
+//! times).
 
 pub mod extents;
 pub mod slot;
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use lru::LruCache;
 use rayon::prelude::*;
@@ -70,7 +75,9 @@ pub struct SnapshotReader<'a> {
     vault: &'a Vault,
     disk: &'a Disk,
     m: &'a Manifest,
-    cache: Mutex<LruCache<usize, SlotBytes>>,
+    state: Mutex<Cache>,
+    /// Signalled when a slot's decode ends (in the cache, or failed and left out).
+    decoded: Condvar,
     /// One past the last slot a read touched: a read starting there is sequential.
     next: AtomicUsize,
 }
@@ -84,9 +91,11 @@ impl<'a> SnapshotReader<'a> {
             vault,
             disk,
             m,
-            cache: Mutex::new(LruCache::new(
-                NonZeroUsize::new(slots).unwrap_or(NonZeroUsize::MIN),
-            )),
+            state: Mutex::new(Cache {
+                slots: LruCache::new(NonZeroUsize::new(slots).unwrap_or(NonZeroUsize::MIN)),
+                decoding: HashSet::new(),
+            }),
+            decoded: Condvar::new(),
             next: AtomicUsize::new(usize::MAX),
         }
     }
@@ -142,44 +151,50 @@ impl<'a> SnapshotReader<'a> {
         extents(self.m, range)
     }
 
-    /// Slot `i` decoded (`None`: a zero slot), from the cache or the vault.
+    /// Slot `i` decoded (`None`: a zero slot), from the cache or the vault; a decode another
+    /// read has under way is waited for, not repeated.
     fn slot(&self, i: usize) -> Result<Option<SlotBytes>> {
         if matches!(self.m.slots[i], Slot::Zero) {
             return Ok(None);
         }
-        if let Some(b) = self.lock().get(&i) {
-            return Ok(Some(b.clone()));
+        let mut state = self.lock();
+        loop {
+            if let Some(b) = state.slots.get(&i) {
+                return Ok(Some(b.clone()));
+            }
+            if state.decoding.insert(i) {
+                break;
+            }
+            // Another read decodes it: wait, then find it cached (or, when that decode
+            // failed, decode it here and report the failure to this read too).
+            state = self.decoded.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        let b = self.decode(i)?;
-        self.lock().put(i, b.clone());
-        Ok(Some(b))
+        drop(state);
+        let turn = Turn { r: self, i };
+        let b = self.decode(i);
+        turn.finish(b.as_ref().ok().cloned());
+        b.map(Some)
     }
 
-    /// Whether a stored slot of `slots` is not in the cache.
+    /// Whether a stored slot of `slots` is neither cached nor being decoded.
     fn missing(&self, slots: Range<usize>) -> bool {
-        let cache = self.lock();
-        slots
-            .into_iter()
-            .any(|i| !matches!(self.m.slots[i], Slot::Zero) && !cache.contains(&i))
+        let state = self.lock();
+        slots.into_iter().any(|i| state.wanted(self.m, i))
     }
 
-    /// Decode the uncached stored slots of `slots` in parallel into the cache; failures are
-    /// left for the read that reaches them to report.
+    /// Decode the stored slots of `slots` that are neither cached nor being decoded, in
+    /// parallel, into the cache; failures are left for the read that reaches them to report.
     fn prefetch(&self, slots: Range<usize>) {
         let todo: Vec<usize> = {
-            let cache = self.lock();
-            slots
-                .filter(|&i| !matches!(self.m.slots[i], Slot::Zero) && !cache.contains(&i))
-                .collect()
+            let mut state = self.lock();
+            let todo: Vec<usize> = slots.filter(|&i| state.wanted(self.m, i)).collect();
+            state.decoding.extend(&todo);
+            todo
         };
-        let decoded: Vec<(usize, SlotBytes)> = todo
-            .into_par_iter()
-            .filter_map(|i| self.decode(i).ok().map(|b| (i, b)))
-            .collect();
-        let mut cache = self.lock();
-        for (i, b) in decoded {
-            cache.put(i, b);
-        }
+        todo.into_par_iter().for_each(|i| {
+            let turn = Turn { r: self, i };
+            turn.finish(self.decode(i).ok());
+        });
     }
 
     /// Slot `i` (stored) read and checked, its errors naming the disk range.
@@ -192,12 +207,49 @@ impl<'a> SnapshotReader<'a> {
             .map_err(|e| e.within(format!("{} bytes {start}..{end}", self.name())))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<usize, SlotBytes>> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Cache> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `DISK@SHORT-ID`, as errors name the snapshot.
     pub fn name(&self) -> String {
         format!("{}@{}", self.disk.name, self.m.id.short())
+    }
+}
+
+/// Decoded slots, and the slots some read is decoding now.
+struct Cache {
+    slots: LruCache<usize, SlotBytes>,
+    decoding: HashSet<usize>,
+}
+
+impl Cache {
+    /// Whether stored slot `i` of `m` needs a decode: not cached, not under way.
+    fn wanted(&self, m: &Manifest, i: usize) -> bool {
+        !matches!(m.slots[i], Slot::Zero) && !self.slots.contains(&i) && !self.decoding.contains(&i)
+    }
+}
+
+/// One read's turn at decoding slot `i`: ending it (with the slot, or with nothing when the
+/// decode failed or panicked) takes the slot off the decoding set and wakes the waiters, so
+/// no read waits forever for a decode that will not come.
+struct Turn<'r, 'a> {
+    r: &'r SnapshotReader<'a>,
+    i: usize,
+}
+
+impl Turn<'_, '_> {
+    /// Cache `b` (a successful decode) and end the turn.
+    fn finish(self, b: Option<SlotBytes>) {
+        if let Some(b) = b {
+            self.r.lock().slots.put(self.i, b);
+        }
+    }
+}
+
+impl Drop for Turn<'_, '_> {
+    fn drop(&mut self) {
+        self.r.lock().decoding.remove(&self.i);
+        self.r.decoded.notify_all();
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  listener (TCP or Unix) ─ accept, poll the stop flag ─► a thread per connection (≤ MAX_CONNECTIONS)
-//!     negotiate (fixed newstyle, options, GO)  ─► transmit (requests one at a time)
+//!     negotiate (fixed newstyle, options, GO)  ─► transmit: requests read in order, answered
+//!                                                   by up to 8 workers (reply), any order
 //!                                                   └► Export: overlay blocks, else the
 //!                                                      SnapshotReader (one per export, its
 //!                                                      cache shared by every connection)
@@ -17,6 +18,7 @@
 pub mod export;
 pub mod negotiate;
 pub mod overlay;
+pub mod reply;
 pub mod socket;
 pub mod transmit;
 pub mod wire;

@@ -1,8 +1,10 @@
-//! Reading a client's bytes without ever waiting forever: the socket's read timeout is short
+//! Talking to a client without ever waiting forever: the socket's read timeout is short
 //! ([`POLL`]), and each time it fires the reader checks for SIGINT/SIGTERM and for its
-//! deadline (the handshake has one, an idle connection in transmission does not).
+//! deadline (the handshake has one, an idle connection in transmission does not). In
+//! transmission writes time out as often, so a client that stops reading cannot keep a
+//! stopping server waiting either.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::source::nbd::stream::Stream;
@@ -57,6 +59,31 @@ pub fn read_full(s: &mut Stream, buf: &mut [u8], deadline: Option<Instant>) -> R
                         io::ErrorKind::TimedOut,
                         "the client sent nothing in time",
                     )));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Stop::Failed(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Send all of `buf` on `s` (whose write timeout is [`POLL`]), however slowly the client
+/// reads, unless SIGINT or SIGTERM asks the server to stop.
+pub fn write_full(s: &mut Stream, buf: &[u8]) -> Result<(), Stop> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        match s.write(&buf[sent..]) {
+            Ok(0) => return Err(Stop::Failed(io::ErrorKind::WriteZero.into())),
+            Ok(n) => sent += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if crate::interrupt::requested().is_some() {
+                    return Err(Stop::Signal);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -1,207 +1,211 @@
-//! The transmission phase of one connection: requests read one at a time, each answered in
-//! full before the next is read (a connection is one thread; clients get parallelism from
-//! several connections, which `NBD_FLAG_CAN_MULTI_CONN` allows).
+//! The transmission phase of one connection: the connection's thread reads requests (and
+//! writes' payloads) and hands them to up to [`IN_FLIGHT`] workers, which answer them in
+//! parallel and in any order ([`reply`]), each reply written whole under the socket's lock.
+//! NBD lets a server answer out of order: clients match replies to requests by cookie, and
+//! a flush covers the writes already answered, which is what the overlay's flush does.
 //!
-//! A read with structured replies answers the snapshot's holes with `OFFSET_HOLE` chunks and
-//! the rest with `OFFSET_DATA` (one data chunk for the whole range with `NBD_CMD_FLAG_DF`); a
-//! range that fails to read ends the reply with an `ERROR_OFFSET` chunk, `NBD_EIO`, whose
-//! message names the object and the range. Refused requests (out of range, too long, writes
-//! to a read-only export, unknown commands) get an error and the connection goes on; a header
-//! with a wrong magic, or a write too long to drain, ends it.
+//! Requests in flight hold at most [`IN_FLIGHT_BYTES`] of reply or payload buffers (a larger
+//! single request waits until it is alone), so memory per connection stays bounded whatever
+//! a client queues. Refused requests (out of range, too long, writes to a read-only export,
+//! unknown commands) get an error and the connection goes on; a header with a wrong magic,
+//! or a write too long to drain, ends it, after the requests already in flight are answered
+//! (`NBD_CMD_DISC` ends it the same way). No thread ever waits for the client without
+//! looking at the stop flag: a client that stops reading its replies holds one connection,
+//! never the server's shutdown.
 
-use std::io::Write;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use crossbeam_channel::{bounded, SendTimeoutError, Sender};
 
 use super::export::Export;
-use super::negotiate::{Session, ALLOCATION_ID};
-use super::socket::{read_full, Stop};
-use super::wire::{
-    check_request, chunk_header, error_payload, parse_request, simple_reply, Op, Request,
-    RequestError, MAX_REQUEST,
-};
-use crate::source::nbd::proto::{
-    CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_REQ_ONE, CMD_WRITE, EIO, REPLY_FLAG_DONE,
-    REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_ERROR_OFFSET, REPLY_TYPE_NONE,
-    REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REQUEST_LEN,
-};
+use super::negotiate::Session;
+use super::reply;
+use super::socket::{read_full, write_full, Stop, POLL};
+use super::wire::{check_request, parse_request, Op, Request, MAX_REQUEST};
+use crate::source::nbd::proto::{CMD_WRITE, REQUEST_LEN};
 use crate::source::nbd::stream::Stream;
 
-/// Most extents in one block-status reply (the reply may cover less than asked).
-pub const MAX_STATUS_EXTENTS: usize = 1 << 16;
+/// Requests of one connection answered at once: enough to keep both cores decoding for one
+/// client (fio or a guest with a queue depth of 32), and to overlap fetches from object
+/// storage, whose latency is not CPU.
+pub const IN_FLIGHT: usize = 8;
+
+/// Bytes of read replies and write payloads one connection holds at once.
+pub const IN_FLIGHT_BYTES: usize = 64 << 20;
+
+/// A checked request on its way to a worker.
+struct Job {
+    r: Request,
+    op: Op,
+    payload: Option<Vec<u8>>,
+    /// Its share of [`IN_FLIGHT_BYTES`], given back once the reply is sent.
+    cost: usize,
+}
 
 /// Serve requests on `s` until the client disconnects or a signal stops the server.
 pub fn transmit(s: &mut Stream, export: &Export, session: &Session) -> Result<(), Stop> {
-    let mut conn = Conn { s, export, session };
+    // Writes time out too from here on, so a worker blocked on a client that does not read
+    // sees the stop flag (the handshake's small replies never fill the socket's buffer).
+    s.set_timeouts(Some(POLL), Some(POLL))?;
+    let replies = Replies {
+        s: Mutex::new(s.try_clone()?),
+        ended: Mutex::new(None),
+    };
+    let budget = Budget {
+        left: Mutex::new(IN_FLIGHT_BYTES),
+        freed: Condvar::new(),
+    };
+    let ended = std::thread::scope(|scope| {
+        let (tx, rx) = bounded::<Job>(IN_FLIGHT);
+        for n in 0..IN_FLIGHT {
+            let (rx, replies, budget) = (rx.clone(), &replies, &budget);
+            std::thread::Builder::new()
+                .name(format!("bv-serve-req{n}"))
+                .spawn_scoped(scope, move || {
+                    for job in rx {
+                        replies.send(&reply::answer(export, session, &job.r, job.op, job.payload));
+                        budget.give(job.cost);
+                    }
+                })?;
+        }
+        drop(rx);
+        requests(s, export, session, &tx, &replies, &budget)
+        // Leaving the scope drops `tx`: the workers answer what is queued, then end.
+    });
+    match replies.ended() {
+        Some(stop) => Err(stop),
+        None => ended,
+    }
+}
+
+/// Read requests until the client ends the connection, handing the checked ones to the
+/// workers through `tx`.
+fn requests(
+    s: &mut Stream,
+    export: &Export,
+    session: &Session,
+    tx: &Sender<Job>,
+    replies: &Replies,
+    budget: &Budget,
+) -> Result<(), Stop> {
     loop {
+        if replies.failed() {
+            return Ok(());
+        }
         let mut h = [0u8; REQUEST_LEN];
-        read_full(conn.s, &mut h, None)?;
+        read_full(s, &mut h, None)?;
         let Some(r) = parse_request(&h) else {
             tracing::debug!(export = %export.name, "serve: request without the request magic; disconnecting");
             return Ok(());
         };
-        match check_request(&r, export.size(), export.writable()) {
+        let op = match check_request(&r, export.size(), export.writable()) {
             Err(e) => {
-                if r.kind == CMD_WRITE {
-                    if r.length > MAX_REQUEST {
-                        conn.error(&r, &e, None)?;
-                        return Ok(());
-                    }
+                let too_long = r.kind == CMD_WRITE && r.length > MAX_REQUEST;
+                if r.kind == CMD_WRITE && !too_long {
                     let mut drop = vec![0u8; r.length as usize];
-                    read_full(conn.s, &mut drop, None)?;
+                    read_full(s, &mut drop, None)?;
                 }
-                conn.error(&r, &e, None)?;
-            }
-            Ok(Op::Disconnect) => return Ok(()),
-            Ok(op) => conn.serve(&r, op)?,
-        }
-    }
-}
-
-struct Conn<'s, 'e, 'a> {
-    s: &'s mut Stream,
-    export: &'e Export<'a>,
-    session: &'s Session,
-}
-
-impl Conn<'_, '_, '_> {
-    fn serve(&mut self, r: &Request, op: Op) -> Result<(), Stop> {
-        let eio = |e: crate::Error| RequestError {
-            errno: EIO,
-            message: e.to_string(),
-        };
-        let done = match op {
-            Op::Read => return self.read(r),
-            Op::BlockStatus => return self.status(r),
-            Op::Write => {
-                let mut data = vec![0u8; r.length as usize];
-                read_full(self.s, &mut data, None)?;
-                self.export.write(r.offset, &data)
-            }
-            Op::Zero => self.export.zero(r.offset, u64::from(r.length)),
-            Op::Flush => self.export.flush(),
-            Op::Disconnect => Ok(()),
-        };
-        let done = done.and_then(|()| {
-            if r.flags & CMD_FLAG_FUA != 0 && matches!(op, Op::Write | Op::Zero) {
-                self.export.flush()
-            } else {
-                Ok(())
-            }
-        });
-        match done {
-            Ok(()) => Ok(self.s.write_all(&simple_reply(0, r.cookie))?),
-            Err(e) => self.error(r, &eio(e), None),
-        }
-    }
-
-    /// Refuse `r` with `e` (an error chunk with structured replies, else a simple reply).
-    fn error(&mut self, r: &Request, e: &RequestError, offset: Option<u64>) -> Result<(), Stop> {
-        tracing::debug!(export = %self.export.name, errno = e.errno, message = %e.message, "serve: request refused");
-        if !self.session.structured {
-            return Ok(self.s.write_all(&simple_reply(e.errno, r.cookie))?);
-        }
-        let kind = if offset.is_some() {
-            REPLY_TYPE_ERROR_OFFSET
-        } else {
-            REPLY_TYPE_ERROR
-        };
-        let payload = error_payload(e.errno, &e.message, offset);
-        let mut b = chunk_header(REPLY_FLAG_DONE, kind, r.cookie, payload.len() as u32).to_vec();
-        b.extend(payload);
-        Ok(self.s.write_all(&b)?)
-    }
-
-    fn read(&mut self, r: &Request) -> Result<(), Stop> {
-        let range = r.offset..r.offset + u64::from(r.length);
-        if !self.session.structured {
-            let mut buf = vec![0u8; r.length as usize];
-            return match self.export.read(r.offset, &mut buf) {
-                Ok(()) => {
-                    self.s.write_all(&simple_reply(0, r.cookie))?;
-                    Ok(self.s.write_all(&buf)?)
+                replies.send(&reply::refusal(export, session, &r, &e, None));
+                if too_long {
+                    return Ok(());
                 }
-                Err(e) => self.error(
-                    r,
-                    &RequestError {
-                        errno: EIO,
-                        message: e.to_string(),
-                    },
-                    None,
-                ),
-            };
-        }
-        if range.is_empty() {
-            return Ok(self.s.write_all(&chunk_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_NONE,
-                r.cookie,
-                0,
-            ))?);
-        }
-        let runs = if r.flags & CMD_FLAG_DF != 0 {
-            vec![(range, false)]
-        } else {
-            self.export.read_runs(range)
-        };
-        let last = runs.len() - 1;
-        for (n, (run, hole)) in runs.into_iter().enumerate() {
-            let flags = if n == last { REPLY_FLAG_DONE } else { 0 };
-            let len = (run.end - run.start) as u32;
-            if hole {
-                let mut b = chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, r.cookie, 12).to_vec();
-                b.extend(run.start.to_be_bytes());
-                b.extend(len.to_be_bytes());
-                self.s.write_all(&b)?;
                 continue;
             }
-            let mut b = vec![0u8; 20 + 8 + len as usize];
-            if let Err(e) = self.export.read(run.start, &mut b[28..]) {
-                let e = RequestError {
-                    errno: EIO,
-                    message: e.to_string(),
-                };
-                return self.error(r, &e, Some(run.start));
+            Ok(Op::Disconnect) => return Ok(()),
+            Ok(op) => op,
+        };
+        let cost = match op {
+            Op::Read | Op::Write => (r.length as usize).min(IN_FLIGHT_BYTES),
+            _ => 0,
+        };
+        budget.take(cost)?;
+        let payload = if op == Op::Write {
+            let mut data = vec![0u8; r.length as usize];
+            read_full(s, &mut data, None)?;
+            Some(data)
+        } else {
+            None
+        };
+        let mut job = Job {
+            r,
+            op,
+            payload,
+            cost,
+        };
+        loop {
+            match tx.send_timeout(job, POLL) {
+                Ok(()) => break,
+                Err(SendTimeoutError::Timeout(j)) => {
+                    if crate::interrupt::requested().is_some() {
+                        return Err(Stop::Signal);
+                    }
+                    job = j;
+                }
+                Err(SendTimeoutError::Disconnected(_)) => return Ok(()),
             }
-            b[..20].copy_from_slice(&chunk_header(
-                flags,
-                REPLY_TYPE_OFFSET_DATA,
-                r.cookie,
-                8 + len,
-            ));
-            b[20..28].copy_from_slice(&run.start.to_be_bytes());
-            self.s.write_all(&b)?;
         }
+    }
+}
+
+/// The connection's writing side: one reply at a time, and how writing ended if it did.
+struct Replies {
+    s: Mutex<Stream>,
+    ended: Mutex<Option<Stop>>,
+}
+
+impl Replies {
+    /// Send one whole reply; after a failure (the client gone, a signal) nothing more is
+    /// sent, and the socket is shut so the reading thread stops too.
+    fn send(&self, reply: &[u8]) {
+        let mut s = lock(&self.s);
+        if self.failed() {
+            return;
+        }
+        if let Err(stop) = write_full(&mut s, reply) {
+            s.shutdown();
+            *lock(&self.ended) = Some(stop);
+        }
+    }
+
+    fn failed(&self) -> bool {
+        lock(&self.ended).is_some()
+    }
+
+    fn ended(&self) -> Option<Stop> {
+        lock(&self.ended).take()
+    }
+}
+
+/// [`IN_FLIGHT_BYTES`] shared by the requests in flight.
+struct Budget {
+    left: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Budget {
+    /// Wait until `n` bytes are free (watching the stop flag), and hold them.
+    fn take(&self, n: usize) -> Result<(), Stop> {
+        let mut left = lock(&self.left);
+        while *left < n {
+            left = self
+                .freed
+                .wait_timeout(left, POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if crate::interrupt::requested().is_some() {
+                return Err(Stop::Signal);
+            }
+        }
+        *left -= n;
         Ok(())
     }
 
-    fn status(&mut self, r: &Request) -> Result<(), Stop> {
-        if !self.session.allocation {
-            let e = RequestError {
-                errno: crate::source::nbd::proto::EINVAL,
-                message: "block status needs the base:allocation context (SET_META_CONTEXT)".into(),
-            };
-            return self.error(r, &e, None);
-        }
-        let end = (r.offset + u64::from(r.length)).min(self.export.size());
-        let mut extents = self.export.status(r.offset..end);
-        let keep = if r.flags & CMD_FLAG_REQ_ONE != 0 {
-            1
-        } else {
-            MAX_STATUS_EXTENTS
-        };
-        extents.truncate(keep);
-        let mut payload = ALLOCATION_ID.to_be_bytes().to_vec();
-        for (len, flags) in extents {
-            payload.extend((len as u32).to_be_bytes());
-            payload.extend(flags.to_be_bytes());
-        }
-        let mut b = chunk_header(
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_BLOCK_STATUS,
-            r.cookie,
-            payload.len() as u32,
-        )
-        .to_vec();
-        b.extend(payload);
-        Ok(self.s.write_all(&b)?)
+    fn give(&self, n: usize) {
+        *lock(&self.left) += n;
+        self.freed.notify_one();
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
