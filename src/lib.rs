@@ -26,7 +26,7 @@
 //! | config | init (create-only) | never | none: `put_new` refuses a second |
 //! | packs | backup, before its manifest | the backup itself if it fails before its manifest; prune, once unreferenced ([`retention::prune`]) | disk lock; a backup lease that prune waits for |
 //! | manifests | backup, last | forget, after the head swap that unlists them | disk lock (backup); forget takes none: its head swap decides |
-//! | key records | first backup of a disk (`new-disk` lock); a new DEK generation (disk lock) | never (replaced in place by `key rotate`/`key recover`) | create-only |
+//! | key records | first backup of a disk (no lock: the head swap that lists the disk decides, and a registration that finds the name taken meanwhile uses that disk, [`vault::Vault::register_disk`]); a new DEK generation (disk lock) | never once listed (replaced in place by `key rotate`/`key recover`); a registration that lost its name's race deletes its own, which no head lists | create-only, under a random disk id |
 //! | `kek/` descriptors | `init`, `key rotate --new-cmk` | never (re-MAC'd by `key recover`) | create-only |
 //! | `escrow/` records | `key escrow` | never (replaced by a new escrow of the same name) | none: last writer wins |
 //! | `infra-recovery` | `init` (infrastructure layer + recovery key) | never | create-only |

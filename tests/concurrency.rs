@@ -1,12 +1,18 @@
 //! Concurrent processes on one vault: backups of different disks at the same time both
 //! succeed; backups of the same disk at the same time are serialised by the disk lock (one
-//! fails with a "locked" message, or both succeed); the vault verifies afterwards.
+//! fails with a "locked" message, or both succeed); the vault verifies afterwards. In an
+//! object-store vault (SeaweedFS), many first backups register their new disks at once with no
+//! shared lock, and racers for one new name end with one disk and one chain.
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Child;
 
+use blockvault::vault::store::cloud::CloudStore;
+use blockvault::vault::store::Store;
+use common::servers::{self, Server};
 use common::*;
 
 /// Start `backup SRC --disk DISK --json` without waiting.
@@ -155,4 +161,116 @@ fn two_backups_of_the_same_disk_at_the_same_time() {
     }
     eprintln!("same-disk rounds (exit codes): {outcomes:?}");
     bv.restore_and_compare(&format!("d@{}", text(&s0, "short_id")), &base);
+}
+
+/// The disk ids that have key records in the object-store vault of `bv` on `server`: one per
+/// registered disk, so a registration that lost a race left none behind.
+fn key_record_disks(bv: &Bv, server: &Server) -> BTreeSet<String> {
+    let store = CloudStore::open(&bv.vault.to_string_lossy(), &server.config()).unwrap();
+    store
+        .list("keys")
+        .unwrap()
+        .iter()
+        .map(|k| {
+            k.split('/')
+                .nth(1)
+                .expect("keys/<disk id>/<record>")
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn sixteen_first_backups_of_new_disks_into_seaweedfs_all_succeed() {
+    let test = "sixteen_first_backups_of_new_disks_into_seaweedfs_all_succeed";
+    let Some(server) = servers::seaweed(test) else {
+        return;
+    };
+    let bv = server.bv();
+    bv.json(&["init"]);
+    let disks: Vec<(String, Vec<u8>)> = (0..16u64)
+        .map(|i| {
+            (
+                format!("new{i}"),
+                mixed_data(2000 + i, 2 * MIB as usize + 4096),
+            )
+        })
+        .collect();
+    for (disk, data) in &disks {
+        write_file(&bv.path(&format!("{disk}.img")), data);
+    }
+    let runs: Vec<_> = disks
+        .iter()
+        .map(|(disk, _)| start(&bv, &bv.path(&format!("{disk}.img")), disk))
+        .collect();
+    let docs: Vec<_> = runs.into_iter().map(|r| finish(r).ok().json()).collect();
+    for ((disk, data), doc) in disks.iter().zip(&docs) {
+        assert_eq!(doc["new_disk"], true, "{doc}");
+        bv.restore_and_compare(&format!("{disk}@{}", text(doc, "snapshot")), data);
+    }
+    assert_eq!(key_record_disks(&bv, server).len(), disks.len());
+    assert_eq!(bv.snapshots().len(), disks.len());
+    bv.verify_ok();
+}
+
+#[test]
+fn first_backups_racing_for_one_new_name_in_seaweedfs_make_one_disk_and_one_chain() {
+    let test = "first_backups_racing_for_one_new_name_in_seaweedfs_make_one_disk_and_one_chain";
+    let Some(server) = servers::seaweed(test) else {
+        return;
+    };
+    let bv = server.bv();
+    bv.json(&["init"]);
+    let racers = 6u64;
+    for round in 0..2u64 {
+        let disk = format!("same{round}");
+        let images: Vec<_> = (0..racers)
+            .map(|i| {
+                let img = bv.path(&format!("{disk}-{i}.img"));
+                let data = random_data(3000 + round * 100 + i, 2 * MIB as usize);
+                write_file(&img, &data);
+                (img, data)
+            })
+            .collect();
+        let runs: Vec<_> = images
+            .iter()
+            .map(|(img, _)| start(&bv, img, &disk))
+            .collect();
+        let mut committed = Vec::new();
+        for (run, (_, data)) in runs.into_iter().zip(&images) {
+            let r = finish(run);
+            if r.code == 0 {
+                committed.push((r.json(), data));
+            } else {
+                // The disk lock orders them: the others fail saying so.
+                r.code(1).stderr_has(&["locked"]);
+            }
+        }
+        assert!(!committed.is_empty(), "round {round}: no backup committed");
+        assert_eq!(
+            key_record_disks(&bv, server).len() as u64,
+            round + 1,
+            "disk {disk} registered more than once"
+        );
+        // One chain: the first snapshot has no parent, each later one a committed one.
+        let ids: BTreeSet<String> = committed.iter().map(|(d, _)| text(d, "snapshot")).collect();
+        let roots = committed
+            .iter()
+            .filter(|(d, _)| d["parent"].is_null())
+            .count();
+        assert_eq!(roots, 1, "one first snapshot among {ids:?}");
+        for (doc, data) in &committed {
+            if let Some(parent) = doc["parent"].as_str() {
+                assert!(ids.contains(parent), "{doc}");
+            }
+            bv.restore_and_compare(&format!("{disk}@{}", text(doc, "snapshot")), data);
+        }
+        let listed = bv.json(&["snapshots", "--disk", &disk]);
+        assert_eq!(
+            listed["snapshots"].as_array().unwrap().len(),
+            committed.len(),
+            "{listed}"
+        );
+        bv.verify_ok();
+    }
 }

@@ -88,7 +88,7 @@ const SECRET: &[u8] = b"123456-654321-111111-222222-333333-444444-555555-666666"
 #[test]
 fn escrow_round_trip_replace_and_two_names() {
     let f = Fixture::new();
-    let disk = f.vault.create_disk("vm1").unwrap();
+    let disk = f.vault.register_disk("vm1").unwrap().0;
     assert!(f.vault.escrows(&disk).unwrap().is_empty());
 
     let before = blockvault::util::now_unix();
@@ -132,7 +132,7 @@ fn escrow_round_trip_replace_and_two_names() {
     assert_eq!(&all[1].secret[..], b"hunter2");
 
     // Another disk has none of them; a vault opened afresh reads them back.
-    let other = f.vault.create_disk("vm2").unwrap();
+    let other = f.vault.register_disk("vm2").unwrap().0;
     assert!(f.vault.escrow_names(&other).unwrap().is_empty());
     let reopened = Vault::open(
         f.root().to_str().unwrap(),
@@ -146,7 +146,7 @@ fn escrow_round_trip_replace_and_two_names() {
 #[test]
 fn largest_and_invalid_inputs() {
     let f = Fixture::new();
-    let disk = f.vault.create_disk("vm1").unwrap();
+    let disk = f.vault.register_disk("vm1").unwrap().0;
     let big = vec![0xa7u8; MAX_SECRET];
     let long_name = "n".repeat(200);
     f.vault.put_escrow(&disk, &long_name, &big).unwrap();
@@ -175,7 +175,7 @@ fn largest_and_invalid_inputs() {
 #[test]
 fn secrets_and_names_never_appear_in_stored_bytes() {
     let f = Fixture::new();
-    let disk = f.vault.create_disk("vm1").unwrap();
+    let disk = f.vault.register_disk("vm1").unwrap().0;
     f.vault.put_escrow(&disk, "bitlocker-C", SECRET).unwrap();
     f.vault
         .put_escrow(&disk, "luks-root", b"correct horse battery staple")
@@ -204,8 +204,8 @@ fn secrets_and_names_never_appear_in_stored_bytes() {
 #[test]
 fn records_are_bound_to_disk_and_name() {
     let f = Fixture::new();
-    let a = f.vault.create_disk("vm1").unwrap();
-    let b = f.vault.create_disk("vm2").unwrap();
+    let a = f.vault.register_disk("vm1").unwrap().0;
+    let b = f.vault.register_disk("vm2").unwrap().0;
     f.vault.put_escrow(&a, "bitlocker-C", SECRET).unwrap();
     f.vault.put_escrow(&a, "luks-root", b"hunter2").unwrap();
     let recs = f.records(&a);
@@ -262,7 +262,7 @@ fn records_are_bound_to_disk_and_name() {
 #[test]
 fn every_bit_flip_is_rejected_naming_the_object() {
     let f = Fixture::new();
-    let disk = f.vault.create_disk("vm1").unwrap();
+    let disk = f.vault.register_disk("vm1").unwrap().0;
     f.vault.put_escrow(&disk, "bitlocker-C", SECRET).unwrap();
     let path = f.only_record(&disk);
     let key = object_key(&f, &path);
@@ -319,7 +319,7 @@ fn every_bit_flip_is_rejected_naming_the_object() {
 #[test]
 fn new_dek_generation_seals_new_escrows_and_keeps_old_ones_readable() {
     let f = Fixture::new();
-    let disk = f.vault.create_disk("vm1").unwrap();
+    let disk = f.vault.register_disk("vm1").unwrap().0;
     f.vault.put_escrow(&disk, "old", b"first").unwrap();
     f.vault.put_escrow(&disk, "again", b"one").unwrap();
     // A reservation of what is left of generation 0's nonce budget would reach the limit:

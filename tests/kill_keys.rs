@@ -184,7 +184,7 @@ fn add_disks(bv: &Bv, n: usize, cmk_private: Option<&Path>) {
         .expect("open the vault");
     for i in 0..n {
         vault
-            .create_disk(&format!("filler-{i:04}"))
+            .register_disk(&format!("filler-{i:04}"))
             .expect("register a disk");
     }
 }

@@ -386,9 +386,7 @@ fn many_writers_and_a_forget_prune_loop_share_a_seaweedfs_cluster() {
     let writers = knob("BLOCKVAULT_SOAK_WRITERS", 16);
     let rounds = knob("BLOCKVAULT_SOAK_ROUNDS", 3);
     let started = Instant::now();
-    let mut bv = Bv::new();
-    bv.vault = PathBuf::from(server.fresh_url());
-    bv.env = server.env.clone();
+    let mut bv = server.bv();
     // Short enough that a lapsed lease would show within the run; long enough that a loaded
     // machine renews in time (a third of it).
     bv.env
@@ -666,9 +664,7 @@ fn prune_repacks_on_an_object_store_vault() {
     let Some(server) = servers::seaweed("prune_repacks_on_an_object_store_vault") else {
         return;
     };
-    let mut bv = Bv::new();
-    bv.vault = PathBuf::from(server.fresh_url());
-    bv.env = server.env.clone();
+    let bv = server.bv();
     bv.json(&["init"]);
     let mut images = mostly_dead(&bv, "a", 41);
     bv.json(&["forget", "--keep-last", "1"]);
@@ -695,9 +691,7 @@ fn prune_refuses_a_store_whose_clock_is_off_by_more_than_five_minutes() {
     let Some(server) = servers::azurite_skewed(test, "+10m") else {
         return;
     };
-    let mut bv = Bv::new();
-    bv.vault = PathBuf::from(server.fresh_url());
-    bv.env = server.env.clone();
+    let bv = server.bv();
     bv.json(&["init"]);
     let images = mostly_dead(&bv, "a", 51);
     bv.json(&["forget", "--keep-last", "1"]);

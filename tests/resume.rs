@@ -2,7 +2,7 @@
 //! same command and uploads only what is missing, the checkpoint segments it reads are
 //! authenticated (a tampered one, or one moved to another disk's folder, is reported and not
 //! used), a pack deleted meanwhile is stored again, and prune collects the packs of a run
-//! nobody resumes. Local folder and SeaweedFS (S3) alike.
+//! nobody resumes. Local folder, SeaweedFS (S3) and Azurite (Azure Blob) alike.
 //!
 //! The backups run with `--zstd-level 19 --threads 1` over an image whose first 96 MiB are
 //! random (three 32 MiB packs, stored fast) and whose last 24 MiB are text (slow at level 19),
@@ -221,11 +221,20 @@ fn prune_collects_the_packs_of_a_run_nobody_resumes() {
     bv.verify_ok();
 }
 
-fn cloud_bv(server: &Server) -> Bv {
-    let mut bv = Bv::new();
-    bv.vault = PathBuf::from(server.fresh_url());
-    bv.env = server.env.clone();
-    bv
+/// A backup into `server` SIGKILLed after two packs are durable is resumed by the same
+/// command: only the rest is uploaded, the checkpoint goes, the snapshot restores exactly.
+fn a_killed_backup_into_an_object_store_is_resumed(server: &Server, seed: u64) {
+    let bv = server.bv();
+    bv.run(&["init"]).ok();
+    let store = CloudStore::open(&bv.vault.to_string_lossy(), &server.config()).unwrap();
+    let segments = || store.list("checkpoints").unwrap();
+    let (img, data) = image(&bv, seed);
+    let args = slow_backup(&img, "d");
+    let (child, _) = bv.spawn(&args);
+    kill_after_segments(child, &segments, 2);
+    let doc = bv.json(&args);
+    assert_resumed(&bv, &doc, 2, &data, "d");
+    assert_eq!(segments(), Vec::<String>::new(), "checkpoint left");
 }
 
 #[test]
@@ -233,17 +242,15 @@ fn a_killed_backup_into_seaweedfs_is_resumed() {
     let Some(server) = servers::seaweed("a_killed_backup_into_seaweedfs_is_resumed") else {
         return;
     };
-    let bv = cloud_bv(server);
-    bv.run(&["init"]).ok();
-    let store = CloudStore::open(&bv.vault.to_string_lossy(), &server.config()).unwrap();
-    let segments = || store.list("checkpoints").unwrap();
-    let (img, data) = image(&bv, 7);
-    let args = slow_backup(&img, "d");
-    let (child, _) = bv.spawn(&args);
-    kill_after_segments(child, &segments, 2);
-    let doc = bv.json(&args);
-    assert_resumed(&bv, &doc, 2, &data, "d");
-    assert_eq!(segments(), Vec::<String>::new(), "checkpoint left");
+    a_killed_backup_into_an_object_store_is_resumed(server, 7);
+}
+
+#[test]
+fn a_killed_backup_into_azurite_is_resumed() {
+    let Some(server) = servers::azurite("a_killed_backup_into_azurite_is_resumed") else {
+        return;
+    };
+    a_killed_backup_into_an_object_store_is_resumed(server, 9);
 }
 
 /// The object server is SIGKILLed under a running backup after two packs are durable: the
@@ -255,7 +262,7 @@ fn a_backup_whose_store_is_killed_and_restarted_is_resumed() {
     let Some(mut own) = servers::own_seaweed(test) else {
         return;
     };
-    let bv = cloud_bv(&own.server);
+    let bv = own.server.bv();
     bv.run(&["init"]).ok();
     let store = CloudStore::open(&bv.vault.to_string_lossy(), &own.server.config()).unwrap();
     let (img, data) = image(&bv, 8);

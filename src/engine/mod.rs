@@ -197,17 +197,9 @@ struct Job {
 impl Job {
     fn prepare(vault: &Vault, opts: &BackupOptions) -> Result<Job> {
         let lease = crate::retention::lease::BackupLease::start(vault.raw_store())?;
-        let (disk, new_disk) = {
-            // Registering a disk takes moments: wait for another registration on this host
-            // rather than fail (across hosts the head's compare-and-swap refuses a duplicate).
-            let _lock = vault.store().lock("new-disk", Duration::from_secs(60))?;
-            // Read the head anew: the registration waited for may have listed the disk.
-            vault.head()?;
-            match vault.find_disk(&opts.disk)? {
-                Some(d) => (d, false),
-                None => (vault.create_disk(&opts.disk)?, true),
-            }
-        };
+        // Optimistic, with no lock: any number of hosts register disks at once, and two
+        // registering one name end with one disk (vault::disks, docs/FORMAT.md §1.2).
+        let (disk, new_disk) = vault.register_disk(&opts.disk)?;
         let lock = vault
             .store()
             .lock(&disk.id_hex(), Duration::ZERO)

@@ -4,11 +4,12 @@
 //! digests, the current and identity generations); its name is sealed in its key records, so
 //! finding a disk by name unwraps every disk's keys.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::frame::Binding;
 use super::head::{self, DiskEntry, GenerationEntry, Head};
+use super::heads::Swap;
 use super::keyrecord::{self, KeyRecord};
 use super::Vault;
 use crate::crypto::secret::random_bytes;
@@ -273,33 +274,63 @@ impl Vault {
         Ok((entry, dek))
     }
 
-    /// Register a new disk: fresh DEK, key record generation 0, listed in the head. Names are
-    /// 1 to 200 bytes of printable text. A disk of the same name registered meanwhile (by
-    /// another host: the head lists it when this one tries to commit) is refused rather than
-    /// duplicated.
-    pub fn create_disk(&self, name: &str) -> Result<Disk> {
+    /// The disk called `name`, registered first if the head (read now) lists none: fresh DEK,
+    /// key record generation 0, listed in the head by compare-and-swap. Returns the disk and
+    /// whether this call registered it. Names are 1 to 200 bytes of printable text.
+    ///
+    /// No lock is taken, so any number of hosts register disks at once: a lost swap reads the
+    /// head again and re-applies, with jittered backoff, up to 64 times. If the head then lists a disk
+    /// of the same name (another process registered it meanwhile), that disk is used and this
+    /// call's key record is deleted: it lies under a disk id no head lists, so nothing would
+    /// ever read it anyway (docs/FORMAT.md §1.2, "Registering a disk").
+    pub fn register_disk(&self, name: &str) -> Result<(Disk, bool)> {
         check_name(name)?;
-        let checked: std::collections::BTreeSet<[u8; 16]> =
-            self.cached_head().disks.keys().copied().collect();
+        self.head()?;
+        if let Some(disk) = self.find_disk(name)? {
+            return Ok((disk, false));
+        }
+        // Disks whose names were read and differ from `name`: each is loaded once, however
+        // many races are lost.
+        let mut others: BTreeSet<[u8; 16]> = self.cached_head().disks.keys().copied().collect();
         let disk_id = random_bytes::<16>()?;
         let (entry, _) = self.write_generation(disk_id, 0, name, &self.keyring)?;
         let wraps = self.keyring.wrapping_ids()?;
-        let (head, ()) = self.update_head(|h| {
-            self.check_wrapping(h, &wraps)?;
-            for id in h.disks.keys().filter(|id| !checked.contains(*id)) {
-                if self.load_disk_in(h, *id)?.name == name {
-                    return Err(Error::new(
-                        ErrorKind::Conflict,
-                        format!("disk {name} was registered by another process meanwhile: run the command again"),
-                    ));
+        let (head, listed) = self
+            .update_head_unless(|h| {
+                // A swap of ours that landed although its answer was lost.
+                if h.disks.contains_key(&disk_id) {
+                    return Ok(Swap::Keep(disk_id));
                 }
+                let unread: Vec<[u8; 16]> = h
+                    .disks
+                    .keys()
+                    .filter(|id| !others.contains(*id))
+                    .copied()
+                    .collect();
+                for id in unread {
+                    if self.load_disk_in(h, id)?.name == name {
+                        return Ok(Swap::Keep(id));
+                    }
+                    others.insert(id);
+                }
+                self.check_wrapping(h, &wraps)?;
+                let mut d = DiskEntry::default();
+                d.generations.insert(0, entry);
+                h.disks.insert(disk_id, d);
+                Ok(Swap::Write(disk_id))
+            })
+            .map_err(|e| e.within(format!("registering disk {name}")))?;
+        if listed != disk_id {
+            // The head that named the other disk did not list ours; nothing is swapped after
+            // it was read, and every swap tried before was conditional on an older head's tag,
+            // so none can land now.
+            let key = keyrecord::object_key(&disk_id, 0, entry.rev);
+            tracing::debug!(disk = name, other = %hex::encode(listed), "registered meanwhile by another process: using that disk");
+            if let Err(e) = self.store.delete(&key) {
+                tracing::warn!(object = %key, error = %e, "cannot delete the key record of a registration that lost a race (no head lists it: harmless)");
             }
-            let mut d = DiskEntry::default();
-            d.generations.insert(0, entry);
-            h.disks.insert(disk_id, d);
-            Ok(())
-        })?;
-        self.load_disk_in(&head, disk_id)
+        }
+        Ok((self.load_disk_in(&head, listed)?, listed == disk_id))
     }
 
     /// Refuse to list a record wrapped by `wraps` in head `h` unless those are the KEKs the

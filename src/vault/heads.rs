@@ -185,12 +185,36 @@ impl Vault {
         &self,
         mut change: impl FnMut(&mut Head) -> Result<T>,
     ) -> Result<(Head, T)> {
+        self.update_head_unless(|h| change(h).map(Swap::Write))
+    }
+
+    /// [`Vault::update_head`] where `change` may find, in the newest head, that nothing is to
+    /// be written ([`Swap::Keep`]: another writer already made the change this one wanted);
+    /// then the head as read is returned and no swap is made.
+    ///
+    /// A lost race is followed by a sleep drawn uniformly from half to all of a backoff that
+    /// doubles from 5 ms to 500 ms: many hosts that lost to the same winner spread out instead
+    /// of colliding again in step. After [`CAS_ATTEMPTS`] lost races in a row it fails
+    /// (`Conflict`), naming the vault.
+    pub(crate) fn update_head_unless<T>(
+        &self,
+        mut change: impl FnMut(&mut Head) -> Result<Swap<T>>,
+    ) -> Result<(Head, T)> {
         let mut backoff = Duration::from_millis(5);
         for _ in 0..CAS_ATTEMPTS {
             let read = self.read_head()?;
             self.check_layer(&read.head)?;
             let mut next = read.head.clone();
-            let out = change(&mut next)?;
+            let out = match change(&mut next)? {
+                Swap::Write(out) => out,
+                Swap::Keep(out) => {
+                    *self
+                        .head
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = read.head.clone();
+                    return Ok((read.head, out));
+                }
+            };
             next.epoch = read.head.epoch + 1;
             next.written = crate::util::now_unix();
             let bytes = next.encode(self.keys.auth(next.auth_version)?);
@@ -212,9 +236,10 @@ impl Vault {
                     return Ok((written.head, out));
                 }
                 Err(e) if e.kind() == ErrorKind::Conflict => {
-                    // Another writer won: back off a little (jittered), read again, re-apply.
-                    let jitter = u64::from(crate::crypto::secret::random_bytes::<1>()?[0]);
-                    std::thread::sleep(backoff + Duration::from_micros(jitter * 40));
+                    // Another writer won: back off (jittered), read again, re-apply.
+                    let draw = u16::from_le_bytes(crate::crypto::secret::random_bytes::<2>()?);
+                    let half = backoff / 2;
+                    std::thread::sleep(half + half.mul_f64(f64::from(draw) / f64::from(u16::MAX)));
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
                 Err(e) => return Err(e),
@@ -228,6 +253,14 @@ impl Vault {
             ),
         ))
     }
+}
+
+/// What a change given to [`Vault::update_head_unless`] decided.
+pub(crate) enum Swap<T> {
+    /// Write the changed head.
+    Write(T),
+    /// Write nothing: the head as read already says what the caller wanted.
+    Keep(T),
 }
 
 #[cfg(test)]

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use blockvault::vault::store::cloud::{CloudConfig, CloudStore};
 
-use super::skip;
 use super::tools::run_tool;
+use super::{skip, Bv};
 
 /// A SeaweedFS bucket anonymous requests may read and write (for a proxy that changes requests,
 /// which a signature would forbid); an admin creates it with a first signed write.
@@ -68,6 +68,15 @@ impl Server {
     /// A URL under a prefix no other test uses.
     pub fn fresh_url(&self) -> String {
         self.url(&format!("t-{}", hex::encode(rand_bytes())))
+    }
+
+    /// A [`Bv`] whose vault is a fresh prefix on this server, with the server's settings in
+    /// its environment (and nothing else of the caller's `AWS_*`/`AZURE_*`).
+    pub fn bv(&self) -> Bv {
+        let mut bv = Bv::new();
+        bv.vault = PathBuf::from(self.fresh_url());
+        bv.env = self.env.clone();
+        bv
     }
 
     /// The settings as the library takes them.
