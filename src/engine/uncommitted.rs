@@ -220,17 +220,19 @@ fn vault_full(e: &Error) -> bool {
 }
 
 /// Run `store.put` of pack `id` under `log`'s record, then of its checkpoint segment
-/// (`segment`: key and bytes), so that the segment exists only for a durable pack.
+/// (`segment`: key and bytes), so that the segment exists only for a durable pack. The pack's
+/// buffer comes back for the next pack ([`Store::put_owned`]).
 pub fn put_logged(
     store: &dyn Store,
     log: &PackLog,
     id: PackId,
-    bytes: &[u8],
+    bytes: Vec<u8>,
     segment: (&str, &[u8]),
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     log.begin(id, segment.0);
-    store.put(&id.object_key(), bytes)?;
+    let size = bytes.len() as u64;
+    let bytes = store.put_owned(&id.object_key(), bytes)?;
     store.put(segment.0, segment.1)?;
-    log.stored(id, bytes.len() as u64);
-    Ok(())
+    log.stored(id, size);
+    Ok(bytes)
 }

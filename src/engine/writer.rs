@@ -1,11 +1,24 @@
 //! The single writer of a backup: takes worker outcomes in any order, appends new frames to
-//! the current pack, hands full packs to an uploader thread, and builds the new snapshot's
+//! the current pack, hands full packs to its uploader threads, and builds the new snapshot's
 //! slot, extent and pack tables. Only the writer touches these tables, so they need no lock.
+//!
+//! ```text
+//! writer: fill pack ─► seal ─► rendezvous ─┬─► uploader 1: put pack, then its segment
+//!                                          ├─► uploader 2: …
+//!                                          └─► uploader N (N = Store::puts_in_flight)
+//!         ◄── the N + 1 pack buffers, reused ──────────────┘
+//! ```
+//! Memory: N packs uploading plus the one filling (the channel holds none: a sealed pack
+//! waits in the writer until an uploader is free), in N + 1 buffers made once. Each uploader writes its pack's checkpoint
+//! segment after the pack, so with several in flight a segment still names only durable
+//! packs, whatever order they finish in ([`super::uncommitted`]).
 
 use std::collections::HashMap;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::known::Known;
 use super::overlay::{Overlaid, Piece};
@@ -45,9 +58,7 @@ pub struct Writer<'a> {
     extent_index: HashMap<ExtentId, u32>,
     pack_index: HashMap<PackId, u32>,
     current: Option<(PackWriter, u32)>,
-    uploads: Option<SyncSender<Upload>>,
-    spare_packs: Receiver<Vec<u8>>,
-    uploader: Option<JoinHandle<Result<()>>>,
+    uploaders: Uploaders,
     /// Bytes of frames new to the snapshot (not in the parent): uploaded or resumed.
     pub bytes_stored: u64,
     /// Bytes of frames this run sealed and uploaded itself.
@@ -66,26 +77,7 @@ impl<'a> Writer<'a> {
         known: &'a Known,
         run: Checkpoint,
     ) -> Result<Self> {
-        // One pack may be uploading while the next fills: packs overlap with sealing, and
-        // memory stays at two packs.
-        let (tx, rx) = sync_channel::<Upload>(0);
-        // Stored packs' buffers come back for reuse: no 32 MiB allocation per pack.
-        let (spare_tx, spare_packs) = sync_channel::<Vec<u8>>(1);
-        let (store, log) = (packs.store(), packs.log());
-        let uploader = std::thread::Builder::new()
-            .name("bv-upload".into())
-            .spawn(move || -> Result<()> {
-                for (id, bytes, segment_key, segment) in rx {
-                    // A stop asked for by a signal: no new pack (one being written finishes,
-                    // with its checkpoint segment).
-                    crate::interrupt::check()?;
-                    put_logged(&*store, &log, id, &bytes, (&segment_key, &segment))?;
-                    tracing::debug!(pack = %id, bytes = bytes.len(), "uploader: pack stored");
-                    let _ = spare_tx.try_send(bytes);
-                }
-                Ok(())
-            })
-            .map_err(|e| Error::io("starting the pack uploader thread", e))?;
+        let uploaders = Uploaders::start(packs)?;
         Ok(Writer {
             binding,
             keys,
@@ -101,9 +93,7 @@ impl<'a> Writer<'a> {
             extent_index: HashMap::new(),
             pack_index: HashMap::new(),
             current: None,
-            uploads: Some(tx),
-            spare_packs,
-            uploader: Some(uploader),
+            uploaders,
             bytes_stored: 0,
             bytes_uploaded: 0,
         })
@@ -216,7 +206,7 @@ impl<'a> Writer<'a> {
             // Reserve the pack's table entry now; its id is known only when it is finished.
             self.tables.packs.push((PackId([0; 32]), 0));
             let idx = (self.tables.packs.len() - 1) as u32;
-            let buf = self.spare_packs.try_recv().unwrap_or_default();
+            let buf = self.uploaders.spare.try_recv().unwrap_or_default();
             self.current = Some((
                 PackWriter::new(&self.binding.disk_id, self.generation, buf),
                 idx,
@@ -258,32 +248,14 @@ impl<'a> Writer<'a> {
         }
         .seal(&self.binding, &self.keys)?;
         let segment_key = checkpoint::object_key(&self.binding.disk_id, &id);
-        tracing::debug!(pack = %id, bytes = bytes.len(), "writer: pack sealed, handed to the uploader");
-        let tx = self.uploads.as_ref().expect("uploads open until finish");
-        if tx.send((id, bytes, segment_key, segment)).is_err() {
-            // The uploader stopped: its error is the one to report.
-            return Err(self
-                .join_uploader()
-                .err()
-                .unwrap_or_else(|| Error::new(ErrorKind::Io, "pack uploader stopped")));
-        }
-        Ok(())
-    }
-
-    fn join_uploader(&mut self) -> Result<()> {
-        self.uploads.take();
-        match self.uploader.take() {
-            Some(h) => h
-                .join()
-                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "pack uploader panicked"))),
-            None => Ok(()),
-        }
+        tracing::debug!(pack = %id, bytes = bytes.len(), "writer: pack sealed, handed to an uploader");
+        self.uploaders.send((id, bytes, segment_key, segment))
     }
 
     /// Write the last pack and wait until every pack is durable; returns the tables.
     pub fn finish(mut self) -> Result<Tables> {
         self.flush()?;
-        self.join_uploader()?;
+        self.uploaders.join()?;
         tracing::debug!(
             packs = self.tables.packs.len(),
             extents = self.tables.extents.len(),
@@ -303,7 +275,118 @@ impl<'a> Writer<'a> {
 
 impl Drop for Writer<'_> {
     fn drop(&mut self) {
-        // On an error path, let the uploader finish what it has so no thread outlives the job.
-        let _ = self.join_uploader();
+        // On an error path, let the uploaders finish what they have so no thread outlives
+        // the job.
+        let _ = self.uploaders.join();
+    }
+}
+
+/// The uploader threads and the channels to and from them.
+struct Uploaders {
+    /// Sealed packs to store; `None` once closed.
+    packs: Option<Sender<Upload>>,
+    /// Buffers of stored packs, back for reuse.
+    spare: Receiver<Vec<u8>>,
+    threads: Vec<JoinHandle<Result<()>>>,
+    /// Set by an uploader that failed: the others take no new pack, and the writer stops
+    /// handing them out and reports that uploader's error.
+    failed: Arc<AtomicBool>,
+}
+
+impl Uploaders {
+    /// As many uploaders as the store of `packs` keeps writes in flight
+    /// ([`Store::puts_in_flight`](crate::vault::store::Store::puts_in_flight)).
+    fn start(packs: &UncommittedPacks) -> Result<Self> {
+        let (store, log) = (packs.store(), packs.log());
+        let n = store.puts_in_flight().max(1);
+        // A rendezvous: a sealed pack waits in the writer (which then fills nothing) until an
+        // uploader takes it, so at most n + 1 packs are in memory.
+        let (tx, rx) = bounded::<Upload>(0);
+        // The n + 1 pack buffers, made up front and passed around: the writer takes one for
+        // each pack and an uploader gives it back once stored, so a buffer an upload frees
+        // while the writer fills never adds to them (one per pack was 32 MiB of page faults;
+        // spares kept beside the n + 1 grew RSS by a pack each).
+        let (spare_tx, spare) = bounded::<Vec<u8>>(n + 1);
+        for _ in 0..=n {
+            let _ = spare_tx.try_send(Vec::new());
+        }
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let (store, log, rx, spare_tx, failed) = (
+                store.clone(),
+                log.clone(),
+                rx.clone(),
+                spare_tx.clone(),
+                failed.clone(),
+            );
+            let upload = move || -> Result<()> {
+                for (id, bytes, segment_key, segment) in rx {
+                    if failed.load(Ordering::Acquire) {
+                        // Another uploader failed: its error is the one reported.
+                        return Ok(());
+                    }
+                    // A stop asked for by a signal: no new pack (those being written finish,
+                    // with their checkpoint segments).
+                    let stored = crate::interrupt::check().and_then(|()| {
+                        put_logged(&*store, &log, id, bytes, (&segment_key, &segment))
+                    });
+                    match stored {
+                        Ok(bytes) => {
+                            tracing::debug!(pack = %id, bytes = bytes.len(), "uploader: pack stored");
+                            let _ = spare_tx.try_send(bytes);
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::Release);
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(())
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("bv-upload-{i}"))
+                .spawn(upload)
+                .map_err(|e| Error::io("starting the pack uploader threads", e))?;
+            threads.push(thread);
+        }
+        tracing::debug!(uploaders = n, "writer: pack uploaders started");
+        Ok(Uploaders {
+            packs: Some(tx),
+            spare,
+            threads,
+            failed,
+        })
+    }
+
+    /// Hand a sealed pack to the first free uploader, waiting for one.
+    fn send(&mut self, upload: Upload) -> Result<()> {
+        let sent = match &self.packs {
+            Some(tx) if !self.failed.load(Ordering::Acquire) => tx.send(upload).is_ok(),
+            _ => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // An uploader stopped: its error is the one to report.
+        Err(self
+            .join()
+            .err()
+            .unwrap_or_else(|| Error::new(ErrorKind::Io, "pack uploaders stopped")))
+    }
+
+    /// Close the channel and wait for every uploader: the first error, if any.
+    fn join(&mut self) -> Result<()> {
+        self.packs.take();
+        let mut first = Ok(());
+        for h in self.threads.drain(..) {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "pack uploader panicked")));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! A snapshot is a table of fixed slots ([`Manifest::slots`]); byte `o` lives in slot
 //! `o / slot_size`. A read locates its slots, fetches each slot's frames with one ranged read
-//! per frame through the vault's `Store`, authenticates, decompresses and lays overlays over
+//! per frame through the vault's `Store` (a restore fetches neighbouring frames together:
+//! [`spans`]), authenticates, decompresses and lays overlays over
 //! the base ([`slot`]), and copies the asked-for part out:
 //!
 //! ```text
@@ -30,6 +31,7 @@
 
 pub mod extents;
 pub mod slot;
+pub mod spans;
 
 use std::collections::HashSet;
 use std::num::NonZeroUsize;

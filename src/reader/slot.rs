@@ -11,6 +11,7 @@
 
 use std::ops::Range;
 
+use super::spans::Span;
 use crate::error::{Error, ErrorKind, Result};
 use crate::vault::frame;
 use crate::vault::manifest::{Manifest, Overlay, Slot, CONTENT_UNHASHED, ZERO};
@@ -31,21 +32,24 @@ pub struct Damage {
     pub error: String,
 }
 
-/// Read and open extent `e` of `m` into `out`, which is as long as the manifest says its
-/// plaintext is.
+/// Read (from `span` when it holds it) and open extent `e` of `m` into `out`, which is as
+/// long as the manifest says its plaintext is.
 fn fetch_extent_into(
     vault: &Vault,
     disk: &Disk,
     m: &Manifest,
     e: u32,
+    span: Option<&Span>,
     out: &mut [u8],
 ) -> Result<()> {
     let loc = &m.extents[e as usize];
     let (pack, _) = m.packs[loc.pack as usize];
     let key = pack.object_key();
-    let raw = vault
-        .store()
-        .get_range(&key, loc.offset as u64, loc.len as usize)?;
+    let (offset, len) = (u64::from(loc.offset), loc.len as usize);
+    let raw = match span.and_then(|s| s.frame(&pack, offset, len)) {
+        Some(bytes) => bytes.to_vec(),
+        None => vault.store().get_range(&key, offset, len)?,
+    };
     let what = || format!("extent {} in {key} at offset {}", loc.id, loc.offset);
     frame::Expect {
         binding: &disk.binding,
@@ -75,19 +79,21 @@ pub fn read_slot(
         return Ok(None);
     }
     let mut buf = vec![0u8; m.slot_len(i as u64) as usize];
-    read_slot_into(vault, disk, m, i, damaged, &mut buf)?;
+    read_slot_into(vault, disk, m, i, damaged, None, &mut buf)?;
     Ok(Some(buf))
 }
 
 /// As [`read_slot`], decoded into `out` (exactly the slot's length, any content): `false`
 /// for a zero slot, `out` then untouched. What a restore uses, `out` being one of its
-/// aligned write buffers, so nothing is copied between decompression and the write.
+/// aligned write buffers, so nothing is copied between decompression and the write; frames
+/// `span` holds are taken from it instead of read ([`super::spans`]).
 pub fn read_slot_into(
     vault: &Vault,
     disk: &Disk,
     m: &Manifest,
     i: usize,
     damaged: Option<&mut Vec<Damage>>,
+    span: Option<&Span>,
     out: &mut [u8],
 ) -> Result<bool> {
     let len = m.slot_len(i as u64) as usize;
@@ -104,6 +110,7 @@ pub fn read_slot_into(
         i,
         len,
         damaged,
+        span,
         found: false,
     };
     match &m.slots[i] {
@@ -127,6 +134,8 @@ struct SlotReader<'a> {
     i: usize,
     len: usize,
     damaged: Option<&'a mut Vec<Damage>>,
+    /// Bytes fetched ahead that may hold this slot's frames.
+    span: Option<&'a Span>,
     /// A piece of this slot was damaged (best effort only).
     found: bool,
 }
@@ -143,8 +152,9 @@ impl SlotReader<'_> {
         check: impl FnOnce(usize) -> Result<()>,
     ) -> Result<usize> {
         let n = self.m.extents[e as usize].plain_len as usize;
-        let got = check(n)
-            .and_then(|()| fetch_extent_into(self.vault, self.disk, self.m, e, &mut out[..n]));
+        let got = check(n).and_then(|()| {
+            fetch_extent_into(self.vault, self.disk, self.m, e, self.span, &mut out[..n])
+        });
         match got {
             Ok(()) => Ok(n),
             Err(err) => {

@@ -10,10 +10,12 @@
 //! `skip_damaged` writes a piece that fails its checks as zeros, lists it, and goes on.
 //!
 //! ```text
-//!  digest check ─► target::open (probe, refuse) ─► rayon: per slot ─► interrupt::check
+//!  digest check ─► target::open (probe, refuse) ─► rayon: per batch of neighbouring slots
+//!                                                     │  (reader::spans): one ranged read
+//!                                                     │  of their frames, then per slot
 //!                                                     │  aligned buffer from a BufferPool
-//!                                                     │  reader::read_slot_into (fetch,
-//!                                                     │    check, decompress into it)
+//!                                                     │  reader::read_slot_into (take from
+//!                                                     │    the span, check, decompress)
 //!                                                     └► Target::write / zero (O_DIRECT
 //!                                                        straight from that buffer)
 //!  ─► Target::finish (qcow2 metadata, fsync / NBD flush)      on error: Target::abandon
@@ -39,7 +41,7 @@ use crate::vault::{Disk, Vault};
 
 use crate::io::BufferPool;
 pub use crate::reader::Damage;
-use crate::reader::{read_slot_into, slot_frames};
+use crate::reader::{read_slot_into, slot_frames, spans};
 use target::{Format, Target, TargetKind, TargetOptions, DIRECT_ALIGN};
 
 /// What a restore did.
@@ -227,43 +229,59 @@ fn write_all(
         m.slot_size as usize,
         DIRECT_ALIGN,
     );
-    slots.into_par_iter().try_for_each(|i| -> Result<()> {
-        crate::interrupt::check()?;
-        let (from, to, at) = part(i);
-        let mut found = Vec::new();
-        let mut buf = pool.get();
-        buf.set_len(m.slot_len(i as u64) as usize);
-        let stored = read_slot_into(
-            vault,
-            disk,
-            m,
-            i,
-            skip_damaged.then_some(&mut found),
-            &mut buf,
-        )?;
-        let found: Vec<Damage> = found.into_iter().filter_map(|d| clip(d, range)).collect();
-        if stored {
-            target.write(at, &buf[from..to])?;
-            let lost: u64 = found.iter().map(|d| d.length).sum();
-            written.fetch_add((to - from) as u64 - lost, Ordering::Relaxed);
-        } else {
-            zero.fetch_add(1, Ordering::Relaxed);
-            target.zero(at, (to - from) as u64)?;
-        }
-        drop(buf);
-        if !found.is_empty() {
-            damaged
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(found);
-        }
-        let f: u64 = slot_frames(m, i)
-            .map(|e| m.extents[e as usize].len as u64)
-            .sum();
-        fetched.fetch_add(f, Ordering::Relaxed);
-        progress.advance(work(i));
-        Ok(())
-    })?;
+    // Neighbouring slots whose frames lie together in a pack are fetched with one ranged
+    // read per batch (object storage: a request per frame is what a restore waits on); the
+    // batches run in parallel, so their fetches overlap.
+    let batches = spans::batches(m, slots);
+    tracing::debug!(
+        batches = batches.len(),
+        spans = batches.iter().filter(|b| b.read.is_some()).count(),
+        "restore: slots grouped into ranged reads"
+    );
+    batches
+        .into_par_iter()
+        .try_for_each(|batch| -> Result<()> {
+            crate::interrupt::check()?;
+            let span = batch.fetch(vault);
+            for i in batch.slots {
+                crate::interrupt::check()?;
+                let (from, to, at) = part(i);
+                let mut found = Vec::new();
+                let mut buf = pool.get();
+                buf.set_len(m.slot_len(i as u64) as usize);
+                let stored = read_slot_into(
+                    vault,
+                    disk,
+                    m,
+                    i,
+                    skip_damaged.then_some(&mut found),
+                    span.as_ref(),
+                    &mut buf,
+                )?;
+                let found: Vec<Damage> = found.into_iter().filter_map(|d| clip(d, range)).collect();
+                if stored {
+                    target.write(at, &buf[from..to])?;
+                    let lost: u64 = found.iter().map(|d| d.length).sum();
+                    written.fetch_add((to - from) as u64 - lost, Ordering::Relaxed);
+                } else {
+                    zero.fetch_add(1, Ordering::Relaxed);
+                    target.zero(at, (to - from) as u64)?;
+                }
+                drop(buf);
+                if !found.is_empty() {
+                    damaged
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(found);
+                }
+                let f: u64 = slot_frames(m, i)
+                    .map(|e| m.extents[e as usize].len as u64)
+                    .sum();
+                fetched.fetch_add(f, Ordering::Relaxed);
+                progress.advance(work(i));
+            }
+            Ok(())
+        })?;
     let mut damaged = damaged.into_inner().unwrap_or_else(|e| e.into_inner());
     damaged.sort_by_key(|d| d.offset);
     Ok(RestoreReport {

@@ -65,6 +65,19 @@ pub use url::VaultUrl;
 pub trait Store: Send + Sync {
     /// Write a whole object.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
+    /// Write a whole object from a buffer the caller gives up, and return the buffer for
+    /// reuse (its content unspecified). As `put`; for packs: a backend whose client must own
+    /// what it sends (object storage) takes the buffer instead of copying 32 MiB.
+    fn put_owned(&self, key: &str, data: Vec<u8>) -> Result<Vec<u8>> {
+        self.put(key, &data).map(|()| data)
+    }
+    /// How many pack writes a backup keeps in flight at once: object storage gains from
+    /// overlapping requests that wait on the network; a local folder's writes are bound by
+    /// the same CPU and disk, and one overlapping the next pack's filling is enough.
+    /// Each costs a pack buffer ([`TARGET_SIZE`](crate::vault::pack::TARGET_SIZE)) of memory.
+    fn puts_in_flight(&self) -> usize {
+        1
+    }
     /// Write a whole object that must not exist yet: fails with
     /// [`ErrorKind::AlreadyExists`](crate::error::ErrorKind::AlreadyExists) (and changes nothing) if it does. For objects that two
     /// writers could race to create (the config, key records).

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use futures_util::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
@@ -41,6 +42,9 @@ use errors::Op;
 /// How often a create that met S3's 409 (a concurrent conditional request, nothing stored)
 /// is tried again before it fails.
 const CREATE_TRIES: u32 = 5;
+
+/// Pack uploads a backup keeps in flight (`Store::puts_in_flight`).
+const PUTS_IN_FLIGHT: usize = 3;
 
 /// Requests made, by kind, for the debug log when the store is dropped.
 #[derive(Default)]
@@ -120,10 +124,15 @@ impl CloudStore {
     }
 
     fn put_mode(&self, key: &str, data: &[u8], mode: PutMode) -> Result<Tag> {
+        self.put_payload(key, Bytes::copy_from_slice(data), mode)
+    }
+
+    /// PUT `data` (shared with the request, not copied) under `key`.
+    fn put_payload(&self, key: &str, data: Bytes, mode: PutMode) -> Result<Tag> {
         let path = self.path(key)?;
         let replace = matches!(mode, PutMode::Update(_));
         count(&self.0.requests.put);
-        let payload = PutPayload::from(data.to_vec());
+        let payload = PutPayload::from(data);
         let result = block_on(
             self.0
                 .client
@@ -182,6 +191,18 @@ impl CloudStore {
 impl Store for CloudStore {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         self.put_mode(key, data, PutMode::Overwrite).map(|_| ())
+    }
+
+    fn put_owned(&self, key: &str, data: Vec<u8>) -> Result<Vec<u8>> {
+        let shared = Bytes::from(data);
+        self.put_payload(key, shared.clone(), PutMode::Overwrite)?;
+        // The request is done with it: the buffer is ours again unless the client kept a
+        // reference (then the next pack allocates its own).
+        Ok(shared.try_into_mut().map(Vec::from).unwrap_or_default())
+    }
+
+    fn puts_in_flight(&self) -> usize {
+        PUTS_IN_FLIGHT
     }
 
     fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
