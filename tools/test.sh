@@ -102,9 +102,10 @@ step() {
     fi
 }
 
-# Release: the integration tests drive the real binary over tens of MiB, and the crash test
-# measures how long a backup takes; an optimised build keeps the suite fast on 2 cores.
-step cargo test --release --all-targets --no-fail-fast "$@"
+# Optimised (profile test-release in Cargo.toml: release without LTO or debug info): the
+# integration tests drive the real binary over tens of MiB, and the crash test measures how
+# long a backup takes; an optimised build keeps the suite fast on 2 cores.
+step cargo test --profile test-release --all-targets --no-fail-fast "$@"
 if (($# == 0)); then
     step cargo clippy --all-targets -- -D warnings
     step cargo fmt --check
