@@ -45,12 +45,7 @@ pub fn read_full(s: &mut Stream, buf: &mut [u8], deadline: Option<Instant>) -> R
                 )))
             }
             Ok(n) => got += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if is_poll_timeout(&e) => {
                 if crate::interrupt::requested().is_some() {
                     return Err(Stop::Signal);
                 }
@@ -76,12 +71,7 @@ pub fn write_full(s: &mut Stream, buf: &[u8]) -> Result<(), Stop> {
         match s.write(&buf[sent..]) {
             Ok(0) => return Err(Stop::Failed(io::ErrorKind::WriteZero.into())),
             Ok(n) => sent += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if is_poll_timeout(&e) => {
                 if crate::interrupt::requested().is_some() {
                     return Err(Stop::Signal);
                 }
@@ -91,4 +81,13 @@ pub fn write_full(s: &mut Stream, buf: &[u8]) -> Result<(), Stop> {
         }
     }
     Ok(())
+}
+
+/// Whether `e` is the socket's [`POLL`] timeout running out: the moment to look at the stop
+/// flag, not a failure.
+fn is_poll_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
