@@ -6,8 +6,8 @@
 //! - a slot with no changed byte is carried over from the parent, unread;
 //! - a slot changed in a few places has just those ranges read (rounded out to 4 KiB), each
 //!   becoming an overlay on the parent's slot;
-//! - a slot changed over half its length, whose overlays would exceed
-//!   [`MAX_OVERLAYS`], or that the parent does not have at the same length (the disk grew or
+//! - a slot whose overlays, the parent's included, would cover over half its length or
+//!   exceed [`MAX_OVERLAYS`], or that the parent does not have at the same length (the disk grew or
 //!   shrank) is read whole, as without a change list.
 
 use std::collections::HashMap;
@@ -94,11 +94,19 @@ impl Plan {
                 continue;
             }
             let changed: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-            let parent_overlays = match &parent.slots[slot as usize] {
-                Slot::Overlaid(o) => o.overlays.len(),
-                _ => 0,
+            let (parent_overlays, parent_covered) = match &parent.slots[slot as usize] {
+                Slot::Overlaid(o) => (
+                    o.overlays.len(),
+                    o.overlays.iter().map(|o| u64::from(o.len)).sum(),
+                ),
+                _ => (0, 0),
             };
-            if 2 * changed > len || parent_overlays + ranges.len() > MAX_OVERLAYS {
+            // The hash comparison's rule (engine/overlay.rs): overlays that would cover more
+            // than half the slot, the parent's counted, mean it is stored whole. Counting only
+            // this run's changes let overlays that newer ones shadow pile up to MAX_OVERLAYS,
+            // each keeping a forgotten snapshot's pack alive for prune.
+            if 2 * (changed + parent_covered) > len || parent_overlays + ranges.len() > MAX_OVERLAYS
+            {
                 plan.push_slot(slot, disk_size, ss);
                 continue;
             }
