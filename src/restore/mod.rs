@@ -232,6 +232,11 @@ fn write_all(
     // Neighbouring slots whose frames lie together in a pack are fetched with one ranged
     // read per batch (object storage: a request per frame is what a restore waits on); the
     // batches run in parallel, so their fetches overlap.
+    // Every byte to be written is announced first: a raw file allocates them up front, so
+    // the parallel O_DIRECT writes below do not queue on the filesystem's allocation lock.
+    for run in written_runs(m, slots.clone(), &part) {
+        target.allocate(run.start, run.end - run.start);
+    }
     let batches = spans::batches(m, slots);
     tracing::debug!(
         batches = batches.len(),
@@ -297,6 +302,25 @@ fn write_all(
 }
 
 /// The part of `d` inside the restored `range` of the disk, if any.
+/// Where the stored (non-zero) slots of `slots` go in the target, as runs of consecutive
+/// bytes; `part` maps a slot to its bytes within the slot and its target offset.
+fn written_runs(
+    m: &Manifest,
+    slots: Range<usize>,
+    part: &impl Fn(usize) -> (usize, usize, u64),
+) -> Vec<Range<u64>> {
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    for i in slots.filter(|&i| !matches!(m.slots[i], Slot::Zero)) {
+        let (from, to, at) = part(i);
+        let next = at..at + (to - from) as u64;
+        match runs.last_mut() {
+            Some(last) if last.end == next.start => last.end = next.end,
+            _ => runs.push(next),
+        }
+    }
+    runs
+}
+
 fn clip(mut d: Damage, range: &Range<u64>) -> Option<Damage> {
     let start = d.offset.max(range.start);
     let end = (d.offset + d.length).min(range.end);

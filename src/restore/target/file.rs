@@ -1,12 +1,17 @@
 //! Target files: opening one (refusing to overwrite data without `--force`), removing it
 //! again if the restore that created it fails, and the raw image written into it.
 //!
-//! A raw target is sized to the disk first (`set_len`: a file of holes), then only the
-//! non-zero 4 KiB runs are written, so the restored image is as sparse as the filesystem
-//! allows and zero slots cost nothing.
+//! A raw target is sized to the disk first (`set_len`: a file of holes), the stored slots'
+//! bytes are allocated up front (so the parallel direct writes run in parallel in the
+//! filesystem too: [`DirectWriter::allocate`]), then only the non-zero 4 KiB runs are
+//! written, and the all-zero 4 KiB runs inside written slots are punched back to holes at
+//! the end: the restored image is as sparse as the filesystem allows and zero slots cost
+//! nothing.
 
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use super::direct::DirectWriter;
 use super::sparse::{data_runs, BLOCK};
@@ -78,10 +83,16 @@ pub(super) fn open(path: &Path, force: bool) -> Result<(File, Place)> {
     }
 }
 
+/// Zero runs held before they are punched: 64 Ki of them (1 MiB) at most, so memory stays
+/// bounded however sparse the written slots are.
+const PENDING_HOLES: usize = 1 << 16;
+
 /// A raw image in a regular file.
 pub(super) struct RawFile {
     out: DirectWriter,
     place: Place,
+    /// All-zero runs inside written slots: allocated up front, holes again once punched.
+    holes: Mutex<Vec<Range<u64>>>,
 }
 
 impl RawFile {
@@ -100,7 +111,27 @@ impl RawFile {
         Ok(RawFile {
             out: DirectWriter::new(&place.path, file, &place.name),
             place,
+            holes: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Note that `run` (inside a written slot) is all zeros, punching the notes held once
+    /// there are [`PENDING_HOLES`].
+    fn hole(&self, run: Range<u64>) {
+        let mut holes = self.holes.lock().unwrap_or_else(PoisonError::into_inner);
+        match holes.last_mut() {
+            Some(last) if last.end == run.start => last.end = run.end,
+            _ => holes.push(run),
+        }
+        if holes.len() >= PENDING_HOLES {
+            self.punch(std::mem::take(&mut *holes));
+        }
+    }
+
+    fn punch(&self, holes: Vec<Range<u64>>) {
+        for h in holes {
+            self.out.punch(h.start, h.end - h.start);
+        }
     }
 }
 
@@ -117,10 +148,24 @@ impl Target for RawFile {
         Format::Raw
     }
 
-    /// Only the non-zero 4 KiB runs: the rest is already a hole.
+    /// Only the non-zero 4 KiB runs; the zero runs between them are noted, to be punched.
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        data_runs(data, BLOCK)
-            .try_for_each(|r| self.out.write(&data[r.clone()], offset + r.start as u64))
+        let mut end = 0;
+        for r in data_runs(data, BLOCK) {
+            if r.start > end {
+                self.hole(offset + end as u64..offset + r.start as u64);
+            }
+            end = r.end;
+            self.out.write(&data[r.clone()], offset + r.start as u64)?;
+        }
+        if end < data.len() {
+            self.hole(offset + end as u64..offset + data.len() as u64);
+        }
+        Ok(())
+    }
+
+    fn allocate(&self, offset: u64, len: u64) {
+        self.out.allocate(offset, len);
     }
 
     /// Nothing: the file is holes until written.
@@ -129,6 +174,8 @@ impl Target for RawFile {
     }
 
     fn finish(&self, sync: bool) -> Result<()> {
+        let holes = std::mem::take(&mut *self.holes.lock().unwrap_or_else(PoisonError::into_inner));
+        self.punch(holes);
         self.out.finish(sync)
     }
 

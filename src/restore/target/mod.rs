@@ -86,6 +86,9 @@ pub trait Target: Send + Sync {
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
     /// Make `len` bytes at `offset` read as zeros.
     fn zero(&self, offset: u64, len: u64) -> Result<()>;
+    /// Before any write: `len` bytes at `offset` are about to be written. A raw file
+    /// allocates them (best effort); other targets ignore it.
+    fn allocate(&self, _offset: u64, _len: u64) {}
     /// Complete the target after the last write (a qcow2 image's metadata) and, if `sync`,
     /// make it durable.
     fn finish(&self, sync: bool) -> Result<()>;
