@@ -1,5 +1,11 @@
 //! Small helpers shared across modules.
 
+/// Lock `m` even if a thread panicked while holding it: the structures behind these locks
+/// (caches, queues, counters) stay usable, and the panic is reported where it happened.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Child;
 
 use blockvault::vault::store::cloud::CloudStore;
-use blockvault::vault::store::Store;
+use blockvault::vault::store::{LocalStore, Store};
 use common::servers::{self, Server};
 use common::*;
 
@@ -116,18 +116,8 @@ fn two_first_backups_of_the_same_new_disk_make_one_disk() {
             }
         }
         assert!(ra.code == 0 || rb.code == 0, "{ra:?}\n{rb:?}");
-        // One key record folder per disk name: the race did not register the name twice.
-        // (The loser deletes its record; on a folder vault its emptied folder stays, as
-        // every deleted object's folder does, and holds nothing.)
-        let disks = std::fs::read_dir(bv.vault.join("keys"))
-            .unwrap()
-            .filter(|d| {
-                std::fs::read_dir(d.as_ref().unwrap().path())
-                    .unwrap()
-                    .next()
-                    .is_some()
-            })
-            .count();
+        // One disk with key records per name: the race did not register the name twice.
+        let disks = key_record_disks(&LocalStore::new(&bv.vault)).len();
         assert_eq!(
             disks as u64,
             round + 1,
@@ -173,10 +163,10 @@ fn two_backups_of_the_same_disk_at_the_same_time() {
     bv.restore_and_compare(&format!("d@{}", text(&s0, "short_id")), &base);
 }
 
-/// The disk ids that have key records in the object-store vault of `bv` on `server`: one per
-/// registered disk, so a registration that lost a race left none behind.
-fn key_record_disks(bv: &Bv, server: &Server) -> BTreeSet<String> {
-    let store = CloudStore::open(&bv.vault.to_string_lossy(), &server.config()).unwrap();
+/// The disk ids that have key records in `store`: one per registered disk, so a registration
+/// that lost a race left none behind (on a folder vault its emptied folder stays, as every
+/// deleted object's folder does, and lists nothing).
+fn key_record_disks(store: &dyn Store) -> BTreeSet<String> {
     store
         .list("keys")
         .unwrap()
@@ -188,6 +178,11 @@ fn key_record_disks(bv: &Bv, server: &Server) -> BTreeSet<String> {
                 .to_string()
         })
         .collect()
+}
+
+/// The object store behind `bv`'s vault on `server`.
+fn cloud_store(bv: &Bv, server: &Server) -> CloudStore {
+    CloudStore::open(&bv.vault.to_string_lossy(), &server.config()).unwrap()
 }
 
 #[test]
@@ -218,7 +213,10 @@ fn sixteen_first_backups_of_new_disks_into_seaweedfs_all_succeed() {
         assert_eq!(doc["new_disk"], true, "{doc}");
         bv.restore_and_compare(&format!("{disk}@{}", text(doc, "snapshot")), data);
     }
-    assert_eq!(key_record_disks(&bv, server).len(), disks.len());
+    assert_eq!(
+        key_record_disks(&cloud_store(&bv, server)).len(),
+        disks.len()
+    );
     assert_eq!(bv.snapshots().len(), disks.len());
     bv.verify_ok();
 }
@@ -258,7 +256,7 @@ fn first_backups_racing_for_one_new_name_in_seaweedfs_make_one_disk_and_one_chai
         }
         assert!(!committed.is_empty(), "round {round}: no backup committed");
         assert_eq!(
-            key_record_disks(&bv, server).len() as u64,
+            key_record_disks(&cloud_store(&bv, server)).len() as u64,
             round + 1,
             "disk {disk} registered more than once"
         );

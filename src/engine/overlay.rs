@@ -26,6 +26,15 @@ pub const BLOCK: usize = 4096;
 /// Most overlays a slot carries; more and it is stored whole.
 pub const MAX_OVERLAYS: usize = 64;
 
+/// Whether a slot of `len` bytes is stored whole rather than as overlays that would number
+/// `overlays` and cover `covered` bytes, the parent's counted in both: past [`MAX_OVERLAYS`],
+/// or over half the slot. The rule of the hash comparison here and of change lists
+/// (engine/plan.rs) alike: overlays that newer ones shadow would otherwise pile up, each
+/// keeping a forgotten snapshot's pack alive for prune.
+pub fn store_whole(len: u64, overlays: usize, covered: u64) -> bool {
+    overlays > MAX_OVERLAYS || 2 * covered > len
+}
+
 /// Where a worker reads the parent's content.
 pub struct ParentView<'a> {
     /// The vault.
@@ -212,9 +221,13 @@ impl WorkerContext<'_> {
             }
         };
         let runs = changed_runs(&old, data);
-        let covered: usize = runs.iter().map(|r| r.len()).sum::<usize>()
-            + parent_overlays.iter().map(|o| o.1 as usize).sum::<usize>();
-        if parent_overlays.len() + runs.len() > MAX_OVERLAYS || 2 * covered > data.len() {
+        let covered: u64 = runs.iter().map(|r| r.len() as u64).sum::<u64>()
+            + parent_overlays.iter().map(|o| u64::from(o.1)).sum::<u64>();
+        if store_whole(
+            data.len() as u64,
+            parent_overlays.len() + runs.len(),
+            covered,
+        ) {
             return Ok(None);
         }
         let mut new = Vec::with_capacity(runs.len());

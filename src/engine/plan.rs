@@ -7,13 +7,14 @@
 //! - a slot changed in a few places has just those ranges read (rounded out to 4 KiB), each
 //!   becoming an overlay on the parent's slot;
 //! - a slot whose overlays, the parent's included, would cover over half its length or
-//!   exceed [`MAX_OVERLAYS`], or that the parent does not have at the same length (the disk grew or
-//!   shrank) is read whole, as without a change list.
+//!   exceed [`MAX_OVERLAYS`](super::overlay::MAX_OVERLAYS) ([`store_whole`]), or that the
+//!   parent does not have at the same length (the disk grew or shrank) is read whole, as
+//!   without a change list.
 
 use std::collections::HashMap;
 use std::ops::Range;
 
-use super::overlay::{BLOCK, MAX_OVERLAYS};
+use super::overlay::{store_whole, BLOCK};
 use crate::changes::ChangeList;
 use crate::io::ReadRequest;
 use crate::vault::manifest::{self, Manifest, Slot};
@@ -101,12 +102,11 @@ impl Plan {
                 ),
                 _ => (0, 0),
             };
-            // The hash comparison's rule (engine/overlay.rs): overlays that would cover more
-            // than half the slot, the parent's counted, mean it is stored whole. Counting only
-            // this run's changes let overlays that newer ones shadow pile up to MAX_OVERLAYS,
-            // each keeping a forgotten snapshot's pack alive for prune.
-            if 2 * (changed + parent_covered) > len || parent_overlays + ranges.len() > MAX_OVERLAYS
-            {
+            if store_whole(
+                len,
+                parent_overlays + ranges.len(),
+                changed + parent_covered,
+            ) {
                 plan.push_slot(slot, disk_size, ss);
                 continue;
             }

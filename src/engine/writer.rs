@@ -9,9 +9,9 @@
 //!         ◄── the N + 1 pack buffers, reused ──────────────┘
 //! ```
 //! Memory: N packs uploading plus the one filling (the channel holds none: a sealed pack
-//! waits in the writer until an uploader is free), in N + 1 buffers made once. Each uploader writes its pack's checkpoint
-//! segment after the pack, so with several in flight a segment still names only durable
-//! packs, whatever order they finish in ([`super::uncommitted`]).
+//! waits in the writer until an uploader is free), in N + 1 buffers made once. Each uploader
+//! writes its pack's checkpoint segment after the pack, so with several in flight a segment
+//! still names only durable packs, whatever order they finish in ([`super::uncommitted`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -210,7 +210,7 @@ impl<'a> SnapshotReader<'a> {
     }
 
     fn lock(&self) -> MutexGuard<'_, Cache> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::util::lock(&self.state)
     }
 
     /// `DISK@SHORT-ID`, as errors name the snapshot.

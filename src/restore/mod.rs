@@ -229,14 +229,14 @@ fn write_all(
         m.slot_size as usize,
         DIRECT_ALIGN,
     );
-    // Neighbouring slots whose frames lie together in a pack are fetched with one ranged
-    // read per batch (object storage: a request per frame is what a restore waits on); the
-    // batches run in parallel, so their fetches overlap.
     // Every byte to be written is announced first: a raw file allocates them up front, so
     // the parallel O_DIRECT writes below do not queue on the filesystem's allocation lock.
     for run in written_runs(m, slots.clone(), &part) {
         target.allocate(run.start, run.end - run.start);
     }
+    // Neighbouring slots whose frames lie together in a pack are fetched with one ranged
+    // read per batch (object storage: a request per frame is what a restore waits on); the
+    // batches run in parallel, so their fetches overlap.
     let batches = spans::batches(m, slots);
     tracing::debug!(
         batches = batches.len(),
@@ -301,7 +301,6 @@ fn write_all(
     })
 }
 
-/// The part of `d` inside the restored `range` of the disk, if any.
 /// Where the stored (non-zero) slots of `slots` go in the target, as runs of consecutive
 /// bytes; `part` maps a slot to its bytes within the slot and its target offset.
 fn written_runs(
@@ -321,6 +320,7 @@ fn written_runs(
     runs
 }
 
+/// The part of `d` inside the restored `range` of the disk, if any.
 fn clip(mut d: Damage, range: &Range<u64>) -> Option<Damage> {
     let start = d.offset.max(range.start);
     let end = (d.offset + d.length).min(range.end);

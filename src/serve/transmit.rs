@@ -13,7 +13,7 @@
 //! looking at the stop flag: a client that stops reading its replies holds one connection,
 //! never the server's shutdown.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 
 use crossbeam_channel::{bounded, SendTimeoutError, Sender};
 
@@ -24,6 +24,7 @@ use super::socket::{read_full, write_full, Stop, POLL};
 use super::wire::{check_request, parse_request, Op, Request, MAX_REQUEST};
 use crate::source::nbd::proto::{CMD_WRITE, REQUEST_LEN};
 use crate::source::nbd::stream::Stream;
+use crate::util::lock;
 
 /// Requests of one connection answered at once: enough to keep both cores decoding for one
 /// client (fio or a guest with a queue depth of 32), and to overlap fetches from object
@@ -204,8 +205,4 @@ impl Budget {
         *lock(&self.left) += n;
         self.freed.notify_one();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

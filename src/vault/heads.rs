@@ -145,19 +145,18 @@ impl Vault {
     /// The vault's current head (read now, authenticated and checked for freshness).
     pub fn head(&self) -> Result<Head> {
         let read = self.read_head()?;
-        *self
-            .head
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = read.head.clone();
+        self.cache_head(&read.head);
         Ok(read.head)
     }
 
     /// The head as last read or written by this process (no I/O).
     pub fn cached_head(&self) -> Head {
-        self.head
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::util::lock(&self.head).clone()
+    }
+
+    /// Remember `h` as the head last read or written ([`Vault::cached_head`]).
+    fn cache_head(&self, h: &Head) {
+        *crate::util::lock(&self.head) = h.clone();
     }
 
     /// Refuse to change head `h` if it names another infrastructure key than the one this
@@ -208,10 +207,7 @@ impl Vault {
             let out = match change(&mut next)? {
                 Swap::Write(out) => out,
                 Swap::Keep(out) => {
-                    *self
-                        .head
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = read.head.clone();
+                    self.cache_head(&read.head);
                     return Ok((read.head, out));
                 }
             };
@@ -229,10 +225,7 @@ impl Vault {
                         tag,
                     };
                     remember(&self.keystore, &self.config.vault_id, &written)?;
-                    *self
-                        .head
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = written.head.clone();
+                    self.cache_head(&written.head);
                     return Ok((written.head, out));
                 }
                 Err(e) if e.kind() == ErrorKind::Conflict => {

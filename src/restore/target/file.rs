@@ -11,12 +11,13 @@
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use super::direct::DirectWriter;
 use super::sparse::{data_runs, BLOCK};
 use super::{Abandoned, Format, Target, TargetKind};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::util::lock;
 
 /// Where a target file is, and whether this restore made it (and so removes it on failure).
 pub(super) struct Place {
@@ -116,15 +117,19 @@ impl RawFile {
     }
 
     /// Note that `run` (inside a written slot) is all zeros, punching the notes held once
-    /// there are [`PENDING_HOLES`].
+    /// there are [`PENDING_HOLES`] (outside the lock: a punch waits for the direct writes in
+    /// flight, and the other threads' notes need not).
     fn hole(&self, run: Range<u64>) {
-        let mut holes = self.holes.lock().unwrap_or_else(PoisonError::into_inner);
-        match holes.last_mut() {
-            Some(last) if last.end == run.start => last.end = run.end,
-            _ => holes.push(run),
-        }
-        if holes.len() >= PENDING_HOLES {
-            self.punch(std::mem::take(&mut *holes));
+        let full = {
+            let mut holes = lock(&self.holes);
+            match holes.last_mut() {
+                Some(last) if last.end == run.start => last.end = run.end,
+                _ => holes.push(run),
+            }
+            (holes.len() >= PENDING_HOLES).then(|| std::mem::take(&mut *holes))
+        };
+        if let Some(holes) = full {
+            self.punch(holes);
         }
     }
 
@@ -174,7 +179,7 @@ impl Target for RawFile {
     }
 
     fn finish(&self, sync: bool) -> Result<()> {
-        let holes = std::mem::take(&mut *self.holes.lock().unwrap_or_else(PoisonError::into_inner));
+        let holes = std::mem::take(&mut *lock(&self.holes));
         self.punch(holes);
         self.out.finish(sync)
     }

@@ -28,10 +28,11 @@ use super::proto::{
 };
 use super::stream::Stream;
 use crate::error::{Error, ErrorKind, Result};
+use crate::util::lock;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -87,12 +88,6 @@ struct State {
     error: Option<Error>,
     coverage: Coverage,
     extents: Option<Vec<Extent>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere cannot leave these structures inconsistent in a way that matters
-    // more than the error the caller is about to get.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Client {
