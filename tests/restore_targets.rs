@@ -2,7 +2,8 @@
 //! hold data (loop devices, real mounts; root), qcow2 images written natively (checked by
 //! `qemu-img check` and `compare`), NBD exports (qemu-nbd over a Unix socket and TCP, nbdkit's
 //! `memory` with and without WRITE_ZEROES), a best-effort restore over damaged packs, and a
-//! restore stopped by SIGINT or SIGTERM. Every restore is compared byte for byte.
+//! restore stopped by SIGINT or SIGTERM, and one that fills its filesystem (io_uring and
+//! `pwrite` writes). Every restore is compared byte for byte.
 //!
 //! Tools: qemu-utils, nbdkit, e2fsprogs, fdisk (sfdisk), util-linux (losetup, partx, mount),
 //! dmsetup where the kernel has device-mapper. Without them the tests print SKIP (under
@@ -157,6 +158,52 @@ fn a_mounted_device_is_refused_even_with_force_and_left_untouched() {
         .stderr_has(&["holds data (an ext4 filesystem)", "--force"]);
     bv.restore("d", &dev.path, &["--force"]).ok();
     assert_bytes_eq(&read_at(&dev.path, 0, data.len()), &data, "restored device");
+}
+
+/// A filesystem too small for the disk: the restore fails on `No space left on device`
+/// naming the target, removes the file it created, and the space is free again for a
+/// restore that fits, with io_uring writes (the default) and with `pwrite`.
+#[test]
+fn a_restore_that_fills_its_filesystem_fails_naming_the_target_and_removes_it() {
+    let test = "a_restore_that_fills_its_filesystem_fails_naming_the_target_and_removes_it";
+    if !have_mkfs(test) {
+        return;
+    }
+    let mut bv = Bv::new();
+    let src = bv.path("src.img");
+    let data = random_data(70, 40 * MIB as usize);
+    write_file(&src, &data);
+    bv.backup(&src, "d", &[]);
+    let backing = bv.path("small-fs.img");
+    make_sparse(&backing, 32 * MIB, &[]);
+    let Some(dev) = LoopDev::attach(&backing, test) else {
+        return;
+    };
+    mkfs(&dev.path);
+    let mount = Mount::new(&dev.path);
+    let target = Path::new(mount.path()).join("disk.raw");
+    for writer in ["uring", "pwrite"] {
+        bv.env = vec![("BLOCKVAULT_WRITER".into(), writer.into())];
+        bv.restore("d", &target, &[]).code(1).stderr_has(&[
+            "No space left on device",
+            &format!(
+                "target {}, which this restore created, was removed",
+                s(&target)
+            ),
+        ]);
+        assert!(
+            !target.exists(),
+            "{writer}: the failed restore's file is gone"
+        );
+        bv.restore("d", &target, &["--range", &format!("0:{}", 16 * MIB)])
+            .ok();
+        assert_bytes_eq(
+            &std::fs::read(&target).expect("read the range"),
+            &data[..16 * MIB as usize],
+            "the range restored after the failure",
+        );
+        std::fs::remove_file(&target).expect("remove");
+    }
 }
 
 #[test]

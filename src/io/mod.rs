@@ -1,4 +1,5 @@
-//! Reading a source by offset into pooled buffers.
+//! Reading a source by offset into pooled buffers (and, for restore, writing pooled buffers
+//! out with io_uring: [`WriteRing`]).
 //!
 //! Model: the caller describes *what* to read as a stream of [`ReadRequest`]s (usually the
 //! chunks of the source's data ranges); [`read_all`] fills one [`PooledBuf`] per request and
@@ -20,8 +21,10 @@ pub mod buffer;
 mod pread;
 mod threaded;
 mod uring;
+mod write_ring;
 
 pub use buffer::{AlignedBuf, BufferPool, PooledBuf};
+pub use write_ring::{Piece, WriteRing};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::source::{Access, Source};
@@ -61,7 +64,16 @@ pub struct ReadStats {
 /// The environment variable that forces the pread reader (value `pread`).
 pub const READER_ENV: &str = "BLOCKVAULT_READER";
 
-/// Largest single kernel read. Linux caps a read at ~2 GiB anyway; a power of two keeps the
+/// The environment variable that makes restore write with `pwrite` instead of io_uring
+/// (value `pwrite`).
+pub const WRITER_ENV: &str = "BLOCKVAULT_WRITER";
+
+/// Whether writes may go through a [`WriteRing`]: not when `BLOCKVAULT_WRITER=pwrite`.
+pub fn ring_writes_allowed() -> bool {
+    !std::env::var(WRITER_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("pwrite"))
+}
+
+/// Largest single kernel read or write. Linux caps a read at ~2 GiB anyway; a power of two keeps the
 /// pieces of a split read aligned for O_DIRECT.
 const MAX_OP: usize = 1 << 30;
 
@@ -275,7 +287,7 @@ mod tests {
     use std::sync::Arc;
 
     /// Whether io_uring can be tested here; skips loudly, or fails when CI=true.
-    fn uring_ok(test: &str) -> bool {
+    pub(super) fn uring_ok(test: &str) -> bool {
         match uring::probe() {
             Ok(()) => true,
             Err(e) if std::env::var("CI").as_deref() == Ok("true") => {

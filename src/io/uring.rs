@@ -34,6 +34,24 @@ pub(super) fn probe() -> io::Result<()> {
     Ok(())
 }
 
+/// Submit what is queued and wait for at least one completion. Interrupted, or the kernel
+/// short of memory or with completions to hand back first, it returns as if one came:
+/// reaping then makes progress, and the caller waits again.
+pub(super) fn submit_and_wait(ring: &mut IoUring) -> io::Result<()> {
+    match ring.submit_and_wait(1) {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// A ring sized for a queue depth, used for one [`super::read_all`] call.
 pub(super) struct UringReader {
     ring: IoUring,
@@ -273,17 +291,7 @@ impl<'a> InFlight<'a> {
     /// Submit queued reads, wait for at least one completion, move all available ones to
     /// `reaped`.
     fn wait(&mut self) -> io::Result<()> {
-        match self.ring.submit_and_wait(1) {
-            Ok(_) => {}
-            // Interrupted, or the kernel is short of memory or has completions to hand back
-            // first: reaping below makes progress, then the caller waits again.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                ) => {}
-            Err(e) => return Err(e),
-        }
+        submit_and_wait(self.ring)?;
         self.reaped.extend(self.ring.completion().map(|c| {
             let slot = usize::try_from(c.user_data()).unwrap_or(usize::MAX);
             (slot, c.result())

@@ -11,12 +11,14 @@
 //! Every byte of the disk is written, zeros included: a device keeps its old data.
 
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::direct::DirectWriter;
 use super::{in_use, occupied, Abandoned, Format, Target, TargetKind};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::io::PooledBuf;
 use crate::vault::frame::MAX_PLAIN;
 
 /// A block device open for writing, exclusively.
@@ -83,7 +85,7 @@ impl Device {
             }
         }
         Ok(Device {
-            out: DirectWriter::new(path, file, &name),
+            out: DirectWriter::new(path, file, &name, true),
             name,
         })
     }
@@ -106,6 +108,10 @@ impl Target for Device {
         self.out.write(data, offset)
     }
 
+    fn write_buf(&self, offset: u64, buf: PooledBuf, part: Range<usize>) -> Result<()> {
+        self.out.write_owned(buf, [(part, offset)])
+    }
+
     /// Explicit zeros, from one shared block (never written, so it costs no memory).
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
         static ZEROS: [u8; MAX_PLAIN] = [0; MAX_PLAIN];
@@ -123,6 +129,7 @@ impl Target for Device {
     }
 
     fn abandon(&self) -> Abandoned {
+        self.out.stop();
         Abandoned::PartlyWritten
     }
 }

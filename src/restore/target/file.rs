@@ -17,6 +17,7 @@ use super::direct::DirectWriter;
 use super::sparse::{data_runs, BLOCK};
 use super::{Abandoned, Format, Target, TargetKind};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::io::PooledBuf;
 use crate::util::lock;
 
 /// Where a target file is, and whether this restore made it (and so removes it on failure).
@@ -110,7 +111,7 @@ impl RawFile {
             ));
         }
         Ok(RawFile {
-            out: DirectWriter::new(&place.path, file, &place.name),
+            out: DirectWriter::new(&place.path, file, &place.name, true),
             place,
             holes: Mutex::new(Vec::new()),
         })
@@ -131,6 +132,24 @@ impl RawFile {
         if let Some(holes) = full {
             self.punch(holes);
         }
+    }
+
+    /// The non-zero 4 KiB runs of `data` (to be written at `offset`), noting the zero runs
+    /// between them as holes.
+    fn runs(&self, offset: u64, data: &[u8]) -> Vec<Range<usize>> {
+        let mut end = 0;
+        let mut runs = Vec::new();
+        for r in data_runs(data, BLOCK) {
+            if r.start > end {
+                self.hole(offset + end as u64..offset + r.start as u64);
+            }
+            end = r.end;
+            runs.push(r);
+        }
+        if end < data.len() {
+            self.hole(offset + end as u64..offset + data.len() as u64);
+        }
+        runs
     }
 
     fn punch(&self, holes: Vec<Range<u64>>) {
@@ -155,18 +174,21 @@ impl Target for RawFile {
 
     /// Only the non-zero 4 KiB runs; the zero runs between them are noted, to be punched.
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let mut end = 0;
-        for r in data_runs(data, BLOCK) {
-            if r.start > end {
-                self.hole(offset + end as u64..offset + r.start as u64);
-            }
-            end = r.end;
+        for r in self.runs(offset, data) {
             self.out.write(&data[r.clone()], offset + r.start as u64)?;
         }
-        if end < data.len() {
-            self.hole(offset + end as u64..offset + data.len() as u64);
-        }
         Ok(())
+    }
+
+    fn write_buf(&self, offset: u64, buf: PooledBuf, part: Range<usize>) -> Result<()> {
+        let runs = self.runs(offset, &buf[part.clone()]);
+        let pieces = runs.into_iter().map(|r| {
+            (
+                part.start + r.start..part.start + r.end,
+                offset + r.start as u64,
+            )
+        });
+        self.out.write_owned(buf, pieces.collect::<Vec<_>>())
     }
 
     fn allocate(&self, offset: u64, len: u64) {
@@ -179,12 +201,14 @@ impl Target for RawFile {
     }
 
     fn finish(&self, sync: bool) -> Result<()> {
+        self.out.drain()?;
         let holes = std::mem::take(&mut *lock(&self.holes));
         self.punch(holes);
         self.out.finish(sync)
     }
 
     fn abandon(&self) -> Abandoned {
+        self.out.stop();
         self.place.abandon()
     }
 }

@@ -24,10 +24,12 @@ mod sparse;
 
 pub use direct::DIRECT_ALIGN;
 
+use std::ops::Range;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::io::PooledBuf;
 use crate::source::nbd::is_nbd_url;
 use crate::source::NbdOptions;
 
@@ -84,6 +86,12 @@ pub trait Target: Send + Sync {
     fn format(&self) -> Format;
     /// Write `data` at `offset` of the disk being restored.
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Write the bytes `part` of `buf` at `offset`, taking the buffer: a target that writes
+    /// through io_uring keeps it until the write is done, and `finish` waits for that. A
+    /// write failure may then be returned by a later call or by `finish`.
+    fn write_buf(&self, offset: u64, buf: PooledBuf, part: Range<usize>) -> Result<()> {
+        self.write(offset, &buf[part])
+    }
     /// Make `len` bytes at `offset` read as zeros.
     fn zero(&self, offset: u64, len: u64) -> Result<()>;
     /// Before any write: `len` bytes at `offset` are about to be written. A raw file

@@ -45,7 +45,7 @@ impl Qcow2Image {
     /// `file` (from [`super::file::open`]).
     pub(super) fn new(file: File, place: Place, size: u64) -> Qcow2Image {
         Qcow2Image {
-            out: DirectWriter::new(&place.path, file, &place.name),
+            out: DirectWriter::new(&place.path, file, &place.name, false),
             place,
             size,
             map: Mutex::new(Map {
