@@ -183,14 +183,24 @@ fn a_restore_that_fills_its_filesystem_fails_naming_the_target_and_removes_it() 
     let mount = Mount::new(&dev.path);
     let target = Path::new(mount.path()).join("disk.raw");
     for writer in ["uring", "pwrite"] {
-        bv.env = vec![("BLOCKVAULT_WRITER".into(), writer.into())];
-        bv.restore("d", &target, &[]).code(1).stderr_has(&[
+        bv.env = vec![
+            ("BLOCKVAULT_WRITER".into(), writer.into()),
+            ("RUST_LOG".into(), "blockvault=debug".into()),
+        ];
+        let r = bv.restore("d", &target, &[]);
+        r.code(1).stderr_has(&[
             "No space left on device",
             &format!(
                 "target {}, which this restore created, was removed",
                 s(&target)
             ),
         ]);
+        assert_eq!(
+            r.stderr.contains("writes through io_uring"),
+            writer == "uring",
+            "{writer}: {}",
+            r.stderr
+        );
         assert!(
             !target.exists(),
             "{writer}: the failed restore's file is gone"

@@ -16,8 +16,9 @@
 //!                                                     │  aligned buffer from a BufferPool
 //!                                                     │  reader::read_slot_into (take from
 //!                                                     │    the span, check, decompress)
-//!                                                     └► Target::write / zero (O_DIRECT
-//!                                                        straight from that buffer)
+//!                                                     └► Target::write_buf / zero: the
+//!                                                        buffer handed to an io_uring ring
+//!                                                        (O_DIRECT, several in flight)
 //!  ─► Target::finish (qcow2 metadata, fsync / NBD flush)      on error: Target::abandon
 //! ```
 
@@ -68,6 +69,10 @@ pub struct RestoreReport {
 
 /// Restore threads per core (see `restore`).
 const IO_THREADS_PER_CORE: usize = 4;
+
+/// Decoded slots a target may hold while their writes are in flight (io_uring), beyond the
+/// one each restore thread decodes into.
+const WRITES_IN_FLIGHT: usize = 8;
 
 /// How to restore.
 #[derive(Debug, Clone)]
@@ -130,8 +135,8 @@ pub fn restore(
             nbd: opts.nbd.clone(),
         },
     )?;
-    // Restore waits on I/O (ranged reads of packs, O_DIRECT writes), so it runs more threads
-    // than cores to keep several writes in flight.
+    // Restore waits on I/O (ranged reads of packs; O_DIRECT writes where io_uring is
+    // unavailable), so it runs more threads than cores to keep several reads in flight.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * IO_THREADS_PER_CORE;
     let result = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -221,11 +226,12 @@ fn write_all(
         }
     };
     progress.start(slots.clone().map(work).sum());
-    // One aligned buffer per restore thread, taken for a slot and back when it is written:
-    // memory stays threads x slot size whatever the disk, and each slot is decompressed
-    // straight into the buffer an O_DIRECT write sends (no staging copy).
+    // One aligned buffer per restore thread and per write the target may keep in flight,
+    // taken for a slot and back when it is written: memory stays (threads + writes) x slot
+    // size whatever the disk, and each slot is decompressed straight into the buffer an
+    // O_DIRECT write sends (no staging copy).
     let pool = BufferPool::new(
-        rayon::current_num_threads(),
+        rayon::current_num_threads() + WRITES_IN_FLIGHT,
         m.slot_size as usize,
         DIRECT_ALIGN,
     );
@@ -265,14 +271,14 @@ fn write_all(
                 )?;
                 let found: Vec<Damage> = found.into_iter().filter_map(|d| clip(d, range)).collect();
                 if stored {
-                    target.write(at, &buf[from..to])?;
+                    target.write_buf(at, buf, from..to)?;
                     let lost: u64 = found.iter().map(|d| d.length).sum();
                     written.fetch_add((to - from) as u64 - lost, Ordering::Relaxed);
                 } else {
+                    drop(buf);
                     zero.fetch_add(1, Ordering::Relaxed);
                     target.zero(at, (to - from) as u64)?;
                 }
-                drop(buf);
                 if !found.is_empty() {
                     damaged
                         .lock()

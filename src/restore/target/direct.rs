@@ -65,6 +65,7 @@ impl DirectWriter {
             .then(|| {
                 open_direct()
                     .and_then(|f| WriteRing::new(f, RING_DEPTH, name))
+                    .inspect(|_| tracing::debug!(target = %name, depth = RING_DEPTH, "writes through io_uring"))
                     .map_err(|e| tracing::debug!(target = %name, error = %e, "io_uring writes unavailable; pwrite"))
                     .ok()
             })
