@@ -2,7 +2,8 @@
 # tools/bench_serve.sh [IMAGE] — figures for restore and `serve` (README "Figures"), in one run:
 #   1. the write ceiling: `dd if=IMAGE of=FILE bs=4M oflag=direct`;
 #   2. `restore` of IMAGE's snapshot to a file, and `restic restore` of the same image (if
-#      restic is installed; RESTIC=0 skips it), each compared byte for byte with IMAGE;
+#      restic is installed; RESTIC=0 skips it), each compared byte for byte with IMAGE,
+#      alternating PAIRS times (default 3): medians, restore's CPU time, the ratio per pair;
 #   3. `nbdcopy --connections 4` of the served snapshot to a file (compared with IMAGE), and
 #      the serving process's peak RSS (VmHWM) after it and the fio run;
 #   4. if fio has its nbd engine: random 4 KiB reads, iodepth 32, RUNTIME s each, against
@@ -12,7 +13,8 @@
 # Every step starts after `sync`, with IMAGE, the vault and restic's repository page cache hot.
 # IMAGE defaults to $BENCH_DIR/disk.raw (tools/workload/make-image.sh), else a 1 GiB image of
 # random and zero MiBs made here. Needs qemu-utils, libnbd-bin, fio (restic optional).
-# Env: BENCH_DIR (default <repo>/bench-out), PORT (default 10899), RUNTIME (fio, default 20).
+# Env: BENCH_DIR (default <repo>/bench-out), PORT (default 10899), RUNTIME (fio, default 20),
+#      PAIRS (restore and restic runs, alternating; default 3).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BV=$ROOT/target/release/blockvault
@@ -64,19 +66,28 @@ sync; t0=$(now)
 dd if="$IMAGE" of="$DIR/dd.raw" bs=4M oflag=direct status=none
 dd_s=$(since "$t0"); rm -f "$DIR/dd.raw"
 
-sync; t0=$(now)
-bv restore vm "$DIR/out.raw" >/dev/null
-restore_s=$(since "$t0")
-cmp "$DIR/out.raw" "$IMAGE"; rm -f "$DIR/out.raw"
-
+# restore and restic restore, alternating PAIRS times: this machine's speed drifts by tens of
+# per cent between runs, so each ratio is taken within a pair, and the medians are reported.
+restores=(); restics=(); ratios=(); cpus=()
+TIMEFORMAT='%R %U %S'
+for _ in $(seq "${PAIRS:-3}"); do
+    sync
+    read -r wall user sys < <({ time bv restore vm "$DIR/out.raw" >/dev/null; } 2>&1)
+    restores+=("$wall"); cpus+=("$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')")
+    cmp "$DIR/out.raw" "$IMAGE"; rm -f "$DIR/out.raw"
+    if [ "$have_restic" = 1 ]; then
+        sync; t0=$(now)
+        restic restore latest --target "$DIR/rr" >/dev/null
+        sync # restic writes through the page cache: its bytes on disk count, as restore's do
+        restics+=("$(since "$t0")")
+        ratios+=("$(awk -v a="${restics[-1]}" -v b="$wall" 'BEGIN { printf "%.1f", a / b }')")
+        cmp "$DIR/rr/$(basename "$IMAGE")" "$IMAGE"; rm -rf "$DIR/rr"
+    fi
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+restore_s=$(median "${restores[@]}")
 restic_s=-
-if [ "$have_restic" = 1 ]; then
-    sync; t0=$(now)
-    restic restore latest --target "$DIR/rr" >/dev/null
-    sync # restic writes through the page cache: its bytes on disk count, as restore's do
-    restic_s=$(since "$t0")
-    cmp "$DIR/rr/$(basename "$IMAGE")" "$IMAGE"; rm -rf "$DIR/rr"
-fi
+[ "$have_restic" = 1 ] && restic_s=$(median "${restics[@]}")
 
 # The binary itself in the background (not the bv function's subshell): $pid is the serving
 # process, whose VmHWM is read and which gets the SIGTERM.
@@ -132,10 +143,13 @@ trap - EXIT
 
 printf '%-46s %s\n' "image" "$IMAGE ($size bytes)"
 printf '%-46s %s s, %s MB/s\n' "dd bs=4M oflag=direct (write ceiling)" "$dd_s" "$(mbps "$size" "$dd_s")"
-printf '%-46s %s s, %s MB/s\n' "restore to a file" "$restore_s" "$(mbps "$size" "$restore_s")"
+printf '%-46s %s s, %s MB/s (runs: %s s; CPU %s s)\n' "restore to a file (median)" "$restore_s" \
+    "$(mbps "$size" "$restore_s")" "${restores[*]}" "${cpus[*]}"
 if [ "$restic_s" != - ]; then
-    printf '%-46s %s s, %s MB/s (restore: %sx)\n' "restic restore (+ sync)" "$restic_s" \
-        "$(mbps "$size" "$restic_s")" "$(awk -v a="$restic_s" -v b="$restore_s" 'BEGIN { printf "%.1f", a / b }')"
+    printf '%-46s %s s, %s MB/s (runs: %s s)\n' "restic restore + sync (median)" "$restic_s" \
+        "$(mbps "$size" "$restic_s")" "${restics[*]}"
+    printf '%-46s %sx (median; pairs: %s)\n' "restore against restic, within each pair" \
+        "$(median "${ratios[@]}")" "${ratios[*]}"
 fi
 printf '%-46s %s s, %s MB/s (%s %% of restore)\n' "nbdcopy --connections 4 from serve" "$nbdcopy_s" \
     "$(mbps "$size" "$nbdcopy_s")" "$(awk -v a="$nbdcopy_s" -v b="$restore_s" 'BEGIN { printf "%.0f", 100 * b / a }')"
