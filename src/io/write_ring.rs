@@ -345,11 +345,13 @@ impl Worker {
 
     /// Queue the write of the rest of slot `slot`'s piece.
     fn queue(&mut self, slot: usize) -> io::Result<()> {
-        let Some(op) = self.ops.get(slot).and_then(Option::as_ref) else {
-            return Ok(());
-        };
-        let Some(job) = self.jobs.get(op.job).and_then(Option::as_ref) else {
-            return Ok(());
+        // A live op always has its job (the job counts the op's piece as not yet written);
+        // were one missing, the error has the caller free the slot rather than wait for it.
+        let Some((op, job)) = self.ops.get(slot).and_then(Option::as_ref).and_then(|op| {
+            let job = self.jobs.get(op.job).and_then(Option::as_ref)?;
+            Some((op, job))
+        }) else {
+            return Err(io::Error::other("an io_uring write slot lost its buffer"));
         };
         let len = (op.piece.len - op.done).min(MAX_OP);
         // SAFETY: `submit` checked `at + len <= buf.len()` and `done < len`, so the pointer
