@@ -119,27 +119,52 @@ fn loop_device_as_restore_target() {
             .all(|&b| b == 0xAA),
         "a refused restore writes nothing"
     );
-    let r = bv.run(&[
-        "--json",
-        "restore",
-        "d",
-        dev.path.to_str().unwrap(),
-        "--force",
-    ]);
-    r.ok();
-    assert_eq!(num(&r.json(), "bytes_total"), size);
-    // The disk's bytes, then the rest of the device untouched.
-    assert_bytes_eq(
-        &read_at(&dev.path, 0, size as usize),
-        &data,
-        "restored device",
-    );
-    assert!(
-        read_at(&dev.path, size, (dev_size - size) as usize)
-            .iter()
-            .all(|&b| b == 0xAA),
-        "bytes past the disk's end must be left alone"
-    );
+    // Zero slots zeroed by the kernel (BLKZEROOUT: loop devices take it), and with
+    // BLOCKVAULT_WRITER=pwrite written as zeros; each time over a device full of 0xAA.
+    let mut bv = bv;
+    for writer in ["default", "pwrite"] {
+        if writer == "pwrite" {
+            let dev_file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&dev.path)
+                .expect("open the device");
+            dev_file
+                .write_all_at(&vec![0xAAu8; size as usize], 0)
+                .expect("refill the device");
+            dev_file.sync_all().expect("sync the device");
+        }
+        bv.env = vec![
+            ("BLOCKVAULT_WRITER".into(), writer.into()),
+            ("RUST_LOG".into(), "blockvault=debug".into()),
+        ];
+        let r = bv.run(&[
+            "--json",
+            "restore",
+            "d",
+            dev.path.to_str().unwrap(),
+            "--force",
+        ]);
+        r.ok();
+        assert_eq!(
+            r.stderr.contains("BLKZEROOUT zeroed the zero slots"),
+            writer == "default",
+            "{writer}: {}",
+            r.stderr
+        );
+        assert_eq!(num(&r.json(), "bytes_total"), size);
+        // The disk's bytes, then the rest of the device untouched.
+        assert_bytes_eq(
+            &read_at(&dev.path, 0, size as usize),
+            &data,
+            &format!("restored device ({writer})"),
+        );
+        assert!(
+            read_at(&dev.path, size, (dev_size - size) as usize)
+                .iter()
+                .all(|&b| b == 0xAA),
+            "bytes past the disk's end must be left alone"
+        );
+    }
     drop(dev);
     // The backing file holds the same after the device is gone.
     let back = read_file(&backing);

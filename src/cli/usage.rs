@@ -23,7 +23,8 @@ Environment: BLOCKVAULT_VAULT, BLOCKVAULT_KEYSTORE and BLOCKVAULT_CMK_PRIVATE st
 --keystore and --cmk-private. Secrets come from files or the environment, never from arguments: \
 BLOCKVAULT_CMK_PASSPHRASE, BLOCKVAULT_PKCS11_PIN, BLOCKVAULT_EXPORT_PASSPHRASE, \
 BLOCKVAULT_RECOVERY_PASSPHRASE. BLOCKVAULT_PKCS11_MODULE names a PKCS#11 module; \
-BLOCKVAULT_READER=pread reads and BLOCKVAULT_WRITER=pwrite restores without io_uring. RUST_LOG=blockvault=debug traces each stage \
+BLOCKVAULT_READER=pread reads and BLOCKVAULT_WRITER=pwrite restores with plain pread and \
+pwrite (no io_uring, no BLKZEROOUT). RUST_LOG=blockvault=debug traces each stage \
 on stderr; NO_COLOR turns colour off.
 
 Exit status: 0 success, 1 failure, 2 bad usage, 3 a data integrity problem was found (verify, \

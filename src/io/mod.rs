@@ -64,11 +64,12 @@ pub struct ReadStats {
 /// The environment variable that forces the pread reader (value `pread`).
 pub const READER_ENV: &str = "BLOCKVAULT_READER";
 
-/// The environment variable that makes restore write with `pwrite` instead of io_uring
-/// (value `pwrite`).
+/// The environment variable that makes restore write every byte with `pwrite`: no io_uring,
+/// no zeroing of a device by the kernel (value `pwrite`).
 pub const WRITER_ENV: &str = "BLOCKVAULT_WRITER";
 
-/// Whether writes may go through a [`WriteRing`]: not when `BLOCKVAULT_WRITER=pwrite`.
+/// Whether restore may write through a [`WriteRing`] and have a device's zeros written by
+/// the kernel: not when `BLOCKVAULT_WRITER=pwrite`.
 pub fn ring_writes_allowed() -> bool {
     !std::env::var(WRITER_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("pwrite"))
 }

@@ -192,6 +192,12 @@ impl DirectWriter {
         })
     }
 
+    /// The descriptor writes that are not data go through (`fallocate`, ioctls): the one
+    /// the target was opened with.
+    pub(super) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Wait for the ring's writes in flight; the first that failed, if one did.
     pub(super) fn drain(&self) -> Result<()> {
         self.ring.as_ref().map_or(Ok(()), WriteRing::drain)
