@@ -321,6 +321,20 @@ impl PooledBuf {
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.buf.as_mut_ptr()
     }
+
+    /// Give this buffer up for good without freeing its memory, which the kernel may still
+    /// access (an io_uring whose completions can no longer be reaped). The pool may then
+    /// allocate a replacement, so a taker waiting in [`BufferPool::get`] does not wait
+    /// forever for a buffer that will never come back.
+    pub fn leak(self) {
+        let mut this = ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped, so `buf` is taken exactly once, here.
+        std::mem::forget(unsafe { ManuallyDrop::take(&mut this.buf) });
+        // SAFETY: as above: the Arc is moved out of `this` exactly once, here.
+        let pool = unsafe { std::ptr::read(&this.pool) };
+        pool.lock().allocated -= 1;
+        pool.returned.notify_one();
+    }
 }
 
 impl Deref for PooledBuf {
@@ -359,6 +373,26 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
+
+    #[test]
+    fn a_leaked_buffer_is_replaced_so_a_waiting_taker_gets_one() {
+        let pool = BufferPool::new(1, 4096, 4096);
+        let first = pool.get();
+        let waiter = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.get().capacity())
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        first.leak();
+        assert_eq!(waiter.join().expect("the waiter got a buffer"), 4096);
+        assert_eq!(
+            pool.allocated(),
+            1,
+            "the replacement is the only one counted"
+        );
+        assert_eq!(pool.lent(), 0);
+        assert!(pool.try_get().is_some());
+    }
 
     #[test]
     fn aligned_buf_is_aligned_zeroed_and_clamped() {

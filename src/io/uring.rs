@@ -360,7 +360,7 @@ impl Drop for InFlight<'_> {
                 tracing::error!(error = %e, in_flight = self.live, source = self.source.name(),
                     "cannot reap io_uring reads; leaking their buffers");
                 for op in self.ops.iter_mut().filter_map(Option::take) {
-                    std::mem::forget(op);
+                    op.buf.leak();
                 }
                 self.live = 0;
                 return;

@@ -9,7 +9,8 @@
 //! Ownership (as in the reader): from [`WriteRing::submit`] on, a buffer belongs to the ring
 //! thread, and only the completion of its last piece returns it to its pool. If the ring
 //! itself fails so that completions can no longer be reaped, the buffers in flight are
-//! leaked rather than freed while the kernel may still read them.
+//! leaked rather than freed while the kernel may still read them, and the pool may allocate
+//! replacements ([`PooledBuf::leak`]), so no producer waits forever for one.
 //!
 //! Wake-up: the ring thread sleeps in `io_uring_enter` until a completion arrives. A
 //! producer wakes it through an eventfd whose poll is armed in the same ring, so one wait
@@ -480,7 +481,7 @@ impl Worker {
         let in_flight: Vec<usize> = self.ops.iter().flatten().map(|op| op.job).collect();
         for job in in_flight {
             if let Some(j) = self.jobs.get_mut(job).and_then(Option::take) {
-                std::mem::forget(j.buf);
+                j.buf.leak();
             }
         }
     }
