@@ -68,10 +68,10 @@ pub const READER_ENV: &str = "BLOCKVAULT_READER";
 /// no zeroing of a device by the kernel (value `pwrite`).
 pub const WRITER_ENV: &str = "BLOCKVAULT_WRITER";
 
-/// Whether restore may write through a [`WriteRing`] and have a device's zeros written by
-/// the kernel: not when `BLOCKVAULT_WRITER=pwrite`.
-pub fn ring_writes_allowed() -> bool {
-    !std::env::var(WRITER_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("pwrite"))
+/// Whether restore must write every byte with `pwrite` (`BLOCKVAULT_WRITER=pwrite`): no
+/// [`WriteRing`], and a device's zeros not written by the kernel.
+pub fn plain_writes_only() -> bool {
+    std::env::var(WRITER_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("pwrite"))
 }
 
 /// Largest single kernel read or write. Linux caps a read at ~2 GiB anyway; a power of two keeps the

@@ -107,7 +107,7 @@ impl Device {
         Ok(Device {
             out: DirectWriter::new(path, file, &name, true),
             name,
-            zeroout: AtomicBool::new(crate::io::ring_writes_allowed()),
+            zeroout: AtomicBool::new(!crate::io::plain_writes_only()),
             zeroed: AtomicU64::new(0),
         })
     }

@@ -61,7 +61,7 @@ impl DirectWriter {
         let direct = open_direct()
             .map_err(|e| tracing::debug!(target = %name, error = %e, "O_DIRECT unavailable; buffered writes"))
             .ok();
-        let ring = (ring && direct.is_some() && crate::io::ring_writes_allowed())
+        let ring = (ring && direct.is_some() && !crate::io::plain_writes_only())
             .then(|| {
                 open_direct()
                     .and_then(|f| WriteRing::new(f, RING_DEPTH, name))
@@ -78,9 +78,10 @@ impl DirectWriter {
         }
     }
 
-    /// Write each `(bytes of buf, offset)` piece, taking the buffer: through the ring where
-    /// the piece is aligned (it is written when this returns, or by [`finish`](Self::finish)),
-    /// otherwise with `pwrite` before this returns.
+    /// Write each `(bytes of buf, offset)` piece, taking the buffer: the aligned part of a
+    /// piece through the ring (asynchronously: [`finish`](Self::finish) waits for it, and a
+    /// failure is returned by a later call or by `finish`), the rest with `pwrite` before
+    /// this returns.
     pub(super) fn write_owned(
         &self,
         buf: PooledBuf,
