@@ -395,6 +395,19 @@ fn assert_qcow2_clean(img: &Path) {
         img.display(),
         out.status
     );
+    // Nothing past the image's last cluster: the clusters allocated up front for data that
+    // turned out to be zeros were cut off.
+    let end: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Image end offset: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no image end offset in: {text}"));
+    assert_eq!(
+        std::fs::metadata(img).expect("stat").len(),
+        end,
+        "{} ends where its last cluster does",
+        img.display()
+    );
 }
 
 /// `qemu-img compare` finds `img` (qcow2) identical to `source` of format `fmt`.

@@ -95,7 +95,8 @@ pub trait Target: Send + Sync {
     /// Make `len` bytes at `offset` read as zeros.
     fn zero(&self, offset: u64, len: u64) -> Result<()>;
     /// Before any write: `len` bytes at `offset` are about to be written. A raw file
-    /// allocates them (best effort); other targets ignore it.
+    /// allocates them, a qcow2 image as many clusters (best effort); other targets ignore
+    /// it.
     fn allocate(&self, _offset: u64, _len: u64) {}
     /// Complete the target after the last write (a qcow2 image's metadata) and, if `sync`,
     /// make it durable.

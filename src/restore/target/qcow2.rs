@@ -11,10 +11,18 @@
 //!
 //! Memory: one 64 KiB L2 table per 512 MiB of the disk that holds data, created when that
 //! region gets its first data cluster; a 1 TiB disk with a few MiB of data needs a few.
+//!
+//! Speed: as for a raw file (see `file.rs`), the host clusters the data may need are
+//! allocated up front (restore announces its stored runs first, [`Target::allocate`]), so
+//! the parallel O_DIRECT writes do not queue on the filesystem's allocation lock; what the
+//! data did not use is freed again at the end. Data goes through the writer's io_uring
+//! ring, and `finish` waits for it before the metadata is written.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::sync::{Mutex, MutexGuard};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use super::direct::DirectWriter;
 use super::file::Place;
@@ -22,7 +30,8 @@ use super::qcow2_format::{self as format, Plan, CLUSTER, L2_ENTRIES};
 use super::sparse::{data_runs, BLOCK};
 use super::{Abandoned, Format, Target, TargetKind};
 use crate::engine::worker::is_zero;
-use crate::error::Result;
+use crate::error::{IoContext, Result};
+use crate::io::PooledBuf;
 
 /// A qcow2 image being written into a fresh (or emptied) file.
 pub(super) struct Qcow2Image {
@@ -30,6 +39,10 @@ pub(super) struct Qcow2Image {
     place: Place,
     size: u64,
     map: Mutex<Map>,
+    /// Guest clusters restore announced it will write: at most that many data clusters.
+    announced: AtomicU64,
+    /// Where the host clusters allocated up front end (set at the first write).
+    reserved: OnceLock<u64>,
 }
 
 /// Where the data clusters went.
@@ -45,14 +58,62 @@ impl Qcow2Image {
     /// `file` (from [`super::file::open`]).
     pub(super) fn new(file: File, place: Place, size: u64) -> Qcow2Image {
         Qcow2Image {
-            out: DirectWriter::new(&place.path, file, &place.name, false),
+            out: DirectWriter::new(&place.path, file, &place.name, true),
             place,
             size,
             map: Mutex::new(Map {
                 tables: BTreeMap::new(),
                 next: 1,
             }),
+            announced: AtomicU64::new(0),
+            reserved: OnceLock::new(),
         }
+    }
+
+    /// Before the first write (every run is announced by then): size the file to as many
+    /// host clusters after the header as were announced, and allocate them. Both matter on
+    /// ext4: a direct write past the end of the file, like one that must allocate, holds
+    /// the inode's lock exclusively (measured: 15 % of a restore's samples waiting in
+    /// `rwsem_down_write_slowpath` with the allocation alone).
+    fn reserve(&self) {
+        self.reserved.get_or_init(|| {
+            let bytes = self.announced.load(Ordering::Relaxed).saturating_mul(CLUSTER);
+            let end = CLUSTER.saturating_add(bytes);
+            if let Err(e) = self.out.file().set_len(end) {
+                tracing::debug!(target = %self.place.name, end, error = %e, "cannot size the image for its data");
+            }
+            if bytes > 0 {
+                self.out.allocate(CLUSTER, bytes);
+            }
+            end
+        });
+    }
+
+    /// Where the non-zero 4 KiB runs of `data` (guest bytes at `offset`) go: `(bytes of
+    /// data, host offset)`, giving the clusters they touch a host cluster.
+    fn pieces(&self, offset: u64, data: &[u8]) -> Vec<(Range<usize>, u64)> {
+        let mut touched = Vec::new();
+        let mut pos = 0;
+        while pos < data.len() {
+            let guest = offset + pos as u64;
+            let n = ((CLUSTER - guest % CLUSTER) as usize).min(data.len() - pos);
+            if !is_zero(&data[pos..pos + n]) {
+                touched.push((guest / CLUSTER, pos..pos + n));
+            }
+            pos += n;
+        }
+        let clusters: Vec<u64> = touched.iter().map(|(c, _)| *c).collect();
+        let mut pieces = Vec::new();
+        for ((_, range), host) in touched.into_iter().zip(self.hosts(&clusters)) {
+            let at = host + (offset + range.start as u64) % CLUSTER;
+            for r in data_runs(&data[range.clone()], BLOCK) {
+                pieces.push((
+                    range.start + r.start..range.start + r.end,
+                    at + r.start as u64,
+                ));
+            }
+        }
+        pieces
     }
 
     fn map(&self) -> MutexGuard<'_, Map> {
@@ -96,25 +157,26 @@ impl Target for Qcow2Image {
     /// The clusters `data` touches that hold a non-zero byte get a host cluster; their
     /// non-zero 4 KiB runs are written into it.
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let mut pieces = Vec::new();
-        let mut pos = 0;
-        while pos < data.len() {
-            let guest = offset + pos as u64;
-            let n = ((CLUSTER - guest % CLUSTER) as usize).min(data.len() - pos);
-            if !is_zero(&data[pos..pos + n]) {
-                pieces.push((guest / CLUSTER, pos..pos + n));
-            }
-            pos += n;
-        }
-        let clusters: Vec<u64> = pieces.iter().map(|(c, _)| *c).collect();
-        for ((_, range), host) in pieces.into_iter().zip(self.hosts(&clusters)) {
-            let at = host + (offset + range.start as u64) % CLUSTER;
-            let piece = &data[range];
-            for r in data_runs(piece, BLOCK) {
-                self.out.write(&piece[r.clone()], at + r.start as u64)?;
-            }
+        self.reserve();
+        for (r, at) in self.pieces(offset, data) {
+            self.out.write(&data[r], at)?;
         }
         Ok(())
+    }
+
+    /// As `write`, through the writer's ring.
+    fn write_buf(&self, offset: u64, buf: PooledBuf, part: Range<usize>) -> Result<()> {
+        self.reserve();
+        let pieces = self.pieces(offset, &buf[part.clone()]);
+        let pieces = pieces
+            .into_iter()
+            .map(|(r, at)| (part.start + r.start..part.start + r.end, at));
+        self.out.write_owned(buf, pieces.collect::<Vec<_>>())
+    }
+
+    fn allocate(&self, offset: u64, len: u64) {
+        let clusters = (offset + len).div_ceil(CLUSTER) - offset / CLUSTER;
+        self.announced.fetch_add(clusters, Ordering::Relaxed);
     }
 
     /// Nothing: an unallocated cluster reads as zeros.
@@ -124,6 +186,7 @@ impl Target for Qcow2Image {
 
     /// The metadata, after all the data: L2 tables, L1 table, refcounts, and the header last.
     fn finish(&self, sync: bool) -> Result<()> {
+        self.out.drain()?;
         let m = self.map();
         let plan = Plan::new(self.size, m.next, m.tables.len() as u64);
         for (k, table) in m.tables.values().enumerate() {
@@ -143,10 +206,19 @@ impl Target for Qcow2Image {
                 .write(&plan.refcount_block(b), (plan.rb_first + b) * CLUSTER)?;
         }
         self.out.write(&plan.header(), 0)?;
+        // Clusters allocated up front that the data did not need (all-zero clusters of
+        // stored slots) lie past the metadata: cut off.
+        if self.reserved.get().is_some_and(|&r| r > plan.len()) {
+            self.out
+                .file()
+                .set_len(plan.len())
+                .ctx(|| format!("cutting qcow2 image {} to its end", self.place.name))?;
+        }
         self.out.finish(sync)
     }
 
     fn abandon(&self) -> Abandoned {
+        self.out.stop();
         self.place.abandon()
     }
 }

@@ -112,6 +112,11 @@ impl Plan {
         }
     }
 
+    /// Bytes in the file: the data, then the metadata.
+    pub(super) fn len(&self) -> u64 {
+        self.clusters * CLUSTER
+    }
+
     /// Cluster 0's bytes: the header and the end-of-extensions marker (the rest is zeros).
     pub(super) fn header(&self) -> Vec<u8> {
         let mut h = Vec::with_capacity(HEADER_LEN + 8);
