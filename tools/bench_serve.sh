@@ -4,6 +4,7 @@
 #   2. `restore` of IMAGE's snapshot to a file, and `restic restore` of the same image (if
 #      restic is installed; RESTIC=0 skips it), each compared byte for byte with IMAGE,
 #      alternating PAIRS times (default 3): medians, restore's CPU time, the ratio per pair;
+#      then one restore into a qcow2 image, compared with `qemu-img compare`;
 #   3. `nbdcopy --connections 4` of the served snapshot to a file (compared with IMAGE), and
 #      the serving process's peak RSS (VmHWM) after it and the fio run;
 #   4. if fio has its nbd engine: random 4 KiB reads, iodepth 32, RUNTIME s each, against
@@ -22,7 +23,7 @@ DIR=${BENCH_DIR:-$ROOT/bench-out}/serve
 PORT=${PORT:-10899}
 RUNTIME=${RUNTIME:-20}
 mkdir -p "$DIR"
-rm -rf "$DIR/vault" "$DIR/keys" "$DIR/restic" "$DIR/out.raw" "$DIR/nbd.raw" "$DIR/dd.raw" "$DIR/rr"
+rm -rf "$DIR/vault" "$DIR/keys" "$DIR/restic" "$DIR/out.raw" "$DIR/out.qcow2" "$DIR/nbd.raw" "$DIR/dd.raw" "$DIR/rr"
 IMAGE=${1:-${BENCH_DIR:-$ROOT/bench-out}/disk.raw}
 if [ ! -f "$IMAGE" ]; then
     IMAGE=$DIR/gen.raw
@@ -84,6 +85,10 @@ for _ in $(seq "${PAIRS:-3}"); do
         cmp "$DIR/rr/$(basename "$IMAGE")" "$IMAGE"; rm -rf "$DIR/rr"
     fi
 done
+sync; t0=$(now)
+bv restore vm "$DIR/out.qcow2" >/dev/null
+qcow2_s=$(since "$t0")
+qemu-img compare -q -f qcow2 -F raw "$DIR/out.qcow2" "$IMAGE"; rm -f "$DIR/out.qcow2"
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 restore_s=$(median "${restores[@]}")
 restic_s=-
@@ -151,6 +156,7 @@ if [ "$restic_s" != - ]; then
     printf '%-46s %sx (median; pairs: %s)\n' "restore against restic, within each pair" \
         "$(median "${ratios[@]}")" "${ratios[*]}"
 fi
+printf '%-46s %s s, %s MB/s\n' "restore to a qcow2 image" "$qcow2_s" "$(mbps "$size" "$qcow2_s")"
 printf '%-46s %s s, %s MB/s (%s %% of restore)\n' "nbdcopy --connections 4 from serve" "$nbdcopy_s" \
     "$(mbps "$size" "$nbdcopy_s")" "$(awk -v a="$nbdcopy_s" -v b="$restore_s" 'BEGIN { printf "%.0f", 100 * b / a }')"
 printf '%-46s %s KiB\n' "serve peak RSS (after nbdcopy and fio)" "$rss"
