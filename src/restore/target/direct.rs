@@ -38,11 +38,13 @@ thread_local! {
 
 /// A file or device open for positional writes.
 pub(super) struct DirectWriter {
+    /// Writes `write_owned`'s aligned pieces from a second O_DIRECT descriptor. First, so
+    /// that it is dropped (its writes completed) before `file` closes: a device's exclusive
+    /// claim lasts until nothing writes to it any more.
+    ring: Option<WriteRing>,
     file: File,
     /// The same file opened with O_DIRECT, where the filesystem or device allows it.
     direct: Option<File>,
-    /// Writes `write_owned`'s aligned pieces from a second O_DIRECT descriptor.
-    ring: Option<WriteRing>,
     /// For messages.
     name: String,
 }
@@ -71,9 +73,9 @@ impl DirectWriter {
             })
             .flatten();
         DirectWriter {
+            ring,
             file,
             direct,
-            ring,
             name: name.to_owned(),
         }
     }
