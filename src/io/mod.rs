@@ -71,7 +71,12 @@ pub const WRITER_ENV: &str = "BLOCKVAULT_WRITER";
 /// Whether restore must write every byte with `pwrite` (`BLOCKVAULT_WRITER=pwrite`): no
 /// [`WriteRing`], and a device's zeros not written by the kernel.
 pub fn plain_writes_only() -> bool {
-    std::env::var(WRITER_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("pwrite"))
+    env_says(WRITER_ENV, "pwrite")
+}
+
+/// Whether environment variable `name` is set to `value` (any case).
+fn env_says(name: &str, value: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v.eq_ignore_ascii_case(value))
 }
 
 /// Largest single kernel read or write. Linux caps a read at ~2 GiB anyway; a power of two keeps the
@@ -83,7 +88,7 @@ const MAX_OP: usize = 1 << 30;
 /// probe fails (ENOSYS, EPERM under seccomp, the `io_uring_disabled` sysctl, kernel < 5.6)
 /// warn once and return Pread.
 pub fn choose_reader(force_pread: bool) -> ReaderKind {
-    let env_pread = std::env::var(READER_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("pread"));
+    let env_pread = env_says(READER_ENV, "pread");
     if force_pread || env_pread {
         return ReaderKind::Pread;
     }

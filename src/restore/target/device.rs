@@ -160,7 +160,8 @@ impl Target for Device {
     }
 
     fn write_buf(&self, offset: u64, buf: PooledBuf, part: Range<usize>) -> Result<()> {
-        self.out.write_owned(buf, [(part, offset)])
+        let len = part.len();
+        self.out.write_owned(buf, part, [(0..len, offset)])
     }
 
     /// Zeroed by the kernel where it can ([`Device::zero_out`]), else written from one shared

@@ -15,6 +15,7 @@
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -80,15 +81,19 @@ impl DirectWriter {
         }
     }
 
-    /// Write each `(bytes of buf, offset)` piece, taking the buffer: the aligned part of a
-    /// piece through the ring (asynchronously: [`finish`](Self::finish) waits for it, and a
-    /// failure is returned by a later call or by `finish`), the rest with `pwrite` before
-    /// this returns.
+    /// Write each `(bytes of buf[part], offset)` piece, taking the buffer: the aligned part
+    /// of a piece through the ring (asynchronously: [`finish`](Self::finish) waits for it,
+    /// and a failure is returned by a later call or by `finish`), the rest with `pwrite`
+    /// before this returns.
     pub(super) fn write_owned(
         &self,
         buf: PooledBuf,
-        pieces: impl IntoIterator<Item = (std::ops::Range<usize>, u64)>,
+        part: Range<usize>,
+        pieces: impl IntoIterator<Item = (Range<usize>, u64)>,
     ) -> Result<()> {
+        let pieces = pieces
+            .into_iter()
+            .map(|(r, offset)| (part.start + r.start..part.start + r.end, offset));
         let Some(ring) = &self.ring else {
             for (r, offset) in pieces {
                 self.write(&buf[r], offset)?;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::direct::DirectWriter;
-use super::sparse::{data_runs, BLOCK};
+use super::sparse::{runs, BLOCK};
 use super::{Abandoned, Format, Target, TargetKind};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::io::PooledBuf;
@@ -117,15 +117,18 @@ impl RawFile {
         })
     }
 
-    /// Note that `run` (inside a written slot) is all zeros, punching the notes held once
-    /// there are [`PENDING_HOLES`] (outside the lock: a punch waits for the direct writes in
-    /// flight, and the other threads' notes need not).
-    fn hole(&self, run: Range<u64>) {
+    /// Note that `zeros` (runs inside a written slot, in order) are all zeros, under one
+    /// lock per slot, punching the notes held once there are [`PENDING_HOLES`] (outside the
+    /// lock: a punch waits for the direct writes in flight, and the other threads' notes
+    /// need not).
+    fn holes(&self, zeros: impl IntoIterator<Item = Range<u64>>) {
         let full = {
             let mut holes = lock(&self.holes);
-            match holes.last_mut() {
-                Some(last) if last.end == run.start => last.end = run.end,
-                _ => holes.push(run),
+            for run in zeros {
+                match holes.last_mut() {
+                    Some(last) if last.end == run.start => last.end = run.end,
+                    _ => holes.push(run),
+                }
             }
             (holes.len() >= PENDING_HOLES).then(|| std::mem::take(&mut *holes))
         };
@@ -134,22 +137,13 @@ impl RawFile {
         }
     }
 
-    /// The non-zero 4 KiB runs of `data` (to be written at `offset`), noting the zero runs
-    /// between them as holes.
+    /// The non-zero 4 KiB runs of `data` (to be written at `offset`), noting its zero runs
+    /// as holes.
     fn runs(&self, offset: u64, data: &[u8]) -> Vec<Range<usize>> {
-        let mut end = 0;
-        let mut runs = Vec::new();
-        for r in data_runs(data, BLOCK) {
-            if r.start > end {
-                self.hole(offset + end as u64..offset + r.start as u64);
-            }
-            end = r.end;
-            runs.push(r);
-        }
-        if end < data.len() {
-            self.hole(offset + end as u64..offset + data.len() as u64);
-        }
-        runs
+        let (zeros, data): (Vec<_>, Vec<_>) = runs(data, BLOCK).into_iter().partition(|r| r.1);
+        let at = |r: Range<usize>| offset + r.start as u64..offset + r.end as u64;
+        self.holes(zeros.into_iter().map(|(r, _)| at(r)));
+        data.into_iter().map(|(r, _)| r).collect()
     }
 
     fn punch(&self, holes: Vec<Range<u64>>) {
@@ -183,12 +177,10 @@ impl Target for RawFile {
     fn write_buf(&self, offset: u64, buf: PooledBuf, part: Range<usize>) -> Result<()> {
         let runs = self.runs(offset, &buf[part.clone()]);
         let pieces = runs.into_iter().map(|r| {
-            (
-                part.start + r.start..part.start + r.end,
-                offset + r.start as u64,
-            )
+            let at = offset + r.start as u64;
+            (r, at)
         });
-        self.out.write_owned(buf, pieces.collect::<Vec<_>>())
+        self.out.write_owned(buf, part, pieces)
     }
 
     fn allocate(&self, offset: u64, len: u64) {

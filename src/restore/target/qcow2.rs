@@ -168,10 +168,7 @@ impl Target for Qcow2Image {
     fn write_buf(&self, offset: u64, buf: PooledBuf, part: Range<usize>) -> Result<()> {
         self.reserve();
         let pieces = self.pieces(offset, &buf[part.clone()]);
-        let pieces = pieces
-            .into_iter()
-            .map(|(r, at)| (part.start + r.start..part.start + r.end, at));
-        self.out.write_owned(buf, pieces.collect::<Vec<_>>())
+        self.out.write_owned(buf, part, pieces)
     }
 
     fn allocate(&self, offset: u64, len: u64) {
