@@ -313,11 +313,13 @@ impl QemuNbd {
         );
     }
 
-    /// Signal the server once and wait until it is gone, or a zombie whose files are closed:
-    /// it was forked away from us, so it may stay a zombie. The leader thread turns zombie
-    /// while qemu-nbd's other threads may still hold the image (and QEMU's locks on it) open,
-    /// so an empty `/proc/PID/fd` is what says the image is closed. False if it still runs
-    /// after 10 s.
+    /// Signal the server once and wait until it is gone, or a zombie whose threads are all
+    /// gone: it was forked away from us, so it may stay a zombie. The leader thread turns
+    /// zombie while qemu-nbd's other threads still run and hold the image (and QEMU's locks
+    /// on it) open; the leader's `/proc/PID/fd` is empty by then, so it cannot say whether
+    /// the image is closed. The files close when the last thread exits, and exited threads
+    /// other than the leader leave `/proc/PID/task`, so a zombie leader alone there is what
+    /// says the image is closed. False if it still runs after 10 s.
     fn signal_and_wait(&mut self, signal: &str) -> bool {
         if self.pid.is_empty() {
             return true;
@@ -325,9 +327,8 @@ impl QemuNbd {
         self.signal(signal);
         let pid = std::mem::take(&mut self.pid);
         let stat = format!("/proc/{pid}/stat");
-        let files_closed = || {
-            std::fs::read_dir(format!("/proc/{pid}/fd"))
-                .map_or(true, |mut fds| fds.next().is_none())
+        let only_the_leader_left = || {
+            std::fs::read_dir(format!("/proc/{pid}/task")).map_or(true, |tasks| tasks.count() <= 1)
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -339,7 +340,7 @@ impl QemuNbd {
                         .rsplit(')')
                         .next()
                         .is_some_and(|r| r.trim_start().starts_with('Z'))
-                        && files_closed() =>
+                        && only_the_leader_left() =>
                 {
                     return true
                 }
