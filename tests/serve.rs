@@ -361,17 +361,25 @@ struct Raw(TcpStream);
 impl Raw {
     /// Connected and through the handshake (structured replies, base:allocation, GO "").
     fn connect(addr: &str) -> Raw {
+        Raw::connect_with(addr, true)
+    }
+
+    /// Connected and through the handshake, with structured replies and base:allocation
+    /// only if `structured` (else every reply is a simple one, as the kernel's client asks).
+    fn connect_with(addr: &str, structured: bool) -> Raw {
         let mut r = Raw(TcpStream::connect(addr).unwrap());
         let mut greeting = [0u8; 18];
         r.0.read_exact(&mut greeting).unwrap();
         assert_eq!(&greeting[..8], b"NBDMAGIC");
         r.0.write_all(&1u32.to_be_bytes()).unwrap();
-        r.option(8, &[]);
-        let mut meta = 0u32.to_be_bytes().to_vec();
-        meta.extend(1u32.to_be_bytes());
-        meta.extend(15u32.to_be_bytes());
-        meta.extend(b"base:allocation");
-        r.option(10, &meta);
+        if structured {
+            r.option(8, &[]);
+            let mut meta = 0u32.to_be_bytes().to_vec();
+            meta.extend(1u32.to_be_bytes());
+            meta.extend(15u32.to_be_bytes());
+            meta.extend(b"base:allocation");
+            r.option(10, &meta);
+        }
         let mut go = 0u32.to_be_bytes().to_vec();
         go.extend(0u16.to_be_bytes());
         r.option(7, &go);
@@ -409,8 +417,13 @@ impl Raw {
 
     /// A request with its own cookie.
     fn request_as(&mut self, cookie: u64, kind: u16, offset: u64, length: u32) {
+        self.request_with(cookie, 0, kind, offset, length);
+    }
+
+    /// A request with its own cookie and command flags.
+    fn request_with(&mut self, cookie: u64, flags: u16, kind: u16, offset: u64, length: u32) {
         let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-        b.extend(0u16.to_be_bytes());
+        b.extend(flags.to_be_bytes());
         b.extend(kind.to_be_bytes());
         b.extend(cookie.to_be_bytes());
         b.extend(offset.to_be_bytes());
@@ -422,6 +435,40 @@ impl Raw {
     fn reply(&mut self) -> (Vec<u8>, Option<(u32, String)>) {
         let (_, data, err) = self.reply_with_cookie();
         (data, err)
+    }
+
+    /// A simple reply to a read of `len` bytes: (cookie, errno, data; none after an error).
+    fn simple_reply(&mut self, len: usize) -> (u64, u32, Vec<u8>) {
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x6744_6698);
+        let errno = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let mut data = vec![0u8; if errno == 0 { len } else { 0 }];
+        self.0.read_exact(&mut data).unwrap();
+        (
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            errno,
+            data,
+        )
+    }
+
+    /// Chunk types of one structured reply up to DONE, and the data it carries.
+    fn chunk_kinds(&mut self) -> (Vec<u16>, Vec<u8>) {
+        let (mut kinds, mut data) = (Vec::new(), Vec::new());
+        loop {
+            let mut h = [0u8; 20];
+            self.0.read_exact(&mut h).unwrap();
+            kinds.push(u16::from_be_bytes([h[6], h[7]]));
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut p = vec![0u8; len as usize];
+            self.0.read_exact(&mut p).unwrap();
+            if kinds.last() == Some(&1) {
+                data.extend(&p[8..]);
+            }
+            if h[5] & 1 != 0 {
+                return (kinds, data);
+            }
+        }
     }
 
     /// [`Raw::reply`] and its cookie: this server sends each reply's chunks together.
@@ -526,6 +573,52 @@ fn hostile_clients_get_errors_and_the_server_serves_others() {
         &data[5 * MIB as usize..(5 * MIB + 4096) as usize],
         "another client",
     );
+    srv.stop();
+}
+
+#[test]
+fn simple_replies_and_reads_that_must_not_fragment_carry_every_byte() {
+    let bv = Bv::new();
+    let (_, data) = disk(&bv);
+    let mut srv = Served::start(&bv, &["vm"]);
+    let addr = srv.addr();
+    let want = |off: u64, len: u64| &data[off as usize..(off + len) as usize];
+    // Without structured replies every read is a simple reply followed by all its bytes:
+    // data, a partly written slot, and over 5 MiB of never-written slots sent as zeros.
+    let mut c = Raw::connect_with(&addr, false);
+    for (cookie, (off, len)) in [
+        (MIB - 100, 300_000),
+        (3 * MIB, MIB + 5),
+        (5 * MIB + 7, 6 * MIB + 4096 + 100),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        c.request_as(cookie as u64, 0, off, len as u32);
+        let (got_cookie, errno, got) = c.simple_reply(len as usize);
+        assert_eq!((got_cookie, errno), (cookie as u64, 0));
+        assert_bytes_eq(&got, want(off, len), &format!("simple read at {off}"));
+    }
+    // A simple reply's error carries no data; the connection goes on.
+    c.request_as(7, 0, 12 * MIB - 10, 20);
+    assert_eq!(c.simple_reply(20).1, 22, "read past the end: EINVAL");
+    c.request_as(8, 0, 0, 4096);
+    assert_bytes_eq(
+        &c.simple_reply(4096).2,
+        want(0, 4096),
+        "read after an error",
+    );
+    // With structured replies and NBD_CMD_FLAG_DF, holes are sent as zeros inside one data
+    // chunk; without the flag they are hole chunks.
+    let mut d = Raw::connect(&addr);
+    let (off, len) = (MIB - 100, 3 * MIB);
+    d.request_with(1, 1 << 2, 0, off, len as u32);
+    let (kinds, got) = d.chunk_kinds();
+    assert_eq!(kinds, [1], "one OFFSET_DATA chunk");
+    assert_bytes_eq(&got, want(off, len), "DF read");
+    d.request(0, off, len as u32);
+    let (kinds, _) = d.chunk_kinds();
+    assert!(kinds.contains(&2), "holes as OFFSET_HOLE chunks: {kinds:?}");
     srv.stop();
 }
 

@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use super::overlay::Overlay;
+use super::parts::Reply;
 use crate::error::Result;
 use crate::reader::{ExtentKind, SnapshotReader};
 use crate::source::nbd::proto::{
@@ -50,20 +51,29 @@ impl<'a> Export<'a> {
         }
     }
 
-    /// Fill `buf` from `offset` (within the export).
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let Some(ov) = &self.overlay else {
-            return self.reader.read_at(offset, buf);
+    /// The `len` bytes at `offset` (within the export): the overlay's blocks read from its
+    /// file, the rest handed out by the snapshot reader without a copy.
+    pub fn read(&self, offset: u64, len: usize) -> Result<Reply> {
+        let mut data = Reply::default();
+        let runs = match &self.overlay {
+            Some(ov) => ov.runs(offset, len as u64),
+            None => vec![(offset..offset + len as u64, false)],
         };
-        for (r, here) in ov.runs(offset, buf.len() as u64) {
-            let out = &mut buf[(r.start - offset) as usize..(r.end - offset) as usize];
-            if here {
-                ov.read(r.start, out)?;
-            } else {
-                self.reader.read_at(r.start, out)?;
+        for (r, here) in runs {
+            match &self.overlay {
+                Some(ov) if here => {
+                    let mut b = vec![0u8; (r.end - r.start) as usize];
+                    ov.read(r.start, &mut b)?;
+                    data.push_owned(b);
+                }
+                _ => {
+                    for p in self.reader.pieces(r.start, (r.end - r.start) as usize)? {
+                        data.push_piece(p);
+                    }
+                }
             }
         }
-        Ok(())
+        Ok(data)
     }
 
     /// Block status of `range` (within the export): (length, `NBD_STATE_*`) runs. Holes of

@@ -18,6 +18,7 @@
 pub mod export;
 pub mod negotiate;
 pub mod overlay;
+pub mod parts;
 pub mod reply;
 pub mod socket;
 pub mod transmit;

@@ -1,5 +1,6 @@
-//! The answer to one request, as the bytes to send: computed whole before any of it is
-//! written, so requests answered on several threads never interleave their bytes.
+//! The answer to one request, as the bytes to send ([`Reply`]): computed whole before any
+//! of it is written, so requests answered on several threads never interleave their bytes.
+//! A read's data is not copied into it: its parts are the snapshot reader's cached slots.
 //!
 //! A read with structured replies answers the snapshot's holes with `OFFSET_HOLE` chunks and
 //! the rest with `OFFSET_DATA` (one data chunk for the whole range with `NBD_CMD_FLAG_DF`); a
@@ -9,9 +10,10 @@
 
 use super::export::Export;
 use super::negotiate::{Session, ALLOCATION_ID};
+use super::parts::Reply;
 use super::wire::{chunk_header, error_payload, simple_reply, Op, Request, RequestError};
 use crate::source::nbd::proto::{
-    CHUNK_HEADER_LEN, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_REQ_ONE, EINVAL, EIO, REPLY_FLAG_DONE,
+    CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_REQ_ONE, EINVAL, EIO, REPLY_FLAG_DONE,
     REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_ERROR_OFFSET, REPLY_TYPE_NONE,
     REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
 };
@@ -26,7 +28,7 @@ pub fn answer(
     r: &Request,
     op: Op,
     payload: Option<Vec<u8>>,
-) -> Vec<u8> {
+) -> Reply {
     let done = match op {
         Op::Read => return read(export, session, r),
         Op::BlockStatus => return status(export, session, r),
@@ -43,7 +45,7 @@ pub fn answer(
         }
     });
     match done {
-        Ok(()) => simple_reply(0, r.cookie),
+        Ok(()) => simple_reply(0, r.cookie).into(),
         Err(e) => refusal(export, session, r, &eio(e), None),
     }
 }
@@ -56,10 +58,10 @@ pub fn refusal(
     r: &Request,
     e: &RequestError,
     offset: Option<u64>,
-) -> Vec<u8> {
+) -> Reply {
     tracing::debug!(export = %export.name, errno = e.errno, message = %e.message, "serve: request refused");
     if !session.structured {
-        return simple_reply(e.errno, r.cookie);
+        return simple_reply(e.errno, r.cookie).into();
     }
     let kind = if offset.is_some() {
         REPLY_TYPE_ERROR_OFFSET
@@ -67,8 +69,9 @@ pub fn refusal(
         REPLY_TYPE_ERROR
     };
     let payload = error_payload(e.errno, &e.message, offset);
-    let mut b = chunk_header(REPLY_FLAG_DONE, kind, r.cookie, payload.len() as u32).to_vec();
-    b.extend(payload);
+    let mut b =
+        Reply::from(chunk_header(REPLY_FLAG_DONE, kind, r.cookie, payload.len() as u32).to_vec());
+    b.push_owned(payload);
     b
 }
 
@@ -79,19 +82,22 @@ fn eio(e: crate::Error) -> RequestError {
     }
 }
 
-fn read(export: &Export, session: &Session, r: &Request) -> Vec<u8> {
+fn read(export: &Export, session: &Session, r: &Request) -> Reply {
     let range = r.offset..r.offset + u64::from(r.length);
     if !session.structured {
-        let mut b = simple_reply(0, r.cookie);
-        let header = b.len();
-        b.resize(header + r.length as usize, 0);
-        return match export.read(r.offset, &mut b[header..]) {
-            Ok(()) => b,
+        return match export.read(r.offset, r.length as usize) {
+            Ok(data) => {
+                let mut b = Reply::from(simple_reply(0, r.cookie));
+                b.append(data);
+                b
+            }
             Err(e) => refusal(export, session, r, &eio(e), None),
         };
     }
     if range.is_empty() {
-        return chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r.cookie, 0).to_vec();
+        return chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r.cookie, 0)
+            .to_vec()
+            .into();
     }
     let runs = if r.flags & CMD_FLAG_DF != 0 {
         vec![(range, false)]
@@ -99,36 +105,38 @@ fn read(export: &Export, session: &Session, r: &Request) -> Vec<u8> {
         export.read_runs(range)
     };
     let last = runs.len() - 1;
-    let mut b = Vec::new();
+    let mut b = Reply::default();
     for (n, (run, hole)) in runs.into_iter().enumerate() {
         let flags = if n == last { REPLY_FLAG_DONE } else { 0 };
         let len = (run.end - run.start) as u32;
         if hole {
-            b.extend(chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, r.cookie, 12));
-            b.extend(run.start.to_be_bytes());
-            b.extend(len.to_be_bytes());
+            b.push(&chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, r.cookie, 12));
+            b.push(&run.start.to_be_bytes());
+            b.push(&len.to_be_bytes());
             continue;
         }
-        b.extend(chunk_header(
-            flags,
-            REPLY_TYPE_OFFSET_DATA,
-            r.cookie,
-            8 + len,
-        ));
-        b.extend(run.start.to_be_bytes());
-        let data = b.len();
-        b.resize(data + len as usize, 0);
-        if let Err(e) = export.read(run.start, &mut b[data..]) {
-            // The chunks before this run stand; the error chunk ends the reply.
-            b.truncate(data - CHUNK_HEADER_LEN - 8);
-            b.extend(refusal(export, session, r, &eio(e), Some(run.start)));
-            return b;
+        match export.read(run.start, len as usize) {
+            Ok(data) => {
+                b.push(&chunk_header(
+                    flags,
+                    REPLY_TYPE_OFFSET_DATA,
+                    r.cookie,
+                    8 + len,
+                ));
+                b.push(&run.start.to_be_bytes());
+                b.append(data);
+            }
+            Err(e) => {
+                // The chunks before this run stand; the error chunk ends the reply.
+                b.append(refusal(export, session, r, &eio(e), Some(run.start)));
+                return b;
+            }
         }
     }
     b
 }
 
-fn status(export: &Export, session: &Session, r: &Request) -> Vec<u8> {
+fn status(export: &Export, session: &Session, r: &Request) -> Reply {
     if !session.allocation {
         let e = RequestError {
             errno: EINVAL,
@@ -149,13 +157,15 @@ fn status(export: &Export, session: &Session, r: &Request) -> Vec<u8> {
         payload.extend((len as u32).to_be_bytes());
         payload.extend(flags.to_be_bytes());
     }
-    let mut b = chunk_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_BLOCK_STATUS,
-        r.cookie,
-        payload.len() as u32,
-    )
-    .to_vec();
-    b.extend(payload);
+    let mut b = Reply::from(
+        chunk_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            r.cookie,
+            payload.len() as u32,
+        )
+        .to_vec(),
+    );
+    b.push_owned(payload);
     b
 }

@@ -4,7 +4,7 @@
 //! transmission writes time out as often, so a client that stops reading cannot keep a
 //! stopping server waiting either.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::source::nbd::stream::Stream;
@@ -63,14 +63,18 @@ pub fn read_full(s: &mut Stream, buf: &mut [u8], deadline: Option<Instant>) -> R
     Ok(())
 }
 
-/// Send all of `buf` on `s` (whose write timeout is [`POLL`]), however slowly the client
-/// reads, unless SIGINT or SIGTERM asks the server to stop.
-pub fn write_full(s: &mut Stream, buf: &[u8]) -> Result<(), Stop> {
-    let mut sent = 0;
-    while sent < buf.len() {
-        match s.write(&buf[sent..]) {
+/// Most slices handed to one `writev` (the kernel's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+/// Send all of `parts`, in order, on `s` (whose write timeout is [`POLL`]) with vectored
+/// writes, however slowly the client reads, unless SIGINT or SIGTERM asks the server to
+/// stop.
+pub fn write_full(s: &mut Stream, mut parts: &mut [IoSlice<'_>]) -> Result<(), Stop> {
+    while !parts.is_empty() {
+        let n = parts.len().min(IOV_MAX);
+        match s.write_vectored(&parts[..n]) {
             Ok(0) => return Err(Stop::Failed(io::ErrorKind::WriteZero.into())),
-            Ok(n) => sent += n,
+            Ok(sent) => IoSlice::advance_slices(&mut parts, sent),
             Err(e) if is_poll_timeout(&e) => {
                 if crate::interrupt::requested().is_some() {
                     return Err(Stop::Signal);

@@ -19,6 +19,7 @@ use crossbeam_channel::{bounded, SendTimeoutError, Sender};
 
 use super::export::Export;
 use super::negotiate::Session;
+use super::parts::Reply;
 use super::reply;
 use super::socket::{read_full, write_full, Stop, POLL};
 use super::wire::{check_request, parse_request, Op, Request, MAX_REQUEST};
@@ -157,12 +158,13 @@ struct Replies {
 impl Replies {
     /// Send one whole reply; after a failure (the client gone, a signal) nothing more is
     /// sent, and the socket is shut so the reading thread stops too.
-    fn send(&self, reply: &[u8]) {
+    fn send(&self, reply: &Reply) {
+        let mut slices = reply.io_slices();
         let mut s = lock(&self.s);
         if self.failed() {
             return;
         }
-        if let Err(stop) = write_full(&mut s, reply) {
+        if let Err(stop) = write_full(&mut s, &mut slices) {
             s.shutdown();
             *lock(&self.ended) = Some(stop);
         }
