@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # tools/bench_serve.sh [IMAGE] — figures for restore and `serve` (README "Figures"), in one run:
 #   1. the write ceiling: `dd if=IMAGE of=FILE bs=4M oflag=direct`;
-#   2. `restore` of IMAGE's snapshot to a file, and `restic restore` of the same image (if
-#      restic is installed; RESTIC=0 skips it), each compared byte for byte with IMAGE,
-#      alternating PAIRS times (default 3): medians, restore's CPU time, the ratio per pair;
-#      then one restore into a qcow2 image, compared with `qemu-img compare`;
-#   3. `nbdcopy --connections 4` of the served snapshot to a file (compared with IMAGE), and
-#      the serving process's peak RSS (VmHWM) after it and the fio run;
+#   2. in turn PAIRS times (default 3): `restore` of IMAGE's snapshot to a file, `restic
+#      restore` of the same image (if restic is installed; RESTIC=0 skips it), and
+#      `nbdcopy --connections 4` of the served snapshot to a file, each compared byte for byte
+#      with IMAGE: medians, restore's CPU time, serve's CPU time per nbdcopy, the ratios within
+#      each round; then one restore into a qcow2 image, compared with `qemu-img compare`;
+#   3. the serving process's peak RSS (VmHWM) after the nbdcopy and fio runs;
 #   4. if fio has its nbd engine: random 4 KiB reads, iodepth 32, RUNTIME s each, against
 #      `serve` and against qemu-nbd serving IMAGE as raw and as qcow2;
 #   5. time from `serve` start to the first byte read (qemu-io, 4 KiB) on a 1 TiB sparse disk's
@@ -15,7 +15,7 @@
 # IMAGE defaults to $BENCH_DIR/disk.raw (tools/workload/make-image.sh), else a 1 GiB image of
 # random and zero MiBs made here. Needs qemu-utils, libnbd-bin, fio (restic optional).
 # Env: BENCH_DIR (default <repo>/bench-out), PORT (default 10899), RUNTIME (fio, default 20),
-#      PAIRS (restore and restic runs, alternating; default 3).
+#      PAIRS (rounds of restore, restic and nbdcopy; default 3).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BV=$ROOT/target/release/blockvault
@@ -67,9 +67,19 @@ sync; t0=$(now)
 dd if="$IMAGE" of="$DIR/dd.raw" bs=4M oflag=direct status=none
 dd_s=$(since "$t0"); rm -f "$DIR/dd.raw"
 
-# restore and restic restore, alternating PAIRS times: this machine's speed drifts by tens of
-# per cent between runs, so each ratio is taken within a pair, and the medians are reported.
-restores=(); restics=(); ratios=(); cpus=()
+# The binary itself in the background (not the bv function's subshell): $pid is the serving
+# process, whose VmHWM and CPU time are read and which gets the SIGTERM. Idle while restore
+# and restic run.
+"$BV" "${VAULT[@]}" serve vm --listen "127.0.0.1:$PORT" 2>"$DIR/serve.err" & pid=$!
+qpid=
+trap 'kill $pid $qpid 2>/dev/null || true' EXIT
+wait_nbd "nbd://127.0.0.1:$PORT" $pid
+cpu_of() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
+
+# restore, restic restore and nbdcopy from serve, in turn PAIRS times: this machine's speed
+# drifts by tens of per cent between runs, so each ratio is taken within a round, and the
+# medians are reported.
+restores=(); restics=(); ratios=(); cpus=(); copies=(); copy_pcts=(); serve_cpus=()
 TIMEFORMAT='%R %U %S'
 for _ in $(seq "${PAIRS:-3}"); do
     sync
@@ -84,6 +94,12 @@ for _ in $(seq "${PAIRS:-3}"); do
         ratios+=("$(awk -v a="${restics[-1]}" -v b="$wall" 'BEGIN { printf "%.1f", a / b }')")
         cmp "$DIR/rr/$(basename "$IMAGE")" "$IMAGE"; rm -rf "$DIR/rr"
     fi
+    sync; c0=$(cpu_of $pid); t0=$(now)
+    nbdcopy --connections 4 "nbd://127.0.0.1:$PORT" "$DIR/nbd.raw"
+    copies+=("$(since "$t0")")
+    serve_cpus+=("$(awk -v a="$c0" -v b="$(cpu_of $pid)" 'BEGIN { printf "%.2f", b - a }')")
+    copy_pcts+=("$(awk -v a="${copies[-1]}" -v b="$wall" 'BEGIN { printf "%.0f", 100 * b / a }')")
+    cmp "$DIR/nbd.raw" "$IMAGE"; rm -f "$DIR/nbd.raw"
 done
 sync; t0=$(now)
 bv restore vm "$DIR/out.qcow2" >/dev/null
@@ -94,16 +110,7 @@ restore_s=$(median "${restores[@]}")
 restic_s=-
 [ "$have_restic" = 1 ] && restic_s=$(median "${restics[@]}")
 
-# The binary itself in the background (not the bv function's subshell): $pid is the serving
-# process, whose VmHWM is read and which gets the SIGTERM.
-"$BV" "${VAULT[@]}" serve vm --listen "127.0.0.1:$PORT" 2>"$DIR/serve.err" & pid=$!
-qpid=
-trap 'kill $pid $qpid 2>/dev/null || true' EXIT
-wait_nbd "nbd://127.0.0.1:$PORT" $pid
-sync; t0=$(now)
-nbdcopy --connections 4 "nbd://127.0.0.1:$PORT" "$DIR/nbd.raw"
-nbdcopy_s=$(since "$t0")
-cmp "$DIR/nbd.raw" "$IMAGE"; rm -f "$DIR/nbd.raw"
+nbdcopy_s=$(median "${copies[@]}")
 fio_bv=-; fio_raw=-; fio_qcow2=-
 have_fio=0
 if fio --enghelp 2>/dev/null | grep -qw nbd; then
@@ -157,8 +164,10 @@ if [ "$restic_s" != - ]; then
         "$(median "${ratios[@]}")" "${ratios[*]}"
 fi
 printf '%-46s %s s, %s MB/s\n' "restore to a qcow2 image" "$qcow2_s" "$(mbps "$size" "$qcow2_s")"
-printf '%-46s %s s, %s MB/s (%s %% of restore)\n' "nbdcopy --connections 4 from serve" "$nbdcopy_s" \
-    "$(mbps "$size" "$nbdcopy_s")" "$(awk -v a="$nbdcopy_s" -v b="$restore_s" 'BEGIN { printf "%.0f", 100 * b / a }')"
+printf '%-46s %s s, %s MB/s (runs: %s s; serve CPU %s s)\n' "nbdcopy --connections 4 from serve (median)" \
+    "$nbdcopy_s" "$(mbps "$size" "$nbdcopy_s")" "${copies[*]}" "${serve_cpus[*]}"
+printf '%-46s %s %% (median; rounds: %s)\n' "restore's speed reached by nbdcopy, each round" \
+    "$(median "${copy_pcts[@]}")" "${copy_pcts[*]}"
 printf '%-46s %s KiB\n' "serve peak RSS (after nbdcopy and fio)" "$rss"
 printf '%-46s %s / %s / %s\n' "fio randread 4k qd32 IOPS: serve / qemu-nbd raw / qcow2" "$fio_bv" "$fio_raw" "$fio_qcow2"
 printf '%-46s %s s (peak RSS %s KiB)\n' "serve start to first byte, 1 TiB sparse" "$first_s" "$rss_big"
