@@ -452,43 +452,11 @@ impl Raw {
         )
     }
 
-    /// Chunk types of one structured reply up to DONE, and the data it carries.
-    fn chunk_kinds(&mut self) -> (Vec<u16>, Vec<u8>) {
-        let (mut kinds, mut data) = (Vec::new(), Vec::new());
-        loop {
-            let mut h = [0u8; 20];
-            self.0.read_exact(&mut h).unwrap();
-            kinds.push(u16::from_be_bytes([h[6], h[7]]));
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-            let mut p = vec![0u8; len as usize];
-            self.0.read_exact(&mut p).unwrap();
-            if kinds.last() == Some(&1) {
-                data.extend(&p[8..]);
-            }
-            if h[5] & 1 != 0 {
-                return (kinds, data);
-            }
-        }
-    }
-
     /// [`Raw::reply`] and its cookie: this server sends each reply's chunks together.
     fn reply_with_cookie(&mut self) -> (u64, Vec<u8>, Option<(u32, String)>) {
-        let (mut data, mut err, mut cookie) = (Vec::new(), None, None);
-        loop {
-            let mut h = [0u8; 20];
-            self.0.read_exact(&mut h).unwrap();
-            assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x668e_33ef);
-            let this = u64::from_be_bytes(h[8..16].try_into().unwrap());
-            assert_eq!(
-                *cookie.get_or_insert(this),
-                this,
-                "chunks of two replies interleaved"
-            );
-            let flags = u16::from_be_bytes([h[4], h[5]]);
-            let kind = u16::from_be_bytes([h[6], h[7]]);
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-            let mut p = vec![0u8; len as usize];
-            self.0.read_exact(&mut p).unwrap();
+        let (cookie, chunks) = self.chunks();
+        let (mut data, mut err) = (Vec::new(), None);
+        for (kind, p) in chunks {
             match kind {
                 1 => data.extend(&p[8..]),
                 2 => data.resize(
@@ -504,8 +472,30 @@ impl Raw {
                 }
                 _ => {}
             }
+        }
+        (cookie, data, err)
+    }
+
+    /// The chunks of one structured reply up to DONE, as (type, payload), and its cookie.
+    fn chunks(&mut self) -> (u64, Vec<(u16, Vec<u8>)>) {
+        let (mut chunks, mut cookie) = (Vec::new(), None);
+        loop {
+            let mut h = [0u8; 20];
+            self.0.read_exact(&mut h).unwrap();
+            assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x668e_33ef);
+            let this = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            assert_eq!(
+                *cookie.get_or_insert(this),
+                this,
+                "chunks of two replies interleaved"
+            );
+            let flags = u16::from_be_bytes([h[4], h[5]]);
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut p = vec![0u8; len as usize];
+            self.0.read_exact(&mut p).unwrap();
+            chunks.push((u16::from_be_bytes([h[6], h[7]]), p));
             if flags & 1 != 0 {
-                return (this, data, err);
+                return (this, chunks);
             }
         }
     }
@@ -613,11 +603,12 @@ fn simple_replies_and_reads_that_must_not_fragment_carry_every_byte() {
     let mut d = Raw::connect(&addr);
     let (off, len) = (MIB - 100, 3 * MIB);
     d.request_with(1, 1 << 2, 0, off, len as u32);
-    let (kinds, got) = d.chunk_kinds();
+    let (_, chunks) = d.chunks();
+    let kinds: Vec<u16> = chunks.iter().map(|c| c.0).collect();
     assert_eq!(kinds, [1], "one OFFSET_DATA chunk");
-    assert_bytes_eq(&got, want(off, len), "DF read");
+    assert_bytes_eq(&chunks[0].1[8..], want(off, len), "DF read");
     d.request(0, off, len as u32);
-    let (kinds, _) = d.chunk_kinds();
+    let kinds: Vec<u16> = d.chunks().1.iter().map(|c| c.0).collect();
     assert!(kinds.contains(&2), "holes as OFFSET_HOLE chunks: {kinds:?}");
     srv.stop();
 }

@@ -75,16 +75,11 @@ pub enum Piece {
 
 impl Piece {
     /// Bytes in the piece.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         match self {
             Piece::Slot { range, .. } => range.len(),
             Piece::Zeros(n) => *n,
         }
-    }
-
-    /// Whether the piece has no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

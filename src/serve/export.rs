@@ -54,23 +54,19 @@ impl<'a> Export<'a> {
     /// The `len` bytes at `offset` (within the export): the overlay's blocks read from its
     /// file, the rest handed out by the snapshot reader without a copy.
     pub fn read(&self, offset: u64, len: usize) -> Result<Reply> {
-        let mut data = Reply::default();
-        let runs = match &self.overlay {
-            Some(ov) => ov.runs(offset, len as u64),
-            None => vec![(offset..offset + len as u64, false)],
+        let snapshot = |at: u64, n: usize| Ok(self.reader.pieces(at, n)?.into_iter().collect());
+        let Some(ov) = &self.overlay else {
+            return snapshot(offset, len);
         };
-        for (r, here) in runs {
-            match &self.overlay {
-                Some(ov) if here => {
-                    let mut b = vec![0u8; (r.end - r.start) as usize];
-                    ov.read(r.start, &mut b)?;
-                    data.push_owned(b);
-                }
-                _ => {
-                    for p in self.reader.pieces(r.start, (r.end - r.start) as usize)? {
-                        data.push_piece(p);
-                    }
-                }
+        let mut data = Reply::default();
+        for (r, here) in ov.runs(offset, len as u64) {
+            let n = (r.end - r.start) as usize;
+            if here {
+                let mut b = vec![0u8; n];
+                ov.read(r.start, &mut b)?;
+                data.push_owned(b);
+            } else {
+                data.append(snapshot(r.start, n)?);
             }
         }
         Ok(data)

@@ -22,7 +22,14 @@ enum Part {
 #[derive(Default)]
 pub struct Reply {
     parts: Vec<Part>,
-    len: usize,
+}
+
+impl FromIterator<Piece> for Reply {
+    fn from_iter<I: IntoIterator<Item = Piece>>(pieces: I) -> Self {
+        Reply {
+            parts: pieces.into_iter().map(Part::Piece).collect(),
+        }
+    }
 }
 
 impl From<Vec<u8>> for Reply {
@@ -36,7 +43,6 @@ impl From<Vec<u8>> for Reply {
 impl Reply {
     /// Append `b`, copied (headers and other small parts).
     pub fn push(&mut self, b: &[u8]) {
-        self.len += b.len();
         match self.parts.last_mut() {
             Some(Part::Bytes(last)) => last.extend_from_slice(b),
             _ => self.parts.push(Part::Bytes(b.to_vec())),
@@ -45,30 +51,12 @@ impl Reply {
 
     /// Append `b` without copying it.
     pub fn push_owned(&mut self, b: Vec<u8>) {
-        self.len += b.len();
         self.parts.push(Part::Bytes(b));
-    }
-
-    /// Append a piece of the snapshot without copying it.
-    pub fn push_piece(&mut self, p: Piece) {
-        self.len += p.len();
-        self.parts.push(Part::Piece(p));
     }
 
     /// Append all of `other`.
     pub fn append(&mut self, other: Reply) {
-        self.len += other.len;
         self.parts.extend(other.parts);
-    }
-
-    /// Bytes in the reply.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the reply has no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The reply as slices for `writev`, in order.
@@ -109,12 +97,18 @@ mod tests {
         let slot = Arc::new((0u8..=255).cycle().take(4096).collect::<Vec<u8>>());
         let mut r = Reply::from(vec![1, 2]);
         r.push(&[3]);
-        r.push_piece(Piece::Zeros((1 << 20) + 3));
-        r.push_piece(Piece::Slot {
-            bytes: slot.clone(),
-            range: 10..20,
-        });
-        r.push_piece(Piece::Zeros(0));
+        r.append(
+            [
+                Piece::Zeros((1 << 20) + 3),
+                Piece::Slot {
+                    bytes: slot.clone(),
+                    range: 10..20,
+                },
+                Piece::Zeros(0),
+            ]
+            .into_iter()
+            .collect(),
+        );
         let mut tail = Reply::default();
         tail.push(&[9]);
         r.append(tail);
@@ -123,7 +117,6 @@ mod tests {
         want.extend(std::iter::repeat_n(0, (1 << 20) + 3));
         want.extend_from_slice(&slot[10..20]);
         want.push(9);
-        assert_eq!(r.len(), want.len());
         assert_eq!(bytes(&r), want);
         // Copied bytes join the part before them; empty pieces send no slice.
         assert_eq!(r.io_slices().len(), 5);
